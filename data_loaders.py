@@ -1,0 +1,405 @@
+"""Files -> slices: find the dataset, pair slices with masks, split by patient, build DataLoaders.
+
+The Kaggle layout is read unchanged::
+
+    kaggle_3m/<PATIENT>/<PATIENT>_<N>.tif        256x256 RGB: pre-contrast, FLAIR, post-contrast
+    kaggle_3m/<PATIENT>/<PATIENT>_<N>_mask.tif   256x256 single channel, 0 or 255
+
+Anything else in the tree (data.csv, README.md, .DS_Store, ...) is ignored. Slices are ordered by
+N as a number (2 before 10). Train and validation are split by patient, never by slice:
+neighbouring slices of one brain look alike, so a slice-level split scores memory, not skill.
+
+Each patient's slices are decoded once into memory (uint8; about 200 KB a slice) because
+per-volume normalization needs the whole volume, and re-reading TIFFs every epoch is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from libraries import UserError
+from data_preprocessing import Preprocess, VolumeStats, binarize_mask, volume_stats
+
+# Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
+DEFAULT_LOCATIONS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m")
+DATA_ENV_VAR = "LGG_DATA_DIR"
+DATASET_URL = "https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"
+
+_SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+
+
+class DatasetError(UserError):
+    """A problem with the data on disk, with a message that names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One axial slice on disk: its patient, its slice number and its two files."""
+
+    patient: str
+    index: int
+    image_path: Path
+    mask_path: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and scanning the dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_like_root(path: Path) -> bool:
+    """True if some subfolder of ``path`` holds a ``*_mask.tif``."""
+    return path.is_dir() and any(
+        child.is_dir() and any(child.glob("*_mask.tif")) for child in path.iterdir()
+    )
+
+
+def resolve_root(path: Path) -> Path:
+    """Accept the kaggle_3m folder itself or a folder the Kaggle archive was unpacked into."""
+    for candidate in (path, path / "kaggle_3m", path / "lgg-mri-segmentation" / "kaggle_3m"):
+        if _looks_like_root(candidate):
+            return candidate
+    raise DatasetError(
+        f"{path}: no patient folders with <PATIENT>_<N>.tif / <PATIENT>_<N>_mask.tif slices found; "
+        f"point --data-dir at the kaggle_3m folder of {DATASET_URL}"
+    )
+
+
+def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """Locate the dataset: ``data_dir``, else $LGG_DATA_DIR, else the default locations.
+
+    Returns None when nothing was asked for and nothing was found (the caller may then fall
+    back to synthetic data). A folder that was asked for but holds no dataset is an error.
+    """
+    for asked, source in ((data_dir, "--data-dir"), (os.environ.get(DATA_ENV_VAR), DATA_ENV_VAR)):
+        if asked:
+            path = Path(asked).expanduser()
+            if not path.is_dir():
+                raise DatasetError(f"{path} (from {source}): no such folder; check the path")
+            return resolve_root(path)
+    for location in DEFAULT_LOCATIONS:
+        if _looks_like_root(Path(location)):
+            return Path(location)
+    return None
+
+
+def scan_dataset(root: Path) -> list[SliceRecord]:
+    """Pair every slice with its mask; records sorted by patient, then slice number.
+
+    Raises DatasetError for an image without a mask, a mask without an image, or a tree
+    with no slices at all.
+    """
+    records: list[SliceRecord] = []
+    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        images: dict[int, Path] = {}
+        masks: dict[int, Path] = {}
+        for f in patient_dir.iterdir():
+            m = _SLICE_RE.match(f.name)
+            if m is None or not f.is_file():
+                continue  # stray file: README, .DS_Store, thumbnails, ...
+            (masks if m["mask"] else images)[int(m["index"])] = f
+        for index in sorted(images.keys() | masks.keys()):
+            if index not in masks:
+                raise DatasetError(
+                    f"{images[index]}: image has no mask (expected {images[index].stem}_mask.tif); "
+                    "restore the mask or delete the image"
+                )
+            if index not in images:
+                raise DatasetError(
+                    f"{masks[index]}: mask has no image; restore the image or delete the mask"
+                )
+            records.append(SliceRecord(patient_dir.name, index, images[index], masks[index]))
+    if not records:
+        raise DatasetError(f"{root}: no slice/mask pairs found; point --data-dir at kaggle_3m")
+    return records
+
+
+def group_by_patient(records: Sequence[SliceRecord]) -> dict[str, list[SliceRecord]]:
+    """Records per patient, in the order given (scan_dataset's is by slice number)."""
+    groups: dict[str, list[SliceRecord]] = {}
+    for r in records:
+        groups.setdefault(r.patient, []).append(r)
+    return groups
+
+
+def split_patients(
+    patients: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded patient-level split into (train, validation), each sorted.
+
+    The result depends only on the set of patient names, ``val_fraction`` and ``seed``.
+    """
+    patients = sorted(set(patients))
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if len(patients) < 2:
+        raise DatasetError(
+            f"found {len(patients)} patient(s); a patient-level split needs at least 2"
+        )
+    n_val = min(max(1, round(val_fraction * len(patients))), len(patients) - 1)
+    train, val = train_test_split(patients, test_size=n_val, random_state=seed, shuffle=True)
+    return sorted(train), sorted(val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading slices
+# ---------------------------------------------------------------------------------------------
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read a slice as (H, W, 3) uint8 in file channel order (pre-contrast, FLAIR, post-contrast)."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DatasetError(f"{path}: cannot be read as an image; re-download it or delete it")
+    if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
+        raise DatasetError(
+            f"{path}: expected an 8-bit 3-channel slice, got shape {image.shape} {image.dtype}; "
+            "re-download it or delete it"
+        )
+    # OpenCV decodes colour as BGR(A); reverse to the file's RGB order so channel 1 is FLAIR.
+    return np.ascontiguousarray(image[..., 2::-1])
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a mask as (H, W) uint8 {0, 1}."""
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise DatasetError(f"{path}: cannot be read as a mask; re-download it or delete it")
+    if mask.ndim == 3:  # a mask saved as RGB: all channels carry the same labels
+        mask = mask[..., 0]
+    return binarize_mask(mask)
+
+
+@dataclass
+class PatientVolume:
+    """All slices of one patient in memory, in slice order."""
+
+    name: str
+    images: np.ndarray  # (N, H, W, 3) uint8
+    masks: np.ndarray  # (N, H, W) uint8 {0, 1}
+    slice_numbers: list[int]
+    stats: VolumeStats
+
+
+def load_volume(records: Sequence[SliceRecord]) -> PatientVolume:
+    """Decode one patient's slices and compute its normalization statistics."""
+    images = [read_image(r.image_path) for r in records]
+    masks = [read_mask(r.mask_path) for r in records]
+    shape = images[0].shape
+    for r, img, msk in zip(records, images, masks):
+        if img.shape != shape or msk.shape != shape[:2]:
+            raise DatasetError(
+                f"{r.image_path}: size {img.shape[:2]} (mask {msk.shape}) differs from the "
+                f"patient's first slice {shape[:2]}; resize it to match or delete the pair"
+            )
+    volume = np.stack(images)
+    return PatientVolume(
+        name=records[0].patient,
+        images=volume,
+        masks=np.stack(masks),
+        slice_numbers=[r.index for r in records],
+        stats=volume_stats(volume),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and loaders
+# ---------------------------------------------------------------------------------------------
+
+
+class LGGSlices(Dataset):
+    """2D slices of several patient volumes.
+
+    Each item is a dict with ``image`` (3, S, S) float32, ``mask`` (1, S, S) float32 {0, 1},
+    ``patient`` (int index into ``self.patients``) and ``slice`` (slice number). With
+    ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the mask at the file's
+    own resolution, which evaluation scores against so that metrics do not depend on
+    ``image_size``.
+    """
+
+    def __init__(
+        self, volumes: Sequence[PatientVolume], preprocess: Preprocess, *, full_mask: bool = False
+    ) -> None:
+        self.volumes = list(volumes)
+        self.patients = [v.name for v in self.volumes]
+        self.preprocess = preprocess
+        self.full_mask = full_mask
+        # (volume index, position in volume) for every slice, patients in order.
+        self.index = [(p, i) for p, v in enumerate(self.volumes) for i in range(len(v.images))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        p, j = self.index[i]
+        vol = self.volumes[p]
+        image, mask = self.preprocess(vol.images[j], vol.masks[j], vol.stats)
+        item: dict[str, torch.Tensor | int] = {
+            "image": image,
+            "mask": mask,
+            "patient": p,
+            "slice": vol.slice_numbers[j],
+        }
+        if self.full_mask:
+            item["full_mask"] = torch.from_numpy(vol.masks[j]).float().unsqueeze(0)
+        return item
+
+    def reseed(self, seed: int) -> None:
+        """Seed the augmentation stream (albumentations keeps its own RNG, apart from numpy's)."""
+        self.preprocess.transform.set_random_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: derive every RNG of the worker from the loader's seed.
+
+    torch gives each worker ``initial_seed() = base_seed + worker_id``, where base_seed comes
+    from the loader's seeded generator, so workers differ from each other and across epochs
+    but are the same from run to run.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
+
+
+def default_num_workers() -> int:
+    """Loader workers for this machine: none on <= 2 cores, where they would take the model's cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cpus <= 2 else min(4, cpus - 1)
+
+
+def make_loader(
+    dataset: LGGSlices,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A seeded DataLoader. Training shuffles and drops a last batch of 1 (BatchNorm needs 2);
+    validation keeps every slice, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    dataset.reseed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) % batch_size == 1,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic LGG-like data
+# ---------------------------------------------------------------------------------------------
+
+SYNTHETIC_VERSION = 1
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std, spatially smooth noise of shape (size, size)."""
+    noise = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), sigma)
+    return (noise - noise.mean()) / (noise.std() + 1e-6)
+
+
+def _synthetic_patient(
+    rng: np.random.Generator, n_slices: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic head volume: (N, size, size, 3) uint8 images and (N, size, size) 0/255 masks."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = size / 2
+    head_a, head_b = rng.uniform(0.34, 0.42) * size, rng.uniform(0.40, 0.46) * size
+    head_cx, head_cy = c + rng.uniform(-0.04, 0.04) * size, c + rng.uniform(-0.04, 0.04) * size
+    # Tissue means per channel (pre-contrast, FLAIR, post-contrast) and a per-patient scanner
+    # gain and noise level, so that intensities differ between "institutions" as in the real data.
+    tissue = np.array([95.0, 80.0, 100.0]) * rng.uniform(0.6, 1.4)
+    noise_sd = rng.uniform(3.0, 8.0)
+    texture = _smooth_noise(rng, size, 6.0)
+    # The lesion spans about a third of the slices, biggest in the middle of its span.
+    span = max(2, round(n_slices * rng.uniform(0.28, 0.4)))
+    first = int(rng.integers(1, n_slices - span))
+    les_cx = head_cx + rng.uniform(-0.45, 0.45) * head_a
+    les_cy = head_cy + rng.uniform(-0.45, 0.45) * head_b
+    les_r = rng.uniform(0.06, 0.14) * size
+    les_ratio, les_angle = rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
+    les_gain = rng.uniform(0.45, 0.8)  # FLAIR brightening relative to tissue
+    rim = _smooth_noise(rng, size, 4.0)  # makes lesion outlines irregular
+
+    images = np.zeros((n_slices, size, size, 3), np.uint8)
+    masks = np.zeros((n_slices, size, size), np.uint8)
+    for z in range(n_slices):
+        # Head cross-sections shrink towards the top and bottom of the volume.
+        t = (z + 0.5) / n_slices * 2 - 1
+        shrink = np.sqrt(max(0.15, 1 - (0.9 * t) ** 2))
+        r_head = ((xx - head_cx) / (head_a * shrink)) ** 2 + ((yy - head_cy) / (head_b * shrink)) ** 2
+        head, brain = r_head <= 1.0, r_head <= 0.82
+        lesion = np.zeros_like(head)
+        if first <= z < first + span:
+            u = (z - first + 0.5) / span * 2 - 1
+            r = les_r * np.sqrt(max(0.05, 1 - u**2))
+            dx, dy = xx - les_cx, yy - les_cy
+            ca, sa = np.cos(les_angle), np.sin(les_angle)
+            d = np.sqrt(((dx * ca + dy * sa) / r) ** 2 + ((-dx * sa + dy * ca) / (r * les_ratio)) ** 2)
+            lesion = (d + 0.25 * rim <= 1.0) & brain
+        img = np.zeros((size, size, 3), np.float32)
+        for ch in range(3):
+            img[..., ch] = np.where(head, tissue[ch] * (1 + 0.08 * texture), 0)
+        skull = head & ~brain
+        img[skull] *= np.array([1.5, 0.6, 1.4], np.float32)  # fat-bright rim, dark on FLAIR
+        img[lesion] *= np.array([0.9, 1 + les_gain, 1.05], np.float32)
+        img += head[..., None] * rng.normal(0, noise_sd, img.shape).astype(np.float32)
+        images[z] = np.clip(img, 0, 255).astype(np.uint8)
+        masks[z] = lesion.astype(np.uint8) * 255
+    return images, masks
+
+
+def make_synthetic_dataset(
+    root: Path, *, patients: int = 20, slices: int = 24, size: int = 256, seed: int = 0
+) -> Path:
+    """Write a deterministic synthetic LGG-like dataset in the kaggle_3m layout; return its root.
+
+    Each patient is a head phantom whose FLAIR channel shows a bright, irregular lesion in about a
+    third of its slices. An existing copy made with the same parameters is reused. It is written
+    to a temporary folder and renamed into place, so an interrupted run never leaves half of it.
+    """
+    root = Path(root)
+    params = {"version": SYNTHETIC_VERSION, "patients": patients, "slices": slices, "size": size, "seed": seed}
+    manifest = root / "synthetic.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == params:
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for p in range(patients):
+        name = f"SYN_{p:02d}_{20000101 + p}"
+        (tmp / name).mkdir()
+        images, masks = _synthetic_patient(rng, slices, size)
+        for z in range(slices):
+            # cv2 writes BGR: reverse so the file holds (pre-contrast, FLAIR, post-contrast).
+            cv2.imwrite(str(tmp / name / f"{name}_{z + 1}.tif"), images[z][..., ::-1])
+            cv2.imwrite(str(tmp / name / f"{name}_{z + 1}_mask.tif"), masks[z])
+    (tmp / "synthetic.json").write_text(json.dumps(params))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root

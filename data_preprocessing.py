@@ -1,0 +1,149 @@
+"""Slices -> tensors: mask binarization, per-volume intensity normalization and albumentations pipelines.
+
+The order is: albumentations on the raw uint8 slice (resize, then, for training, flips, a small
+affine and a light brightness/contrast change), then per-volume normalization to float32, then
+conversion to CHW tensors. Augmenting before normalizing lets the affine fill the corners it
+exposes with 0, the value of the scanner background, instead of a value that means nothing.
+
+Normalization is per patient volume and per channel: clip to the [low, high] percentiles of the
+volume's nonzero (head) voxels, then z-score with the mean and std of the clipped head voxels.
+MRI intensities have no absolute scale and differ a lot between scanners and institutions, so
+statistics of the whole training set (ImageNet-style mean/std) transfer badly across patients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+# A mask pixel is tumor when its value is above this. Kaggle masks are 0/255; anything saved
+# with interpolation or lossy compression in between is split at the midpoint.
+MASK_THRESHOLD = 127
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """Map a 0/255 mask (any integer or float array) to uint8 {0, 1}. The only place masks are binarized."""
+    return (mask > MASK_THRESHOLD).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    """Per-channel intensity statistics of one patient volume, each an array of shape (C,)."""
+
+    low: np.ndarray  # clip floor: low percentile of head voxels
+    high: np.ndarray  # clip ceiling: high percentile of head voxels
+    mean: np.ndarray  # mean of the clipped head voxels
+    std: np.ndarray  # std of the clipped head voxels, never below 1e-6
+
+
+def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> VolumeStats:
+    """Per-channel statistics of a (N, H, W, C) uint8 volume, computed over voxels > 0.
+
+    Background (value 0) is left out so that the share of air around the head does not move
+    the percentiles. A channel with no nonzero voxel gets low=high=mean=0 and std=1.
+    """
+    if volume.ndim != 4:
+        raise ValueError(f"expected a (N, H, W, C) volume, got shape {volume.shape}")
+    channels = volume.shape[-1]
+    low, high, mean, std = (np.zeros(channels, np.float32) for _ in range(4))
+    std[:] = 1.0
+    for c in range(channels):
+        head = volume[..., c][volume[..., c] > 0].astype(np.float32)
+        if head.size == 0:
+            continue
+        low[c], high[c] = np.percentile(head, [low_pct, high_pct])
+        clipped = np.clip(head, low[c], high[c])
+        mean[c] = clipped.mean()
+        std[c] = max(float(clipped.std()), 1e-6)
+    return VolumeStats(low=low, high=high, mean=mean, std=std)
+
+
+def normalize(image: np.ndarray, stats: VolumeStats) -> np.ndarray:
+    """Clip each channel of an (H, W, C) image to its volume's percentiles and z-score it; float32."""
+    image = np.clip(image.astype(np.float32), stats.low, stats.high)
+    return (image - stats.mean) / stats.std
+
+
+class Preprocess:
+    """albumentations pipeline + per-volume normalization + conversion to tensors.
+
+    Called as ``preprocess(image, mask, stats)`` with an (H, W, C) uint8 image, an (H, W) {0, 1}
+    mask and the volume's ``VolumeStats``; returns a float32 (C, S, S) image tensor and a
+    float32 (1, S, S) mask tensor with values in {0, 1}, S being ``image_size``.
+    """
+
+    def __init__(self, transform: A.Compose) -> None:
+        self.transform = transform
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, stats: VolumeStats
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.transform(image=image, mask=mask)
+        image = normalize(out["image"], stats)
+        # HWC -> CHW; masks stay {0, 1} because every geometric step uses nearest neighbour.
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"])).float().unsqueeze(0)
+        return image_t, mask_t
+
+
+def _resize(image_size: int) -> A.Resize:
+    # INTER_AREA averages when shrinking (no aliasing); masks always use nearest neighbour.
+    return A.Resize(
+        image_size, image_size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST
+    )
+
+
+def train_preprocess(
+    image_size: int,
+    *,
+    hflip_p: float = 0.5,
+    affine_p: float = 0.5,
+    scale: float = 0.1,
+    rotate_deg: float = 15.0,
+    shift: float = 0.05,
+    intensity_p: float = 0.3,
+    intensity: float = 0.1,
+) -> Preprocess:
+    """Training pipeline: resize, horizontal flip, small scale/rotation/shift, light brightness/contrast.
+
+    Args:
+        image_size: output height and width in pixels.
+        hflip_p: probability of a left-right flip (the brain is roughly symmetric; up-down is not).
+        affine_p: probability of the affine step.
+        scale: relative zoom range, sampled in [1 - scale, 1 + scale].
+        rotate_deg: rotation range in degrees, sampled in [-rotate_deg, rotate_deg].
+        shift: translation range as a fraction of the image size.
+        intensity_p: probability of the brightness/contrast step.
+        intensity: brightness and contrast limit (fraction of the uint8 range).
+    """
+    return Preprocess(
+        A.Compose(
+            [
+                _resize(image_size),
+                A.HorizontalFlip(p=hflip_p),
+                A.Affine(
+                    scale=(1 - scale, 1 + scale),
+                    rotate=(-rotate_deg, rotate_deg),
+                    translate_percent=(-shift, shift),
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    fill_mask=0,
+                    p=affine_p,
+                ),
+                A.RandomBrightnessContrast(
+                    brightness_limit=intensity, contrast_limit=intensity, p=intensity_p
+                ),
+            ]
+        )
+    )
+
+
+def eval_preprocess(image_size: int) -> Preprocess:
+    """Validation and inference pipeline: resize and normalization only, deterministic."""
+    return Preprocess(A.Compose([_resize(image_size)]))

@@ -1,0 +1,480 @@
+"""Train and evaluate a UNet that segments the FLAIR abnormality of low-grade gliomas (LGG MRI Segmentation).
+
+    python engine.py                                   # train with the settings below
+    python engine.py --epochs 20 --image-size 256      # any setting, as a flag
+    python engine.py evaluate --checkpoint runs/X/best.pt
+
+Edit the defaults in ``Config`` or pass them as flags: every field below is also a command-line
+flag with the same default (``image_size`` -> ``--image-size``), generated from the dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm import tqdm
+
+from data_loaders import (
+    DATA_ENV_VAR,
+    DATASET_URL,
+    DatasetError,
+    LGGSlices,
+    default_num_workers,
+    find_data_dir,
+    group_by_patient,
+    load_volume,
+    make_loader,
+    make_synthetic_dataset,
+    scan_dataset,
+    split_patients,
+)
+from data_preprocessing import eval_preprocess, train_preprocess
+from libraries import (
+    UserError,
+    environment_report,
+    resolve_amp,
+    resolve_device,
+    save_json,
+    save_torch,
+    seed_everything,
+)
+from loss_fun import DiceBCELoss, SegmentationMeter
+from model import UNet, count_parameters
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A Config field whose help text (and choices) become the flag's."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# =============================================================================================
+# Hyperparameters. Each one is also a flag: --data-dir, --image-size, --epochs, ...
+# =============================================================================================
+@dataclass
+class Config:
+    # ---- data ----
+    data_dir: str = _opt("", "kaggle_3m folder; empty: $LGG_DATA_DIR, ./kaggle_3m, "
+                         "./lgg-mri-segmentation/kaggle_3m, else synthetic data")
+    synthetic: bool = _opt(False, "train on generated synthetic data even if a dataset is found")
+    synthetic_dir: str = _opt("data/synthetic/kaggle_3m", "where synthetic data is generated")
+    synthetic_patients: int = _opt(20, "synthetic patients to generate")
+    synthetic_slices: int = _opt(24, "slices per synthetic patient")
+    val_fraction: float = _opt(0.2, "share of patients held out for validation (split by patient)")
+    image_size: int = _opt(128, "slices are resized to this square size (multiple of 16)")
+    # ---- model ----
+    features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
+    # ---- optimization ----
+    epochs: int = _opt(5, "passes over the training patients")
+    batch_size: int = _opt(16, "slices per step")
+    lr: float = _opt(1e-3, "peak AdamW learning rate; cosine decay to 0 over the run")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
+    bce_weight: float = _opt(1.0, "weight of the binary cross-entropy loss")
+    threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
+    # ---- hardware ----
+    device: str = _opt("auto", "auto: CUDA if available, else CPU", ("auto", "cpu", "cuda"))
+    amp: str = _opt("auto", "mixed precision; auto: bf16 on capable GPUs/CPUs, fp16 on older GPUs",
+                    ("auto", "off", "bf16", "fp16"))
+    channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
+    num_workers: int = _opt(-1, "DataLoader worker processes; -1: 0 on <=2 cores, else up to 4")
+    # ---- run ----
+    out_dir: str = _opt("", "run folder for checkpoints and metrics; empty: runs/<date-time>")
+    seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
+    progress: bool = _opt(True, "show tqdm progress bars")
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
+    """Add one flag per Config field, with the field's default, type, help and choices."""
+    defaults = defaults or Config()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f.metadata["help"] + " (default: %(default)s)"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=type(default), default=default, choices=f.metadata["choices"], help=help_text
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engine.py",
+        description="Train (default) or evaluate a UNet for LGG FLAIR-abnormality segmentation.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    add_config_flags(sub.add_parser("train", help="train and validate (the default command)"))
+    ev = sub.add_parser("evaluate", help="score a checkpoint on its validation patients")
+    ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by training")
+    ev.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
+    ev.add_argument("--out-dir", default=None, help="where metrics.json goes (default: beside the checkpoint)")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    ev.add_argument("--batch-size", type=int, default=None, help="default: the training batch size")
+    ev.add_argument("--num-workers", type=int, default=-1)
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with no command (or only flags) the command is ``train``."""
+    if not argv or (argv[0] not in ("train", "evaluate", "-h", "--help")):
+        argv = ["train", *argv]
+    return build_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+
+
+# =============================================================================================
+# Training and evaluation
+# =============================================================================================
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+    return image, batch["mask"].to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    epoch: int,
+    progress: bool,
+) -> float:
+    """One pass over the training loader; returns the sample-weighted mean training loss."""
+    model.train()
+    total, seen = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        image, mask = _to_device(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(image)
+        loss = loss_fn(logits.float(), mask)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {epoch}, step {step}; "
+                "lower --lr or use --amp off (the last good checkpoint is kept)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(image)
+        seen += len(image)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    loss_fn: nn.Module,
+    threshold: float,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    progress: bool,
+    desc: str = "validate",
+) -> tuple[float, dict]:
+    """Loss and metrics over the whole loader.
+
+    Logits are upsampled to each mask's own resolution before thresholding, so the scores are
+    against the masks as published, whatever ``image_size`` the model runs at.
+    """
+    model.eval()
+    dataset: LGGSlices = loader.dataset
+    meter = SegmentationMeter(dataset.patients)
+    total, seen = 0.0, 0
+    logit_threshold = math.log(threshold / (1 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        image, mask = _to_device(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(image)
+        logits = logits.float()
+        total += loss_fn(logits, mask).item() * len(image)
+        seen += len(image)
+        truth = batch["full_mask"].to(device)
+        if truth.shape[-2:] != logits.shape[-2:]:
+            logits = F.interpolate(logits, size=truth.shape[-2:], mode="bilinear", align_corners=False)
+        meter.update(logits > logit_threshold, truth, batch["patient"])
+    return total / max(seen, 1), meter.compute()
+
+
+# =============================================================================================
+# Data set-up
+# =============================================================================================
+
+
+def locate_data(cfg: Config) -> tuple[Path, bool]:
+    """The dataset root and whether it is synthetic; generates synthetic data when none is found."""
+    if not cfg.synthetic:
+        root = find_data_dir(cfg.data_dir or None)
+        if root is not None:
+            return root, False
+        print(
+            f"No LGG dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m). Training on SYNTHETIC data "
+            f"instead; for the real data download {DATASET_URL} and pass --data-dir .../kaggle_3m"
+        )
+    root = make_synthetic_dataset(
+        Path(cfg.synthetic_dir), patients=cfg.synthetic_patients, slices=cfg.synthetic_slices, seed=cfg.seed
+    )
+    return root, True
+
+
+def load_patients(root: Path, names: list[str], progress: bool) -> list:
+    """Decode the named patients' volumes, in the given order."""
+    groups = group_by_patient(scan_dataset(root))
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise DatasetError(
+            f"{root}: patient folder(s) {', '.join(missing)} not found; evaluate on the dataset "
+            "the checkpoint was trained on (--data-dir)"
+        )
+    return [load_volume(groups[n]) for n in tqdm(names, desc="loading", leave=False, disable=not progress)]
+
+
+# =============================================================================================
+# Reports
+# =============================================================================================
+
+METRIC_LABELS = (
+    ("dice_per_volume_mean", "Dice per volume, mean"),
+    ("dice_per_volume_median", "Dice per volume, median"),
+    ("iou_per_volume_mean", "IoU per volume, mean"),
+    ("dice_global", "Dice, all pixels"),
+    ("iou_global", "IoU, all pixels"),
+    ("dice_per_slice_tumor_mean", "Dice per tumor slice, mean"),
+    ("precision", "Precision (pixels)"),
+    ("recall", "Recall (pixels)"),
+)
+
+
+def format_metrics(metrics: dict, title: str) -> str:
+    """The end-of-run table."""
+    lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
+             f"({metrics['tumor_slices']} with tumor)"]
+    for key, label in METRIC_LABELS:
+        value = metrics[key]
+        lines.append(f"  {label:<28} {'n/a' if value is None else f'{value:.4f}'}")
+    return "\n".join(lines)
+
+
+def new_run_dir(out_dir: str) -> Path:
+    """The run folder: ``out_dir`` or runs/<date-time>; never one that already holds files."""
+    path = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# =============================================================================================
+# Commands
+# =============================================================================================
+
+
+def train(cfg: Config) -> dict:
+    """Train and validate every epoch; write checkpoints, history and metrics; return final metrics."""
+    if cfg.image_size % 16 or cfg.image_size < 16:
+        raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    root, synthetic = locate_data(cfg)
+    run_dir = new_run_dir(cfg.out_dir)
+    patients = sorted(group_by_patient(scan_dataset(root)))
+    train_names, val_names = split_patients(patients, cfg.val_fraction, cfg.seed)
+    workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
+
+    env = environment_report(device)
+    print(f"data: {root} ({'SYNTHETIC' if synthetic else 'real'}), {len(train_names)} train / "
+          f"{len(val_names)} validation patients")
+    print(f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+          f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}")
+
+    train_set = LGGSlices(load_patients(root, train_names, cfg.progress), train_preprocess(cfg.image_size))
+    val_set = LGGSlices(load_patients(root, val_names, cfg.progress), eval_preprocess(cfg.image_size),
+                        full_mask=True)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+                               num_workers=workers, pin_memory=pin)
+    val_loader = make_loader(val_set, batch_size=cfg.batch_size, train=False, seed=cfg.seed,
+                             num_workers=workers, pin_memory=pin)
+
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = UNet(in_channels=3, out_channels=1, features=cfg.features).to(device, memory_format=memory_format)
+    loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    print(f"model: UNet, {count_parameters(model):,} parameters; {len(train_set)} train slices, "
+          f"{len(val_set)} validation slices")
+
+    config_record = {**asdict(cfg), "resolved_data_dir": str(root), "synthetic_data": synthetic,
+                     "train_patients": train_names, "val_patients": val_names, "environment": env}
+    save_json(run_dir / "config.json", config_record)
+    history: list[dict] = []
+    best_dice, best_epoch = -1.0, 0
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(
+            model, train_loader, loss_fn, optimizer, scheduler, scaler, device,
+            amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=cfg.progress,
+        )
+        val_loss, metrics = evaluate(
+            model, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
+            channels_last=cfg.channels_last, progress=cfg.progress,
+        )
+        seconds = time.perf_counter() - t0
+        dice = metrics["dice_per_volume_mean"]
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_dice_per_volume_mean": dice,
+                        "val_dice_per_volume_median": metrics["dice_per_volume_median"],
+                        "val_dice_global": metrics["dice_global"], "lr": scheduler.get_last_lr()[0],
+                        "seconds": seconds})
+        checkpoint = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "metrics": metrics, "config": config_record,
+        }
+        save_torch(run_dir / "last.pt", checkpoint)
+        if dice > best_dice:
+            best_dice, best_epoch = dice, epoch
+            save_torch(run_dir / "best.pt", checkpoint)
+        write_history(run_dir, history)
+        print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+              f"val Dice/volume {dice:.4f} (median {metrics['dice_per_volume_median']:.4f})  "
+              f"{seconds:.0f}s{'  *best*' if best_epoch == epoch else ''}")
+
+    elapsed = time.perf_counter() - start
+    final = {**metrics, "epoch": cfg.epochs, "best_epoch": best_epoch,
+             "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic,
+             "train_seconds": elapsed}
+    save_json(run_dir / "metrics.json", final)
+    title = f"Validation after epoch {cfg.epochs} ({'SYNTHETIC data: not a result on MRI' if synthetic else 'real data'})"
+    print(format_metrics(final, title))
+    print(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); "
+          f"{elapsed / 60:.1f} min; wrote {run_dir}/metrics.json, best.pt, last.pt, history.csv, curves.png")
+    return final
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.csv (one row per epoch) and curves.png (losses and validation Dice per epoch)."""
+    frame = pd.DataFrame(history)
+    frame.to_csv(run_dir / "history.csv", index=False)
+    # A bare Figure renders with the Agg canvas: no display, no pyplot global state.
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, dice_ax = fig.subplots(1, 2)
+    loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
+    loss_ax.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
+    loss_ax.legend()
+    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_mean"], "o-", label="mean")
+    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_median"], "o-", label="median")
+    dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per volume")
+    dice_ax.legend()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by ``train`` without running any pickled code."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}); "
+                        "pass a best.pt or last.pt written by engine.py") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint written by engine.py (no model/config entries)")
+    return ckpt
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """The ``evaluate`` command: score a checkpoint on the validation patients it was trained with."""
+    ckpt_path = Path(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    record = ckpt["config"]
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    root = find_data_dir(args.data_dir or record["resolved_data_dir"])
+    if root is None:
+        raise UserError("no dataset found; pass --data-dir")
+    val_set = LGGSlices(load_patients(root, record["val_patients"], args.progress),
+                        eval_preprocess(record["image_size"]), full_mask=True)
+    workers = default_num_workers() if args.num_workers < 0 else args.num_workers
+    loader = make_loader(val_set, batch_size=args.batch_size or record["batch_size"], train=False,
+                         seed=record["seed"], num_workers=workers, pin_memory=device.type == "cuda")
+    model = UNet(in_channels=3, out_channels=1, features=record["features"])
+    model.load_state_dict(ckpt["model"])
+    channels_last = record["channels_last"]
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"])
+    start = time.perf_counter()
+    val_loss, metrics = evaluate(
+        model, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
+        channels_last=channels_last, progress=args.progress, desc="evaluate",
+    )
+    seconds = time.perf_counter() - start
+    out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
+              "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
+              "images_per_second": metrics["slices"] / seconds}
+    save_json(out_dir / "metrics.json", result)
+    kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
+    print(format_metrics(result, f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind})"))
+    print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/metrics.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "evaluate":
+            evaluate_checkpoint(args)
+        else:
+            train(config_from_args(args))
+    except (UserError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

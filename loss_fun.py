@@ -1,0 +1,157 @@
+"""What compares a prediction with its truth: the training losses (on logits) and the evaluation metrics.
+
+Losses take logits of shape (N, 1, H, W) and targets of the same shape with values in {0, 1}.
+
+Metrics are computed from pixel counts accumulated over the whole evaluation set, per patient
+and per slice, never as averages of per-batch means, so they do not depend on batch size.
+
+The empty case: when a ratio's denominator is zero (Dice or IoU with an empty prediction and an
+empty truth; precision with no predicted pixel; recall with no tumor pixel), the score is 1.0 if
+prediction and truth are both empty (perfect agreement that there is no tumor) and 0.0 otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over the batch of 1 - soft Dice, each sample scored on its own.
+
+    Dice_i = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), with p = sigmoid(logits).
+    ``smooth`` keeps the ratio defined on empty slices (an empty slice predicted empty scores 1)
+    and softens the gradient on tiny lesions.
+
+    Shape:
+        logits, target: (N, 1, H, W). Returns a scalar.
+    """
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel-mean binary cross-entropy on logits (numerically stable)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+class DiceBCELoss(nn.Module):
+    """``dice_weight * soft_dice_loss + bce_weight * bce_loss``, both on logits.
+
+    Dice handles the heavy class imbalance (tumor is ~1% of pixels); BCE gives dense, well
+    behaved gradients early in training when the Dice ratio is still noisy.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0) -> None:
+        super().__init__()
+        if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
+            raise ValueError("dice_weight and bce_weight must be >= 0 and not both 0")
+        self.dice_weight, self.bce_weight, self.smooth = dice_weight, bce_weight, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
+        if self.bce_weight:
+            loss = loss + self.bce_weight * bce_loss(logits, target)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def ratio(num: float, den: float, both_empty: bool) -> float:
+    """num / den, with a zero denominator scored 1.0 if both masks are empty, else 0.0."""
+    if den == 0:
+        return 1.0 if both_empty else 0.0
+    return float(num / den)  # a Python float, also for numpy inputs: checkpoints hold plain types
+
+
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """Dice = 2TP / (2TP + FP + FN); 1.0 when prediction and truth are both empty."""
+    return ratio(2 * tp, 2 * tp + fp + fn, both_empty=tp + fp + fn == 0)
+
+
+def iou_from_counts(tp: float, fp: float, fn: float) -> float:
+    """IoU (Jaccard) = TP / (TP + FP + FN); 1.0 when prediction and truth are both empty."""
+    return ratio(tp, tp + fp + fn, both_empty=tp + fp + fn == 0)
+
+
+class SegmentationMeter:
+    """Accumulates pixel counts per patient and per slice; computes every metric once at the end.
+
+    ``update`` takes binary predictions and truths of shape (N, 1, H, W) and the patient index of
+    each sample. Counts are kept per patient (3D, over all of its slices) and summed for the
+    global scores, so the result is the same for any batch size or order.
+    """
+
+    def __init__(self, patients: Sequence[str]) -> None:
+        self.patients = list(patients)
+        # Per patient: [tp, fp, fn, slices] as int64 (a volume has up to ~10^7 pixels).
+        self.counts = np.zeros((len(self.patients), 4), np.int64)
+        self.slice_dice_sum = 0.0  # sum of per-slice Dice over slices whose truth has tumor
+        self.tumor_slices = 0
+
+    def update(self, pred: torch.Tensor, truth: torch.Tensor, patient: torch.Tensor) -> None:
+        """Add a batch. pred, truth: (N, 1, H, W) bool or {0, 1}; patient: (N,) int indices."""
+        pred, truth = pred.bool().flatten(1), truth.bool().flatten(1)
+        tp = (pred & truth).sum(1)
+        fp = (pred & ~truth).sum(1)
+        fn = (~pred & truth).sum(1)
+        stats = torch.stack([tp, fp, fn, torch.ones_like(tp)], 1).cpu().numpy().astype(np.int64)
+        np.add.at(self.counts, patient.cpu().numpy(), stats)
+        has_tumor = (tp + fn) > 0
+        if has_tumor.any():
+            tp_t, fp_t, fn_t = (x[has_tumor].double() for x in (tp, fp, fn))
+            self.slice_dice_sum += float((2 * tp_t / (2 * tp_t + fp_t + fn_t)).sum())
+            self.tumor_slices += int(has_tumor.sum())
+
+    def compute(self) -> dict:
+        """All metrics as a JSON-ready dict; None where no slice (or no tumor slice) was seen.
+
+        Patients with no slice seen are left out of ``per_patient`` and of the per-volume means.
+        """
+        seen = self.counts[:, 3] > 0
+        per_patient = [
+            {
+                "patient": name,
+                "dice": dice_from_counts(*map(int, c[:3])),
+                "iou": iou_from_counts(*map(int, c[:3])),
+                "slices": int(c[3]),
+                "tumor_pixels": int(c[0] + c[2]),
+                "predicted_pixels": int(c[0] + c[1]),
+            }
+            for name, c, s in zip(self.patients, self.counts, seen)
+            if s
+        ]
+        tp, fp, fn = (int(x) for x in self.counts[:, :3].sum(0))
+        dices = [p["dice"] for p in per_patient]
+        ious = [p["iou"] for p in per_patient]
+        return {
+            "dice_per_volume_mean": float(np.mean(dices)) if dices else None,
+            "dice_per_volume_median": float(np.median(dices)) if dices else None,
+            "dice_global": dice_from_counts(tp, fp, fn),
+            "iou_per_volume_mean": float(np.mean(ious)) if ious else None,
+            "iou_global": iou_from_counts(tp, fp, fn),
+            "dice_per_slice_tumor_mean": (
+                self.slice_dice_sum / self.tumor_slices if self.tumor_slices else None
+            ),
+            "precision": ratio(tp, tp + fp, both_empty=tp + fp + fn == 0),
+            "recall": ratio(tp, tp + fn, both_empty=tp + fp + fn == 0),
+            "patients": len(per_patient),
+            "slices": int(self.counts[:, 3].sum()),
+            "tumor_slices": self.tumor_slices,
+            "per_patient": per_patient,
+        }

@@ -1,0 +1,45 @@
+"""Shared fixtures: the repository root on sys.path, tiny synthetic trees, the shared real subset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The 36-patient real subset, beside the repository; absent on users' clones.
+REAL_DATA = ROOT.parent / "shared" / "data" / "lgg_subset" / "kaggle_3m"
+requires_real_data = pytest.mark.skipif(
+    not REAL_DATA.is_dir(), reason=f"real LGG subset not found at {REAL_DATA}"
+)
+
+
+def write_slice(folder: Path, patient: str, index: int, rgb: np.ndarray, mask: np.ndarray) -> None:
+    """Write one Kaggle-style image/mask pair; ``rgb`` is (H, W, 3) in file order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f"{patient}_{index}.tif"), np.ascontiguousarray(rgb[..., ::-1]))
+    cv2.imwrite(str(folder / f"{patient}_{index}_mask.tif"), mask)
+
+
+@pytest.fixture
+def fake_tree(tmp_path: Path) -> Path:
+    """kaggle_3m-style tree: 5 patients with slices 1, 2 and 10 (16x16) plus stray files."""
+    root = tmp_path / "kaggle_3m"
+    rng = np.random.default_rng(0)
+    for p in range(5):
+        name = f"TCGA_XX_{p:04d}_20000101"
+        for index in (10, 2, 1):
+            rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            mask = np.zeros((16, 16), np.uint8)
+            mask[4:8, 4:8] = 255
+            write_slice(root / name, name, index, rgb, mask)
+        (root / name / ".DS_Store").write_bytes(b"\0\1")
+        (root / name / "notes.txt").write_text("not a slice")
+    (root / "data.csv").write_text("Patient,age\n")
+    (root / "README.md").write_text("readme")
+    return root

@@ -1,0 +1,141 @@
+"""Finding, pairing, ordering, reading and splitting the Kaggle layout, on fake trees in tmp_path."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import write_slice
+
+from data_loaders import (
+    DATA_ENV_VAR,
+    DatasetError,
+    LGGSlices,
+    find_data_dir,
+    group_by_patient,
+    load_volume,
+    make_synthetic_dataset,
+    read_image,
+    read_mask,
+    scan_dataset,
+    split_patients,
+)
+from data_preprocessing import eval_preprocess
+
+
+def test_pairs_each_slice_with_its_mask_in_numeric_order(fake_tree):
+    records = scan_dataset(fake_tree)
+    groups = group_by_patient(records)
+    assert len(groups) == 5 and len(records) == 15  # stray files ignored
+    for patient, recs in groups.items():
+        assert [r.index for r in recs] == [1, 2, 10]  # 2 before 10: numeric, not lexical
+        for r in recs:
+            assert r.image_path.name == f"{patient}_{r.index}.tif"
+            assert r.mask_path.name == f"{patient}_{r.index}_mask.tif"
+            assert r.image_path.parent.name == patient
+
+
+def test_image_without_mask_is_named(fake_tree):
+    victim = next(fake_tree.glob("*/*_2_mask.tif"))
+    victim.unlink()
+    with pytest.raises(DatasetError, match=victim.name.replace("_mask", "")):
+        scan_dataset(fake_tree)
+
+
+def test_mask_without_image_is_named(fake_tree):
+    victim = next(fake_tree.glob("*/*_10.tif"))
+    victim.unlink()
+    with pytest.raises(DatasetError, match="mask has no image"):
+        scan_dataset(fake_tree)
+
+
+def test_split_is_by_patient_disjoint_and_seeded():
+    patients = [f"P{i:02d}" for i in range(20)]
+    train, val = split_patients(patients, 0.2, seed=1)
+    assert len(val) == 4 and len(train) == 16
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(patients)
+    assert split_patients(list(reversed(patients)), 0.2, seed=1) == (train, val)  # order-free
+    assert any(split_patients(patients, 0.2, seed=s)[1] != val for s in range(2, 6))
+
+
+def test_split_keeps_every_slice_of_a_patient_together(fake_tree):
+    records = scan_dataset(fake_tree)
+    train, val = split_patients(sorted(group_by_patient(records)), 0.4, seed=0)
+    train_files = {r.image_path for r in records if r.patient in train}
+    val_files = {r.image_path for r in records if r.patient in val}
+    assert train_files and val_files and train_files.isdisjoint(val_files)
+    assert len(train_files) + len(val_files) == len(records)
+
+
+def test_split_needs_two_patients():
+    with pytest.raises(DatasetError):
+        split_patients(["only"], 0.2, seed=0)
+
+
+def test_read_image_keeps_file_channel_order(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 200, 50  # pre-contrast, FLAIR, post-contrast
+    write_slice(tmp_path, "P", 1, rgb, np.array([[0, 255, 0, 0]] * 4, np.uint8))
+    image = read_image(tmp_path / "P_1.tif")
+    assert image.shape == (4, 4, 3) and image.dtype == np.uint8
+    assert (image[..., 0] == 10).all() and (image[..., 1] == 200).all() and (image[..., 2] == 50).all()
+    mask = read_mask(tmp_path / "P_1_mask.tif")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert mask[:, 1].all() and mask.sum() == 4
+
+
+def test_unreadable_tiff_is_named(tmp_path):
+    bad = tmp_path / "P_1.tif"
+    bad.write_bytes(b"")
+    with pytest.raises(DatasetError, match="P_1.tif"):
+        read_image(bad)
+
+
+def test_find_data_dir_order(fake_tree, tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert find_data_dir(None) == Path("kaggle_3m")  # default location, relative to cwd
+    assert find_data_dir(str(fake_tree)) == fake_tree
+    assert find_data_dir(str(tmp_path)) == fake_tree  # the folder the archive was unpacked into
+    monkeypatch.setenv(DATA_ENV_VAR, str(fake_tree))
+    assert find_data_dir(None) == fake_tree
+    with pytest.raises(DatasetError, match="no such folder"):
+        find_data_dir(str(tmp_path / "nowhere"))
+
+
+def test_nothing_found_returns_none(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert find_data_dir(None) is None
+
+
+def test_dataset_items(fake_tree):
+    groups = group_by_patient(scan_dataset(fake_tree))
+    volumes = [load_volume(groups[name]) for name in sorted(groups)[:2]]
+    ds = LGGSlices(volumes, eval_preprocess(32), full_mask=True)
+    assert len(ds) == 6
+    item = ds[4]
+    assert item["patient"] == 1 and item["slice"] == 2
+    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
+    assert item["full_mask"].shape == (1, 16, 16) and item["full_mask"].sum() == 16
+
+
+def test_synthetic_dataset_is_deterministic_and_lgg_like(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", patients=3, slices=9, size=64, seed=5)
+    b = make_synthetic_dataset(tmp_path / "b", patients=3, slices=9, size=64, seed=5)
+    records = scan_dataset(a)
+    assert len(group_by_patient(records)) == 3 and len(records) == 27
+    for r in records:
+        twin = b / r.image_path.relative_to(a)
+        assert twin.read_bytes() == r.image_path.read_bytes()
+    tumor = [read_mask(r.mask_path).any() for r in records]
+    assert 0.2 <= np.mean(tumor) <= 0.5  # lesion in roughly a third of the slices
+    # The lesion is brighter than the rest of the head on FLAIR (channel 1).
+    r = next(r for r, t in zip(records, tumor) if t)
+    image, mask = read_image(r.image_path), read_mask(r.mask_path).astype(bool)
+    head = (image[..., 1] > 0) & ~mask
+    assert image[..., 1][mask].mean() > 1.2 * image[..., 1][head].mean()
+    # Reused when it exists with the same parameters.
+    stamp = (a / "synthetic.json").stat().st_mtime_ns
+    make_synthetic_dataset(a, patients=3, slices=9, size=64, seed=5)
+    assert (a / "synthetic.json").stat().st_mtime_ns == stamp

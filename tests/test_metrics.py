@@ -1,0 +1,80 @@
+"""Metrics from accumulated counts, checked by hand, and independent of batching."""
+
+import numpy as np
+import pytest
+import torch
+
+from loss_fun import SegmentationMeter, dice_from_counts, iou_from_counts, ratio
+
+
+def masks(*rows):
+    """(N, 1, 1, 4) bool tensor: one 1x4 slice per row."""
+    return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), 1, 1, 4)
+
+
+def test_empty_case_convention():
+    assert dice_from_counts(0, 0, 0) == 1.0  # empty prediction on empty truth
+    assert iou_from_counts(0, 0, 0) == 1.0
+    assert dice_from_counts(0, 3, 0) == 0.0  # prediction on empty truth
+    assert dice_from_counts(0, 0, 3) == 0.0  # missed tumor
+    assert ratio(0, 0, both_empty=False) == 0.0
+
+
+def test_hand_computed_metrics():
+    # Patient A, slice 1: pred 1100, truth 1000 -> tp 1, fp 1, fn 0 (slice Dice 2/3)
+    # Patient A, slice 2: pred 0000, truth 0011 -> tp 0, fp 0, fn 2 (slice Dice 0)
+    # Patient B, slice 1: pred 0000, truth 0000 -> empty on empty
+    meter = SegmentationMeter(["A", "B"])
+    pred = masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0])
+    truth = masks([1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0])
+    meter.update(pred, truth, torch.tensor([0, 0, 1]))
+    m = meter.compute()
+    a, b = m["per_patient"]
+    # A in 3D: tp 1, fp 1, fn 2 -> Dice 2/5, IoU 1/4.
+    assert (a["patient"], a["slices"]) == ("A", 2)
+    assert a["dice"] == pytest.approx(0.4) and a["iou"] == pytest.approx(0.25)
+    assert (b["dice"], b["iou"], b["slices"]) == (1.0, 1.0, 1)
+    assert m["dice_per_volume_mean"] == pytest.approx(0.7)
+    assert m["dice_per_volume_median"] == pytest.approx(0.7)
+    assert m["iou_per_volume_mean"] == pytest.approx(0.625)
+    assert m["dice_global"] == pytest.approx(0.4)
+    assert m["iou_global"] == pytest.approx(0.25)
+    assert m["dice_per_slice_tumor_mean"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["tumor_slices"] == 2
+    assert m["precision"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(1 / 3)
+    assert (m["patients"], m["slices"]) == (2, 3)
+
+
+def test_metrics_do_not_depend_on_batch_size_or_order():
+    rng = np.random.default_rng(0)
+    n = 23
+    pred = torch.from_numpy(rng.random((n, 1, 8, 8)) > 0.6)
+    truth = torch.from_numpy(rng.random((n, 1, 8, 8)) > 0.7)
+    truth[::4] = False  # some slices without tumor
+    patient = torch.from_numpy(rng.integers(0, 4, n))
+
+    def run(batch, order):
+        meter = SegmentationMeter(["p0", "p1", "p2", "p3"])
+        for i in range(0, n, batch):
+            idx = order[i : i + batch]
+            meter.update(pred[idx], truth[idx], patient[idx])
+        return meter.compute()
+
+    reference = run(n, np.arange(n))
+    for batch in (1, 4, 7):
+        other = run(batch, rng.permutation(n))
+        for key in ("dice_per_volume_mean", "dice_global", "iou_global", "precision", "recall"):
+            assert other[key] == pytest.approx(reference[key], abs=1e-12)
+        assert other["dice_per_slice_tumor_mean"] == pytest.approx(reference["dice_per_slice_tumor_mean"], abs=1e-12)
+        assert other["per_patient"] == reference["per_patient"]
+    # And it is not trivially constant: per-volume and global Dice differ on this data.
+    assert reference["dice_per_volume_mean"] != pytest.approx(reference["dice_global"], abs=1e-6)
+
+
+def test_patient_never_seen_is_left_out():
+    meter = SegmentationMeter(["A", "B"])
+    meter.update(masks([1, 0, 0, 0]), masks([1, 0, 0, 0]), torch.tensor([1]))
+    m = meter.compute()
+    assert [p["patient"] for p in m["per_patient"]] == ["B"]
+    assert m["dice_per_volume_mean"] == 1.0

@@ -1,0 +1,82 @@
+"""Transforms keep masks binary; per-volume normalization matches hand computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from data_preprocessing import (
+    binarize_mask,
+    eval_preprocess,
+    normalize,
+    train_preprocess,
+    volume_stats,
+)
+
+
+def test_binarize_mask():
+    mask = np.array([0, 1, 127, 128, 254, 255], np.uint8)
+    assert binarize_mask(mask).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_train_transform_keeps_masks_binary_and_sizes():
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 10:30] = 1
+    stats = volume_stats(image[None])
+    pre = train_preprocess(32, affine_p=1.0, intensity_p=1.0)
+    pre.transform.set_random_seed(0)
+    areas = set()
+    for _ in range(20):
+        x, y = pre(image, mask, stats)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert y.shape == (1, 32, 32) and y.dtype == torch.float32
+        assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+        areas.add(int(y.sum()))
+    assert len(areas) > 1  # the augmentation really moves the mask
+
+
+def test_eval_transform_is_deterministic():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = (rng.random((64, 64)) > 0.5).astype(np.uint8)
+    stats = volume_stats(image[None])
+    pre = eval_preprocess(32)
+    a, b = pre(image, mask, stats), pre(image, mask, stats)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert set(torch.unique(a[1]).tolist()) <= {0.0, 1.0}
+
+
+def test_volume_stats_by_hand():
+    # One channel, values 0 (background, ignored) and 1..100 once each.
+    values = np.concatenate([np.zeros(50), np.arange(1, 101)]).astype(np.uint8)
+    volume = values.reshape(1, 10, 15, 1)
+    s = volume_stats(volume, low_pct=0, high_pct=100)
+    assert s.low[0] == 1 and s.high[0] == 100
+    assert s.mean[0] == pytest.approx(50.5)
+    assert s.std[0] == pytest.approx(np.arange(1, 101).std())
+    # With clipping at the 10th/90th percentiles (numpy's linear interpolation: 10.9 and 90.1).
+    s = volume_stats(volume, low_pct=10, high_pct=90)
+    assert s.low[0] == pytest.approx(10.9) and s.high[0] == pytest.approx(90.1)
+    clipped = np.clip(np.arange(1, 101), 10.9, 90.1)
+    assert s.mean[0] == pytest.approx(clipped.mean()) and s.std[0] == pytest.approx(clipped.std())
+
+
+def test_normalize_gives_zero_mean_unit_std_on_the_head():
+    rng = np.random.default_rng(2)
+    volume = rng.integers(1, 200, (4, 16, 16, 3), dtype=np.uint8)
+    volume[:, :4] = 0  # background rows
+    s = volume_stats(volume, low_pct=0, high_pct=100)
+    z = np.stack([normalize(v, s) for v in volume])
+    head = volume[..., 0] > 0
+    for c in range(3):
+        assert z[..., c][head].mean() == pytest.approx(0, abs=1e-5)
+        assert z[..., c][head].std() == pytest.approx(1, abs=1e-5)
+
+
+def test_empty_channel_does_not_divide_by_zero():
+    volume = np.zeros((2, 4, 4, 3), np.uint8)
+    volume[..., 1] = 7
+    s = volume_stats(volume)
+    assert s.std[0] == 1.0 and s.std[2] == 1.0
+    assert np.isfinite(normalize(volume[0], s)).all()
