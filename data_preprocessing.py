@@ -13,12 +13,17 @@ statistics of the whole training set (ImageNet-style mean/std) transfer badly ac
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
+# albumentations looks for a newer release online when imported; offline that costs a
+# timeout and a warning on every run and in every DataLoader worker. Opt out unless asked.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402  (must follow the environment setting above)
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 # A mask pixel is tumor when its value is above this. Kaggle masks are 0/255; anything saved
 # with interpolation or lossy compression in between is split at the midpoint.

@@ -356,17 +356,20 @@ def train(cfg: Config) -> dict:
             model, train_loader, loss_fn, optimizer, scheduler, scaler, device,
             amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=cfg.progress,
         )
+        t1 = time.perf_counter()
         val_loss, metrics = evaluate(
             model, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
             channels_last=cfg.channels_last, progress=cfg.progress,
         )
-        seconds = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        train_ips, val_ips = len(train_set) / (t1 - t0), len(val_set) / (t2 - t1)
         dice = metrics["dice_per_volume_mean"]
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_dice_per_volume_mean": dice,
                         "val_dice_per_volume_median": metrics["dice_per_volume_median"],
                         "val_dice_global": metrics["dice_global"], "lr": scheduler.get_last_lr()[0],
-                        "seconds": seconds})
+                        "seconds": t2 - t0, "train_images_per_second": train_ips,
+                        "val_images_per_second": val_ips})
         checkpoint = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
@@ -379,12 +382,11 @@ def train(cfg: Config) -> dict:
         write_history(run_dir, history)
         print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
               f"val Dice/volume {dice:.4f} (median {metrics['dice_per_volume_median']:.4f})  "
-              f"{seconds:.0f}s{'  *best*' if best_epoch == epoch else ''}")
+              f"{t2 - t0:.0f}s ({train_ips:.1f} / {val_ips:.1f} img/s){'  *best*' if best_epoch == epoch else ''}")
 
     elapsed = time.perf_counter() - start
     final = {**metrics, "epoch": cfg.epochs, "best_epoch": best_epoch,
-             "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic,
-             "train_seconds": elapsed}
+             "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic}
     save_json(run_dir / "metrics.json", final)
     title = f"Validation after epoch {cfg.epochs} ({'SYNTHETIC data: not a result on MRI' if synthetic else 'real data'})"
     print(format_metrics(final, title))

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import write_slice
 
 from data_loaders import (
@@ -14,13 +14,14 @@ from data_loaders import (
     find_data_dir,
     group_by_patient,
     load_volume,
+    make_loader,
     make_synthetic_dataset,
     read_image,
     read_mask,
     scan_dataset,
     split_patients,
 )
-from data_preprocessing import eval_preprocess
+from data_preprocessing import eval_preprocess, train_preprocess
 
 
 def test_pairs_each_slice_with_its_mask_in_numeric_order(fake_tree):
@@ -139,3 +140,33 @@ def test_synthetic_dataset_is_deterministic_and_lgg_like(tmp_path):
     stamp = (a / "synthetic.json").stat().st_mtime_ns
     make_synthetic_dataset(a, patients=3, slices=9, size=64, seed=5)
     assert (a / "synthetic.json").stat().st_mtime_ns == stamp
+
+
+def _batches(dataset, workers, seed):
+    loader = make_loader(dataset, batch_size=4, train=True, seed=seed, num_workers=workers)
+    return [(b["image"].clone(), b["mask"].clone(), b["slice"].clone()) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_is_reproducible_and_augments(fake_tree, workers):
+    groups = group_by_patient(scan_dataset(fake_tree))
+    volumes = [load_volume(groups[name]) for name in sorted(groups)]
+    ds = LGGSlices(volumes, train_preprocess(16, affine_p=1.0, intensity_p=1.0))
+    a, b = _batches(ds, workers, seed=3), _batches(ds, workers, seed=3)
+    assert len(a) == 4  # 15 slices, batch 4: the last batch of 3 is kept
+    for (xa, ya, sa), (xb, yb, sb) in zip(a, b):
+        assert torch.equal(sa, sb) and torch.equal(xa, xb) and torch.equal(ya, yb)
+    c = _batches(ds, workers, seed=4)
+    assert any(not torch.equal(xa, xc) for (xa, _, _), (xc, _, _) in zip(a, c))
+
+
+def test_each_worker_has_its_own_augmentation_stream(fake_tree):
+    # Six copies of one slice, one per batch: worker 0 gets batches 0, 2, 4 and worker 1 gets
+    # 1, 3, 5. Had both workers the same augmentation seed, batches 0 and 1 would be equal.
+    vol = load_volume(group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"][:1])
+    vol.images, vol.masks = vol.images.repeat(6, 0), vol.masks.repeat(6, 0)
+    vol.slice_numbers = list(range(6))
+    ds = LGGSlices([vol], train_preprocess(16, affine_p=1.0, intensity_p=1.0))
+    images = [b["image"] for b in make_loader(ds, batch_size=1, train=False, seed=0, num_workers=2)]
+    assert len(images) == 6
+    assert not torch.equal(images[0], images[1])

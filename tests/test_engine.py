@@ -83,6 +83,12 @@ def test_evaluate_reproduces_the_training_metrics(smoke_run, capsys):
     assert "SYNTHETIC" in capsys.readouterr().out
 
 
+def test_same_seed_gives_identical_metrics_json(smoke_run):
+    # Timings live in history.csv, so metrics.json is a pure function of data, config and seed.
+    assert main(tiny_args(smoke_run, "again")) == 0
+    assert (smoke_run / "again" / "metrics.json").read_bytes() == (smoke_run / "run" / "metrics.json").read_bytes()
+
+
 def test_existing_run_dir_is_never_overwritten(smoke_run, capsys):
     run = smoke_run / "run"
     before = (run / "metrics.json").read_bytes()
