@@ -15,6 +15,8 @@ per-volume normalization needs the whole volume, and re-reading TIFFs every epoc
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import random
@@ -30,8 +32,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
-from libraries import UserError
 from data_preprocessing import Preprocess, VolumeStats, binarize_mask, volume_stats
+from libraries import UserError, atomic_write
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
 DEFAULT_LOCATIONS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m")
@@ -194,8 +196,71 @@ class PatientVolume:
     stats: VolumeStats
 
 
-def load_volume(records: Sequence[SliceRecord]) -> PatientVolume:
-    """Decode one patient's slices and compute its normalization statistics."""
+def load_volume(records: Sequence[SliceRecord], cache_dir: Path | None = None) -> PatientVolume:
+    """Decode one patient's slices and compute its normalization statistics.
+
+    With ``cache_dir``, the decoded arrays and statistics are kept there as one .npz per
+    patient, keyed by the files' paths, sizes and modification times and by CACHE_VERSION:
+    later epochs and runs read that instead of the TIFFs, and a changed file rebuilds it.
+    """
+    if cache_dir is None:
+        return _decode_volume(records)
+    path = _cache_path(records, cache_dir)
+    if path.is_file():
+        try:
+            return _read_cached(path, records)
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a damaged cache entry is rebuilt below
+    volume = _decode_volume(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{glob.escape(volume.name)}-*.npz"):
+        stale.unlink(missing_ok=True)  # entries for older versions of this patient's files
+    atomic_write(path, lambda tmp: _write_cached(tmp, volume))
+    return volume
+
+
+# Bump when the cached arrays or the statistics change meaning: old entries are then ignored.
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/lgg-unet, else ~/.cache/lgg-unet."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lgg-unet"
+
+
+def _cache_path(records: Sequence[SliceRecord], cache_dir: Path) -> Path:
+    """<cache_dir>/<hash of the patient folder>/<patient>-<hash of version and file stats>.npz"""
+    folder = hashlib.sha1(str(records[0].image_path.parent.resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"v{CACHE_VERSION}".encode())
+    for r in records:
+        for p in (r.image_path, r.mask_path):
+            st = p.stat()
+            key.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return cache_dir / folder / f"{records[0].patient}-{key.hexdigest()[:16]}.npz"
+
+
+def _write_cached(path: Path, v: PatientVolume) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+        np.savez(
+            f, images=v.images, masks=np.packbits(v.masks, axis=-1), width=v.masks.shape[-1],
+            slice_numbers=np.array(v.slice_numbers), low=v.stats.low, high=v.stats.high,
+            mean=v.stats.mean, std=v.stats.std,
+        )
+
+
+def _read_cached(path: Path, records: Sequence[SliceRecord]) -> PatientVolume:
+    with np.load(path) as z:
+        masks = np.unpackbits(z["masks"], axis=-1, count=int(z["width"]))
+        return PatientVolume(
+            name=records[0].patient, images=z["images"], masks=masks,
+            slice_numbers=z["slice_numbers"].tolist(),
+            stats=VolumeStats(low=z["low"], high=z["high"], mean=z["mean"], std=z["std"]),
+        )
+
+
+def _decode_volume(records: Sequence[SliceRecord]) -> PatientVolume:
+    """Read one patient's TIFFs and compute its normalization statistics."""
     images = [read_image(r.image_path) for r in records]
     masks = [read_mask(r.mask_path) for r in records]
     shape = images[0].shape
@@ -305,7 +370,8 @@ def make_loader(
         pin_memory=pin_memory,
         worker_init_fn=seed_worker,
         generator=generator,
-        persistent_workers=False,
+        # Keep workers (and their seeded RNG streams) across epochs instead of forking anew.
+        persistent_workers=num_workers > 0,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +32,7 @@ from data_loaders import (
     DATASET_URL,
     DatasetError,
     LGGSlices,
+    default_cache_dir,
     default_num_workers,
     find_data_dir,
     group_by_patient,
@@ -89,6 +91,8 @@ class Config:
                     ("auto", "off", "bf16", "fp16"))
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     num_workers: int = _opt(-1, "DataLoader worker processes; -1: 0 on <=2 cores, else up to 4")
+    compile: bool = _opt(False, "torch.compile the model (opt-in: measure it with 'engine.py benchmark --compile')")
+    cache_dir: str = _opt("", "cache of decoded slices; empty: ~/.cache/lgg-unet; 'off': decode TIFFs each run")
     # ---- run ----
     out_dir: str = _opt("", "run folder for checkpoints and metrics; empty: runs/<date-time>")
     seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
@@ -100,6 +104,24 @@ class Config:
 # =============================================================================================
 
 
+def parse_bool(text: str) -> bool:
+    """'on'/'off' (and true/false, yes/no, 1/0) for boolean flags such as ``--channels-last off``."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
+    """``--name``, ``--name on|off`` and ``--no-name``."""
+    flag = "--" + name.replace("_", "-")
+    parser.add_argument(flag, dest=name, nargs="?", const=True, type=parse_bool, default=default,
+                        metavar="on|off", help=help_text)
+    parser.add_argument("--no-" + flag[2:], dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = None) -> None:
     """Add one flag per Config field, with the field's default, type, help and choices."""
     defaults = defaults or Config()
@@ -108,7 +130,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = 
         default = getattr(defaults, f.name)
         help_text = f.metadata["help"] + " (default: %(default)s)"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            add_bool_flag(parser, f.name, default, help_text)
         else:
             parser.add_argument(
                 flag, type=type(default), default=default, choices=f.metadata["choices"], help=help_text
@@ -119,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engine.py",
         description="Train (default) or evaluate a UNet for LGG FLAIR-abnormality segmentation.",
+        epilog="'python engine.py train --help' lists every training setting.",
     )
     sub = parser.add_subparsers(dest="command")
     add_config_flags(sub.add_parser("train", help="train and validate (the default command)"))
@@ -130,13 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     ev.add_argument("--batch-size", type=int, default=None, help="default: the training batch size")
     ev.add_argument("--num-workers", type=int, default=-1)
-    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ev.add_argument("--cache-dir", default="", help="as for training; 'off' disables the cache")
+    add_bool_flag(ev, "progress", True, "show tqdm progress bars")
+    bench = sub.add_parser(
+        "benchmark", help="time the reference fp32 path against the fast default path",
+        description="Times training steps and inference for (a) the reference path (fp32, contiguous "
+        "NCHW, eager) and (b) the fast default path (--amp, --channels-last, --compile), then the "
+        "end-to-end training throughput through the real DataLoader. Training settings apply.",
+    )
+    add_config_flags(bench)
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    bench.add_argument("--repeats", type=int, default=7, help="timed steps; the median is reported")
+    bench.add_argument("--e2e-batches", type=int, default=20, help="batches timed through the DataLoader")
+    bench.add_argument("--out", default="", help="JSON file (default: runs/benchmark-<date-time>.json)")
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; with no command (or only flags) the command is ``train``."""
-    if not argv or (argv[0] not in ("train", "evaluate", "-h", "--help")):
+    if not argv or (argv[0] not in ("train", "evaluate", "benchmark", "-h", "--help")):
         argv = ["train", *argv]
     return build_parser().parse_args(argv)
 
@@ -154,6 +189,28 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
     return image, batch["mask"].to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    """Mixed precision for the forward pass, or a no-op when ``amp_dtype`` is None (fp32)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def forward_loss(
+    model: nn.Module, image: torch.Tensor, mask: torch.Tensor, loss_fn: nn.Module, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Forward pass under autocast; the loss itself is computed in fp32."""
+    with autocast(image.device, amp_dtype):
+        logits = model(image)
+    return loss_fn(logits.float(), mask)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Backward and update; the scaler is a no-op unless fp16 is used."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_one_epoch(
@@ -176,20 +233,16 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
         image, mask = _to_device(batch, device, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(image)
-        loss = loss_fn(logits.float(), mask)
-        if not torch.isfinite(loss):
+        loss = forward_loss(model, image, mask, loss_fn, amp_dtype)
+        value = loss.item()
+        if not math.isfinite(value):  # checked before the update, so the weights stay finite
             raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {epoch}, step {step}; "
+                f"loss is {value} at epoch {epoch}, step {step}; "
                 "lower --lr or use --amp off (the last good checkpoint is kept)"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler)
         scheduler.step()
-        total += loss.item() * len(image)
+        total += value * len(image)
         seen += len(image)
         bar.set_postfix(loss=f"{total / seen:.4f}")
     return total / max(seen, 1)
@@ -220,7 +273,7 @@ def evaluate(
     logit_threshold = math.log(threshold / (1 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         image, mask = _to_device(batch, device, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             logits = model(image)
         logits = logits.float()
         total += loss_fn(logits, mask).item() * len(image)
@@ -253,8 +306,15 @@ def locate_data(cfg: Config) -> tuple[Path, bool]:
     return root, True
 
 
-def load_patients(root: Path, names: list[str], progress: bool) -> list:
-    """Decode the named patients' volumes, in the given order."""
+def resolve_cache_dir(cache_dir: str) -> Path | None:
+    """--cache-dir: '' -> the default cache folder, 'off' -> no cache."""
+    if cache_dir == "off":
+        return None
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def load_patients(root: Path, names: list[str], progress: bool, cache_dir: Path | None) -> list:
+    """Decode (or read from the cache) the named patients' volumes, in the given order."""
     groups = group_by_patient(scan_dataset(root))
     missing = [n for n in names if n not in groups]
     if missing:
@@ -262,7 +322,8 @@ def load_patients(root: Path, names: list[str], progress: bool) -> list:
             f"{root}: patient folder(s) {', '.join(missing)} not found; evaluate on the dataset "
             "the checkpoint was trained on (--data-dir)"
         )
-    return [load_volume(groups[n]) for n in tqdm(names, desc="loading", leave=False, disable=not progress)]
+    bar = tqdm(names, desc="loading", leave=False, disable=not progress)
+    return [load_volume(groups[n], cache_dir) for n in bar]
 
 
 # =============================================================================================
@@ -326,9 +387,11 @@ def train(cfg: Config) -> dict:
     print(f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
           f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}")
 
-    train_set = LGGSlices(load_patients(root, train_names, cfg.progress), train_preprocess(cfg.image_size))
-    val_set = LGGSlices(load_patients(root, val_names, cfg.progress), eval_preprocess(cfg.image_size),
-                        full_mask=True)
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
+    train_set = LGGSlices(load_patients(root, train_names, cfg.progress, cache_dir),
+                          train_preprocess(cfg.image_size))
+    val_set = LGGSlices(load_patients(root, val_names, cfg.progress, cache_dir),
+                        eval_preprocess(cfg.image_size), full_mask=True)
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=pin)
@@ -337,6 +400,8 @@ def train(cfg: Config) -> dict:
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = UNet(in_channels=3, out_channels=1, features=cfg.features).to(device, memory_format=memory_format)
+    # The compiled wrapper runs the steps; checkpoints hold the plain model's state_dict.
+    net = torch.compile(model) if cfg.compile else model
     loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(train_loader))
@@ -353,12 +418,12 @@ def train(cfg: Config) -> dict:
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_loss = train_one_epoch(
-            model, train_loader, loss_fn, optimizer, scheduler, scaler, device,
+            net, train_loader, loss_fn, optimizer, scheduler, scaler, device,
             amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=cfg.progress,
         )
         t1 = time.perf_counter()
         val_loss, metrics = evaluate(
-            model, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
+            net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
             channels_last=cfg.channels_last, progress=cfg.progress,
         )
         t2 = time.perf_counter()
@@ -437,7 +502,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
         raise UserError("no dataset found; pass --data-dir")
-    val_set = LGGSlices(load_patients(root, record["val_patients"], args.progress),
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    val_set = LGGSlices(load_patients(root, record["val_patients"], args.progress, cache_dir),
                         eval_preprocess(record["image_size"]), full_mask=True)
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(val_set, batch_size=args.batch_size or record["batch_size"], train=False,
@@ -464,12 +530,152 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/metrics.json")
     return result
 
+# =============================================================================================
+# Benchmark
+# =============================================================================================
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images_per_second(fn: Any, images: int, device: torch.device, warmup: int, repeats: int) -> float:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; images / median seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return images / statistics.median(times)
+
+
+def time_path(
+    *, features: int, image_size: int, batch_size: int, device: torch.device,
+    amp_dtype: torch.dtype | None, channels_last: bool, compile_model: bool, warmup: int, repeats: int,
+) -> dict:
+    """Training-step and inference throughput of one execution path on random inputs."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = UNet(features=features).to(device, memory_format=memory_format)
+    net = torch.compile(model) if compile_model else model
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    y = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.95).float()
+    loss_fn = DiceBCELoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def train_fn() -> None:
+        optimizer_step(forward_loss(net, x, y, loss_fn, amp_dtype), optimizer, scaler)
+
+    def infer_fn() -> None:
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            net(x)
+
+    net.train()
+    train_ips = _images_per_second(train_fn, batch_size, device, warmup, repeats)
+    net.eval()
+    infer_ips = _images_per_second(infer_fn, batch_size, device, warmup, repeats)
+    return {"train_img_s": train_ips, "infer_img_s": infer_ips}
+
+
+def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, batches: int) -> dict:
+    """Training throughput through the real loader (decode/cache, augmentation, collation, step)."""
+    root, synthetic = locate_data(cfg)
+    patients = sorted(group_by_patient(scan_dataset(root)))
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
+    load_patients(root, patients, cfg.progress, cache_dir)  # fills the cache if it is cold
+    t0 = time.perf_counter()  # from here on: a warm cache, as every run after the first sees it
+    volumes = load_patients(root, patients, cfg.progress, cache_dir)
+    dataset = LGGSlices(volumes, train_preprocess(cfg.image_size))
+    workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
+    loader = make_loader(dataset, batch_size=cfg.batch_size, train=True, seed=cfg.seed, num_workers=workers,
+                         pin_memory=device.type == "cuda")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = UNet(features=cfg.features).to(device, memory_format=memory_format)
+    net = torch.compile(model) if cfg.compile else model
+    net.train()
+    loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    first_batch_s, images, timed_from = None, 0, None
+    done = 0
+    while done <= batches:  # the first batch warms up; ``batches`` more are timed
+        for batch in loader:
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - t0
+            image, mask = _to_device(batch, device, cfg.channels_last)
+            optimizer_step(forward_loss(net, image, mask, loss_fn, amp_dtype), optimizer, scaler)
+            if done == 0:
+                _sync(device)
+                timed_from = time.perf_counter()
+            else:
+                images += len(image)
+            done += 1
+            if done > batches:
+                break
+    _sync(device)
+    return {"data": str(root), "synthetic_data": synthetic, "slices": len(dataset), "workers": workers,
+            "first_batch_seconds_warm_cache": first_batch_s,
+            "train_img_s": images / (time.perf_counter() - timed_from)}
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """The ``benchmark`` command: reference vs fast path, then end to end; prints a table, writes JSON."""
+    cfg = config_from_args(args)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    common = {"features": cfg.features, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+              "device": device, "warmup": args.warmup, "repeats": args.repeats}
+    paths = {
+        "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False),
+        f"fast (amp {amp_dtype or 'off'}, channels_last {cfg.channels_last}, compile {cfg.compile})": dict(
+            amp_dtype=amp_dtype, channels_last=cfg.channels_last, compile_model=cfg.compile),
+    }
+    rows = []
+    for name, options in paths.items():
+        print(f"timing {name} ...", flush=True)
+        rows.append({"path": name, **time_path(**common, **options)})
+    ref, fast = rows
+    e2e = time_end_to_end(cfg, device, amp_dtype, args.e2e_batches)
+    result = {
+        "environment": environment_report(device), "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size, "features": cfg.features, "paths": rows,
+        "train_speedup": fast["train_img_s"] / ref["train_img_s"],
+        "infer_speedup": fast["infer_img_s"] / ref["infer_img_s"],
+        "end_to_end": e2e, "end_to_end_vs_fast_step": e2e["train_img_s"] / fast["train_img_s"],
+    }
+    out = Path(args.out) if args.out else Path("runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(out, result)
+    env = result["environment"]
+    print(f"\nUNet ({cfg.features} features), {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, "
+          f"{env.get('gpu', env['device'])}, torch {env['torch']}")
+    print(f"{'path':<58} {'train img/s':>12} {'infer img/s':>12}")
+    for r in rows:
+        print(f"{r['path']:<58} {r['train_img_s']:>12.2f} {r['infer_img_s']:>12.2f}")
+    print(f"{'speed-up, fast / reference':<58} {result['train_speedup']:>11.2f}x {result['infer_speedup']:>11.2f}x")
+    print(f"{'end to end through the DataLoader (' + str(e2e['workers']) + ' workers)':<58} "
+          f"{e2e['train_img_s']:>12.2f} {'':>12}  = {result['end_to_end_vs_fast_step']:.0%} of the bare fast step")
+    print(f"first batch {e2e['first_batch_seconds_warm_cache']:.2f} s after start with a warm cache "
+          f"({e2e['slices']} slices{', SYNTHETIC' if e2e['synthetic_data'] else ''}); wrote {out}")
+    return result
+
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "evaluate":
             evaluate_checkpoint(args)
+        elif args.command == "benchmark":
+            benchmark(args)
         else:
             train(config_from_args(args))
     except (UserError, FloatingPointError) as exc:

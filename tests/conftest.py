@@ -43,3 +43,9 @@ def fake_tree(tmp_path: Path) -> Path:
     (root / "data.csv").write_text("Patient,age\n")
     (root / "README.md").write_text("readme")
     return root
+
+
+@pytest.fixture(autouse=True)
+def private_cache_home(tmp_path, monkeypatch):
+    """Keep the default decoded-slice cache of every test inside its tmp_path, never in ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))

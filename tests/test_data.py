@@ -170,3 +170,40 @@ def test_each_worker_has_its_own_augmentation_stream(fake_tree):
     images = [b["image"] for b in make_loader(ds, batch_size=1, train=False, seed=0, num_workers=2)]
     assert len(images) == 6
     assert not torch.equal(images[0], images[1])
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(fake_tree, tmp_path, monkeypatch):
+    import data_loaders
+
+    decoded = []
+    real_read = data_loaders.read_image
+    monkeypatch.setattr(data_loaders, "read_image", lambda p: decoded.append(p) or real_read(p))
+    cache = tmp_path / "cache"
+    recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0001_20000101"]
+
+    first = load_volume(recs, cache)
+    assert len(decoded) == 3 and len(list(cache.rglob("*.npz"))) == 1
+    second = load_volume(recs, cache)
+    assert len(decoded) == 3  # no TIFF decoded again
+    plain = load_volume(recs)  # no cache: decodes the 3 slices
+    assert len(decoded) == 6
+    for v in (first, second):
+        assert np.array_equal(v.images, plain.images) and np.array_equal(v.masks, plain.masks)
+        assert v.slice_numbers == plain.slice_numbers == [1, 2, 10]
+        assert np.array_equal(v.stats.mean, plain.stats.mean) and np.array_equal(v.stats.std, plain.stats.std)
+
+    # Rewrite slice 2 with new pixels: that patient is decoded again and the old entry goes.
+    new_rgb = np.full((16, 16, 3), 99, np.uint8)
+    new_mask = np.zeros((16, 16), np.uint8)
+    write_slice(fake_tree / recs[1].patient, recs[1].patient, 2, new_rgb, new_mask)
+    recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0001_20000101"]
+    third = load_volume(recs, cache)
+    assert len(decoded) == 9
+    assert (third.images[1] == 99).all() and third.masks[1].sum() == 0
+    assert len(list(cache.rglob("*.npz"))) == 1
+
+    # A damaged entry is rebuilt, not trusted.
+    (entry,) = cache.rglob("*.npz")
+    entry.write_bytes(b"garbage")
+    fourth = load_volume(recs, cache)
+    assert len(decoded) == 12 and np.array_equal(fourth.images, third.images)

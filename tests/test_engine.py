@@ -19,6 +19,8 @@ def test_every_config_field_is_a_flag_with_the_same_default():
     cfg = config_from_args(flags)
     assert (cfg.image_size, cfg.channels_last, cfg.synthetic, cfg.lr) == (64, False, True, 0.01)
     assert len(fields(Config)) >= 20
+    off = config_from_args(parse_args(["--channels-last", "off", "--progress", "on", "--synthetic"]))
+    assert (off.channels_last, off.progress, off.synthetic) == (False, True, True)
 
 
 def test_bad_choice_is_refused(capsys):
@@ -32,7 +34,7 @@ def tiny_args(tmp_path, run="run", *extra):
         "--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
         "--synthetic-slices", "6", "--image-size", "32", "--features", "4", "--epochs", "2",
         "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / run), "--no-progress",
-        *extra,
+        "--cache-dir", str(tmp_path / "cache"), *extra,
     ]
 
 
@@ -75,7 +77,8 @@ def test_evaluate_reproduces_the_training_metrics(smoke_run, capsys):
     run = smoke_run / "run"
     out = smoke_run / "eval"
     assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu",
-                 "--out-dir", str(out), "--batch-size", "3", "--no-progress"]) == 0
+                 "--out-dir", str(out), "--batch-size", "3", "--no-progress",
+                 "--cache-dir", "off"]) == 0
     trained = json.loads((run / "metrics.json").read_text())
     evaluated = json.loads((out / "metrics.json").read_text())
     for key in ("dice_per_volume_mean", "dice_global", "iou_global", "precision", "recall"):
