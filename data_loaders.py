@@ -29,10 +29,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from sklearn.model_selection import GroupKFold, train_test_split
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from data_preprocessing import Preprocess, VolumeStats, binarize_mask, volume_stats
+from data_preprocessing import (
+    Preprocess,
+    VolumeStats,
+    binarize_mask,
+    brain_box,
+    buda_stats,
+    crop_pad_square,
+    volume_stats,
+)
 from libraries import UserError, atomic_write
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
@@ -156,6 +164,91 @@ def split_patients(
     return sorted(train), sorted(val)
 
 
+# The 10 validation patients of Buda et al.'s PyTorch release (brain-segmentation-pytorch),
+# as folder-name prefixes (the folders add the scan date).
+BUDA_VAL_PREFIXES = (
+    "TCGA_HT_7616", "TCGA_CS_6668", "TCGA_CS_4944", "TCGA_HT_7879", "TCGA_DU_7014",
+    "TCGA_DU_6408", "TCGA_DU_6404", "TCGA_DU_5851", "TCGA_CS_6667", "TCGA_HT_7692",
+)
+
+
+def match_patients(names: Sequence[str], patients: Sequence[str], source: str) -> list[str]:
+    """Resolve patient names or prefixes (TCGA_CS_4944 for TCGA_CS_4944_20010208) to folder names.
+
+    Raises DatasetError naming every name that matches no folder, or more than one.
+    """
+    found, missing, ambiguous = [], [], []
+    for name in names:
+        hits = [p for p in patients if p == name] or [p for p in patients if p.startswith(name + "_")]
+        if len(hits) == 1:
+            found.append(hits[0])
+        else:
+            (ambiguous if hits else missing).append(name)
+    if missing or ambiguous:
+        problems = []
+        if missing:
+            problems.append(f"no patient folder for {', '.join(missing)}")
+        if ambiguous:
+            problems.append(f"more than one folder for {', '.join(ambiguous)}")
+        raise DatasetError(f"{source}: {'; '.join(problems)}; check the names against the dataset folder")
+    return sorted(set(found))
+
+
+def read_patient_list(spec: str) -> tuple[list[str], str]:
+    """--val-patients: a file of names (one per line or comma-separated) or a comma list."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        text, source = path.read_text(), str(path)
+    else:
+        text, source = spec, "--val-patients"
+    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # drop comments
+    names = [n for n in re.split(r"[,\s]+", text) if n]
+    if not names:
+        raise DatasetError(f"{source}: no patient names given")
+    return names, source
+
+
+def kfold_split(patients: Sequence[str], folds: int, fold: int, seed: int) -> tuple[list[str], list[str]]:
+    """Fold ``fold`` of a seeded patient-level K-fold split (scikit-learn's GroupKFold).
+
+    Patients are shuffled with ``seed`` first, so folds are not alphabetical (which would group
+    institutions); every patient is in exactly one validation fold.
+    """
+    patients = sorted(set(patients))
+    if folds < 2 or not 0 <= fold < folds:
+        raise DatasetError(f"--folds must be >= 2 and --fold in 0..{folds - 1}, got {folds} and {fold}")
+    if folds > len(patients):
+        raise DatasetError(f"--folds {folds} is more than the {len(patients)} patients found")
+    order = np.random.default_rng(seed).permutation(len(patients))
+    shuffled = [patients[i] for i in order]
+    splits = list(GroupKFold(n_splits=folds).split(shuffled, groups=shuffled))
+    train_idx, val_idx = splits[fold]
+    return sorted(shuffled[i] for i in train_idx), sorted(shuffled[i] for i in val_idx)
+
+
+def choose_split(
+    patients: Sequence[str], *, split: str, val_fraction: float, seed: int,
+    val_patients: str = "", folds: int = 0, fold: int = 0,
+) -> tuple[list[str], list[str]]:
+    """(train, validation) patients: --val-patients, else --folds/--fold, else --split."""
+    patients = sorted(set(patients))
+    if val_patients:
+        names, source = read_patient_list(val_patients)
+        val = match_patients(names, patients, source)
+    elif folds:
+        return kfold_split(patients, folds, fold, seed)
+    elif split == "buda":
+        val = match_patients(BUDA_VAL_PREFIXES, patients, "--split buda")
+    elif split == "random":
+        return split_patients(patients, val_fraction, seed)
+    else:
+        raise DatasetError(f"--split must be random or buda, got {split!r}")
+    train = [p for p in patients if p not in val]
+    if not train:
+        raise DatasetError("the validation split takes every patient; leave some for training")
+    return train, val
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading slices
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +287,28 @@ class PatientVolume:
     masks: np.ndarray  # (N, H, W) uint8 {0, 1}
     slice_numbers: list[int]
     stats: VolumeStats
+    # (y0, y1, x0, x1) crop applied before resizing ('buda' normalization); None: whole slice.
+    box: tuple[int, int, int, int] | None = None
+
+
+NORMALIZATIONS = ("volume", "buda")
+
+
+def set_normalization(volume: PatientVolume, method: str) -> PatientVolume:
+    """Choose how a volume is normalized (see data_preprocessing and the README).
+
+    'volume' (the default): per-channel 1-99th percentile clipping and z-scoring over the head.
+    'buda': Buda et al.'s pipeline: crop to the brain's box, pad to square, resize, then a
+    per-volume p10-p99 rescale and per-channel z-score. Their published weights expect it.
+    """
+    if method == "volume":
+        return volume
+    if method != "buda":
+        raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {method!r}")
+    volume.box = brain_box(volume.images)
+    y0, y1, x0, x1 = volume.box
+    volume.stats = buda_stats(volume.images[:, y0:y1, x0:x1])
+    return volume
 
 
 def load_volume(records: Sequence[SliceRecord], cache_dir: Path | None = None) -> PatientVolume:
@@ -304,6 +419,7 @@ class LGGSlices(Dataset):
         self.full_mask = full_mask
         # (volume index, position in volume) for every slice, patients in order.
         self.index = [(p, i) for p, v in enumerate(self.volumes) for i in range(len(v.images))]
+        self.has_tumor = np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes else np.zeros(0, bool)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -311,13 +427,13 @@ class LGGSlices(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         p, j = self.index[i]
         vol = self.volumes[p]
-        image, mask = self.preprocess(vol.images[j], vol.masks[j], vol.stats)
-        item: dict[str, torch.Tensor | int] = {
-            "image": image,
-            "mask": mask,
-            "patient": p,
-            "slice": vol.slice_numbers[j],
-        }
+        image, mask = vol.images[j], vol.masks[j]
+        item: dict[str, torch.Tensor | int] = {"patient": p, "slice": vol.slice_numbers[j]}
+        if vol.box is not None:
+            image, mask, (top, left, side) = crop_pad_square(image, mask, vol.box)
+            # Everything evaluation needs to paste a prediction back onto the original grid.
+            item["box"] = torch.tensor([*vol.box, top, left, side])
+        item["image"], item["mask"] = self.preprocess(image, mask, vol.stats)
         if self.full_mask:
             item["full_mask"] = torch.from_numpy(vol.masks[j]).float().unsqueeze(0)
         return item
@@ -356,15 +472,27 @@ def make_loader(
     seed: int,
     num_workers: int,
     pin_memory: bool = False,
+    tumor_weight: float = 1.0,
 ) -> DataLoader:
     """A seeded DataLoader. Training shuffles and drops a last batch of 1 (BatchNorm needs 2);
-    validation keeps every slice, in order."""
+    validation keeps every slice, in order.
+
+    With ``tumor_weight`` != 1, training draws slices with replacement, a slice with tumor
+    ``tumor_weight`` times as likely as one without (an epoch keeps ``len(dataset)`` draws).
+    """
     generator = torch.Generator().manual_seed(seed)
     dataset.reseed(seed)
+    sampler = None
+    if train and tumor_weight != 1.0:
+        if tumor_weight <= 0:
+            raise UserError(f"--tumor-weight must be > 0, got {tumor_weight}")
+        weights = torch.where(torch.from_numpy(dataset.has_tumor), tumor_weight, 1.0).double()
+        sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train and len(dataset) % batch_size == 1,
         num_workers=num_workers,
         pin_memory=pin_memory,

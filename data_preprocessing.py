@@ -67,6 +67,51 @@ def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.
     return VolumeStats(low=low, high=high, mean=mean, std=std)
 
 
+def brain_box(volume: np.ndarray, fraction: float = 0.1) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the box around every pixel brighter than ``fraction`` of the volume's
+    maximum, in any slice and channel (the crop of Buda et al.). The whole image if none is."""
+    projection = volume.max(axis=(0, 3)) if volume.ndim == 4 else volume.max(axis=0)
+    ys, xs = np.nonzero(projection > fraction * projection.max())
+    if len(ys) == 0:
+        return 0, projection.shape[0], 0, projection.shape[1]
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def buda_stats(volume: np.ndarray) -> VolumeStats:
+    """Normalization of Buda et al.: rescale the volume's 10th..99th percentile (all channels and
+    voxels together) to [0, 1] with clipping, then z-score each channel over the volume.
+
+    Expressed as VolumeStats so that ``normalize`` applies it unchanged:
+    ((clip(x, p10, p99) - p10) / (p99 - p10) - m) / s == (clip(x, p10, p99) - mean) / std
+    with mean = p10 + m (p99 - p10) and std = s (p99 - p10).
+    """
+    p10, p99 = (float(v) for v in np.percentile(volume, (10, 99)))
+    span = max(p99 - p10, 1e-6)
+    scaled = np.clip((volume.astype(np.float32) - p10) / span, 0, 1)
+    channels = volume.shape[-1]
+    m = scaled.reshape(-1, channels).mean(0)
+    s = np.maximum(scaled.reshape(-1, channels).std(0), 1e-6)
+    full = np.full(channels, 1, np.float32)
+    return VolumeStats(low=full * p10, high=full * p99, mean=(p10 + m * span).astype(np.float32),
+                       std=(s * span).astype(np.float32))
+
+
+def crop_pad_square(
+    image: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Crop to ``box`` and zero-pad the short side equally to a square.
+
+    Returns the square image and mask and (top, left, side): where the crop sits in the square.
+    """
+    y0, y1, x0, x1 = box
+    image, mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    h, w = mask.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = ((top, side - h - top), (left, side - w - left))
+    return np.pad(image, pad + ((0, 0),)), np.pad(mask, pad), (top, left, side)
+
+
 def normalize(image: np.ndarray, stats: VolumeStats) -> np.ndarray:
     """Clip each channel of an (H, W, C) image to its volume's percentiles and z-score it; float32."""
     image = np.clip(image.astype(np.float32), stats.low, stats.high)

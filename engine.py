@@ -15,11 +15,12 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,9 @@ from data_loaders import (
     load_volume,
     make_loader,
     make_synthetic_dataset,
+    choose_split,
     scan_dataset,
-    split_patients,
+    set_normalization,
 )
 from data_preprocessing import eval_preprocess, train_preprocess
 from libraries import (
@@ -52,7 +54,7 @@ from libraries import (
     save_torch,
     seed_everything,
 )
-from loss_fun import DiceBCELoss, SegmentationMeter
+from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
 from model import UNet, count_parameters
 
 
@@ -73,18 +75,34 @@ class Config:
     synthetic_dir: str = _opt("data/synthetic/kaggle_3m", "where synthetic data is generated")
     synthetic_patients: int = _opt(20, "synthetic patients to generate")
     synthetic_slices: int = _opt(24, "slices per synthetic patient")
+    split: str = _opt("random", "validation patients: random (seeded, --val-fraction) or buda "
+                      "(the 10 of Buda et al.)", ("random", "buda"))
     val_fraction: float = _opt(0.2, "share of patients held out for validation (split by patient)")
+    val_patients: str = _opt("", "validation patients: comma list or a file of names/prefixes (overrides --split)")
+    folds: int = _opt(0, "patient-level K-fold cross-validation: number of folds (0: off)")
+    fold: int = _opt(0, "which fold (0..folds-1) is the validation set")
     image_size: int = _opt(128, "slices are resized to this square size (multiple of 16)")
+    normalization: str = _opt("volume", "volume: per-patient percentile clip + z-score; buda: the "
+                              "authors' crop, p10-p99 rescale, z-score", ("volume", "buda"))
+    tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
     # ---- model ----
     features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
     # ---- optimization ----
     epochs: int = _opt(5, "passes over the training patients")
     batch_size: int = _opt(16, "slices per step")
-    lr: float = _opt(1e-3, "peak AdamW learning rate; cosine decay to 0 over the run")
+    lr: float = _opt(1e-3, "peak AdamW learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    schedule: str = _opt("cosine", "learning rate after warmup", ("cosine", "onecycle", "constant"))
+    warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, in epochs")
+    patience: int = _opt(0, "stop after this many epochs without a better validation Dice per volume (0: off)")
     dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
     bce_weight: float = _opt(1.0, "weight of the binary cross-entropy loss")
     threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
+    # ---- evaluation ----
+    postprocess: str = _opt("none", "keep the largest 3D connected component per patient (lcc) or not; "
+                            "both are always reported", ("none", "lcc"))
+    tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
+    spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")
     # ---- hardware ----
     device: str = _opt("auto", "auto: CUDA if available, else CPU", ("auto", "cpu", "cuda"))
     amp: str = _opt("auto", "mixed precision; auto: bf16 on capable GPUs/CPUs, fp16 on older GPUs",
@@ -97,6 +115,20 @@ class Config:
     out_dir: str = _opt("", "run folder for checkpoints and metrics; empty: runs/<date-time>")
     seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
     progress: bool = _opt(True, "show tqdm progress bars")
+    preset: str = _opt("none", "a tested recipe: cpu (128 px, ~25 min on 2 cores for the 36-patient "
+                       "subset) or full (256 px, for a GPU); flags you give still win", ("none", "cpu", "full"))
+
+
+# Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # 2 CPU cores (bf16): 128 px, 20 epochs of ~1,100-1,300 slices is about 25 minutes.
+    "cpu": dict(image_size=128, epochs=20, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
+                warmup_epochs=1.0, tumor_weight=2.0),
+    # A GPU: full resolution, longer.
+    "full": dict(image_size=256, epochs=60, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
+                 warmup_epochs=2.0, tumor_weight=2.0, patience=20),
+}
 
 
 # =============================================================================================
@@ -155,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-workers", type=int, default=-1)
     ev.add_argument("--cache-dir", default="", help="as for training; 'off' disables the cache")
     add_bool_flag(ev, "progress", True, "show tqdm progress bars")
+    ev.add_argument("--postprocess", choices=POSTPROCESSING, default=None, help="default: as trained")
+    add_bool_flag(ev, "tta", None, "mirror test-time augmentation (default: as trained)")
+    ev.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
+    cv = sub.add_parser("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
+                        description="Runs training once per fold (--folds K, default 5) into "
+                        "<out-dir>/fold-<i> and writes cv_summary.csv with mean and std over folds.")
+    add_config_flags(cv, Config(folds=5))
     bench = sub.add_parser(
         "benchmark", help="time the reference fp32 path against the fast default path",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "
@@ -171,13 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; with no command (or only flags) the command is ``train``."""
-    if not argv or (argv[0] not in ("train", "evaluate", "benchmark", "-h", "--help")):
+    if not argv or (argv[0] not in ("train", "evaluate", "benchmark", "cv", "-h", "--help")):
         argv = ["train", *argv]
     return build_parser().parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> Config:
+    """The Config for parsed flags; a --preset fills in every field whose flag is not in ``argv``."""
+    values = {f.name: getattr(args, f.name) for f in fields(Config)}
+    given = {a.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+             for a in (argv or []) if a.startswith("--")}
+    for name, value in PRESETS[values["preset"]].items():
+        if name not in given:
+            values[name] = value
+    return Config(**values)
 
 
 # =============================================================================================
@@ -248,41 +294,137 @@ def train_one_epoch(
     return total / max(seen, 1)
 
 
+def _to_full_resolution(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Map (N, 1, S, S) logits back onto each slice's original (H, W) grid.
+
+    Without a crop box this is one bilinear resize. With one (the 'buda' normalization crops
+    to the brain and pads to a square), each sample is resized to its padded square, unpadded
+    and pasted into its box; pixels outside the box are background (a very negative logit).
+    """
+    size = batch["full_mask"].shape[-2:]
+    if "box" not in batch:
+        if logits.shape[-2:] == size:
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    out = logits.new_full((len(logits), 1, *size), -1e4)
+    for i, (y0, y1, x0, x1, top, left, side) in enumerate(batch["box"].tolist()):
+        square = F.interpolate(logits[i : i + 1], size=(side, side), mode="bilinear", align_corners=False)
+        out[i, :, y0:y1, x0:x1] = square[0, :, top : top + y1 - y0, left : left + x1 - x0]
+    return out
+
+
 @torch.inference_mode()
+def predict_volumes(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    loss_fn: nn.Module | None,
+    threshold: float,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    tta: bool,
+    progress: bool,
+    desc: str = "validate",
+) -> tuple[float | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Predict every slice of the loader; return the mean loss and, per patient index, the
+    (D, H, W) bool predicted and true volumes at the masks' own resolution, in slice order.
+
+    With ``tta`` the probabilities of the slice and of its left-right mirror are averaged.
+    The loss (on the un-augmented logits, at model resolution) is sample-weighted over the set.
+    """
+    model.eval()
+    total, seen = 0.0, 0
+    slices: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        image, mask = _to_device(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(image).float()
+            if tta:
+                flipped = model(torch.flip(image, dims=[-1])).float()
+        if loss_fn is not None:
+            total += loss_fn(logits, mask).item() * len(image)
+            seen += len(image)
+        prob = torch.sigmoid(_to_full_resolution(logits, batch))
+        if tta:
+            prob = (prob + torch.sigmoid(_to_full_resolution(torch.flip(flipped, dims=[-1]), batch))) / 2
+        pred = (prob > threshold).cpu().numpy()[:, 0]
+        truth = batch["full_mask"].numpy()[:, 0] > 0.5
+        for p, s, pr, tr in zip(batch["patient"].tolist(), batch["slice"].tolist(), pred, truth):
+            slices.setdefault(p, []).append((s, pr, tr))
+    volumes = {}
+    for p, items in slices.items():
+        items.sort(key=lambda item: item[0])
+        volumes[p] = (np.stack([i[1] for i in items]), np.stack([i[2] for i in items]))
+    return (total / seen if seen else None), volumes
+
+
+POSTPROCESSING = ("none", "lcc")
+
+
+def score_volumes(
+    volumes: dict[int, tuple[np.ndarray, np.ndarray]],
+    patients: list[str],
+    *,
+    postprocess: str,
+    spacing: tuple[float, float, float] | None,
+) -> dict:
+    """Metrics over all patient volumes, with the given post-processing, plus HD95 per patient."""
+    meter = SegmentationMeter(patients)
+    distances = {}
+    for p, (pred, truth) in volumes.items():
+        if postprocess == "lcc":
+            pred = largest_component_3d(pred)
+        meter.update(torch.from_numpy(pred)[:, None], torch.from_numpy(truth)[:, None],
+                     torch.full((len(pred),), p, dtype=torch.long))
+        distances[patients[p]] = (hd95(pred, truth), hd95(pred, truth, spacing) if spacing else None)
+    metrics = meter.compute()
+    for row in metrics["per_patient"]:
+        row["hd95_px"], row["hd95_mm"] = distances[row["patient"]]
+    defined = [d[0] for d in distances.values() if d[0] is not None]
+    metrics["hd95_px_mean"] = float(np.mean(defined)) if defined else None
+    metrics["hd95_undefined_patients"] = len(distances) - len(defined)
+    if spacing:
+        mm = [d[1] for d in distances.values() if d[1] is not None]
+        metrics["hd95_mm_mean"] = float(np.mean(mm)) if mm else None
+    return metrics
+
+
 def evaluate(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     *,
-    loss_fn: nn.Module,
+    loss_fn: nn.Module | None,
     threshold: float,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
     progress: bool,
+    postprocess: str = "none",
+    tta: bool = False,
+    spacing: tuple[float, float, float] | None = None,
     desc: str = "validate",
-) -> tuple[float, dict]:
-    """Loss and metrics over the whole loader.
+) -> tuple[float | None, dict]:
+    """Loss and metrics over the whole loader, scored against the masks at their own resolution.
 
-    Logits are upsampled to each mask's own resolution before thresholding, so the scores are
-    against the masks as published, whatever ``image_size`` the model runs at.
+    The returned metrics are those of ``postprocess``; ``metrics["postprocessing"]`` holds the
+    headline numbers of every post-processing option, so both are always reported.
     """
-    model.eval()
-    dataset: LGGSlices = loader.dataset
-    meter = SegmentationMeter(dataset.patients)
-    total, seen = 0.0, 0
-    logit_threshold = math.log(threshold / (1 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        image, mask = _to_device(batch, device, channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(image)
-        logits = logits.float()
-        total += loss_fn(logits, mask).item() * len(image)
-        seen += len(image)
-        truth = batch["full_mask"].to(device)
-        if truth.shape[-2:] != logits.shape[-2:]:
-            logits = F.interpolate(logits, size=truth.shape[-2:], mode="bilinear", align_corners=False)
-        meter.update(logits > logit_threshold, truth, batch["patient"])
-    return total / max(seen, 1), meter.compute()
+    loss, volumes = predict_volumes(
+        model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
+        channels_last=channels_last, tta=tta, progress=progress, desc=desc,
+    )
+    patients = loader.dataset.patients
+    variants = {name: score_volumes(volumes, patients, postprocess=name, spacing=spacing)
+                for name in POSTPROCESSING}
+    metrics = variants[postprocess]
+    metrics["postprocessing"] = {
+        name: {k: v[k] for k in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global",
+                                 "hd95_px_mean")}
+        for name, v in variants.items()
+    }
+    metrics["postprocess"], metrics["tta"] = postprocess, tta
+    return loss, metrics
 
 
 # =============================================================================================
@@ -313,7 +455,9 @@ def resolve_cache_dir(cache_dir: str) -> Path | None:
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
-def load_patients(root: Path, names: list[str], progress: bool, cache_dir: Path | None) -> list:
+def load_patients(
+    root: Path, names: list[str], progress: bool, cache_dir: Path | None, normalization: str = "volume"
+) -> list:
     """Decode (or read from the cache) the named patients' volumes, in the given order."""
     groups = group_by_patient(scan_dataset(root))
     missing = [n for n in names if n not in groups]
@@ -323,7 +467,7 @@ def load_patients(root: Path, names: list[str], progress: bool, cache_dir: Path 
             "the checkpoint was trained on (--data-dir)"
         )
     bar = tqdm(names, desc="loading", leave=False, disable=not progress)
-    return [load_volume(groups[n], cache_dir) for n in bar]
+    return [set_normalization(load_volume(groups[n], cache_dir), normalization) for n in bar]
 
 
 # =============================================================================================
@@ -343,12 +487,21 @@ METRIC_LABELS = (
 
 
 def format_metrics(metrics: dict, title: str) -> str:
-    """The end-of-run table."""
+    """The end-of-run table: every metric of the chosen post-processing, then both variants."""
     lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
-             f"({metrics['tumor_slices']} with tumor)"]
+             f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
+             f"mirror TTA: {'on' if metrics['tta'] else 'off'}"]
     for key, label in METRIC_LABELS:
         value = metrics[key]
         lines.append(f"  {label:<28} {'n/a' if value is None else f'{value:.4f}'}")
+    hd = metrics["hd95_px_mean"]
+    lines.append(f"  {'HD95 per volume, mean (px)':<28} {'n/a' if hd is None else f'{hd:.2f}'}"
+                 + (f"  ({metrics['hd95_undefined_patients']} undefined)" if metrics["hd95_undefined_patients"] else ""))
+    if metrics.get("hd95_mm_mean") is not None:
+        lines.append(f"  {'HD95 per volume, mean (mm)':<28} {metrics['hd95_mm_mean']:.2f}")
+    lines.append("  Dice per volume mean / median, by post-processing:")
+    for name, v in metrics["postprocessing"].items():
+        lines.append(f"    {name:<6} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}")
     return "\n".join(lines)
 
 
@@ -366,35 +519,81 @@ def new_run_dir(out_dir: str) -> Path:
 # =============================================================================================
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, *, lr: float, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule.
+
+    'cosine': linear warmup from lr/100 to lr over ``warmup_steps``, then cosine decay to 0.
+    'onecycle': torch's OneCycleLR, rising over the same warmup share, then annealing.
+    'constant': the same warmup, then lr throughout.
+    """
+    total_steps, warmup_steps = max(1, total_steps), min(max(0, warmup_steps), max(0, total_steps - 1))
+    if schedule == "onecycle":
+        pct = max(warmup_steps / total_steps, 1 / total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    if schedule not in ("cosine", "constant"):
+        raise UserError(f"--schedule must be cosine, onecycle or constant, got {schedule!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def parse_spacing(text: str) -> tuple[float, float, float] | None:
+    """--spacing 'dz,dy,dx' in mm (one value: isotropic), or None when empty."""
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) <= 0:
+        raise UserError(f"--spacing takes 'dz,dy,dx' in mm (or one value), got {text!r}")
+    return tuple(values)
+
+
 def train(cfg: Config) -> dict:
     """Train and validate every epoch; write checkpoints, history and metrics; return final metrics."""
     if cfg.image_size % 16 or cfg.image_size < 16:
         raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
+    spacing = parse_spacing(cfg.spacing)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     root, synthetic = locate_data(cfg)
-    run_dir = new_run_dir(cfg.out_dir)
     patients = sorted(group_by_patient(scan_dataset(root)))
-    train_names, val_names = split_patients(patients, cfg.val_fraction, cfg.seed)
+    train_names, val_names = choose_split(
+        patients, split=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        val_patients=cfg.val_patients, folds=cfg.folds, fold=cfg.fold,
+    )
+    run_dir = new_run_dir(cfg.out_dir)
     workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
 
     env = environment_report(device)
     print(f"data: {root} ({'SYNTHETIC' if synthetic else 'real'}), {len(train_names)} train / "
-          f"{len(val_names)} validation patients")
+          f"{len(val_names)} validation patients, normalization: {cfg.normalization}")
     print(f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
           f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}")
 
     cache_dir = resolve_cache_dir(cfg.cache_dir)
-    train_set = LGGSlices(load_patients(root, train_names, cfg.progress, cache_dir),
+    train_set = LGGSlices(load_patients(root, train_names, cfg.progress, cache_dir, cfg.normalization),
                           train_preprocess(cfg.image_size))
-    val_set = LGGSlices(load_patients(root, val_names, cfg.progress, cache_dir),
+    val_set = LGGSlices(load_patients(root, val_names, cfg.progress, cache_dir, cfg.normalization),
                         eval_preprocess(cfg.image_size), full_mask=True)
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                               num_workers=workers, pin_memory=pin)
+                               num_workers=workers, pin_memory=pin, tumor_weight=cfg.tumor_weight)
     val_loader = make_loader(val_set, batch_size=cfg.batch_size, train=False, seed=cfg.seed,
                              num_workers=workers, pin_memory=pin)
 
@@ -404,9 +603,11 @@ def train(cfg: Config) -> dict:
     net = torch.compile(model) if cfg.compile else model
     loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(train_loader))
+    scheduler = make_scheduler(optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * len(train_loader),
+                               warmup_steps=round(cfg.warmup_epochs * len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    print(f"model: UNet, {count_parameters(model):,} parameters; {len(train_set)} train slices, "
+    print(f"model: UNet, {count_parameters(model):,} parameters; {len(train_set)} train slices "
+          f"({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}), "
           f"{len(val_set)} validation slices")
 
     config_record = {**asdict(cfg), "resolved_data_dir": str(root), "synthetic_data": synthetic,
@@ -424,15 +625,20 @@ def train(cfg: Config) -> dict:
         t1 = time.perf_counter()
         val_loss, metrics = evaluate(
             net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
-            channels_last=cfg.channels_last, progress=cfg.progress,
+            channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess,
+            tta=cfg.tta, spacing=spacing,
         )
         t2 = time.perf_counter()
         train_ips, val_ips = len(train_set) / (t1 - t0), len(val_set) / (t2 - t1)
         dice = metrics["dice_per_volume_mean"]
+        raw, lcc = metrics["postprocessing"]["none"], metrics["postprocessing"]["lcc"]
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_dice_per_volume_mean": dice,
                         "val_dice_per_volume_median": metrics["dice_per_volume_median"],
-                        "val_dice_global": metrics["dice_global"], "lr": scheduler.get_last_lr()[0],
+                        "val_dice_global": metrics["dice_global"],
+                        "val_dice_per_volume_mean_raw": raw["dice_per_volume_mean"],
+                        "val_dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
+                        "lr": scheduler.get_last_lr()[0],
                         "seconds": t2 - t0, "train_images_per_second": train_ips,
                         "val_images_per_second": val_ips})
         checkpoint = {
@@ -446,18 +652,53 @@ def train(cfg: Config) -> dict:
             save_torch(run_dir / "best.pt", checkpoint)
         write_history(run_dir, history)
         print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-              f"val Dice/volume {dice:.4f} (median {metrics['dice_per_volume_median']:.4f})  "
+              f"val Dice/volume {dice:.4f} (median {metrics['dice_per_volume_median']:.4f}; "
+              f"raw {raw['dice_per_volume_mean']:.4f}, lcc {lcc['dice_per_volume_mean']:.4f})  "
               f"{t2 - t0:.0f}s ({train_ips:.1f} / {val_ips:.1f} img/s){'  *best*' if best_epoch == epoch else ''}")
+        if cfg.patience and epoch - best_epoch >= cfg.patience:
+            print(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
+            break
 
     elapsed = time.perf_counter() - start
-    final = {**metrics, "epoch": cfg.epochs, "best_epoch": best_epoch,
+    final = {**metrics, "epoch": epoch, "best_epoch": best_epoch,
              "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic}
     save_json(run_dir / "metrics.json", final)
-    title = f"Validation after epoch {cfg.epochs} ({'SYNTHETIC data: not a result on MRI' if synthetic else 'real data'})"
+    title = f"Validation after epoch {epoch} ({'SYNTHETIC data: not a result on MRI' if synthetic else 'real data'})"
     print(format_metrics(final, title))
     print(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); "
           f"{elapsed / 60:.1f} min; wrote {run_dir}/metrics.json, best.pt, last.pt, history.csv, curves.png")
     return final
+
+
+def cross_validate(cfg: Config) -> pd.DataFrame:
+    """The ``cv`` command: train fold 0..K-1 of a patient-level K-fold split, then summarize.
+
+    Writes <out-dir>/fold-<i>/ for each fold and <out-dir>/cv_summary.csv (one row per fold,
+    then the mean and std over folds), and prints the table.
+    """
+    if cfg.folds < 2:
+        raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
+    base = new_run_dir(cfg.out_dir)
+    rows = []
+    for fold in range(cfg.folds):
+        print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
+        m = train(replace(cfg, fold=fold, out_dir=str(base / f"fold-{fold}")))
+        rows.append({"fold": fold, "patients": m["patients"],
+                     "dice_per_volume_mean": m["postprocessing"]["none"]["dice_per_volume_mean"],
+                     "dice_per_volume_median": m["postprocessing"]["none"]["dice_per_volume_median"],
+                     "dice_per_volume_mean_lcc": m["postprocessing"]["lcc"]["dice_per_volume_mean"],
+                     "dice_per_volume_median_lcc": m["postprocessing"]["lcc"]["dice_per_volume_median"],
+                     "dice_global": m["dice_global"], "hd95_px_mean": m["hd95_px_mean"]})
+    table = pd.DataFrame(rows)
+    numeric = table.drop(columns=["fold"])
+    summary = pd.concat([table, numeric.mean().to_frame().T.assign(fold="mean"),
+                         numeric.std(ddof=1).to_frame().T.assign(fold="std")], ignore_index=True)
+    summary.to_csv(base / "cv_summary.csv", index=False)
+    print(f"\n{cfg.folds}-fold patient-level cross-validation ({'SYNTHETIC data' if cfg.synthetic else cfg.data_dir or 'auto data'}):")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    mean, std = numeric["dice_per_volume_mean"].mean(), numeric["dice_per_volume_mean"].std(ddof=1)
+    print(f"Dice per volume: {mean:.4f} ± {std:.4f} (mean ± std over folds); wrote {base / 'cv_summary.csv'}")
+    return summary
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -503,8 +744,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if root is None:
         raise UserError("no dataset found; pass --data-dir")
     cache_dir = resolve_cache_dir(args.cache_dir)
-    val_set = LGGSlices(load_patients(root, record["val_patients"], args.progress, cache_dir),
-                        eval_preprocess(record["image_size"]), full_mask=True)
+    val_set = LGGSlices(
+        load_patients(root, record["val_patients"], args.progress, cache_dir, record.get("normalization", "volume")),
+        eval_preprocess(record["image_size"]), full_mask=True,
+    )
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(val_set, batch_size=args.batch_size or record["batch_size"], train=False,
                          seed=record["seed"], num_workers=workers, pin_memory=device.type == "cuda")
@@ -514,9 +757,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"])
     start = time.perf_counter()
+    postprocess = args.postprocess or record.get("postprocess", "none")
+    tta = record.get("tta", False) if args.tta is None else args.tta
     val_loss, metrics = evaluate(
         model, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
-        channels_last=channels_last, progress=args.progress, desc="evaluate",
+        channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
+        tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )
     seconds = time.perf_counter() - start
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
@@ -624,9 +870,9 @@ def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | 
             "train_img_s": images / (time.perf_counter() - timed_from)}
 
 
-def benchmark(args: argparse.Namespace) -> dict:
+def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """The ``benchmark`` command: reference vs fast path, then end to end; prints a table, writes JSON."""
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, argv)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     if device.type == "cuda":
@@ -670,14 +916,17 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     try:
         if args.command == "evaluate":
             evaluate_checkpoint(args)
         elif args.command == "benchmark":
-            benchmark(args)
+            benchmark(args, argv)
+        elif args.command == "cv":
+            cross_validate(config_from_args(args, argv))
         else:
-            train(config_from_args(args))
+            train(config_from_args(args, argv))
     except (UserError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,252 @@
+"""Splits, Buda normalization, sampling, schedules, post-processing, HD95, TTA, presets and cv."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_slice
+
+from data_loaders import (
+    BUDA_VAL_PREFIXES,
+    DatasetError,
+    LGGSlices,
+    PatientVolume,
+    choose_split,
+    group_by_patient,
+    kfold_split,
+    load_volume,
+    make_loader,
+    scan_dataset,
+    set_normalization,
+)
+from data_preprocessing import brain_box, buda_stats, crop_pad_square, eval_preprocess, normalize, volume_stats
+from engine import _to_full_resolution, config_from_args, main, make_scheduler, parse_args, predict_volumes
+from loss_fun import hd95, largest_component_3d
+
+# ---------------------------------------------------------------------------------------- splits
+
+
+def test_kfold_is_patient_disjoint_and_covers_everyone_once():
+    patients = [f"P{i:02d}" for i in range(23)]
+    seen = []
+    for fold in range(5):
+        train, val = kfold_split(patients, 5, fold, seed=7)
+        assert set(train).isdisjoint(val) and set(train) | set(val) == set(patients)
+        assert 4 <= len(val) <= 5
+        seen += val
+    assert sorted(seen) == patients  # every patient validated exactly once
+    assert kfold_split(patients, 5, 0, seed=7) == kfold_split(list(reversed(patients)), 5, 0, seed=7)
+    with pytest.raises(DatasetError):
+        kfold_split(patients, 5, 5, seed=7)
+
+
+def test_buda_split_picks_exactly_those_patients():
+    folders = [f"{p}_19990101" for p in BUDA_VAL_PREFIXES] + ["TCGA_XX_0001_20000101", "TCGA_XX_0002_20000101"]
+    train, val = choose_split(folders, split="buda", val_fraction=0.2, seed=0)
+    assert val == sorted(f"{p}_19990101" for p in BUDA_VAL_PREFIXES)
+    assert train == ["TCGA_XX_0001_20000101", "TCGA_XX_0002_20000101"]
+
+
+def test_buda_split_names_the_missing_patients():
+    folders = [f"{p}_19990101" for p in BUDA_VAL_PREFIXES[2:]] + ["TCGA_XX_0001_20000101"]
+    with pytest.raises(DatasetError) as err:
+        choose_split(folders, split="buda", val_fraction=0.2, seed=0)
+    assert BUDA_VAL_PREFIXES[0] in str(err.value) and BUDA_VAL_PREFIXES[1] in str(err.value)
+    assert BUDA_VAL_PREFIXES[2] not in str(err.value)
+
+
+def test_val_patients_from_list_and_file(tmp_path):
+    folders = ["TCGA_AA_0001_2000", "TCGA_AA_0002_2000", "TCGA_BB_0003_2001"]
+    assert choose_split(folders, split="random", val_fraction=0.2, seed=0,
+                        val_patients="TCGA_AA_0002, TCGA_BB_0003_2001") == (["TCGA_AA_0001_2000"],
+                                                                            ["TCGA_AA_0002_2000", "TCGA_BB_0003_2001"])
+    listing = tmp_path / "val.txt"
+    listing.write_text("# held out\nTCGA_AA_0001\n")
+    assert choose_split(folders, split="random", val_fraction=0.2, seed=0, val_patients=str(listing))[1] == [
+        "TCGA_AA_0001_2000"]
+    with pytest.raises(DatasetError, match="TCGA_ZZ_9999"):
+        choose_split(folders, split="random", val_fraction=0.2, seed=0, val_patients="TCGA_ZZ_9999")
+    with pytest.raises(DatasetError, match="every patient"):
+        choose_split(folders, split="random", val_fraction=0.2, seed=0, val_patients=",".join(folders))
+
+
+# ---------------------------------------------------------------------------------- normalization
+
+
+def test_buda_normalization_statistics():
+    rng = np.random.default_rng(0)
+    volume = np.zeros((6, 40, 40, 3), np.uint8)
+    volume[:, 8:30, 12:36] = rng.integers(20, 250, (6, 22, 24, 3), dtype=np.uint8)
+    assert brain_box(volume) == (8, 30, 12, 36)
+    cropped = volume[:, 8:30, 12:36]
+    stats = buda_stats(cropped)
+    p10, p99 = np.percentile(cropped, (10, 99))
+    assert stats.low[0] == pytest.approx(p10) and stats.high[2] == pytest.approx(p99)
+    z = np.stack([normalize(v, stats) for v in cropped])
+    for c in range(3):  # z-scored per channel over the whole cropped volume
+        assert z[..., c].mean() == pytest.approx(0, abs=1e-4)
+        assert z[..., c].std() == pytest.approx(1, abs=1e-4)
+    # And it equals the authors' two-step formula.
+    scaled = np.clip((cropped.astype(np.float64) - p10) / (p99 - p10), 0, 1)
+    expected = (scaled - scaled.mean(axis=(0, 1, 2))) / scaled.std(axis=(0, 1, 2))
+    assert np.allclose(z, expected, atol=1e-4)
+
+
+def test_crop_pad_and_paste_back_round_trip():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    images[:, :, :5] = 0
+    images[:, :4] = 0
+    masks = np.zeros((3, 32, 32), np.uint8)
+    masks[1, 10:20, 8:15] = 1
+    vol = PatientVolume("P", images, masks, [1, 2, 3], volume_stats(images))
+    vol.box = (4, 32, 5, 32)  # 28 x 27: padded to a 28 x 28 square
+    image_sq, mask_sq, (top, left, side) = crop_pad_square(images[1], masks[1], vol.box)
+    # 28 rows x 27 columns: one zero column is added on the right (left pad (28 - 27) // 2 = 0).
+    assert image_sq.shape == (28, 28, 3) and (top, left, side) == (0, 0, 28)
+    assert (image_sq[:, 27] == 0).all() and np.array_equal(mask_sq[:, :27], masks[1, 4:32, 5:32])
+    # At the square's own size nothing is resampled, so the round trip must be exact.
+    ds = LGGSlices([vol], eval_preprocess(28), full_mask=True)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["box"].shape == (3, 7)
+    # The model-input mask, as confident logits, pasted back onto the 32 x 32 grid.
+    back = _to_full_resolution(batch["mask"] * 40 - 20, batch) > 0
+    assert torch.equal(back, batch["full_mask"].bool())
+
+
+def test_set_normalization_buda_sets_box_and_stats(fake_tree):
+    recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"]
+    vol = set_normalization(load_volume(recs), "buda")
+    assert vol.box is not None and vol.stats.low[0] == vol.stats.low[1]  # one p10 for all channels
+
+
+# ------------------------------------------------------------------------------- post-processing
+
+
+def test_largest_component_3d():
+    vol = np.zeros((3, 6, 6), bool)
+    vol[0:2, 0:2, 0:2] = True  # 8 voxels, spans two slices
+    vol[2, 4:6, 4:6] = True  # 4 voxels
+    vol[1, 4, 0] = True  # 1 voxel
+    kept = largest_component_3d(vol)
+    assert kept.sum() == 8 and kept[0:2, 0:2, 0:2].all()
+    diagonal = np.zeros((2, 2, 2), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True  # corner-touching: separate under 6-connectivity
+    assert largest_component_3d(diagonal).sum() == 1
+    assert not largest_component_3d(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_hd95_known_distances():
+    a = np.zeros((1, 20, 20), bool)
+    a[0, 5:10, 5:10] = True
+    assert hd95(a, a) == 0.0
+    b = np.roll(a, 4, axis=2)  # the same square, 4 pixels to the right
+    assert hd95(a, b) == pytest.approx(4.0)
+    assert hd95(a, b, spacing=(1.0, 1.0, 0.5)) == pytest.approx(2.0)  # 4 px at 0.5 mm
+    # One far outlier voxel is 1 of 33 pooled border distances (16 + 16 zeros, then ~12.7):
+    # the 95th percentile (position 0.95 * 32 = 30.4 of the sorted list) is still 0, where the
+    # plain Hausdorff distance would be the outlier's.
+    c = a.copy()
+    c[0, 18, 18] = True
+    assert hd95(a, c) == 0.0
+    # Two squares 4 px apart in a 3D volume, with anisotropic slices: only in-plane distances count.
+    a3, b3 = np.repeat(a, 3, axis=0), np.repeat(b, 3, axis=0)
+    assert hd95(a3, b3, spacing=(5.0, 1.0, 1.0)) == pytest.approx(4.0)
+    assert hd95(a, np.zeros_like(a)) is None
+    assert hd95(np.zeros_like(a), np.zeros_like(a)) == 0.0
+
+
+class RampModel(torch.nn.Module):
+    """Ignores its input: logits rise left to right, antisymmetric about the centre."""
+
+    def forward(self, x):
+        w = x.shape[-1]
+        ramp = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
+        return ramp.expand(x.shape[0], 1, x.shape[-2], w).clone()
+
+
+def test_mirror_tta_averages_with_the_unflipped_back_prediction(fake_tree):
+    recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"]
+    ds = LGGSlices([load_volume(recs)], eval_preprocess(16), full_mask=True)
+    loader = make_loader(ds, batch_size=2, train=False, seed=0, num_workers=0)
+    kw = dict(loss_fn=None, threshold=0.5, amp_dtype=None, channels_last=False, progress=False)
+    _, plain = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=False, **kw)
+    _, mirrored = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=True, **kw)
+    pred, truth = plain[0]
+    assert pred.shape == truth.shape == (3, 16, 16)
+    assert pred[:, :, 8:].all() and not pred[:, :, :8].any()  # right half
+    # sigmoid(r) + sigmoid(-r) = 1: the average is exactly 0.5 everywhere, never above it.
+    assert not mirrored[0][0].any()
+
+
+# ----------------------------------------------------------------------------- training recipe
+
+
+def test_tumor_weight_oversamples_tumor_slices(tmp_path):
+    root = tmp_path / "k"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        mask = np.zeros((8, 8), np.uint8)
+        if i < 2:
+            mask[2:4, 2:4] = 255  # 2 of 10 slices have tumor
+        write_slice(root / "P_1", "P_1", i + 1, rng.integers(1, 255, (8, 8, 3), dtype=np.uint8), mask)
+    ds = LGGSlices([load_volume(scan_dataset(root))], eval_preprocess(16))
+    loader = make_loader(ds, batch_size=10, train=True, seed=0, num_workers=0, tumor_weight=4.0)
+    drawn = torch.cat([b["mask"].flatten(1).any(1) for _ in range(200) for b in loader])
+    # P(tumor) = 4 * 2 / (4 * 2 + 8) = 0.5, against 0.2 with uniform sampling.
+    assert drawn.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert len(drawn) == 2000
+
+
+def test_warmup_cosine_schedule_values():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = make_scheduler(opt, "cosine", lr=0.1, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.001)  # warmup starts at lr / 100
+    assert lrs[1] == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
+    assert lrs[2] == pytest.approx(0.1)  # peak after warmup
+    assert lrs[6] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 4 / 8)))
+    assert lrs[9] < lrs[6] < lrs[2]
+
+
+def test_preset_fills_defaults_but_flags_win():
+    argv = ["--preset", "cpu", "--epochs", "3", "--no-progress"]
+    cfg = config_from_args(parse_args(argv), argv)
+    assert (cfg.image_size, cfg.tumor_weight, cfg.warmup_epochs) == (128, 2.0, 1.0)
+    assert cfg.epochs == 3 and cfg.progress is False
+    argv = ["--preset", "full", "--image-size=64"]
+    assert config_from_args(parse_args(argv), argv).image_size == 64
+
+
+def tiny(tmp_path, *extra):
+    return ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "4",
+            "--synthetic-slices", "5", "--image-size", "32", "--features", "4", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def test_early_stopping(tmp_path):
+    # lr 0: nothing improves after epoch 1, so patience 1 stops after epoch 2 of 6.
+    assert main(tiny(tmp_path, "--epochs", "6", "--lr", "0", "--patience", "1",
+                     "--out-dir", str(tmp_path / "run"))) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epoch"] == 2 and metrics["best_epoch"] == 1
+    assert set(metrics["postprocessing"]) == {"none", "lcc"}
+    assert all("hd95_px" in p for p in metrics["per_patient"])
+
+
+def test_cv_command_runs_every_fold_and_summarizes(tmp_path):
+    assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--out-dir", str(tmp_path / "cv"))]) == 0
+    with open(tmp_path / "cv" / "cv_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["fold"] for r in rows] == ["0", "1", "mean", "std"]
+    values = [float(r["dice_per_volume_mean"]) for r in rows[:2]]
+    assert float(rows[2]["dice_per_volume_mean"]) == pytest.approx(np.mean(values))
+    assert float(rows[3]["dice_per_volume_mean"]) == pytest.approx(np.std(values, ddof=1))
+    vals = [json.loads((tmp_path / "cv" / f"fold-{i}" / "config.json").read_text())["val_patients"] for i in (0, 1)]
+    assert set(vals[0]).isdisjoint(vals[1]) and len(vals[0]) + len(vals[1]) == 4
