@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
@@ -56,6 +55,7 @@ from libraries import (
 )
 from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
 from model import UNet, count_parameters
+from reports import plot_curves, write_reports
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -404,11 +404,12 @@ def evaluate(
     tta: bool = False,
     spacing: tuple[float, float, float] | None = None,
     desc: str = "validate",
-) -> tuple[float | None, dict]:
-    """Loss and metrics over the whole loader, scored against the masks at their own resolution.
+) -> tuple[float | None, dict, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Loss, metrics and per-patient (pred, truth) volumes, scored against the masks at their own
+    resolution.
 
-    The returned metrics are those of ``postprocess``; ``metrics["postprocessing"]`` holds the
-    headline numbers of every post-processing option, so both are always reported.
+    The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
+    holds the headline numbers of every post-processing option, so both are always reported.
     """
     loss, volumes = predict_volumes(
         model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
@@ -424,7 +425,9 @@ def evaluate(
         for name, v in variants.items()
     }
     metrics["postprocess"], metrics["tta"] = postprocess, tta
-    return loss, metrics
+    if postprocess == "lcc":
+        volumes = {p: (largest_component_3d(pred), truth) for p, (pred, truth) in volumes.items()}
+    return loss, metrics, volumes
 
 
 # =============================================================================================
@@ -623,7 +626,7 @@ def train(cfg: Config) -> dict:
             amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=cfg.progress,
         )
         t1 = time.perf_counter()
-        val_loss, metrics = evaluate(
+        val_loss, metrics, volumes = evaluate(
             net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
             channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess,
             tta=cfg.tta, spacing=spacing,
@@ -664,9 +667,15 @@ def train(cfg: Config) -> dict:
              "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic}
     save_json(run_dir / "metrics.json", final)
     title = f"Validation after epoch {epoch} ({'SYNTHETIC data: not a result on MRI' if synthetic else 'real data'})"
+    timing = {"training minutes": elapsed / 60, "epochs": epoch,
+              "train images/s (mean)": float(np.mean([h["train_images_per_second"] for h in history])),
+              "validation images/s (mean)": float(np.mean([h["val_images_per_second"] for h in history]))}
+    write_reports(run_dir, final, volumes=volumes, dataset=val_set, title=f"Training run {run_dir.name}: {title}",
+                  config=config_record, environment=env, timing=timing, history=history)
     print(format_metrics(final, title))
-    print(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); "
-          f"{elapsed / 60:.1f} min; wrote {run_dir}/metrics.json, best.pt, last.pt, history.csv, curves.png")
+    print(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); {elapsed / 60:.1f} min; wrote "
+          f"{run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, overlays/, "
+          "best.pt, last.pt, history.csv")
     return final
 
 
@@ -702,21 +711,9 @@ def cross_validate(cfg: Config) -> pd.DataFrame:
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
-    """history.csv (one row per epoch) and curves.png (losses and validation Dice per epoch)."""
-    frame = pd.DataFrame(history)
-    frame.to_csv(run_dir / "history.csv", index=False)
-    # A bare Figure renders with the Agg canvas: no display, no pyplot global state.
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, dice_ax = fig.subplots(1, 2)
-    loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
-    loss_ax.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
-    loss_ax.legend()
-    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_mean"], "o-", label="mean")
-    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_median"], "o-", label="median")
-    dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per volume")
-    dice_ax.legend()
-    fig.savefig(run_dir / "curves.png", dpi=100)
+    """history.csv (one row per epoch) and curves.png, rewritten after every epoch."""
+    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    plot_curves(run_dir, history)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -759,7 +756,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     postprocess = args.postprocess or record.get("postprocess", "none")
     tta = record.get("tta", False) if args.tta is None else args.tta
-    val_loss, metrics = evaluate(
+    val_loss, metrics, volumes = evaluate(
         model, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
         channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
         tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
@@ -772,8 +769,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
               "images_per_second": metrics["slices"] / seconds}
     save_json(out_dir / "metrics.json", result)
     kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
-    print(format_metrics(result, f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind})"))
-    print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/metrics.json")
+    title = f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind})"
+    write_reports(out_dir, result, volumes=volumes, dataset=val_set, title=title, config=record,
+                  environment=environment_report(device),
+                  timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds})
+    print(format_metrics(result, title))
+    print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/: metrics.json, summary.md, "
+          "per_patient.csv, dice_per_volume.png, overlays/")
     return result
 
 # =============================================================================================

@@ -101,8 +101,8 @@ class SegmentationMeter:
 
     def __init__(self, patients: Sequence[str]) -> None:
         self.patients = list(patients)
-        # Per patient: [tp, fp, fn, slices] as int64 (a volume has up to ~10^7 pixels).
-        self.counts = np.zeros((len(self.patients), 4), np.int64)
+        # Per patient: [tp, fp, fn, slices, slices with tumor] as int64 (up to ~10^7 pixels a volume).
+        self.counts = np.zeros((len(self.patients), 5), np.int64)
         self.slice_dice_sum = 0.0  # sum of per-slice Dice over slices whose truth has tumor
         self.tumor_slices = 0
 
@@ -112,7 +112,8 @@ class SegmentationMeter:
         tp = (pred & truth).sum(1)
         fp = (pred & ~truth).sum(1)
         fn = (~pred & truth).sum(1)
-        stats = torch.stack([tp, fp, fn, torch.ones_like(tp)], 1).cpu().numpy().astype(np.int64)
+        stats = torch.stack([tp, fp, fn, torch.ones_like(tp), ((tp + fn) > 0).long()], 1)
+        stats = stats.cpu().numpy().astype(np.int64)
         np.add.at(self.counts, patient.cpu().numpy(), stats)
         has_tumor = (tp + fn) > 0
         if has_tumor.any():
@@ -132,6 +133,7 @@ class SegmentationMeter:
                 "dice": dice_from_counts(*map(int, c[:3])),
                 "iou": iou_from_counts(*map(int, c[:3])),
                 "slices": int(c[3]),
+                "tumor_slices": int(c[4]),
                 "tumor_pixels": int(c[0] + c[2]),
                 "predicted_pixels": int(c[0] + c[1]),
             }

@@ -1,0 +1,217 @@
+"""Metrics -> reports: the tables and pictures a run leaves behind, all rendered headless.
+
+Every function writes into a run (or evaluation) folder and returns the path it wrote:
+
+- ``curves.png``: training and validation loss, validation Dice per volume, per epoch;
+- ``dice_per_volume.png``: per-patient Dice, sorted, with mean and median lines;
+- ``overlays/<patient>.png``: each validation patient's tumor slices, FLAIR with the truth
+  outlined in green and the prediction in red, and the slice's Dice in its title;
+- ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts;
+- ``summary.md``: config, metrics, timing, environment, links to the images, best and worst patients.
+
+Figures are bare ``matplotlib.figure.Figure`` objects, which render with the Agg canvas: no
+display, no pyplot state shared between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from scipy import ndimage
+from torchvision.utils import draw_segmentation_masks
+
+from loss_fun import dice_from_counts
+
+TRUTH_COLOR = (0, 200, 0)  # green
+PRED_COLOR = (255, 0, 0)  # red
+
+
+def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
+    """curves.png: losses (left) and validation Dice per volume (right), per epoch."""
+    frame = pd.DataFrame(history)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, dice_ax = fig.subplots(1, 2)
+    loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
+    loss_ax.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
+    loss_ax.legend()
+    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_mean"], "o-", label="mean")
+    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_median"], "o-", label="median")
+    dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per volume")
+    dice_ax.legend()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_per_patient_csv(out_dir: Path, metrics: dict) -> Path:
+    """per_patient.csv: one row per validation patient."""
+    frame = pd.DataFrame(metrics["per_patient"]).rename(
+        columns={"tumor_pixels": "true_area_px", "predicted_pixels": "pred_area_px"}
+    )
+    columns = ["patient", "dice", "iou", "hd95_px", "hd95_mm", "true_area_px", "pred_area_px",
+               "slices", "tumor_slices"]
+    path = out_dir / "per_patient.csv"
+    frame[[c for c in columns if c in frame]].to_csv(path, index=False)
+    return path
+
+
+def plot_dice_per_volume(out_dir: Path, metrics: dict) -> Path:
+    """dice_per_volume.png: horizontal bars of per-patient Dice, worst at the bottom."""
+    rows = sorted(metrics["per_patient"], key=lambda r: r["dice"])
+    fig = Figure(figsize=(8, 1.5 + 0.3 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    ax.barh([r["patient"] for r in rows], [r["dice"] for r in rows], color="tab:blue")
+    mean, median = metrics["dice_per_volume_mean"], metrics["dice_per_volume_median"]
+    ax.axvline(mean, color="tab:red", linestyle="-", label=f"mean {mean:.3f}")
+    ax.axvline(median, color="tab:orange", linestyle="--", label=f"median {median:.3f}")
+    ax.set(xlim=(0, 1), xlabel="Dice per volume (3D)", title=f"{len(rows)} patients, post-processing: "
+           f"{metrics.get('postprocess', 'none')}")
+    ax.legend(loc="lower right")
+    path = out_dir / "dice_per_volume.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The border pixels of a 2D bool mask (mask minus its erosion)."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _display(flair: np.ndarray) -> np.ndarray:
+    """A FLAIR slice stretched to uint8 between its 1st and 99th percentile, as (3, H, W)."""
+    lo, hi = np.percentile(flair, (1, 99)) if flair.any() else (0, 1)
+    gray = np.clip((flair.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    return np.repeat(gray[None], 3, axis=0)
+
+
+def overlay_slice(flair: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: FLAIR in gray, truth outlined in green, prediction outlined in red."""
+    outlines = torch.from_numpy(np.stack([_outline(truth), _outline(pred)]))
+    drawn = draw_segmentation_masks(
+        torch.from_numpy(_display(flair)), outlines, alpha=1.0, colors=[TRUTH_COLOR, PRED_COLOR]
+    )
+    return drawn.permute(1, 2, 0).numpy()
+
+
+def write_overlays(
+    out_dir: Path,
+    volumes: dict[int, tuple[np.ndarray, np.ndarray]],
+    flair: dict[int, np.ndarray],
+    slice_numbers: dict[int, list[int]],
+    patients: Sequence[str],
+    columns: int = 6,
+) -> list[Path]:
+    """overlays/<patient>.png for every patient: a grid of the slices whose truth has tumor.
+
+    ``volumes`` maps patient index to (pred, truth) (D, H, W) bool volumes, ``flair`` to the
+    (D, H, W) FLAIR channel, ``slice_numbers`` to the slice number of each position.
+    """
+    folder = out_dir / "overlays"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for p, (pred, truth) in volumes.items():
+        # Tumor slices; a patient without any shows the slices where something was predicted.
+        picked = np.flatnonzero(truth.any(axis=(1, 2))) if truth.any() else np.flatnonzero(pred.any(axis=(1, 2)))
+        rows = max(1, math.ceil(len(picked) / columns))
+        fig = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.4), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+        for ax in axes:
+            ax.axis("off")
+        for ax, j in zip(axes, picked):
+            tp = int((pred[j] & truth[j]).sum())
+            dice = dice_from_counts(tp, int(pred[j].sum()) - tp, int(truth[j].sum()) - tp)
+            ax.imshow(overlay_slice(flair[p][j], truth[j], pred[j]))
+            ax.set_title(f"slice {slice_numbers[p][j]}: Dice {dice:.2f}", fontsize=8)
+        tp = int((pred & truth).sum())
+        volume_dice = dice_from_counts(tp, int(pred.sum()) - tp, int(truth.sum()) - tp)
+        fig.suptitle(f"{patients[p]}: Dice per volume {volume_dice:.3f} "
+                     "(green: truth, red: prediction)", fontsize=10)
+        path = folder / f"{patients[p]}.png"
+        fig.savefig(path, dpi=80)
+        paths.append(path)
+    return paths
+
+
+def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_summary(
+    out_dir: Path,
+    metrics: dict,
+    *,
+    title: str,
+    config: dict,
+    environment: dict,
+    timing: dict,
+    images: Sequence[Path],
+) -> Path:
+    """summary.md: what was run, what it scored, how long it took, where the pictures are."""
+    keys = ("dice_per_volume_mean", "dice_per_volume_median", "iou_per_volume_mean", "dice_global",
+            "iou_global", "dice_per_slice_tumor_mean", "precision", "recall", "hd95_px_mean")
+    rows_by_dice = sorted(metrics["per_patient"], key=lambda r: r["dice"])
+    lines = [f"# {title}", ""]
+    if metrics.get("synthetic_data"):
+        lines += ["**Synthetic data**: these numbers show that the code works, not how it does on MRI.", ""]
+    lines += ["## Metrics", "",
+              f"{metrics['patients']} patients, {metrics['slices']} slices ({metrics['tumor_slices']} with tumor); "
+              f"post-processing `{metrics.get('postprocess', 'none')}`, mirror TTA "
+              f"{'on' if metrics.get('tta') else 'off'}.", ""]
+    lines += _table([(k, _fmt(metrics.get(k))) for k in keys], ("metric", "value"))
+    lines += ["", "Dice per volume by post-processing:", ""]
+    lines += _table([(name, _fmt(v["dice_per_volume_mean"]), _fmt(v["dice_per_volume_median"]))
+                     for name, v in metrics.get("postprocessing", {}).items()], ("post-processing", "mean", "median"))
+    lines += ["", "## Patients", "", "Worst and best by Dice per volume:", ""]
+    picked = rows_by_dice[:3] + [r for r in rows_by_dice[-3:] if r not in rows_by_dice[:3]]
+    lines += _table([(r["patient"], _fmt(r["dice"]), _fmt(r.get("hd95_px"), 2), r["slices"]) for r in picked],
+                    ("patient", "Dice", "HD95 (px)", "slices"))
+    lines += ["", "All patients: [per_patient.csv](per_patient.csv)", "", "## Images", ""]
+    lines += [f"- [{p.relative_to(out_dir)}]({p.relative_to(out_dir).as_posix()})" for p in images]
+    lines += ["", "## Timing", ""]
+    lines += _table([(k, _fmt(v, 2)) for k, v in timing.items()], ("what", "value"))
+    lines += ["", "## Environment", ""]
+    lines += _table(list(environment.items()), ("what", "value"))
+    lines += ["", "## Config", ""]
+    lines += _table([(k, f"`{v}`") for k, v in config.items() if k not in ("environment",)
+                     and not isinstance(v, list)], ("setting", "value"))
+    path = out_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_reports(
+    out_dir: Path,
+    metrics: dict,
+    *,
+    volumes: dict[int, tuple[np.ndarray, np.ndarray]],
+    dataset: object,
+    title: str,
+    config: dict,
+    environment: dict,
+    timing: dict,
+    history: Sequence[dict] | None = None,
+) -> list[Path]:
+    """Write every report of an evaluated set; ``dataset`` is the LGGSlices that was scored."""
+    flair = {p: v.images[..., 1] for p, v in enumerate(dataset.volumes)}
+    slice_numbers = {p: v.slice_numbers for p, v in enumerate(dataset.volumes)}
+    images = [plot_curves(out_dir, history)] if history else []
+    images.append(plot_dice_per_volume(out_dir, metrics))
+    images += write_overlays(out_dir, volumes, flair, slice_numbers, dataset.patients)
+    csv_path = write_per_patient_csv(out_dir, metrics)
+    summary = write_summary(out_dir, metrics, title=title, config=config, environment=environment,
+                            timing=timing, images=images)
+    return [*images, csv_path, summary]
