@@ -65,6 +65,31 @@ class SliceRecord:
     mask_path: Path
 
 
+class DataIssues:
+    """Problems found in the data, each with the file and what was done about it.
+
+    By default a problem that can be worked around is: the slice is skipped (unreadable, no
+    partner file) or fixed (resized, grayscale to 3 channels, mask binarized), and counted for a
+    summary. With ``strict`` every problem is an error instead.
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.items: list[tuple[str, str]] = []  # (kind, message naming the file)
+
+    def report(self, kind: str, message: str) -> None:
+        if self.strict:
+            raise DatasetError(f"{message} (--strict makes this an error; drop --strict to skip or fix it)")
+        self.items.append((kind, message))
+
+    def summary(self) -> str:
+        """One line: counts per kind, e.g. '2 skipped: unreadable; 1 fixed: resized'."""
+        counts: dict[str, int] = {}
+        for kind, _ in self.items:
+            counts[kind] = counts.get(kind, 0) + 1
+        return "; ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding and scanning the dataset
 # ---------------------------------------------------------------------------------------------
@@ -106,12 +131,14 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def scan_dataset(root: Path) -> list[SliceRecord]:
+def scan_dataset(root: Path, issues: DataIssues | None = None) -> list[SliceRecord]:
     """Pair every slice with its mask; records sorted by patient, then slice number.
 
-    Raises DatasetError for an image without a mask, a mask without an image, or a tree
-    with no slices at all.
+    An image without a mask, a mask without an image and a patient folder without slices are
+    reported to ``issues`` (skipped, or an error under --strict). A tree with no slice at all
+    is always an error.
     """
+    issues = issues if issues is not None else DataIssues(strict=True)
     records: list[SliceRecord] = []
     for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         images: dict[int, Path] = {}
@@ -121,17 +148,20 @@ def scan_dataset(root: Path) -> list[SliceRecord]:
             if m is None or not f.is_file():
                 continue  # stray file: README, .DS_Store, thumbnails, ...
             (masks if m["mask"] else images)[int(m["index"])] = f
+        if not images and not masks:
+            issues.report("skipped: patient folder without slices",
+                          f"{patient_dir}: no <PATIENT>_<N>.tif slices; it is left out (delete the folder to silence this)")
+            continue
         for index in sorted(images.keys() | masks.keys()):
             if index not in masks:
-                raise DatasetError(
-                    f"{images[index]}: image has no mask (expected {images[index].stem}_mask.tif); "
-                    "restore the mask or delete the image"
-                )
-            if index not in images:
-                raise DatasetError(
-                    f"{masks[index]}: mask has no image; restore the image or delete the mask"
-                )
-            records.append(SliceRecord(patient_dir.name, index, images[index], masks[index]))
+                issues.report("skipped: image without mask",
+                              f"{images[index]}: image has no mask (expected {images[index].stem}_mask.tif); "
+                              "skipped: restore the mask or delete the image")
+            elif index not in images:
+                issues.report("skipped: mask without image",
+                              f"{masks[index]}: mask has no image; skipped: restore the image or delete the mask")
+            else:
+                records.append(SliceRecord(patient_dir.name, index, images[index], masks[index]))
     if not records:
         raise DatasetError(f"{root}: no slice/mask pairs found; point --data-dir at kaggle_3m")
     return records
@@ -254,27 +284,42 @@ def choose_split(
 # ---------------------------------------------------------------------------------------------
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read a slice as (H, W, 3) uint8 in file channel order (pre-contrast, FLAIR, post-contrast)."""
+def _imread(path: Path) -> np.ndarray:
+    """cv2.imread that raises DatasetError for missing, empty, truncated or non-image files."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise DatasetError(f"{path}: cannot be read as an image; re-download it or delete it")
-    if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
-        raise DatasetError(
-            f"{path}: expected an 8-bit 3-channel slice, got shape {image.shape} {image.dtype}; "
-            "re-download it or delete it"
-        )
+    if image is None or image.size == 0:
+        raise DatasetError(f"{path}: cannot be read as an image (empty, truncated or not a TIFF); "
+                           "re-download it or delete it")
+    if image.dtype != np.uint8:
+        raise DatasetError(f"{path}: {image.dtype} pixels, expected 8-bit; convert it to 8-bit or delete it")
+    return image
+
+
+def read_image(path: Path, issues: DataIssues | None = None) -> np.ndarray:
+    """Read a slice as (H, W, 3) uint8 in file channel order (pre-contrast, FLAIR, post-contrast).
+
+    A grayscale slice is copied into all three channels (reported to ``issues``).
+    """
+    image = _imread(path)
+    if image.ndim == 2 or image.shape[2] == 1:
+        if issues is not None:
+            issues.report("fixed: grayscale copied to 3 channels",
+                          f"{path}: grayscale slice; its one channel is used as all three")
+        return np.ascontiguousarray(np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2))
     # OpenCV decodes colour as BGR(A); reverse to the file's RGB order so channel 1 is FLAIR.
     return np.ascontiguousarray(image[..., 2::-1])
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Read a mask as (H, W) uint8 {0, 1}."""
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise DatasetError(f"{path}: cannot be read as a mask; re-download it or delete it")
+def read_mask(path: Path, issues: DataIssues | None = None) -> np.ndarray:
+    """Read a mask as (H, W) uint8 {0, 1}; values other than 0/255 are binarized at > 127 and reported."""
+    mask = _imread(path)
     if mask.ndim == 3:  # a mask saved as RGB: all channels carry the same labels
         mask = mask[..., 0]
+    if issues is not None and not np.isin(mask, (0, 255)).all():
+        values = np.unique(mask)
+        issues.report("fixed: mask binarized",
+                      f"{path}: mask values {values[:6].tolist()}{'...' if len(values) > 6 else ''} are not "
+                      "only 0/255; binarized at > 127")
     return binarize_mask(mask)
 
 
@@ -311,22 +356,28 @@ def set_normalization(volume: PatientVolume, method: str) -> PatientVolume:
     return volume
 
 
-def load_volume(records: Sequence[SliceRecord], cache_dir: Path | None = None) -> PatientVolume:
+def load_volume(
+    records: Sequence[SliceRecord], cache_dir: Path | None = None, issues: DataIssues | None = None
+) -> PatientVolume | None:
     """Decode one patient's slices and compute its normalization statistics.
 
     With ``cache_dir``, the decoded arrays and statistics are kept there as one .npz per
     patient, keyed by the files' paths, sizes and modification times and by CACHE_VERSION:
     later epochs and runs read that instead of the TIFFs, and a changed file rebuilds it.
+    Problems are reported to ``issues`` when the TIFFs are decoded; None if nothing was readable.
     """
     if cache_dir is None:
-        return _decode_volume(records)
+        return _decode_volume(records, issues)
     path = _cache_path(records, cache_dir)
     if path.is_file():
         try:
             return _read_cached(path, records)
         except (OSError, ValueError, KeyError, EOFError):
             pass  # a damaged cache entry is rebuilt below
-    volume = _decode_volume(records)
+    reported = len(issues.items) if issues is not None else 0
+    volume = _decode_volume(records, issues)
+    if volume is None or (issues is not None and len(issues.items) > reported):
+        return volume  # only clean volumes are cached, so every problem is reported on every run
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f"{glob.escape(volume.name)}-*.npz"):
         stale.unlink(missing_ok=True)  # entries for older versions of this patient's files
@@ -374,23 +425,39 @@ def _read_cached(path: Path, records: Sequence[SliceRecord]) -> PatientVolume:
         )
 
 
-def _decode_volume(records: Sequence[SliceRecord]) -> PatientVolume:
-    """Read one patient's TIFFs and compute its normalization statistics."""
-    images = [read_image(r.image_path) for r in records]
-    masks = [read_mask(r.mask_path) for r in records]
-    shape = images[0].shape
-    for r, img, msk in zip(records, images, masks):
-        if img.shape != shape or msk.shape != shape[:2]:
-            raise DatasetError(
-                f"{r.image_path}: size {img.shape[:2]} (mask {msk.shape}) differs from the "
-                f"patient's first slice {shape[:2]}; resize it to match or delete the pair"
-            )
+def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = None) -> PatientVolume | None:
+    """Read one patient's TIFFs and compute its normalization statistics.
+
+    Unreadable slices are skipped and slices of another size than most of the patient's are
+    resized to it (both reported to ``issues``). None when no slice could be read.
+    """
+    issues = issues if issues is not None else DataIssues(strict=True)
+    read = []
+    for r in records:
+        try:
+            read.append((r, read_image(r.image_path, issues), read_mask(r.mask_path, issues)))
+        except DatasetError as exc:
+            issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
+    if not read:
+        return None
+    shapes = [img.shape[:2] for _, img, _ in read]
+    shape = max(set(shapes), key=shapes.count)  # the patient's usual slice size
+    images, masks = [], []
+    for r, img, msk in read:
+        if img.shape[:2] != shape or msk.shape != shape:
+            issues.report("fixed: resized",
+                          f"{r.image_path}: size {img.shape[:2]} (mask {msk.shape}) differs from the patient's "
+                          f"{shape}; resized to {shape}")
+            img = cv2.resize(img, shape[::-1], interpolation=cv2.INTER_AREA)
+            msk = cv2.resize(msk, shape[::-1], interpolation=cv2.INTER_NEAREST)
+        images.append(img)
+        masks.append(msk)
     volume = np.stack(images)
     return PatientVolume(
         name=records[0].patient,
         images=volume,
         masks=np.stack(masks),
-        slice_numbers=[r.index for r in records],
+        slice_numbers=[r.index for r, _, _ in read],
         stats=volume_stats(volume),
     )
 
@@ -498,8 +565,9 @@ def make_loader(
         pin_memory=pin_memory,
         worker_init_fn=seed_worker,
         generator=generator,
-        # Keep workers (and their seeded RNG streams) across epochs instead of forking anew.
-        persistent_workers=num_workers > 0,
+        # Fresh workers each epoch draw their seeds from ``generator``: reseeding it per epoch
+        # makes every epoch reproducible on its own, which resuming a run relies on.
+        persistent_workers=False,
     )
 
 

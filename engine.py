@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
+import random
 import statistics
 import sys
 import time
@@ -30,8 +32,10 @@ from tqdm import tqdm
 from data_loaders import (
     DATA_ENV_VAR,
     DATASET_URL,
+    DataIssues,
     DatasetError,
     LGGSlices,
+    PatientVolume,
     default_cache_dir,
     default_num_workers,
     find_data_dir,
@@ -47,6 +51,7 @@ from data_preprocessing import eval_preprocess, train_preprocess
 from libraries import (
     UserError,
     environment_report,
+    quiet_opencv,
     resolve_amp,
     resolve_device,
     save_json,
@@ -54,7 +59,7 @@ from libraries import (
     seed_everything,
 )
 from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
-from model import UNet, count_parameters
+from model import UNet, count_parameters, fuse_conv_bn
 from reports import plot_curves, write_reports
 
 
@@ -110,9 +115,11 @@ class Config:
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     num_workers: int = _opt(-1, "DataLoader worker processes; -1: 0 on <=2 cores, else up to 4")
     compile: bool = _opt(False, "torch.compile the model (opt-in: measure it with 'engine.py benchmark --compile')")
+    strict: bool = _opt(False, "make every data problem an error instead of skipping or fixing it")
     cache_dir: str = _opt("", "cache of decoded slices; empty: ~/.cache/lgg-unet; 'off': decode TIFFs each run")
     # ---- run ----
     out_dir: str = _opt("", "run folder for checkpoints and metrics; empty: runs/<date-time>")
+    resume: str = _opt("", "continue a run from its folder (last.pt) or a checkpoint, with its own settings")
     seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
     progress: bool = _opt(True, "show tqdm progress bars")
     preset: str = _opt("none", "a tested recipe: cpu (128 px, ~25 min on 2 cores for the 36-patient "
@@ -190,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--postprocess", choices=POSTPROCESSING, default=None, help="default: as trained")
     add_bool_flag(ev, "tta", None, "mirror test-time augmentation (default: as trained)")
     ev.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
+    add_bool_flag(ev, "strict", False, "make every data problem an error instead of skipping or fixing it")
     cv = sub.add_parser("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
                         description="Runs training once per fold (--folds K, default 5) into "
                         "<out-dir>/fold-<i> and writes cv_summary.csv with mean and std over folds.")
@@ -411,8 +419,10 @@ def evaluate(
     The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
     holds the headline numbers of every post-processing option, so both are always reported.
     """
+    # BatchNorm folded into the convs: the same function, faster (the caller's model is untouched).
+    inference_model = fuse_conv_bn(getattr(model, "_orig_mod", model))
     loss, volumes = predict_volumes(
-        model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
+        inference_model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, tta=tta, progress=progress, desc=desc,
     )
     patients = loader.dataset.patients
@@ -458,19 +468,50 @@ def resolve_cache_dir(cache_dir: str) -> Path | None:
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
-def load_patients(
-    root: Path, names: list[str], progress: bool, cache_dir: Path | None, normalization: str = "volume"
-) -> list:
-    """Decode (or read from the cache) the named patients' volumes, in the given order."""
-    groups = group_by_patient(scan_dataset(root))
+def load_dataset(
+    root: Path,
+    names: list[str] | None,
+    *,
+    progress: bool,
+    cache_dir: Path | None,
+    normalization: str,
+    issues: DataIssues,
+) -> dict[str, PatientVolume]:
+    """Decode (or read from the cache) the named patients, or all of them; by name.
+
+    Patients of which no slice can be read are reported to ``issues`` and left out.
+    """
+    groups = group_by_patient(scan_dataset(root, issues))
+    if names is None:
+        names = sorted(groups)
     missing = [n for n in names if n not in groups]
     if missing:
         raise DatasetError(
             f"{root}: patient folder(s) {', '.join(missing)} not found; evaluate on the dataset "
             "the checkpoint was trained on (--data-dir)"
         )
-    bar = tqdm(names, desc="loading", leave=False, disable=not progress)
-    return [set_normalization(load_volume(groups[n], cache_dir), normalization) for n in bar]
+    volumes = {}
+    for name in tqdm(names, desc="loading", leave=False, disable=not progress):
+        volume = load_volume(groups[name], cache_dir, issues)
+        if volume is None:
+            issues.report("skipped: patient without readable slices", f"{root / name}: no readable slice; left out")
+        else:
+            volumes[name] = set_normalization(volume, normalization)
+    return volumes
+
+
+def report_issues(issues: DataIssues, out_dir: Path | None, shown: int = 5) -> None:
+    """Print a count of the data problems (and the first few), and keep them all in data_issues.txt."""
+    if not issues.items:
+        return
+    print(f"warning: data problems worked around: {issues.summary()}", file=sys.stderr)
+    for _, message in issues.items[:shown]:
+        print(f"  {message}", file=sys.stderr)
+    if len(issues.items) > shown:
+        print(f"  ... and {len(issues.items) - shown} more", file=sys.stderr)
+    if out_dir is not None:
+        (out_dir / "data_issues.txt").write_text("\n".join(m for _, m in issues.items) + "\n")
+        print(f"  all of them: {out_dir / 'data_issues.txt'}; --strict makes them errors", file=sys.stderr)
 
 
 # =============================================================================================
@@ -509,8 +550,15 @@ def format_metrics(metrics: dict, title: str) -> str:
 
 
 def new_run_dir(out_dir: str) -> Path:
-    """The run folder: ``out_dir`` or runs/<date-time>; never one that already holds files."""
-    path = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """The run folder: ``out_dir`` or a new runs/<date-time>[-N]; never one that already holds files."""
+    if not out_dir:
+        stem = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        path, n = stem, 1
+        while path.exists():  # two runs started in the same second
+            n += 1
+            path = stem.with_name(f"{stem.name}-{n}")
+    else:
+        path = Path(out_dir)
     if path.exists() and any(path.iterdir()):
         raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
     path.mkdir(parents=True, exist_ok=True)
@@ -564,8 +612,52 @@ def parse_spacing(text: str) -> tuple[float, float, float] | None:
     return tuple(values)
 
 
+# Settings that may differ when a run is resumed (where and how it runs, not what it computes).
+RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_dir", "strict")
+
+
+def resolve_resume(cfg: Config) -> tuple[Config, dict]:
+    """For --resume: the run's own Config (with RESUMABLE_OVERRIDES from ``cfg``) and its checkpoint."""
+    path = Path(cfg.resume)
+    ckpt = load_checkpoint(path / "last.pt" if path.is_dir() else path)
+    stored = {f.name: ckpt["config"][f.name] for f in fields(Config) if f.name in ckpt["config"]}
+    if "history" not in ckpt or "rng" not in ckpt:
+        raise UserError(f"{cfg.resume}: this checkpoint has no training state to resume from; use last.pt")
+    for name in RESUMABLE_OVERRIDES:
+        if getattr(cfg, name) != getattr(Config(), name) or name == "progress":
+            stored[name] = getattr(cfg, name)
+    if not cfg.data_dir:
+        stored["data_dir"] = ckpt["config"]["resolved_data_dir"]
+    stored["out_dir"] = str((path if path.is_dir() else path.parent))
+    stored["resume"] = cfg.resume
+    return Config(**stored), ckpt
+
+
+def rng_state() -> dict:
+    """Every global RNG state, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, gauss], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train(cfg: Config) -> dict:
     """Train and validate every epoch; write checkpoints, history and metrics; return final metrics."""
+    resumed = None
+    if cfg.resume:
+        cfg, resumed = resolve_resume(cfg)
     if cfg.image_size % 16 or cfg.image_size < 16:
         raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
     spacing = parse_spacing(cfg.spacing)
@@ -575,12 +667,15 @@ def train(cfg: Config) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     root, synthetic = locate_data(cfg)
-    patients = sorted(group_by_patient(scan_dataset(root)))
+    run_dir = Path(cfg.out_dir) if resumed else new_run_dir(cfg.out_dir)
+    issues = DataIssues(strict=cfg.strict)
+    volumes = load_dataset(root, None, progress=cfg.progress, cache_dir=resolve_cache_dir(cfg.cache_dir),
+                           normalization=cfg.normalization, issues=issues)
+    report_issues(issues, run_dir)
     train_names, val_names = choose_split(
-        patients, split=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        sorted(volumes), split=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.seed,
         val_patients=cfg.val_patients, folds=cfg.folds, fold=cfg.fold,
     )
-    run_dir = new_run_dir(cfg.out_dir)
     workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
 
     env = environment_report(device)
@@ -589,11 +684,8 @@ def train(cfg: Config) -> dict:
     print(f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
           f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}")
 
-    cache_dir = resolve_cache_dir(cfg.cache_dir)
-    train_set = LGGSlices(load_patients(root, train_names, cfg.progress, cache_dir, cfg.normalization),
-                          train_preprocess(cfg.image_size))
-    val_set = LGGSlices(load_patients(root, val_names, cfg.progress, cache_dir, cfg.normalization),
-                        eval_preprocess(cfg.image_size), full_mask=True)
+    train_set = LGGSlices([volumes[n] for n in train_names], train_preprocess(cfg.image_size))
+    val_set = LGGSlices([volumes[n] for n in val_names], eval_preprocess(cfg.image_size), full_mask=True)
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=pin, tumor_weight=cfg.tumor_weight)
@@ -614,12 +706,30 @@ def train(cfg: Config) -> dict:
           f"{len(val_set)} validation slices")
 
     config_record = {**asdict(cfg), "resolved_data_dir": str(root), "synthetic_data": synthetic,
-                     "train_patients": train_names, "val_patients": val_names, "environment": env}
-    save_json(run_dir / "config.json", config_record)
+                     "patients": {"train": train_names, "validation": val_names}, "environment": env}
     history: list[dict] = []
-    best_dice, best_epoch = -1.0, 0
+    best_dice, best_epoch, first_epoch = -1.0, 0, 1
+    if resumed:
+        if resumed["config"]["patients"]["validation"] != val_names:
+            raise UserError(f"{cfg.resume}: the data no longer gives the run's validation patients; "
+                            "resume with the same --data-dir")
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        history, best_dice, best_epoch = resumed["history"], resumed["best_dice"], resumed["best_epoch"]
+        first_epoch = resumed["epoch"] + 1
+        print(f"resuming {run_dir} after epoch {resumed['epoch']} (best so far: epoch {best_epoch}, "
+              f"Dice per volume {best_dice:.4f})")
+    save_json(run_dir / "config.json", config_record)
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    epoch, metrics, volumes = first_epoch - 1, resumed["metrics"] if resumed else None, {}
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
+        # run repeats an interrupted epoch exactly.
+        train_loader.generator.manual_seed(cfg.seed + epoch)
+        train_set.reseed(cfg.seed * 1_000_003 + epoch)
         t0 = time.perf_counter()
         train_loss = train_one_epoch(
             net, train_loader, loss_fn, optimizer, scheduler, scaler, device,
@@ -644,14 +754,17 @@ def train(cfg: Config) -> dict:
                         "lr": scheduler.get_last_lr()[0],
                         "seconds": t2 - t0, "train_images_per_second": train_ips,
                         "val_images_per_second": val_ips})
+        if dice > best_dice:
+            best_dice, best_epoch = dice, epoch
         checkpoint = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "metrics": metrics, "config": config_record,
+            "metrics": metrics, "config": config_record, "history": history, "best_dice": best_dice,
+            "best_epoch": best_epoch, "rng": rng_state(),
         }
+        # last.pt first: a crash between the two writes leaves a best.pt no newer than last.pt.
         save_torch(run_dir / "last.pt", checkpoint)
-        if dice > best_dice:
-            best_dice, best_epoch = dice, epoch
+        if best_epoch == epoch:
             save_torch(run_dir / "best.pt", checkpoint)
         write_history(run_dir, history)
         print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
@@ -663,6 +776,12 @@ def train(cfg: Config) -> dict:
             break
 
     elapsed = time.perf_counter() - start
+    if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
+        _, metrics, volumes = evaluate(
+            net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
+            channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess,
+            tta=cfg.tta, spacing=spacing,
+        )
     final = {**metrics, "epoch": epoch, "best_epoch": best_epoch,
              "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic}
     save_json(run_dir / "metrics.json", final)
@@ -722,9 +841,13 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}); "
-                        "pass a best.pt or last.pt written by engine.py") from exc
+    except pickle.UnpicklingError as exc:  # weights_only met a Python object it will not build
+        raise UserError(f"{path}: refused: it holds pickled Python objects, which could run code when "
+                        "loaded; only tensors and plain data are accepted (re-save just its state_dict "
+                        "where you trust its source)") from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # truncated or not a torch file
+        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written "
+                        "by torch.save); pass a best.pt or last.pt written by engine.py") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a checkpoint written by engine.py (no model/config entries)")
     return ckpt
@@ -740,11 +863,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
         raise UserError("no dataset found; pass --data-dir")
-    cache_dir = resolve_cache_dir(args.cache_dir)
-    val_set = LGGSlices(
-        load_patients(root, record["val_patients"], args.progress, cache_dir, record.get("normalization", "volume")),
-        eval_preprocess(record["image_size"]), full_mask=True,
-    )
+    out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    issues = DataIssues(strict=args.strict)
+    volumes = load_dataset(root, record["patients"]["validation"], progress=args.progress,
+                           cache_dir=resolve_cache_dir(args.cache_dir),
+                           normalization=record.get("normalization", "volume"), issues=issues)
+    report_issues(issues, out_dir)
+    val_set = LGGSlices(list(volumes.values()), eval_preprocess(record["image_size"]), full_mask=True)
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(val_set, batch_size=args.batch_size or record["batch_size"], train=False,
                          seed=record["seed"], num_workers=workers, pin_memory=device.type == "cuda")
@@ -762,8 +888,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )
     seconds = time.perf_counter() - start
-    out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
               "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
               "images_per_second": metrics["slices"] / seconds}
@@ -804,7 +928,8 @@ def _images_per_second(fn: Any, images: int, device: torch.device, warmup: int, 
 
 def time_path(
     *, features: int, image_size: int, batch_size: int, device: torch.device,
-    amp_dtype: torch.dtype | None, channels_last: bool, compile_model: bool, warmup: int, repeats: int,
+    amp_dtype: torch.dtype | None, channels_last: bool, compile_model: bool, fused: bool, warmup: int,
+    repeats: int,
 ) -> dict:
     """Training-step and inference throughput of one execution path on random inputs."""
     torch.manual_seed(0)
@@ -820,13 +945,16 @@ def time_path(
     def train_fn() -> None:
         optimizer_step(forward_loss(net, x, y, loss_fn, amp_dtype), optimizer, scaler)
 
-    def infer_fn() -> None:
-        with torch.inference_mode(), autocast(device, amp_dtype):
-            net(x)
-
     net.train()
     train_ips = _images_per_second(train_fn, batch_size, device, warmup, repeats)
-    net.eval()
+    # The fast path infers as evaluate does, with BatchNorm folded into the convs.
+    infer_net = fuse_conv_bn(model) if fused else model.eval()
+    infer_net = torch.compile(infer_net) if compile_model else infer_net
+
+    def infer_fn() -> None:
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            infer_net(x)
+
     infer_ips = _images_per_second(infer_fn, batch_size, device, warmup, repeats)
     return {"train_img_s": train_ips, "infer_img_s": infer_ips}
 
@@ -834,12 +962,12 @@ def time_path(
 def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, batches: int) -> dict:
     """Training throughput through the real loader (decode/cache, augmentation, collation, step)."""
     root, synthetic = locate_data(cfg)
-    patients = sorted(group_by_patient(scan_dataset(root)))
-    cache_dir = resolve_cache_dir(cfg.cache_dir)
-    load_patients(root, patients, cfg.progress, cache_dir)  # fills the cache if it is cold
+    load = dict(progress=cfg.progress, cache_dir=resolve_cache_dir(cfg.cache_dir),
+                normalization=cfg.normalization, issues=DataIssues(strict=cfg.strict))
+    load_dataset(root, None, **load)  # fills the cache if it is cold
     t0 = time.perf_counter()  # from here on: a warm cache, as every run after the first sees it
-    volumes = load_patients(root, patients, cfg.progress, cache_dir)
-    dataset = LGGSlices(volumes, train_preprocess(cfg.image_size))
+    volumes = load_dataset(root, None, **load)
+    dataset = LGGSlices(list(volumes.values()), train_preprocess(cfg.image_size))
     workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
     loader = make_loader(dataset, batch_size=cfg.batch_size, train=True, seed=cfg.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
@@ -882,9 +1010,10 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     common = {"features": cfg.features, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
               "device": device, "warmup": args.warmup, "repeats": args.repeats}
     paths = {
-        "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False),
+        "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False,
+                                              fused=False),
         f"fast (amp {amp_dtype or 'off'}, channels_last {cfg.channels_last}, compile {cfg.compile})": dict(
-            amp_dtype=amp_dtype, channels_last=cfg.channels_last, compile_model=cfg.compile),
+            amp_dtype=amp_dtype, channels_last=cfg.channels_last, compile_model=cfg.compile, fused=True),
     }
     rows = []
     for name, options in paths.items():
@@ -920,6 +1049,7 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    quiet_opencv()
     try:
         if args.command == "evaluate":
             evaluate_checkpoint(args)
@@ -931,6 +1061,10 @@ def main(argv: list[str] | None = None) -> int:
             train(config_from_args(args, argv))
     except (UserError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory; lower --batch-size or --image-size, or keep --amp on "
+              "(checkpoints already written are kept)", file=sys.stderr)
         return 2
     return 0
 

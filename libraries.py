@@ -13,12 +13,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
 
 class UserError(Exception):
     """A problem the user can fix. Its message names the file or flag and what to do; no traceback is shown."""
+
+
+def quiet_opencv() -> None:
+    """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 def seed_everything(seed: int) -> None:

@@ -186,8 +186,8 @@ def write_summary(
     lines += ["", "## Environment", ""]
     lines += _table(list(environment.items()), ("what", "value"))
     lines += ["", "## Config", ""]
-    lines += _table([(k, f"`{v}`") for k, v in config.items() if k not in ("environment",)
-                     and not isinstance(v, list)], ("setting", "value"))
+    lines += _table([(k, f"`{v}`") for k, v in config.items() if not isinstance(v, (dict, list))],
+                    ("setting", "value"))
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

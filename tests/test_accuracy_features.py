@@ -248,5 +248,5 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path):
     values = [float(r["dice_per_volume_mean"]) for r in rows[:2]]
     assert float(rows[2]["dice_per_volume_mean"]) == pytest.approx(np.mean(values))
     assert float(rows[3]["dice_per_volume_mean"]) == pytest.approx(np.std(values, ddof=1))
-    vals = [json.loads((tmp_path / "cv" / f"fold-{i}" / "config.json").read_text())["val_patients"] for i in (0, 1)]
+    vals = [json.loads((tmp_path / "cv" / f"fold-{i}" / "config.json").read_text())["patients"]["validation"] for i in (0, 1)]
     assert set(vals[0]).isdisjoint(vals[1]) and len(vals[0]) + len(vals[1]) == 4

@@ -177,7 +177,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(fake_tree, tmp_path, mo
 
     decoded = []
     real_read = data_loaders.read_image
-    monkeypatch.setattr(data_loaders, "read_image", lambda p: decoded.append(p) or real_read(p))
+    monkeypatch.setattr(data_loaders, "read_image", lambda p, *rest: decoded.append(p) or real_read(p, *rest))
     cache = tmp_path / "cache"
     recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0001_20000101"]
 

@@ -54,10 +54,10 @@ def test_smoke_run_writes_metrics_history_and_checkpoints(smoke_run):
     config = json.loads((run / "config.json").read_text())
     assert config["synthetic_data"] is True and metrics["synthetic_data"] is True
     # Validation patients are exactly the held-out ones, each with all 6 of its slices.
-    assert [p["patient"] for p in metrics["per_patient"]] == config["val_patients"]
-    assert set(config["val_patients"]).isdisjoint(config["train_patients"])
+    assert [p["patient"] for p in metrics["per_patient"]] == config["patients"]["validation"]
+    assert set(config["patients"]["validation"]).isdisjoint(config["patients"]["train"])
     assert all(p["slices"] == 6 and {"dice", "iou"} <= p.keys() for p in metrics["per_patient"])
-    assert metrics["slices"] == 6 * len(config["val_patients"])
+    assert metrics["slices"] == 6 * len(config["patients"]["validation"])
     # The per-volume mean really is the mean of the per-patient values.
     dices = [p["dice"] for p in metrics["per_patient"]]
     assert metrics["dice_per_volume_mean"] == pytest.approx(sum(dices) / len(dices))

@@ -34,3 +34,20 @@ def test_gradient_reaches_every_parameter():
 def test_input_size_not_multiple_of_16_is_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
         UNet(features=4)(torch.zeros(1, 3, 40, 40))
+
+
+def test_fused_inference_copy_computes_the_same_function():
+    from model import fuse_conv_bn
+
+    torch.manual_seed(0)
+    model = UNet(features=4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))  # non-trivial running statistics
+    model.eval()
+    fused = fuse_conv_bn(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original untouched
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,199 @@
+"""Resuming after SIGKILL, refusing unsafe pickles, bad data, NaN losses and out-of-memory errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import engine
+from data_loaders import make_synthetic_dataset
+from engine import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path, data, run, *extra):
+    return ["--data-dir", str(data), "--image-size", "32", "--features", "4", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(run), "--val-fraction", "0.25", *extra]
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    # 4 patients x 6 slices: 3 train patients = 18 slices = 5 steps of 4 (the last one of 2).
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "kaggle_3m", patients=4, slices=6, size=64)
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import engine
+calls = 0
+real_step = engine.optimizer_step
+def step(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-epoch, no chance to clean up
+    return real_step(*args, **kwargs)
+engine.optimizer_step = step
+sys.exit(engine.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn):
+    reference = tmp_path / "reference"
+    assert main(tiny(tmp_path, syn, reference, "--epochs", "3")) == 0
+
+    run = tmp_path / "killed"
+    code = KILLER.format(root=str(ROOT), kill_at=5 + 3)  # the 3rd step of epoch 2
+    proc = subprocess.run([sys.executable, "-c", code, *tiny(tmp_path, syn, run, "--epochs", "3")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "metrics.json").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1  # the last complete epoch
+    assert not list(run.glob("*.tmp"))  # no half-written file left behind
+
+    assert main(["--resume", str(run), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (run / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 4  # header + epochs 1, 2, 3
+
+
+def test_unsafe_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "config": {}}, evil)  # a pickle that runs a command when loaded
+    assert main(["evaluate", "--checkpoint", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "evil.pt" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_damaged_checkpoint_is_named(tmp_path, capsys):
+    ckpt = tmp_path / "half.pt"
+    torch.save({"model": {}, "config": {}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:50])
+    assert main(["evaluate", "--checkpoint", str(ckpt)]) == 2
+    assert "half.pt" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, syn, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = engine.forward_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 + 2 else loss  # step 1 of epoch 2
+
+    monkeypatch.setattr(engine, "forward_loss", poisoned)
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "3")) == 2
+    err = capsys.readouterr().err
+    assert "epoch 2, step 1" in err and "Traceback" not in err
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_gets_advice(tmp_path, syn, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "forward_loss", oom)
+    assert main(tiny(tmp_path, syn, tmp_path / "run", "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and "Traceback" not in err
+
+
+def test_default_run_dirs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = engine.new_run_dir("")
+    (first / "metrics.json").write_text("{}")
+    second = engine.new_run_dir("")
+    assert first != second and (first / "metrics.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------------- bad data
+
+
+@pytest.fixture
+def bad_tree(tmp_path, syn):
+    """A copy of the synthetic tree with one planted problem of every kind."""
+    root = tmp_path / "bad" / "kaggle_3m"
+    root.parent.mkdir()
+    import shutil
+
+    shutil.copytree(syn, root)
+    patients = sorted(p for p in root.iterdir() if p.is_dir())
+    a, b, c = patients[0], patients[1], patients[2]
+    (a / f"{a.name}_1_mask.tif").unlink()  # image without mask
+    (a / f"{a.name}_2.tif").unlink()  # mask without image
+    (b / f"{b.name}_3.tif").write_bytes(b"")  # zero-byte TIFF
+    data = (b / f"{b.name}_4.tif").read_bytes()
+    (b / f"{b.name}_4.tif").write_bytes(data[: len(data) // 3])  # truncated TIFF
+    img = cv2.imread(str(c / f"{c.name}_2.tif"))
+    cv2.imwrite(str(c / f"{c.name}_2.tif"), cv2.resize(img, (48, 48)))  # another size
+    cv2.imwrite(str(c / f"{c.name}_3.tif"), img[..., 1])  # grayscale
+    mask = cv2.imread(str(c / f"{c.name}_4_mask.tif"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(c / f"{c.name}_4_mask.tif"), np.where(mask > 0, 200, 3).astype(np.uint8))  # not 0/255
+    (root / "TCGA_EMPTY_0000").mkdir()  # patient folder with no slices
+    (a / "notes.txt").write_text("not an image")  # a non-image file
+    (c / f"{c.name}_99.tif").write_text("not an image either")  # non-image named like a slice
+    (c / f"{c.name}_99_mask.tif").write_text("nor this")
+    return root
+
+
+def test_bad_data_is_skipped_or_fixed_with_a_counted_warning(tmp_path, bad_tree, capsys):
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, bad_tree, run, "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "data problems worked around" in err
+    summary = err.splitlines()[0]
+    # Unreadable: the zero-byte TIFF, the truncated one and the text file named like a slice.
+    for kind in ("3 skipped: unreadable file", "1 skipped: image without mask", "1 skipped: mask without image",
+                 "1 skipped: patient folder without slices", "1 fixed: resized",
+                 "1 fixed: grayscale copied to 3 channels", "1 fixed: mask binarized"):
+        assert kind in summary, kind
+    listed = (run / "data_issues.txt").read_text()
+    assert "_1.tif: image has no mask" in listed and "TCGA_EMPTY_0000" in listed
+    assert json.loads((run / "metrics.json").read_text())["slices"] > 0
+
+
+def test_strict_turns_the_first_problem_into_an_error(tmp_path, bad_tree, capsys):
+    assert main(tiny(tmp_path, bad_tree, tmp_path / "run", "--epochs", "1", "--strict")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--strict" in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, capsys):
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "1")) == 0
+    before = (run / "last.pt").read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (tiny(tmp_path, syn, run, "--epochs", "1"), "already holds files"),
+        (tiny(tmp_path, syn, tmp_path / "r2", "--val-patients", "SYN_77"), "SYN_77"),
+        (tiny(tmp_path, empty, tmp_path / "r3"), "no patient folders"),
+        (tiny(tmp_path, syn, tmp_path / "r4", "--split", "buda"), "TCGA_HT_7616"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and err.count("\n") == 0 and "Traceback" not in err, (argv, err)
+    assert (run / "last.pt").read_bytes() == before
+    torch.load(run / "last.pt", weights_only=True)
