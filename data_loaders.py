@@ -22,12 +22,14 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.model_selection import GroupKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
@@ -665,3 +667,173 @@ def make_synthetic_dataset(
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Download and dataset report
+# ---------------------------------------------------------------------------------------------
+
+KAGGLE_HANDLE = "mateuszbuda/lgg-mri-segmentation"
+# The complete published dataset, for the completeness check.
+FULL_PATIENTS, FULL_SLICES, FULL_TUMOR_SLICES = 110, 3929, 1373
+
+MANUAL_DOWNLOAD = (
+    f"download it by hand: open {DATASET_URL}, sign in, click Download (the file is archive.zip), "
+    "then run 'unzip archive.zip -d lgg-mri-segmentation' next to engine.py (the loader finds "
+    "lgg-mri-segmentation/kaggle_3m) or point --data-dir / $LGG_DATA_DIR at its kaggle_3m folder"
+)
+
+
+def _unpack(source: Path, dest: Path) -> Path:
+    """Extract a .zip (or use a folder) and return the kaggle_3m folder found in it."""
+    if source.is_file() and zipfile.is_zipfile(source):
+        extract_to = dest.parent / (dest.name + ".unzipped")
+        with zipfile.ZipFile(source) as archive:
+            archive.extractall(extract_to)
+        source = extract_to
+    if source.is_dir():
+        zips = [z for z in source.glob("*.zip") if zipfile.is_zipfile(z)]
+        if zips and not any(source.rglob("*_mask.tif")):
+            return _unpack(zips[0], dest)
+        for candidate in [source, *sorted(p for p in source.rglob("kaggle_3m") if p.is_dir())]:
+            if _looks_like_root(candidate):
+                return candidate
+    raise DatasetError(f"{source}: no kaggle_3m folder in the download; {MANUAL_DOWNLOAD}")
+
+
+def download_dataset(to: Path) -> Path:
+    """Fetch the dataset with kagglehub (optional dependency) and place it at ``to``/kaggle_3m.
+
+    Raises DatasetError with the manual steps when kagglehub is missing, offline or unauthorized.
+    """
+    to = Path(to)
+    target = to / "kaggle_3m"
+    if _looks_like_root(target):
+        return target
+    try:
+        import kagglehub  # optional: pip install kagglehub
+    except ImportError:
+        raise DatasetError(f"kagglehub is not installed (pip install kagglehub), or {MANUAL_DOWNLOAD}") from None
+    try:
+        downloaded = Path(kagglehub.dataset_download(KAGGLE_HANDLE))
+    except Exception as exc:  # network, credentials and HTTP errors come in many types
+        raise DatasetError(f"Kaggle download failed ({type(exc).__name__}: {str(exc)[:120]}); "
+                           f"{MANUAL_DOWNLOAD}") from None
+    found = _unpack(downloaded, to)
+    to.mkdir(parents=True, exist_ok=True)
+    tmp = to / "kaggle_3m.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(found, tmp)
+    tmp.rename(target)  # only a complete copy ever carries the name the loader looks for
+    shutil.rmtree(to / "kaggle_3m.unzipped", ignore_errors=True)
+    return target
+
+
+def read_clinical(root: Path) -> pd.DataFrame | None:
+    """data.csv (genomic clusters, age, grade, ...) indexed by patient ID (TCGA_XX_NNNN), if present."""
+    path = root / "data.csv"
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError):
+        return None  # optional: a damaged table is ignored, never fatal
+    if "Patient" not in table:
+        return None
+    return table.set_index("Patient")
+
+
+def patient_id(folder: str) -> str:
+    """TCGA_CS_4942_19970222 -> TCGA_CS_4942 (the key of data.csv)."""
+    return "_".join(folder.split("_")[:3])
+
+
+def dataset_report(root: Path, strict: bool = False) -> dict:
+    """Everything a user should know about a copy of the dataset before training on it."""
+    issues = DataIssues(strict=strict)
+    records = scan_dataset(root, issues)
+    groups = group_by_patient(records)
+    sizes: dict[str, int] = {}
+    mask_values = np.zeros(256, np.int64)
+    areas, tumor_slices, per_patient, identical = [], 0, {}, []
+    for name, recs in groups.items():
+        same_channels, patient_tumor, readable = True, 0, 0
+        for r in recs:
+            try:
+                raw = _imread(r.image_path)
+                mask_raw = _imread(r.mask_path)
+            except DatasetError as exc:
+                issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
+                continue
+            readable += 1
+            key = "x".join(map(str, raw.shape))
+            sizes[key] = sizes.get(key, 0) + 1
+            if raw.ndim == 3 and raw.shape[2] >= 3:
+                same_channels &= bool((raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all())
+            mask_raw = mask_raw[..., 0] if mask_raw.ndim == 3 else mask_raw
+            mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
+            area = int(binarize_mask(mask_raw).sum())
+            if area:
+                areas.append(area)
+                patient_tumor += 1
+        tumor_slices += patient_tumor
+        per_patient[name] = {"slices": len(recs), "tumor_slices": patient_tumor}
+        if same_channels and readable:
+            identical.append(name)
+    institutions: dict[str, int] = {}
+    for name in groups:
+        inst = "_".join(name.split("_")[:2])
+        institutions[inst] = institutions.get(inst, 0) + 1
+    report = {
+        "root": str(root), "patients": len(groups), "slices": len(records), "tumor_slices": tumor_slices,
+        "institutions": dict(sorted(institutions.items())), "image_sizes": sizes,
+        "mask_values": {str(v): int(c) for v, c in enumerate(mask_values) if c},
+        "tumor_area_px": _distribution(areas),
+        "patients_without_tumor": sorted(n for n, p in per_patient.items() if p["tumor_slices"] == 0),
+        "patients_with_identical_channels": sorted(identical), "per_patient": per_patient,
+    }
+    report["completeness"] = _completeness(root, report)
+    report["problems"] = [m for _, m in issues.items]
+    report["problem_summary"] = issues.summary()
+    return report
+
+
+def _distribution(values: Sequence[int]) -> dict:
+    if not values:
+        return {"count": 0}
+    v = np.asarray(values)
+    return {"count": len(v), "min": int(v.min()), "p25": float(np.percentile(v, 25)),
+            "median": float(np.median(v)), "mean": float(v.mean()), "p75": float(np.percentile(v, 75)),
+            "max": int(v.max())}
+
+
+def _completeness(root: Path, report: dict) -> dict:
+    """Is this the whole dataset, a deliberate subset, or a full copy with something missing?
+
+    data.csv names the patients of the copy it came with (all 110 in the published archive),
+    so when it lists more patients than there are folders, those folders are missing.
+    """
+    clinical = read_clinical(root)
+    ids = {patient_id(p) for p in report["per_patient"]}
+    counts = (report["patients"], report["slices"], report["tumor_slices"])
+    if counts == (FULL_PATIENTS, FULL_SLICES, FULL_TUMOR_SLICES):
+        return {"status": "complete", "message": f"complete: all {FULL_PATIENTS} patients, {FULL_SLICES} "
+                f"slices, {FULL_TUMOR_SLICES} with tumor"}
+    listed = set(clinical.index) if clinical is not None else set()
+    missing = sorted(listed - ids)
+    full_copy = len(listed) >= FULL_PATIENTS or report["patients"] >= FULL_PATIENTS
+    if full_copy:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} patient folder(s) missing: {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}")
+        if report["slices"] < FULL_SLICES:
+            parts.append(f"{FULL_SLICES - report['slices']} of {FULL_SLICES} slice/mask pairs missing")
+        if report["tumor_slices"] < FULL_TUMOR_SLICES:
+            parts.append(f"{FULL_TUMOR_SLICES - report['tumor_slices']} of {FULL_TUMOR_SLICES} tumor slices missing")
+        return {"status": "incomplete", "missing_patients": missing,
+                "message": "looks like a full copy, but " + ("; ".join(parts) or "counts differ from the published ones")
+                + f"; re-download {DATASET_URL}"}
+    return {"status": "subset", "missing_patients": missing,
+            "message": f"a subset: {report['patients']} of the {FULL_PATIENTS} patients "
+            f"({report['slices']} of {FULL_SLICES} slices); not an error if that is what you meant to use"}

@@ -11,6 +11,7 @@ flag with the same default (``image_size`` -> ``--image-size``), generated from 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import pickle
 import random
@@ -36,13 +37,16 @@ from data_loaders import (
     DatasetError,
     LGGSlices,
     PatientVolume,
+    dataset_report,
     default_cache_dir,
+    download_dataset,
     default_num_workers,
     find_data_dir,
     group_by_patient,
     load_volume,
     make_loader,
     make_synthetic_dataset,
+    read_clinical,
     choose_split,
     scan_dataset,
     set_normalization,
@@ -198,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_flag(ev, "tta", None, "mirror test-time augmentation (default: as trained)")
     ev.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
     add_bool_flag(ev, "strict", False, "make every data problem an error instead of skipping or fixing it")
+    dl = sub.add_parser("download", help="fetch the dataset from Kaggle with kagglehub (optional dependency)")
+    dl.add_argument("--to", default="lgg-mri-segmentation",
+                    help="folder that receives kaggle_3m/ (default: ./lgg-mri-segmentation, found automatically)")
+    data = sub.add_parser("data", help="report on a copy of the dataset: counts, checks, problems")
+    data.add_argument("--data-dir", default="", help="kaggle_3m folder (default: found as for training)")
+    data.add_argument("--out", default="", help="JSON file (default: runs/data-report-<date-time>.json)")
+    add_bool_flag(data, "strict", False, "stop at the first data problem")
     cv = sub.add_parser("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
                         description="Runs training once per fold (--folds K, default 5) into "
                         "<out-dir>/fold-<i> and writes cv_summary.csv with mean and std over folds.")
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; with no command (or only flags) the command is ``train``."""
-    if not argv or (argv[0] not in ("train", "evaluate", "benchmark", "cv", "-h", "--help")):
+    if not argv or (argv[0] not in ("train", "evaluate", "benchmark", "cv", "download", "data", "-h", "--help")):
         argv = ["train", *argv]
     return build_parser().parse_args(argv)
 
@@ -723,6 +734,11 @@ def train(cfg: Config) -> dict:
         print(f"resuming {run_dir} after epoch {resumed['epoch']} (best so far: epoch {best_epoch}, "
               f"Dice per volume {best_dice:.4f})")
     save_json(run_dir / "config.json", config_record)
+    validate = functools.partial(
+        evaluate, net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
+        channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess, tta=cfg.tta,
+        spacing=spacing,
+    )
     start = time.perf_counter()
     epoch, metrics, volumes = first_epoch - 1, resumed["metrics"] if resumed else None, {}
     for epoch in range(first_epoch, cfg.epochs + 1):
@@ -736,11 +752,7 @@ def train(cfg: Config) -> dict:
             amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=cfg.progress,
         )
         t1 = time.perf_counter()
-        val_loss, metrics, volumes = evaluate(
-            net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
-            channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess,
-            tta=cfg.tta, spacing=spacing,
-        )
+        val_loss, metrics, volumes = validate()
         t2 = time.perf_counter()
         train_ips, val_ips = len(train_set) / (t1 - t0), len(val_set) / (t2 - t1)
         dice = metrics["dice_per_volume_mean"]
@@ -777,11 +789,7 @@ def train(cfg: Config) -> dict:
 
     elapsed = time.perf_counter() - start
     if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
-        _, metrics, volumes = evaluate(
-            net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
-            channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess,
-            tta=cfg.tta, spacing=spacing,
-        )
+        _, metrics, volumes = validate()
     final = {**metrics, "epoch": epoch, "best_epoch": best_epoch,
              "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic}
     save_json(run_dir / "metrics.json", final)
@@ -790,7 +798,8 @@ def train(cfg: Config) -> dict:
               "train images/s (mean)": float(np.mean([h["train_images_per_second"] for h in history])),
               "validation images/s (mean)": float(np.mean([h["val_images_per_second"] for h in history]))}
     write_reports(run_dir, final, volumes=volumes, dataset=val_set, title=f"Training run {run_dir.name}: {title}",
-                  config=config_record, environment=env, timing=timing, history=history)
+                  config=config_record, environment=env, timing=timing, history=history,
+                  clinical=read_clinical(root))
     print(format_metrics(final, title))
     print(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); {elapsed / 60:.1f} min; wrote "
           f"{run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, overlays/, "
@@ -896,7 +905,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     title = f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind})"
     write_reports(out_dir, result, volumes=volumes, dataset=val_set, title=title, config=record,
                   environment=environment_report(device),
-                  timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds})
+                  timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},
+                  clinical=read_clinical(root))
     print(format_metrics(result, title))
     print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/: metrics.json, summary.md, "
           "per_patient.csv, dice_per_volume.png, overlays/")
@@ -1046,6 +1056,39 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 
+def report_dataset(args: argparse.Namespace) -> dict:
+    """The ``data`` command: print the dataset report and write it as JSON."""
+    root = find_data_dir(args.data_dir or None)
+    if root is None:
+        raise UserError(f"no dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m); "
+                        "run 'python engine.py download' or pass --data-dir")
+    report = dataset_report(root, strict=args.strict)
+    clinical = read_clinical(root)
+    report["clinical_table"] = None if clinical is None else {"rows": len(clinical), "columns": list(clinical.columns)}
+    out = Path(args.out) if args.out else Path("runs") / f"data-report-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(out, report)
+    area = report["tumor_area_px"]
+    lines = [
+        f"dataset: {root}",
+        f"  {report['patients']} patients, {report['slices']} slices, {report['tumor_slices']} with tumor",
+        f"  {report['completeness']['message']}",
+        "  institutions: " + ", ".join(f"{k} {v}" for k, v in report["institutions"].items()),
+        "  image sizes: " + ", ".join(f"{k} ({v})" for k, v in report["image_sizes"].items()),
+        "  mask values: " + ", ".join(f"{k}: {v:,}" for k, v in report["mask_values"].items()),
+        (f"  tumor area per tumor slice (px): median {area['median']:.0f}, mean {area['mean']:.0f}, "
+         f"min {area['min']}, max {area['max']}") if area["count"] else "  no tumor in any slice",
+        f"  patients without tumor: {', '.join(report['patients_without_tumor']) or 'none'}",
+        f"  patients with identical channels (one modality copied 3 times): "
+        f"{', '.join(report['patients_with_identical_channels']) or 'none'}",
+        f"  clinical table (data.csv): " + (f"{len(clinical)} rows" if clinical is not None else "not found (optional)"),
+        f"  problems: {report['problem_summary'] or 'none'}",
+    ]
+    lines += [f"    {p}" for p in report["problems"][:10]]
+    print("\n".join(lines) + f"\nwrote {out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -1057,6 +1100,12 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(args, argv)
         elif args.command == "cv":
             cross_validate(config_from_args(args, argv))
+        elif args.command == "download":
+            target = download_dataset(Path(args.to))
+            print(f"dataset ready in {target}\nthe loader finds it from this folder; elsewhere run:\n"
+                  f"  export {DATA_ENV_VAR}={target.resolve()}")
+        elif args.command == "data":
+            report_dataset(args)
         else:
             train(config_from_args(args, argv))
     except (UserError, FloatingPointError) as exc:

@@ -50,15 +50,20 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     return path
 
 
-def write_per_patient_csv(out_dir: Path, metrics: dict) -> Path:
-    """per_patient.csv: one row per validation patient."""
+def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame | None = None) -> Path:
+    """per_patient.csv: one row per validation patient, joined with data.csv's clinical fields
+    (by patient ID, TCGA_XX_NNNN) when that table is given; missing cells stay empty."""
     frame = pd.DataFrame(metrics["per_patient"]).rename(
         columns={"tumor_pixels": "true_area_px", "predicted_pixels": "pred_area_px"}
     )
     columns = ["patient", "dice", "iou", "hd95_px", "hd95_mm", "true_area_px", "pred_area_px",
                "slices", "tumor_slices"]
+    frame = frame[[c for c in columns if c in frame]]
+    if clinical is not None:
+        ids = frame["patient"].map(lambda name: "_".join(name.split("_")[:3]))
+        frame = pd.concat([frame, clinical.reindex(ids).reset_index(drop=True)], axis=1)
     path = out_dir / "per_patient.csv"
-    frame[[c for c in columns if c in frame]].to_csv(path, index=False)
+    frame.to_csv(path, index=False)
     return path
 
 
@@ -204,6 +209,7 @@ def write_reports(
     environment: dict,
     timing: dict,
     history: Sequence[dict] | None = None,
+    clinical: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write every report of an evaluated set; ``dataset`` is the LGGSlices that was scored."""
     flair = {p: v.images[..., 1] for p, v in enumerate(dataset.volumes)}
@@ -211,7 +217,7 @@ def write_reports(
     images = [plot_curves(out_dir, history)] if history else []
     images.append(plot_dice_per_volume(out_dir, metrics))
     images += write_overlays(out_dir, volumes, flair, slice_numbers, dataset.patients)
-    csv_path = write_per_patient_csv(out_dir, metrics)
+    csv_path = write_per_patient_csv(out_dir, metrics, clinical)
     summary = write_summary(out_dir, metrics, title=title, config=config, environment=environment,
                             timing=timing, images=images)
     return [*images, csv_path, summary]
