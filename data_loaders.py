@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import GroupKFold, train_test_split
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from data_preprocessing import (
     Preprocess,
@@ -533,6 +534,34 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
+class ShardedSampler(Sampler[int]):
+    """The training order for one rank of a distributed job.
+
+    Every rank draws the same (seed + epoch)-seeded order, a permutation or, with ``weights``,
+    weighted draws with replacement (tumor-aware sampling), pads it to a multiple of ``world``
+    and takes every ``world``-th index from ``rank``: the ranks share one epoch without overlap.
+    """
+
+    def __init__(self, n: int, *, rank: int, world: int, seed: int, weights: torch.Tensor | None = None) -> None:
+        self.n, self.rank, self.world, self.seed, self.weights = n, rank, world, seed, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        order += order[: len(self) * self.world - self.n]  # pad so every rank gets len(self)
+        return iter(order[self.rank :: self.world])
+
+
 def make_loader(
     dataset: LGGSlices,
     *,
@@ -542,6 +571,8 @@ def make_loader(
     num_workers: int,
     pin_memory: bool = False,
     tumor_weight: float = 1.0,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     """A seeded DataLoader. Training shuffles and drops a last batch of 1 (BatchNorm needs 2);
     validation keeps every slice, in order.
@@ -551,18 +582,21 @@ def make_loader(
     """
     generator = torch.Generator().manual_seed(seed)
     dataset.reseed(seed)
-    sampler = None
+    sampler, weights = None, None
     if train and tumor_weight != 1.0:
         if tumor_weight <= 0:
             raise UserError(f"--tumor-weight must be > 0, got {tumor_weight}")
         weights = torch.where(torch.from_numpy(dataset.has_tumor), tumor_weight, 1.0).double()
         sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
+    if train and world > 1:
+        sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights)
+    per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
-        drop_last=train and len(dataset) % batch_size == 1,
+        drop_last=train and per_rank % batch_size == 1,
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=seed_worker,

@@ -21,12 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch import nn
 from tqdm import tqdm
 
@@ -37,6 +39,7 @@ from data_loaders import (
     DatasetError,
     LGGSlices,
     PatientVolume,
+    ShardedSampler,
     dataset_report,
     default_cache_dir,
     download_dataset,
@@ -55,6 +58,7 @@ from data_preprocessing import eval_preprocess, train_preprocess
 from libraries import (
     UserError,
     environment_report,
+    init_distributed,
     quiet_opencv,
     resolve_amp,
     resolve_device,
@@ -118,6 +122,7 @@ class Config:
                     ("auto", "off", "bf16", "fp16"))
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     num_workers: int = _opt(-1, "DataLoader worker processes; -1: 0 on <=2 cores, else up to 4")
+    sync_bn: bool = _opt(False, "under torchrun on GPUs: synchronize BatchNorm statistics across processes")
     compile: bool = _opt(False, "torch.compile the model (opt-in: measure it with 'engine.py benchmark --compile')")
     strict: bool = _opt(False, "make every data problem an error instead of skipping or fixing it")
     cache_dir: str = _opt("", "cache of decoded slices; empty: ~/.cache/lgg-unet; 'off': decode TIFFs each run")
@@ -291,8 +296,8 @@ def train_one_epoch(
     channels_last: bool,
     epoch: int,
     progress: bool,
-) -> float:
-    """One pass over the training loader; returns the sample-weighted mean training loss."""
+) -> tuple[float, int]:
+    """One pass over the training loader; returns the summed per-sample loss and the sample count."""
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
@@ -310,7 +315,7 @@ def train_one_epoch(
         total += value * len(image)
         seen += len(image)
         bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total / max(seen, 1)
+    return total, seen
 
 
 def _to_full_resolution(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -345,12 +350,13 @@ def predict_volumes(
     tta: bool,
     progress: bool,
     desc: str = "validate",
-) -> tuple[float | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Predict every slice of the loader; return the mean loss and, per patient index, the
+) -> tuple[float, int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Predict every slice of the loader; return the summed loss, the slice count and, per patient
+    index of the loader's dataset, the
     (D, H, W) bool predicted and true volumes at the masks' own resolution, in slice order.
 
     With ``tta`` the probabilities of the slice and of its left-right mirror are averaged.
-    The loss (on the un-augmented logits, at model resolution) is sample-weighted over the set.
+    The loss (on the un-augmented logits, at model resolution) is summed per sample.
     """
     model.eval()
     total, seen = 0.0, 0
@@ -375,7 +381,7 @@ def predict_volumes(
     for p, items in slices.items():
         items.sort(key=lambda item: item[0])
         volumes[p] = (np.stack([i[1] for i in items]), np.stack([i[2] for i in items]))
-    return (total / seen if seen else None), volumes
+    return total, seen, volumes
 
 
 POSTPROCESSING = ("none", "lcc")
@@ -409,6 +415,9 @@ def score_volumes(
     return metrics
 
 
+Gather = Callable[[dict, float, int], tuple[dict, float, int]]
+
+
 def evaluate(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -423,20 +432,29 @@ def evaluate(
     tta: bool = False,
     spacing: tuple[float, float, float] | None = None,
     desc: str = "validate",
+    patients: list[str] | None = None,
+    gather: Gather | None = None,
 ) -> tuple[float | None, dict, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """Loss, metrics and per-patient (pred, truth) volumes, scored against the masks at their own
     resolution.
 
     The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
     holds the headline numbers of every post-processing option, so both are always reported.
+    In a distributed job each rank predicts its own patients and ``gather`` merges the predicted
+    volumes (by patient name) and loss sums of all ranks, so every rank scores the whole set;
+    ``patients`` is then the full list, whose indices key the returned volumes.
     """
     # BatchNorm folded into the convs: the same function, faster (the caller's model is untouched).
     inference_model = fuse_conv_bn(getattr(model, "_orig_mod", model))
-    loss, volumes = predict_volumes(
+    loss_sum, count, local = predict_volumes(
         inference_model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, tta=tta, progress=progress, desc=desc,
     )
-    patients = loader.dataset.patients
+    named = {loader.dataset.patients[p]: v for p, v in local.items()}
+    if gather is not None:
+        named, loss_sum, count = gather(named, loss_sum, count)
+    patients = patients or loader.dataset.patients
+    volumes = {patients.index(name): v for name, v in named.items()}
     variants = {name: score_volumes(volumes, patients, postprocess=name, spacing=spacing)
                 for name in POSTPROCESSING}
     metrics = variants[postprocess]
@@ -448,7 +466,18 @@ def evaluate(
     metrics["postprocess"], metrics["tta"] = postprocess, tta
     if postprocess == "lcc":
         volumes = {p: (largest_component_3d(pred), truth) for p, (pred, truth) in volumes.items()}
+    loss = loss_sum / count if loss_fn is not None and count else None
     return loss, metrics, volumes
+
+
+def gather_across_ranks(named: dict, loss_sum: float, count: int) -> tuple[dict, float, int]:
+    """All ranks' predicted volumes (merged by patient name) and loss sums, on every rank."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (named, loss_sum, count))
+    merged: dict = {}
+    for part, _, _ in parts:
+        merged.update(part)
+    return merged, sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
 # =============================================================================================
@@ -672,47 +701,75 @@ def train(cfg: Config) -> dict:
     if cfg.image_size % 16 or cfg.image_size < 16:
         raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
     spacing = parse_spacing(cfg.spacing)
+    ddp = init_distributed(cfg.device)
+    say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
+    progress = cfg.progress and ddp.main
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if ddp.enabled and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+    if cfg.sync_bn and not (ddp.enabled and device.type == "cuda"):
+        raise UserError("--sync-bn needs a torchrun job on CUDA GPUs; drop it for single-process or CPU runs")
     amp_dtype = resolve_amp(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    if ddp.enabled and not ddp.main:
+        dist.barrier()  # rank 0 generates synthetic data (if needed) first
     root, synthetic = locate_data(cfg)
-    run_dir = Path(cfg.out_dir) if resumed else new_run_dir(cfg.out_dir)
+    run_dir = Path(cfg.out_dir) if resumed else (new_run_dir(cfg.out_dir) if ddp.main else None)
+    if ddp.enabled:
+        if ddp.main:
+            dist.barrier()
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)  # every rank learns the run folder rank 0 made
+        run_dir = shared[0]
     issues = DataIssues(strict=cfg.strict)
-    volumes = load_dataset(root, None, progress=cfg.progress, cache_dir=resolve_cache_dir(cfg.cache_dir),
-                           normalization=cfg.normalization, issues=issues)
-    report_issues(issues, run_dir)
+    patient_volumes = load_dataset(root, None, progress=progress, cache_dir=resolve_cache_dir(cfg.cache_dir),
+                                   normalization=cfg.normalization, issues=issues)
+    if ddp.main:
+        report_issues(issues, run_dir)
     train_names, val_names = choose_split(
-        sorted(volumes), split=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        sorted(patient_volumes), split=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.seed,
         val_patients=cfg.val_patients, folds=cfg.folds, fold=cfg.fold,
     )
     workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
 
     env = environment_report(device)
-    print(f"data: {root} ({'SYNTHETIC' if synthetic else 'real'}), {len(train_names)} train / "
+    if ddp.enabled:
+        env["distributed"] = f"{ddp.world} processes, {ddp.backend}"
+    say(f"data: {root} ({'SYNTHETIC' if synthetic else 'real'}), {len(train_names)} train / "
           f"{len(val_names)} validation patients, normalization: {cfg.normalization}")
-    print(f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
-          f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}")
+    say(f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+        f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}"
+        + (f", {env['distributed']}" if ddp.enabled else ""))
 
-    train_set = LGGSlices([volumes[n] for n in train_names], train_preprocess(cfg.image_size))
-    val_set = LGGSlices([volumes[n] for n in val_names], eval_preprocess(cfg.image_size), full_mask=True)
+    train_set = LGGSlices([patient_volumes[n] for n in train_names], train_preprocess(cfg.image_size))
+    # Every validation patient, for reports; in a distributed job each rank predicts its share of
+    # the patients (whole volumes, so 3D metrics and post-processing need no cross-rank slices).
+    val_set = LGGSlices([patient_volumes[n] for n in val_names], eval_preprocess(cfg.image_size), full_mask=True)
+    my_val_set = LGGSlices([patient_volumes[n] for n in val_names[ddp.rank :: ddp.world]],
+                           eval_preprocess(cfg.image_size), full_mask=True) if ddp.enabled else val_set
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                               num_workers=workers, pin_memory=pin, tumor_weight=cfg.tumor_weight)
-    val_loader = make_loader(val_set, batch_size=cfg.batch_size, train=False, seed=cfg.seed,
+                               num_workers=workers, pin_memory=pin, tumor_weight=cfg.tumor_weight,
+                               rank=ddp.rank, world=ddp.world)
+    val_loader = make_loader(my_val_set, batch_size=cfg.batch_size, train=False, seed=cfg.seed,
                              num_workers=workers, pin_memory=pin)
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = UNet(in_channels=3, out_channels=1, features=cfg.features).to(device, memory_format=memory_format)
-    # The compiled wrapper runs the steps; checkpoints hold the plain model's state_dict.
-    net = torch.compile(model) if cfg.compile else model
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # The wrappers (DDP, compile) run the steps; checkpoints hold the plain model's state_dict.
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp.enabled else model
+    net = torch.compile(net) if cfg.compile else net
     loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * len(train_loader),
                                warmup_steps=round(cfg.warmup_epochs * len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    print(f"model: UNet, {count_parameters(model):,} parameters; {len(train_set)} train slices "
+    say(f"model: UNet, {count_parameters(model):,} parameters; {len(train_set)} train slices "
           f"({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}), "
           f"{len(val_set)} validation slices")
 
@@ -731,13 +788,14 @@ def train(cfg: Config) -> dict:
         set_rng_state(resumed["rng"])
         history, best_dice, best_epoch = resumed["history"], resumed["best_dice"], resumed["best_epoch"]
         first_epoch = resumed["epoch"] + 1
-        print(f"resuming {run_dir} after epoch {resumed['epoch']} (best so far: epoch {best_epoch}, "
+        say(f"resuming {run_dir} after epoch {resumed['epoch']} (best so far: epoch {best_epoch}, "
               f"Dice per volume {best_dice:.4f})")
-    save_json(run_dir / "config.json", config_record)
+    if ddp.main:
+        save_json(run_dir / "config.json", config_record)
     validate = functools.partial(
-        evaluate, net, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
-        channels_last=cfg.channels_last, progress=cfg.progress, postprocess=cfg.postprocess, tta=cfg.tta,
-        spacing=spacing,
+        evaluate, model, val_loader, device, loss_fn=loss_fn, threshold=cfg.threshold, amp_dtype=amp_dtype,
+        channels_last=cfg.channels_last, progress=progress, postprocess=cfg.postprocess, tta=cfg.tta,
+        spacing=spacing, patients=val_names, gather=gather_across_ranks if ddp.enabled else None,
     )
     start = time.perf_counter()
     epoch, metrics, volumes = first_epoch - 1, resumed["metrics"] if resumed else None, {}
@@ -745,16 +803,23 @@ def train(cfg: Config) -> dict:
         # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
         # run repeats an interrupted epoch exactly.
         train_loader.generator.manual_seed(cfg.seed + epoch)
-        train_set.reseed(cfg.seed * 1_000_003 + epoch)
+        train_set.reseed(cfg.seed * 1_000_003 + epoch + 7919 * ddp.rank)
+        if isinstance(train_loader.sampler, ShardedSampler):
+            train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(
+        loss_sum, seen = train_one_epoch(
             net, train_loader, loss_fn, optimizer, scheduler, scaler, device,
-            amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=cfg.progress,
+            amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=progress,
         )
+        if ddp.enabled:  # the loss over every rank's samples
+            sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            loss_sum, seen = sums.tolist()
+        train_loss = loss_sum / max(seen, 1)
         t1 = time.perf_counter()
         val_loss, metrics, volumes = validate()
         t2 = time.perf_counter()
-        train_ips, val_ips = len(train_set) / (t1 - t0), len(val_set) / (t2 - t1)
+        train_ips, val_ips = seen / (t1 - t0), len(val_set) / (t2 - t1)
         dice = metrics["dice_per_volume_mean"]
         raw, lcc = metrics["postprocessing"]["none"], metrics["postprocessing"]["lcc"]
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
@@ -774,17 +839,18 @@ def train(cfg: Config) -> dict:
             "metrics": metrics, "config": config_record, "history": history, "best_dice": best_dice,
             "best_epoch": best_epoch, "rng": rng_state(),
         }
-        # last.pt first: a crash between the two writes leaves a best.pt no newer than last.pt.
-        save_torch(run_dir / "last.pt", checkpoint)
-        if best_epoch == epoch:
-            save_torch(run_dir / "best.pt", checkpoint)
-        write_history(run_dir, history)
-        print(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+        if ddp.main:
+            # last.pt first: a crash between the two writes leaves a best.pt no newer than last.pt.
+            save_torch(run_dir / "last.pt", checkpoint)
+            if best_epoch == epoch:
+                save_torch(run_dir / "best.pt", checkpoint)
+            write_history(run_dir, history)
+        say(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
               f"val Dice/volume {dice:.4f} (median {metrics['dice_per_volume_median']:.4f}; "
               f"raw {raw['dice_per_volume_mean']:.4f}, lcc {lcc['dice_per_volume_mean']:.4f})  "
               f"{t2 - t0:.0f}s ({train_ips:.1f} / {val_ips:.1f} img/s){'  *best*' if best_epoch == epoch else ''}")
         if cfg.patience and epoch - best_epoch >= cfg.patience:
-            print(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
+            say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
             break
 
     elapsed = time.perf_counter() - start
@@ -792,6 +858,8 @@ def train(cfg: Config) -> dict:
         _, metrics, volumes = validate()
     final = {**metrics, "epoch": epoch, "best_epoch": best_epoch,
              "best_dice_per_volume_mean": best_dice, "synthetic_data": synthetic}
+    if not ddp.main:
+        return final
     save_json(run_dir / "metrics.json", final)
     title = f"Validation after epoch {epoch} ({'SYNTHETIC data: not a result on MRI' if synthetic else 'real data'})"
     timing = {"training minutes": elapsed / 60, "epochs": epoch,
@@ -800,8 +868,8 @@ def train(cfg: Config) -> dict:
     write_reports(run_dir, final, volumes=volumes, dataset=val_set, title=f"Training run {run_dir.name}: {title}",
                   config=config_record, environment=env, timing=timing, history=history,
                   clinical=read_clinical(root))
-    print(format_metrics(final, title))
-    print(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); {elapsed / 60:.1f} min; wrote "
+    say(format_metrics(final, title))
+    say(f"best epoch {best_epoch} (Dice per volume {best_dice:.4f}); {elapsed / 60:.1f} min; wrote "
           f"{run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, overlays/, "
           "best.pt, last.pt, history.csv")
     return final
@@ -1115,6 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the GPU ran out of memory; lower --batch-size or --image-size, or keep --amp on "
               "(checkpoints already written are kept)", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

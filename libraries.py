@@ -10,12 +10,14 @@ import os
 import platform
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -25,6 +27,47 @@ class UserError(Exception):
 def quiet_opencv() -> None:
     """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself."""
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone logs and writes files."""
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the torchrun job described by the environment, if any.
+
+    The backend is nccl when this process will use a CUDA GPU (one per local rank), else gloo.
+    On the CPU each process takes an equal share of the cores.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Distributed(rank=rank, world=world, local_rank=local_rank, backend=backend)
 
 
 def seed_everything(seed: int) -> None:

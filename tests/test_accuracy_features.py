@@ -172,8 +172,8 @@ def test_mirror_tta_averages_with_the_unflipped_back_prediction(fake_tree):
     ds = LGGSlices([load_volume(recs)], eval_preprocess(16), full_mask=True)
     loader = make_loader(ds, batch_size=2, train=False, seed=0, num_workers=0)
     kw = dict(loss_fn=None, threshold=0.5, amp_dtype=None, channels_last=False, progress=False)
-    _, plain = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=False, **kw)
-    _, mirrored = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=True, **kw)
+    _, _, plain = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=False, **kw)
+    _, _, mirrored = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=True, **kw)
     pred, truth = plain[0]
     assert pred.shape == truth.shape == (3, 16, 16)
     assert pred[:, :, 8:].all() and not pred[:, :, :8].any()  # right half
