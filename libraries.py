@@ -37,10 +37,7 @@ class Distributed:
     world: int = 1
     local_rank: int = 0
     backend: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
+    enabled: bool = False  # launched by torchrun (even with one process): DDP and collectives on
 
     @property
     def main(self) -> bool:
@@ -54,9 +51,9 @@ def init_distributed(device_name: str) -> Distributed:
     The backend is nccl when this process will use a CUDA GPU (one per local rank), else gloo.
     On the CPU each process takes an equal share of the cores.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ:  # not launched by torchrun
         return Distributed()
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
@@ -67,7 +64,7 @@ def init_distributed(device_name: str) -> Distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return Distributed(rank=rank, world=world, local_rank=local_rank, backend=backend)
+    return Distributed(rank=rank, world=world, local_rank=local_rank, backend=backend, enabled=True)
 
 
 def seed_everything(seed: int) -> None:

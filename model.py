@@ -124,7 +124,8 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             conv, bn = module._modules[first], module._modules[second]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            # _BatchNorm also covers SyncBatchNorm (--sync-bn), which is a BatchNorm2d in eval mode.
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 module._modules[first] = fuse_conv_bn_eval(conv, bn)
                 module._modules[second] = nn.Identity()
     return fused

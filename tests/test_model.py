@@ -51,3 +51,17 @@ def test_fused_inference_copy_computes_the_same_function():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batchnorm_is_folded_like_batchnorm():
+    from model import fuse_conv_bn
+
+    torch.manual_seed(0)
+    model = UNet(features=4).eval()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(UNet(features=4)).eval()
+    synced.load_state_dict(model.state_dict())
+    for m in (fuse_conv_bn(model), fuse_conv_bn(synced)):
+        assert not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fuse_conv_bn(synced)(x), fuse_conv_bn(model)(x))
