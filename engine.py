@@ -15,14 +15,17 @@ import functools
 import math
 import pickle
 import random
+import re
 import statistics
 import sys
+import warnings
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -54,7 +57,7 @@ from data_loaders import (
     scan_dataset,
     set_normalization,
 )
-from data_preprocessing import eval_preprocess, train_preprocess
+from data_preprocessing import brain_box, buda_stats, crop_pad_square, eval_preprocess, train_preprocess, volume_stats
 from libraries import (
     UserError,
     environment_report,
@@ -67,8 +70,8 @@ from libraries import (
     seed_everything,
 )
 from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
-from model import UNet, count_parameters, fuse_conv_bn
-from reports import plot_curves, write_reports
+from model import UNet, count_parameters, fuse_conv_bn, load_weights
+from reports import overlay_slice, plot_curves, write_reports
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -100,6 +103,10 @@ class Config:
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
     # ---- model ----
     features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
+    pretrained: str = _opt("", "start from weights: a checkpoint or state_dict path, a URL, or 'buda' "
+                           "(Buda et al.'s release; selects --normalization buda)")
+    freeze_encoder: bool = _opt(False, "fine-tuning: train the decoder only (encoder weights and BatchNorm fixed)")
+    encoder_lr_scale: float = _opt(1.0, "fine-tuning: the encoder's learning rate is --lr times this")
     # ---- optimization ----
     epochs: int = _opt(5, "passes over the training patients")
     batch_size: int = _opt(16, "slices per step")
@@ -210,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="fetch the dataset from Kaggle with kagglehub (optional dependency)")
     dl.add_argument("--to", default="lgg-mri-segmentation",
                     help="folder that receives kaggle_3m/ (default: ./lgg-mri-segmentation, found automatically)")
+    pr = sub.add_parser("predict", help="segment new slices with a checkpoint: masks, overlays, areas")
+    pr.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by training")
+    pr.add_argument("--input", required=True, help="a slice (tif/png/jpg), a folder of slices, a patient folder or a dataset root")
+    pr.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
+    pr.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm: adds mm^2 and mm^3 columns")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    pr.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    add_bool_flag(pr, "tta", None, "mirror test-time augmentation (default: as trained)")
+    ex = sub.add_parser("export", help="export a checkpoint to TorchScript or ONNX, checking parity")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    ex.add_argument("--output", required=True, help="the file to write")
     data = sub.add_parser("data", help="report on a copy of the dataset: counts, checks, problems")
     data.add_argument("--data-dir", default="", help="kaggle_3m folder (default: found as for training)")
     data.add_argument("--out", default="", help="JSON file (default: runs/data-report-<date-time>.json)")
@@ -232,9 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("train", "evaluate", "predict", "export", "benchmark", "cv", "download", "data")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; with no command (or only flags) the command is ``train``."""
-    if not argv or (argv[0] not in ("train", "evaluate", "benchmark", "cv", "download", "data", "-h", "--help")):
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
     return build_parser().parse_args(argv)
 
@@ -318,20 +341,21 @@ def train_one_epoch(
     return total, seen
 
 
-def _to_full_resolution(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Map (N, 1, S, S) logits back onto each slice's original (H, W) grid.
+def _to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
+    """Map (N, 1, S, S) logits back onto each slice's original (H, W) = ``size`` grid.
 
     Without a crop box this is one bilinear resize. With one (the 'buda' normalization crops
     to the brain and pads to a square), each sample is resized to its padded square, unpadded
-    and pasted into its box; pixels outside the box are background (a very negative logit).
+    and pasted into its box (rows y0, y1, x0, x1, top, left, side); pixels outside the box are
+    background (a very negative logit).
     """
-    size = batch["full_mask"].shape[-2:]
-    if "box" not in batch:
-        if logits.shape[-2:] == size:
+    size = tuple(size)
+    if box is None:
+        if tuple(logits.shape[-2:]) == size:
             return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     out = logits.new_full((len(logits), 1, *size), -1e4)
-    for i, (y0, y1, x0, x1, top, left, side) in enumerate(batch["box"].tolist()):
+    for i, (y0, y1, x0, x1, top, left, side) in enumerate(box.tolist()):
         square = F.interpolate(logits[i : i + 1], size=(side, side), mode="bilinear", align_corners=False)
         out[i, :, y0:y1, x0:x1] = square[0, :, top : top + y1 - y0, left : left + x1 - x0]
     return out
@@ -370,9 +394,10 @@ def predict_volumes(
         if loss_fn is not None:
             total += loss_fn(logits, mask).item() * len(image)
             seen += len(image)
-        prob = torch.sigmoid(_to_full_resolution(logits, batch))
+        size, box = batch["full_mask"].shape[-2:], batch.get("box")
+        prob = torch.sigmoid(_to_full_resolution(logits, size, box))
         if tta:
-            prob = (prob + torch.sigmoid(_to_full_resolution(torch.flip(flipped, dims=[-1]), batch))) / 2
+            prob = (prob + torch.sigmoid(_to_full_resolution(torch.flip(flipped, dims=[-1]), size, box))) / 2
         pred = (prob > threshold).cpu().numpy()[:, 0]
         truth = batch["full_mask"].numpy()[:, 0] > 0.5
         for p, s, pr, tr in zip(batch["patient"].tolist(), batch["slice"].tolist(), pred, truth):
@@ -622,7 +647,8 @@ def make_scheduler(
     total_steps, warmup_steps = max(1, total_steps), min(max(0, warmup_steps), max(0, total_steps - 1))
     if schedule == "onecycle":
         pct = max(warmup_steps / total_steps, 1 / total_steps)
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct)
+        peaks = [group["lr"] for group in optimizer.param_groups]  # per group (--encoder-lr-scale)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -693,6 +719,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def pretrained_weights(spec: str) -> tuple[dict, str, str | None]:
+    """load_weights with user-facing errors."""
+    try:
+        return load_weights(spec)
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        raise UserError(f"--pretrained {spec}: {exc}") from None
+
+
 def train(cfg: Config) -> dict:
     """Train and validate every epoch; write checkpoints, history and metrics; return final metrics."""
     resumed = None
@@ -703,6 +737,12 @@ def train(cfg: Config) -> dict:
     spacing = parse_spacing(cfg.spacing)
     ddp = init_distributed(cfg.device)
     say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
+    weights = None
+    if cfg.pretrained and not resumed:
+        weights, kind, expected = pretrained_weights(cfg.pretrained)
+        if expected and expected != cfg.normalization:
+            say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
+            cfg = replace(cfg, normalization=expected)
     progress = cfg.progress and ddp.main
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -758,6 +798,10 @@ def train(cfg: Config) -> dict:
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = UNet(in_channels=3, out_channels=1, features=cfg.features).to(device, memory_format=memory_format)
+    if weights is not None:
+        model.load_state_dict(weights)
+    if cfg.freeze_encoder:
+        model.freeze_encoder()
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # The wrappers (DDP, compile) run the steps; checkpoints hold the plain model's state_dict.
@@ -765,7 +809,11 @@ def train(cfg: Config) -> dict:
         if ddp.enabled else model
     net = torch.compile(net) if cfg.compile else net
     loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    encoder = {id(p) for m in model.encoder() for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in encoder],
+               "lr": cfg.lr * cfg.encoder_lr_scale},
+              {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in encoder], "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * len(train_loader),
                                warmup_steps=round(cfg.warmup_epochs * len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -1124,6 +1172,175 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 
+# =============================================================================================
+# predict and export
+# =============================================================================================
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+_NUMBER = re.compile(r"_(\d+)$")
+
+
+def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Group the slices to predict by patient (folder); also return the files that are not images.
+
+    ``path`` may be one slice, a folder of slices, a kaggle_3m patient folder or a dataset root.
+    Masks (``*_mask.*``) are never inputs. Slices named ``<NAME>_<N>`` are ordered by N.
+    """
+    if path.is_file():
+        return {path.parent.name or "input": [path]}, []
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder; pass a slice, a folder of slices or a dataset folder")
+    groups: dict[str, list[Path]] = {}
+    other: list[Path] = []
+    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if f.stem.lower().endswith("_mask"):
+                continue
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                groups.setdefault(folder.name, []).append(f)
+            elif folder == path or f.name.lower() not in ("data.csv", "readme.md"):
+                other.append(f)
+    for files in groups.values():
+        files.sort(key=lambda f: (int(m[1]) if (m := _NUMBER.search(f.stem)) else -1, f.name))
+    return groups, other
+
+
+def read_any_image(path: Path) -> np.ndarray | None:
+    """An input slice as (H, W, 3) uint8 RGB; grayscale is copied to 3 channels. None if not an image."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.dtype != np.uint8:
+        return None
+    if image.ndim == 2 or image.shape[2] == 1:
+        return np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
+    return np.ascontiguousarray(image[..., 2::-1])
+
+
+@torch.inference_mode()
+def predict_command(args: argparse.Namespace) -> Path:
+    """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
+    ckpt = load_checkpoint(Path(args.checkpoint))
+    record = ckpt["config"]
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    spacing = parse_spacing(args.spacing)
+    out = Path(args.output)
+    groups, other = collect_inputs(Path(args.input))
+    for f in other:
+        print(f"skipped (not an image): {f}", file=sys.stderr)
+    model = UNet(in_channels=3, out_channels=1, features=record["features"])
+    model.load_state_dict(ckpt["model"])
+    channels_last = record["channels_last"]
+    model = fuse_conv_bn(model).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    normalization, size = record.get("normalization", "volume"), record["image_size"]
+    tta = record.get("tta", False) if args.tta is None else args.tta
+    preprocess = eval_preprocess(size)
+    rows, skipped = [], len(other)
+    for group, files in groups.items():
+        images, names = [], []
+        for f in files:
+            image = read_any_image(f)
+            if image is None:
+                print(f"skipped (not an image): {f}", file=sys.stderr)
+                skipped += 1
+                continue
+            images.append(image)
+            names.append(f)
+        if not images:
+            continue
+        same_size = len({im.shape for im in images}) == 1
+        # Statistics over the whole group (a patient volume); voxels are pooled, so sizes may differ.
+        pooled = np.concatenate([im.reshape(-1, 1, 1, 3) for im in images])
+        if normalization == "buda" and same_size:
+            box = brain_box(np.stack(images))
+            stats = buda_stats(np.stack(images)[:, box[0]:box[1], box[2]:box[3]])
+        else:
+            box, stats = None, (buda_stats(pooled) if normalization == "buda" else volume_stats(pooled))
+        for start in range(0, len(images), args.batch_size):
+            chunk = list(range(start, min(start + args.batch_size, len(images))))
+            tensors, boxes = [], []
+            for j in chunk:
+                image, mask = images[j], np.zeros(images[j].shape[:2], np.uint8)
+                if box is not None:
+                    image, mask, (top, left, side) = crop_pad_square(image, mask, box)
+                    boxes.append([*box, top, left, side])
+                tensors.append(preprocess(image, mask, stats)[0])
+            x = torch.stack(tensors).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            with autocast(device, amp_dtype):
+                logits = model(x).float()
+                flipped = torch.flip(model(torch.flip(x, dims=[-1])).float(), dims=[-1]) if tta else None
+            for k, j in enumerate(chunk):
+                b = torch.tensor([boxes[k]]) if boxes else None
+                hw = images[j].shape[:2]
+                prob = torch.sigmoid(_to_full_resolution(logits[k : k + 1], hw, b))
+                if flipped is not None:
+                    prob = (prob + torch.sigmoid(_to_full_resolution(flipped[k : k + 1], hw, b))) / 2
+                pred = (prob[0, 0] > record["threshold"]).cpu().numpy()
+                stem = names[j].stem
+                (out / "masks" / group).mkdir(parents=True, exist_ok=True)
+                (out / "overlays" / group).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(out / "masks" / group / f"{stem}_pred.png"), pred.astype(np.uint8) * 255)
+                overlay = overlay_slice(images[j][..., 1], np.zeros_like(pred), pred)
+                cv2.imwrite(str(out / "overlays" / group / f"{stem}.png"), overlay[..., ::-1])
+                area = int(pred.sum())
+                rows.append({"patient": group, "file": str(names[j]), "level": "slice", "area_px": area,
+                             "area_mm2": area * spacing[1] * spacing[2] if spacing else None, "volume_mm3": None})
+        total = sum(r["area_px"] for r in rows if r["patient"] == group and r["level"] == "slice")
+        rows.append({"patient": group, "file": "", "level": "patient", "area_px": total,
+                     "area_mm2": total * spacing[1] * spacing[2] if spacing else None,
+                     "volume_mm3": total * spacing[0] * spacing[1] * spacing[2] if spacing else None})
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows, columns=["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"])
+    table.to_csv(out / "predictions.csv", index=False)
+    slices = int((table["level"] == "slice").sum())
+    print(f"predicted {slices} slices of {len(groups)} patient(s)/folder(s)"
+          + (f", skipped {skipped} non-image file(s)" if skipped else "")
+          + f"; wrote {out}/masks/, overlays/, predictions.csv")
+    return out
+
+
+def export_command(args: argparse.Namespace) -> float:
+    """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch."""
+    ckpt = load_checkpoint(Path(args.checkpoint))
+    record = ckpt["config"]
+    model = UNet(in_channels=3, out_channels=1, features=record["features"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
+    size = record["image_size"]
+    example = torch.randn(1, 3, size, size)
+    check = torch.randn(2, 3, size, size)  # another batch size than traced: the batch axis is dynamic
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about the input-size check in UNet.forward (traced as a constant) and
+        # about TorchScript's deprecation; neither changes the exported function.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        reference = model(check)
+        if args.format == "torchscript":
+            torch.jit.trace(deployed, example).save(str(out))
+            exported = torch.jit.load(str(out))(check)
+        else:
+            try:
+                import onnx  # noqa: F401  (optional dependency)
+            except ImportError:
+                raise UserError("ONNX export needs the optional package onnx (and onnxruntime for the parity "
+                                "check): pip install onnx onnxruntime") from None
+            torch.onnx.export(deployed, example, str(out), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            try:
+                import onnxruntime
+            except ImportError:
+                print(f"wrote {out}; install onnxruntime to check parity against PyTorch")
+                return float("nan")
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            exported = torch.from_numpy(session.run(None, {"image": check.numpy()})[0])
+    diff = float((exported - reference).abs().max())
+    print(f"wrote {out} ({args.format}); max abs difference from eager PyTorch on a batch of 2: {diff:.2e}")
+    return diff
+
+
+
 def report_dataset(args: argparse.Namespace) -> dict:
     """The ``data`` command: print the dataset report and write it as JSON."""
     root = find_data_dir(args.data_dir or None)
@@ -1174,6 +1391,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"  export {DATA_ENV_VAR}={target.resolve()}")
         elif args.command == "data":
             report_dataset(args)
+        elif args.command == "predict":
+            predict_command(args)
+        elif args.command == "export":
+            export_command(args)
         else:
             train(config_from_args(args, argv))
     except (UserError, FloatingPointError) as exc:

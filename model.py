@@ -71,6 +71,7 @@ class UNet(nn.Module):
     """
 
     levels = 4
+    frozen_encoder = False
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32) -> None:
         super().__init__()
@@ -85,6 +86,24 @@ class UNet(nn.Module):
         self.up3 = Up(4 * f, 2 * f)
         self.up4 = Up(2 * f, f)
         self.outc = OutConv(f, out_channels)
+
+    def encoder(self) -> list[nn.Module]:
+        """The contracting path, bottleneck included."""
+        return [self.inc, self.down1, self.down2, self.down3, self.down4]
+
+    def freeze_encoder(self) -> None:
+        """Fine-tuning: no gradient for the encoder, and its BatchNorm statistics stay fixed."""
+        self.frozen_encoder = True
+        for module in self.encoder():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "UNet":
+        super().train(mode)
+        if self.frozen_encoder:
+            for module in self.encoder():
+                module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = 2**self.levels
@@ -129,3 +148,88 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
                 module._modules[first] = fuse_conv_bn_eval(conv, bn)
                 module._modules[second] = nn.Identity()
     return fused
+
+
+# ---------------------------------------------------------------------------------------------
+# Published weights
+# ---------------------------------------------------------------------------------------------
+
+# Buda et al.'s release (mateuszbuda/brain-segmentation-pytorch, v1.0). Their model ends with a
+# sigmoid; ours returns logits, so the same weights give sigmoid(ours) == theirs.
+BUDA_WEIGHTS_URL = (
+    "https://github.com/mateuszbuda/brain-segmentation-pytorch/releases/download/v1.0/unet-e012d006.pt"
+)
+# Their block names -> ours, in network order.
+_BUDA_BLOCKS = {
+    "encoder1.enc1": "inc", "encoder2.enc2": "down1.1", "encoder3.enc3": "down2.1",
+    "encoder4.enc4": "down3.1", "bottleneck.bottleneck": "down4.1", "decoder4.dec4": "up1.conv",
+    "decoder3.dec3": "up2.conv", "decoder2.dec2": "up3.conv", "decoder1.dec1": "up4.conv",
+}
+_BUDA_LAYERS = {"conv1": "0", "norm1": "1", "conv2": "3", "norm2": "4"}  # inside a DoubleConv
+_BUDA_OTHERS = {"upconv4": "up1.up", "upconv3": "up2.up", "upconv2": "up3.up", "upconv1": "up4.up", "conv": "outc"}
+
+
+def _buda_key_map() -> dict[str, str]:
+    """Their state_dict prefixes -> ours, e.g. 'encoder1.enc1conv1' -> 'inc.0'."""
+    mapping = {}
+    for theirs, ours in _BUDA_BLOCKS.items():
+        for layer, index in _BUDA_LAYERS.items():
+            mapping[f"{theirs}{layer}"] = f"{ours}.{index}"
+    mapping.update(_BUDA_OTHERS)
+    return mapping
+
+
+def is_buda_state_dict(state_dict: dict) -> bool:
+    return "encoder1.enc1conv1.weight" in state_dict
+
+
+def buda_to_unet(state_dict: dict) -> dict:
+    """Rename a Buda et al. state_dict (118 entries) to this UNet's keys; the tensors are unchanged."""
+    mapping = _buda_key_map()
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in mapping:
+            raise KeyError(f"unexpected key {key!r} in a Buda et al. state_dict")
+        out[f"{mapping[prefix]}.{leaf}"] = value
+    return out
+
+
+def unet_to_buda(state_dict: dict) -> dict:
+    """The inverse of buda_to_unet (for export to their code, and for tests)."""
+    inverse = {ours: theirs for theirs, ours in _buda_key_map().items()}
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        out[f"{inverse[prefix]}.{leaf}"] = value
+    return out
+
+
+def load_weights(spec: str) -> tuple[dict, str, str | None]:
+    """A state_dict for this UNet from a path, a URL or 'buda', and where it came from.
+
+    Accepts this package's checkpoints (their 'model' entry), plain state_dicts in our key names
+    or in Buda et al.'s. URLs (and 'buda') are downloaded once into torch.hub's cache. Every file
+    is read with weights_only=True. Returns (state_dict, kind, normalization): kind is 'package' or
+    'buda'; normalization is what the weights expect when known ('buda' for theirs, a package
+    checkpoint's own setting), else None.
+    Raises ValueError, OSError or RuntimeError with a message naming the source.
+    """
+    url = BUDA_WEIGHTS_URL if spec == "buda" else spec
+    if url.startswith(("http://", "https://")):
+        try:
+            loaded = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        except Exception as exc:  # URLError, HTTPError, hash mismatch... many types
+            raise OSError(f"{url}: download failed ({type(exc).__name__}); download the file by hand, "
+                          f"put it in {torch.hub.get_dir()}/checkpoints/ or pass its local path") from None
+    else:
+        loaded = torch.load(spec, map_location="cpu", weights_only=True)
+    normalization = None
+    if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
+        normalization = (loaded.get("config") or {}).get("normalization")
+        loaded = loaded["model"]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{spec}: not a state_dict or checkpoint")
+    if is_buda_state_dict(loaded):
+        return buda_to_unet(loaded), "buda", "buda"
+    return loaded, "package", normalization

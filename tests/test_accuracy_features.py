@@ -112,7 +112,7 @@ def test_crop_pad_and_paste_back_round_trip():
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert batch["box"].shape == (3, 7)
     # The model-input mask, as confident logits, pasted back onto the 32 x 32 grid.
-    back = _to_full_resolution(batch["mask"] * 40 - 20, batch) > 0
+    back = _to_full_resolution(batch["mask"] * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
     assert torch.equal(back, batch["full_mask"].bool())
 
 

@@ -1,0 +1,168 @@
+"""Published-weight mapping, --pretrained and fine-tuning, predict, export and torch.hub."""
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REAL_DATA, requires_real_data, write_slice
+
+from data_loaders import make_synthetic_dataset
+from engine import main
+from model import UNet, load_weights, unet_to_buda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def buda_file(tmp_path_factory):
+    """A state_dict with Buda et al.'s exact key names and shapes, from a seeded UNet."""
+    torch.manual_seed(0)
+    model = UNet()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))  # non-trivial BatchNorm buffers
+    path = tmp_path_factory.mktemp("w") / "unet-buda.pt"
+    torch.save(unet_to_buda(model.state_dict()), path)
+    return path, model.eval()
+
+
+def test_buda_key_mapping_round_trip(buda_file):
+    path, original = buda_file
+    theirs = torch.load(path, weights_only=True)
+    assert len(theirs) == 118
+    assert theirs["encoder1.enc1conv1.weight"].shape == (32, 3, 3, 3)
+    assert theirs["encoder1.enc1norm1.running_mean"].shape == (32,)
+    assert theirs["upconv4.weight"].shape == (512, 256, 2, 2)
+    assert theirs["decoder1.dec1conv2.weight"].shape == (32, 32, 3, 3)
+    assert theirs["conv.bias"].shape == (1,)
+    state_dict, kind, normalization = load_weights(str(path))
+    assert (kind, normalization) == ("buda", "buda")
+    fresh = UNet()
+    fresh.load_state_dict(state_dict)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), original(x))
+
+
+def test_torch_hub_loads_the_same_model(buda_file):
+    path, original = buda_file
+    model = torch.hub.load(str(ROOT), "unet", source="local", pretrained=str(path), trust_repo=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), original(x))
+    assert sum(p.numel() for p in torch.hub.load(str(ROOT), "unet", source="local").parameters()) == 7_763_041
+
+
+def tiny_run(tmp_path, *extra):
+    data = make_synthetic_dataset(tmp_path / "syn" / "kaggle_3m", patients=4, slices=4, size=64)
+    return ["--data-dir", str(data), "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def test_pretrained_buda_weights_switch_normalization_and_freeze_encoder(tmp_path, buda_file, capsys):
+    path, original = buda_file
+    run = tmp_path / "run"
+    assert main(tiny_run(tmp_path, "--pretrained", str(path), "--freeze-encoder", "--out-dir", str(run))) == 0
+    assert "expect --normalization buda" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["normalization"] == "buda"
+    trained = torch.load(run / "last.pt", weights_only=True)["model"]
+    start = original.state_dict()
+    for key in ("inc.0.weight", "down4.1.3.weight", "down2.1.1.running_mean"):
+        assert torch.equal(trained[key], start[key]), key  # frozen: weights and BN statistics
+    assert not torch.equal(trained["up4.conv.0.weight"], start["up4.conv.0.weight"])  # decoder trained
+
+
+def test_pretrained_download_failure_is_one_line(tmp_path, capsys):
+    assert main(tiny_run(tmp_path, "--pretrained", "http://127.0.0.1:9/unet.pt", "--out-dir", str(tmp_path / "r"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "download failed" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    config = {"features": 4, "image_size": 32, "channels_last": True, "threshold": 0.5,
+              "normalization": "volume", "tta": False}
+    torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, path)
+    return path
+
+
+def test_predict_on_a_mixed_folder(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 10):
+        write_slice(folder, "P", i, rng.integers(0, 255, (40, 48, 3), dtype=np.uint8), np.zeros((40, 48), np.uint8))
+    cv2.imwrite(str(folder / "gray.png"), rng.integers(0, 255, (20, 30), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_text("not an image either")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                 "--device", "cpu", "--batch-size", "2", "--spacing", "3,0.5,0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped (not an image)" in captured.err and "notes.txt" in captured.err and "broken.png" in captured.err
+    masks = sorted((out / "masks" / "in").glob("*.png"))
+    assert [m.name for m in masks] == ["P_10_pred.png", "P_1_pred.png", "P_2_pred.png", "gray_pred.png"]
+    for m in masks:
+        shape = cv2.imread(str(m), cv2.IMREAD_UNCHANGED).shape
+        assert shape == ((20, 30) if m.name.startswith("gray") else (40, 48))  # the input's size
+        assert set(np.unique(cv2.imread(str(m), cv2.IMREAD_UNCHANGED))) <= {0, 255}
+    assert len(list((out / "overlays" / "in").glob("*.png"))) == 4
+    table = pd.read_csv(out / "predictions.csv")
+    slices = table[table["level"] == "slice"]
+    assert len(slices) == 4 and "P_1_mask" not in " ".join(table["file"].fillna(""))
+    patient = table[table["level"] == "patient"].iloc[0]
+    assert patient["area_px"] == slices["area_px"].sum()
+    assert patient["volume_mm3"] == pytest.approx(patient["area_px"] * 3 * 0.5 * 0.5)
+    for _, row in slices.iterrows():  # the CSV's area is the mask written to disk
+        name = Path(row["file"]).stem + "_pred.png"
+        assert row["area_px"] == (cv2.imread(str(out / "masks" / "in" / name), cv2.IMREAD_UNCHANGED) > 0).sum()
+
+
+@requires_real_data
+def test_predict_on_real_slices(tmp_path, checkpoint):
+    patient = sorted(p for p in REAL_DATA.iterdir() if p.is_dir())[0]
+    folder = tmp_path / patient.name
+    folder.mkdir()
+    for i in (5, 6, 7):
+        for suffix in ("", "_mask"):
+            shutil.copy(patient / f"{patient.name}_{i}{suffix}.tif", folder)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                 "--device", "cpu"]) == 0
+    masks = sorted((out / "masks" / patient.name).glob("*.png"))
+    assert len(masks) == 3  # one per slice; the _mask.tif files are not inputs
+    assert all(cv2.imread(str(m), cv2.IMREAD_UNCHANGED).shape == (256, 256) for m in masks)
+    assert len(pd.read_csv(out / "predictions.csv")) == 4  # 3 slices + the patient total
+
+
+def test_torchscript_export_parity(tmp_path, checkpoint, capsys):
+    out = tmp_path / "unet.ts"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    diff = float(text.split("eager PyTorch on a batch of 2: ")[1].split()[0])
+    assert diff < 1e-4
+    scripted = torch.jit.load(str(out))
+    assert scripted(torch.randn(3, 3, 32, 32)).shape == (3, 1, 32, 32)
+
+
+def test_onnx_export_parity(tmp_path, checkpoint, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "unet.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(out)]) == 0
+    diff = float(capsys.readouterr().out.split("eager PyTorch on a batch of 2: ")[1].split()[0])
+    assert diff < 1e-4
+
+
+def test_onnx_missing_gives_install_advice(tmp_path, checkpoint, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "pip install onnx onnxruntime" in capsys.readouterr().err
