@@ -70,7 +70,7 @@ from libraries import (
     seed_everything,
 )
 from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
-from model import UNet, count_parameters, fuse_conv_bn, load_weights
+from model import UNet, build_model, count_parameters, fuse_conv_bn, load_weights
 from reports import overlay_slice, plot_curves, write_reports
 
 
@@ -102,6 +102,10 @@ class Config:
                               "authors' crop, p10-p99 rescale, z-score", ("volume", "buda"))
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
     # ---- model ----
+    encoder: str = _opt("unet", "unet: the hand-written UNet; resnet34: a UNet on torchvision's ResNet-34",
+                         ("unet", "resnet34"))
+    encoder_weights: str = _opt("none", "with --encoder resnet34: none, or imagenet (torchvision's weights, "
+                                "downloaded once)", ("none", "imagenet"))
     features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
     pretrained: str = _opt("", "start from weights: a checkpoint or state_dict path, a URL, or 'buda' "
                            "(Buda et al.'s release; selects --normalization buda)")
@@ -719,6 +723,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_network(encoder: str, features: int, encoder_weights: str = "none") -> nn.Module:
+    """build_model with a user-facing error when ImageNet weights cannot be downloaded."""
+    try:
+        return build_model(encoder, features, encoder_weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise UserError(f"--encoder-weights {encoder_weights}: torchvision could not fetch the ImageNet weights "
+                        f"({type(exc).__name__}); put resnet34-b627a593.pth in {torch.hub.get_dir()}/checkpoints/ "
+                        "or use --encoder-weights none") from None
+
+
 def pretrained_weights(spec: str) -> tuple[dict, str, str | None]:
     """load_weights with user-facing errors."""
     try:
@@ -732,8 +746,10 @@ def train(cfg: Config) -> dict:
     resumed = None
     if cfg.resume:
         cfg, resumed = resolve_resume(cfg)
-    if cfg.image_size % 16 or cfg.image_size < 16:
-        raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
+    multiple = 32 if cfg.encoder == "resnet34" else 16
+    if cfg.image_size % multiple or cfg.image_size < multiple:
+        raise UserError(f"--image-size must be a positive multiple of {multiple} for --encoder {cfg.encoder}, "
+                        f"got {cfg.image_size}")
     spacing = parse_spacing(cfg.spacing)
     ddp = init_distributed(cfg.device)
     say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
@@ -797,9 +813,13 @@ def train(cfg: Config) -> dict:
                              num_workers=workers, pin_memory=pin)
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = UNet(in_channels=3, out_channels=1, features=cfg.features).to(device, memory_format=memory_format)
+    model = make_network(cfg.encoder, cfg.features, cfg.encoder_weights).to(device, memory_format=memory_format)
     if weights is not None:
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f"--pretrained {cfg.pretrained}: these weights do not fit --encoder {cfg.encoder} "
+                            f"--features {cfg.features} (published weights need --encoder unet --features 32)") from None
     if cfg.freeze_encoder:
         model.freeze_encoder()
     if cfg.sync_bn:
@@ -817,7 +837,7 @@ def train(cfg: Config) -> dict:
     scheduler = make_scheduler(optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * len(train_loader),
                                warmup_steps=round(cfg.warmup_epochs * len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    say(f"model: UNet, {count_parameters(model):,} parameters; {len(train_set)} train slices "
+    say(f"model: {type(model).__name__}, {count_parameters(model):,} trainable parameters; {len(train_set)} train slices "
           f"({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}), "
           f"{len(val_set)} validation slices")
 
@@ -999,7 +1019,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(val_set, batch_size=args.batch_size or record["batch_size"], train=False,
                          seed=record["seed"], num_workers=workers, pin_memory=device.type == "cuda")
-    model = UNet(in_channels=3, out_channels=1, features=record["features"])
+    model = make_network(record.get("encoder", "unet"), record["features"])
     model.load_state_dict(ckpt["model"])
     channels_last = record["channels_last"]
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -1098,7 +1118,7 @@ def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | 
     loader = make_loader(dataset, batch_size=cfg.batch_size, train=True, seed=cfg.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = UNet(features=cfg.features).to(device, memory_format=memory_format)
+    model = make_network(cfg.encoder, cfg.features).to(device, memory_format=memory_format)
     net = torch.compile(model) if cfg.compile else model
     net.train()
     loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
@@ -1227,7 +1247,7 @@ def predict_command(args: argparse.Namespace) -> Path:
     groups, other = collect_inputs(Path(args.input))
     for f in other:
         print(f"skipped (not an image): {f}", file=sys.stderr)
-    model = UNet(in_channels=3, out_channels=1, features=record["features"])
+    model = make_network(record.get("encoder", "unet"), record["features"])
     model.load_state_dict(ckpt["model"])
     channels_last = record["channels_last"]
     model = fuse_conv_bn(model).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -1302,7 +1322,7 @@ def export_command(args: argparse.Namespace) -> float:
     """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch."""
     ckpt = load_checkpoint(Path(args.checkpoint))
     record = ckpt["config"]
-    model = UNet(in_channels=3, out_channels=1, features=record["features"])
+    model = make_network(record.get("encoder", "unet"), record["features"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs

@@ -57,7 +57,30 @@ class OutConv(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
 
-class UNet(nn.Module):
+class FreezableEncoder(nn.Module):
+    """A network whose ``encoder()`` modules can be frozen for fine-tuning."""
+
+    frozen_encoder = False
+
+    def encoder(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def freeze_encoder(self) -> None:
+        """Fine-tuning: no gradient for the encoder, and its BatchNorm statistics stay fixed."""
+        self.frozen_encoder = True
+        for module in self.encoder():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "FreezableEncoder":
+        super().train(mode)
+        if self.frozen_encoder:
+            for module in self.encoder():
+                module.eval()
+        return self
+
+
+class UNet(FreezableEncoder):
     """Encoder-decoder with 4 down levels and skip connections by concatenation.
 
     Args:
@@ -71,7 +94,6 @@ class UNet(nn.Module):
     """
 
     levels = 4
-    frozen_encoder = False
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32) -> None:
         super().__init__()
@@ -90,20 +112,6 @@ class UNet(nn.Module):
     def encoder(self) -> list[nn.Module]:
         """The contracting path, bottleneck included."""
         return [self.inc, self.down1, self.down2, self.down3, self.down4]
-
-    def freeze_encoder(self) -> None:
-        """Fine-tuning: no gradient for the encoder, and its BatchNorm statistics stay fixed."""
-        self.frozen_encoder = True
-        for module in self.encoder():
-            module.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "UNet":
-        super().train(mode)
-        if self.frozen_encoder:
-            for module in self.encoder():
-                module.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = 2**self.levels
@@ -233,3 +241,75 @@ def load_weights(spec: str) -> tuple[dict, str, str | None]:
     if is_buda_state_dict(loaded):
         return buda_to_unet(loaded), "buda", "buda"
     return loaded, "package", normalization
+
+
+# ---------------------------------------------------------------------------------------------
+# A UNet with a torchvision ResNet-34 encoder
+# ---------------------------------------------------------------------------------------------
+
+
+class ResNetUNet(FreezableEncoder):
+    """UNet decoder on torchvision's ResNet-34 encoder (optionally ImageNet-pretrained).
+
+    Skips come from the stem (H/2), layer1 (H/4), layer2 (H/8) and layer3 (H/16); the bottleneck
+    is layer4 (H/32). Returns logits.
+
+    Shape:
+        input (N, 3, H, W) with H and W divisible by 32; output (N, out_channels, H, W).
+    """
+
+    def __init__(self, out_channels: int = 1, weights: str = "none") -> None:
+        super().__init__()
+        from torchvision.models import ResNet34_Weights, resnet34
+
+        backbone = resnet34(weights=ResNet34_Weights.IMAGENET1K_V1 if weights == "imagenet" else None)
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu)  # 64 @ H/2
+        self.pool = backbone.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4  # 64, 128, 256, 512
+        )
+        self.up1 = _SkipUp(512, 256, 256)  # H/16
+        self.up2 = _SkipUp(256, 128, 128)  # H/8
+        self.up3 = _SkipUp(128, 64, 64)  # H/4
+        self.up4 = _SkipUp(64, 64, 64)  # H/2
+        self.final = nn.Sequential(nn.ConvTranspose2d(64, 32, kernel_size=2, stride=2), DoubleConv(32, 32))
+        self.outc = OutConv(32, out_channels)
+
+    def encoder(self) -> list[nn.Module]:
+        return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"ResNet-34 UNet input height and width must be divisible by 32, got "
+                             f"{tuple(x.shape[-2:])}; choose an --image-size that is a multiple of 32")
+        s0 = self.stem(x)  # (N, 64, H/2, W/2)
+        s1 = self.layer1(self.pool(s0))  # (N, 64, H/4, W/4)
+        s2 = self.layer2(s1)  # (N, 128, H/8, W/8)
+        s3 = self.layer3(s2)  # (N, 256, H/16, W/16)
+        x = self.layer4(s3)  # (N, 512, H/32, W/32)
+        x = self.up4(self.up3(self.up2(self.up1(x, s3), s2), s1), s0)  # (N, 64, H/2, W/2)
+        return self.outc(self.final(x))  # (N, out_channels, H, W)
+
+
+class _SkipUp(nn.Module):
+    """2x transposed-conv upsampling, concatenation with a skip of ``skip_channels``, DoubleConv."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = DoubleConv(out_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+ENCODERS = ("unet", "resnet34")
+
+
+def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str = "none") -> nn.Module:
+    """The segmentation network for a config: the hand-written UNet or the ResNet-34 UNet."""
+    if encoder == "unet":
+        return UNet(in_channels=3, out_channels=1, features=features)
+    if encoder == "resnet34":
+        return ResNetUNet(out_channels=1, weights=encoder_weights)
+    raise ValueError(f"--encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")

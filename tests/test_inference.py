@@ -166,3 +166,47 @@ def test_onnx_missing_gives_install_advice(tmp_path, checkpoint, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
     assert "pip install onnx onnxruntime" in capsys.readouterr().err
+
+
+def test_resnet34_unet_shape_gradients_and_freezing():
+    from model import ResNetUNet
+
+    torch.manual_seed(0)
+    model = ResNetUNet(weights="none")  # no download in tests
+    x, target = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
+    out = model(x)
+    assert out.shape == (2, 1, 64, 64)
+    torch.nn.functional.binary_cross_entropy_with_logits(out, target).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.freeze_encoder()
+    model.train()
+    assert not model.stem[1].training and model.up1.conv[1].training
+    assert not any(p.requires_grad for m in model.encoder() for p in m.parameters())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model(torch.randn(1, 3, 48, 48))
+
+
+def test_resnet34_encoder_trains_and_evaluates(tmp_path):
+    run = tmp_path / "run"
+    assert main(tiny_run(tmp_path, "--encoder", "resnet34", "--out-dir", str(run))) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--out-dir", str(out),
+                 "--no-progress", "--cache-dir", "off"]) == 0
+    trained = json.loads((run / "metrics.json").read_text())
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["dice_global"] == pytest.approx(trained["dice_global"], abs=1e-9)
+
+
+def test_imagenet_weights_unavailable_is_one_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import engine
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(engine, "build_model", offline)
+    assert main(tiny_run(tmp_path, "--encoder", "resnet34", "--encoder-weights", "imagenet",
+                         "--out-dir", str(tmp_path / "r"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--encoder-weights none" in err
