@@ -18,12 +18,13 @@ import random
 import re
 import statistics
 import sys
-import warnings
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,8 +32,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loaders import (
@@ -43,17 +44,17 @@ from data_loaders import (
     LGGSlices,
     PatientVolume,
     ShardedSampler,
+    choose_split,
     dataset_report,
     default_cache_dir,
-    download_dataset,
     default_num_workers,
+    download_dataset,
     find_data_dir,
     group_by_patient,
     load_volume,
     make_loader,
     make_synthetic_dataset,
     read_clinical,
-    choose_split,
     scan_dataset,
     set_normalization,
 )
@@ -698,7 +699,7 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
             stored[name] = getattr(cfg, name)
     if not cfg.data_dir:
         stored["data_dir"] = ckpt["config"]["resolved_data_dir"]
-    stored["out_dir"] = str((path if path.is_dir() else path.parent))
+    stored["out_dir"] = str(path if path.is_dir() else path.parent)
     stored["resume"] = cfg.resume
     return Config(**stored), ckpt
 
@@ -1386,7 +1387,7 @@ def report_dataset(args: argparse.Namespace) -> dict:
         f"  patients without tumor: {', '.join(report['patients_without_tumor']) or 'none'}",
         f"  patients with identical channels (one modality copied 3 times): "
         f"{', '.join(report['patients_with_identical_channels']) or 'none'}",
-        f"  clinical table (data.csv): " + (f"{len(clinical)} rows" if clinical is not None else "not found (optional)"),
+        "  clinical table (data.csv): " + (f"{len(clinical)} rows" if clinical is not None else "not found (optional)"),
         f"  problems: {report['problem_summary'] or 'none'}",
     ]
     lines += [f"    {p}" for p in report["problems"][:10]]

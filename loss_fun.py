@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class FreezableEncoder(nn.Module):
             module.requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "FreezableEncoder":
+    def train(self, mode: bool = True) -> FreezableEncoder:
         super().train(mode)
         if self.frozen_encoder:
             for module in self.encoder():
