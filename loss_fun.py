@@ -26,18 +26,23 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over the batch of 1 - soft Dice, each sample scored on its own.
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_sample: bool = True
+) -> torch.Tensor:
+    """1 - soft Dice: the mean over samples (``per_sample``) or over the batch pooled as one.
 
-    Dice_i = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), with p = sigmoid(logits).
+    Dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), with p = sigmoid(logits).
     ``smooth`` keeps the ratio defined on empty slices (an empty slice predicted empty scores 1)
-    and softens the gradient on tiny lesions.
+    and softens the gradient on tiny lesions. Per sample, every slice without tumor asks for an
+    all-background prediction on its own; pooled, slices weigh by their pixels.
 
     Shape:
         logits, target: (N, 1, H, W). Returns a scalar.
     """
     p = torch.sigmoid(logits.float()).flatten(1)
     t = target.float().flatten(1)
+    if not per_sample:
+        p, t = p.reshape(1, -1), t.reshape(1, -1)
     dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return 1 - dice.mean()
 
@@ -54,16 +59,19 @@ class DiceBCELoss(nn.Module):
     behaved gradients early in training when the Dice ratio is still noisy.
     """
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0) -> None:
+    def __init__(
+        self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0, per_sample: bool = True
+    ) -> None:
         super().__init__()
         if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
             raise ValueError("dice_weight and bce_weight must be >= 0 and not both 0")
         self.dice_weight, self.bce_weight, self.smooth = dice_weight, bce_weight, smooth
+        self.per_sample = per_sample
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth, self.per_sample)
         if self.bce_weight:
             loss = loss + self.bce_weight * bce_loss(logits, target)
         return loss

@@ -28,8 +28,10 @@ def test_dice_loss_is_per_sample_not_pooled():
     # Sample A: one tumor pixel, found (Dice 1). Sample B: three tumor pixels, none found (Dice 0).
     logits = t([[BIG, -BIG, -BIG, -BIG], [-BIG, -BIG, -BIG, -BIG]])
     target = t([[1, 0, 0, 0], [1, 1, 1, 0]])
-    # Per-sample mean: 1 - (1 + 0) / 2 = 0.5. Pooled over the batch it would be 1 - 2/5 = 0.6.
+    # Per-sample mean: 1 - (1 + 0) / 2 = 0.5. Pooled over the batch: 1 - 2 * 1 / (1 + 4) = 0.6.
     assert soft_dice_loss(logits, target, smooth=0.0).item() == pytest.approx(0.5, abs=1e-6)
+    assert soft_dice_loss(logits, target, smooth=0.0, per_sample=False).item() == pytest.approx(0.6, abs=1e-6)
+    assert DiceBCELoss(1.0, 0.0, smooth=0.0, per_sample=False)(logits, target).item() == pytest.approx(0.6, abs=1e-6)
 
 
 def test_dice_loss_empty_slice_predicted_empty_is_zero():
