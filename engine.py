@@ -55,6 +55,7 @@ from data_loaders import (
     make_loader,
     make_synthetic_dataset,
     read_clinical,
+    read_image,
     scan_dataset,
     set_normalization,
 )
@@ -368,6 +369,16 @@ def _to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.
     return out
 
 
+def forward_with_mirror(
+    model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None, tta: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of ``x`` and, with ``tta``, of its left-right mirror, flipped back into place."""
+    with autocast(x.device, amp_dtype):
+        logits = model(x).float()
+        mirrored = torch.flip(model(torch.flip(x, dims=[-1])).float(), dims=[-1]) if tta else None
+    return logits, mirrored
+
+
 @torch.inference_mode()
 def predict_volumes(
     model: nn.Module,
@@ -394,17 +405,14 @@ def predict_volumes(
     slices: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         image, mask = _to_device(batch, device, channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(image).float()
-            if tta:
-                flipped = model(torch.flip(image, dims=[-1])).float()
+        logits, mirrored = forward_with_mirror(model, image, amp_dtype, tta)
         if loss_fn is not None:
             total += loss_fn(logits, mask).item() * len(image)
             seen += len(image)
         size, box = batch["full_mask"].shape[-2:], batch.get("box")
         prob = torch.sigmoid(_to_full_resolution(logits, size, box))
-        if tta:
-            prob = (prob + torch.sigmoid(_to_full_resolution(torch.flip(flipped, dims=[-1]), size, box))) / 2
+        if mirrored is not None:
+            prob = (prob + torch.sigmoid(_to_full_resolution(mirrored, size, box))) / 2
         pred = (prob > threshold).cpu().numpy()[:, 0]
         truth = batch["full_mask"].numpy()[:, 0] > 0.5
         for p, s, pr, tr in zip(batch["patient"].tolist(), batch["slice"].tolist(), pred, truth):
@@ -1001,6 +1009,14 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def network_from_checkpoint(ckpt: dict) -> nn.Module:
+    """The network a checkpoint was trained with, holding its weights (on the CPU)."""
+    record = ckpt["config"]
+    model = make_network(record.get("encoder", "unet"), record["features"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """The ``evaluate`` command: score a checkpoint on the validation patients it was trained with."""
     ckpt_path = Path(args.checkpoint)
@@ -1022,8 +1038,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(val_set, batch_size=args.batch_size or record["batch_size"], train=False,
                          seed=record["seed"], num_workers=workers, pin_memory=device.type == "cuda")
-    model = make_network(record.get("encoder", "unet"), record["features"])
-    model.load_state_dict(ckpt["model"])
+    model = network_from_checkpoint(ckpt)
     channels_last = record["channels_last"]
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"],
@@ -1229,16 +1244,6 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     return groups, other
 
 
-def read_any_image(path: Path) -> np.ndarray | None:
-    """An input slice as (H, W, 3) uint8 RGB; grayscale is copied to 3 channels. None if not an image."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.dtype != np.uint8:
-        return None
-    if image.ndim == 2 or image.shape[2] == 1:
-        return np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
-    return np.ascontiguousarray(image[..., 2::-1])
-
-
 @torch.inference_mode()
 def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
@@ -1251,8 +1256,7 @@ def predict_command(args: argparse.Namespace) -> Path:
     groups, other = collect_inputs(Path(args.input))
     for f in other:
         print(f"skipped (not an image): {f}", file=sys.stderr)
-    model = make_network(record.get("encoder", "unet"), record["features"])
-    model.load_state_dict(ckpt["model"])
+    model = network_from_checkpoint(ckpt)
     channels_last = record["channels_last"]
     model = fuse_conv_bn(model).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     normalization, size = record.get("normalization", "volume"), record["image_size"]
@@ -1262,8 +1266,9 @@ def predict_command(args: argparse.Namespace) -> Path:
     for group, files in groups.items():
         images, names = [], []
         for f in files:
-            image = read_any_image(f)
-            if image is None:
+            try:
+                image = read_image(f)  # grayscale comes back copied into 3 channels
+            except DatasetError:
                 print(f"skipped (not an image): {f}", file=sys.stderr)
                 skipped += 1
                 continue
@@ -1289,9 +1294,7 @@ def predict_command(args: argparse.Namespace) -> Path:
                     boxes.append([*box, top, left, side])
                 tensors.append(preprocess(image, mask, stats)[0])
             x = torch.stack(tensors).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            with autocast(device, amp_dtype):
-                logits = model(x).float()
-                flipped = torch.flip(model(torch.flip(x, dims=[-1])).float(), dims=[-1]) if tta else None
+            logits, flipped = forward_with_mirror(model, x, amp_dtype, tta)
             for k, j in enumerate(chunk):
                 b = torch.tensor([boxes[k]]) if boxes else None
                 hw = images[j].shape[:2]
@@ -1326,8 +1329,7 @@ def export_command(args: argparse.Namespace) -> float:
     """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch."""
     ckpt = load_checkpoint(Path(args.checkpoint))
     record = ckpt["config"]
-    model = make_network(record.get("encoder", "unet"), record["features"])
-    model.load_state_dict(ckpt["model"])
+    model = network_from_checkpoint(ckpt)
     model.eval()
     deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
     size = record["image_size"]
