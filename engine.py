@@ -72,7 +72,7 @@ from libraries import (
     seed_everything,
 )
 from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
-from model import UNet, build_model, count_parameters, fuse_conv_bn, load_weights
+from model import UNet, build_model, count_flops, count_parameters, fuse_conv_bn, load_weights
 from reports import overlay_slice, plot_curves, write_reports
 
 
@@ -1077,51 +1077,74 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _images_per_second(fn: Any, images: int, device: torch.device, warmup: int, repeats: int) -> float:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; images / median seconds."""
-    for _ in range(warmup):
-        fn()
+def _interleaved_rates(fns: list[Any], images: int, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """images / median seconds of each function in ``fns``, timed in turns (A, B, A, B, ...).
+
+    Taking turns means a shared machine that slows down or speeds up mid-run (other tenants,
+    clock changes) shifts every path alike, so the ratios between paths stay meaningful.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return images / statistics.median(times)
+        for fn, took in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            took.append(time.perf_counter() - t)
+    return [images / statistics.median(took) for took in times]
 
 
-def time_path(
-    *, features: int, image_size: int, batch_size: int, device: torch.device,
-    amp_dtype: torch.dtype | None, channels_last: bool, compile_model: bool, fused: bool, warmup: int,
-    repeats: int,
-) -> dict:
-    """Training-step and inference throughput of one execution path on random inputs."""
-    torch.manual_seed(0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(features=features).to(device, memory_format=memory_format)
-    net = torch.compile(model) if compile_model else model
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-    y = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.95).float()
+def time_paths(
+    paths: dict[str, dict], *, features: int, image_size: int, batch_size: int, device: torch.device,
+    warmup: int, repeats: int,
+) -> list[dict]:
+    """Training-step and inference throughput of each execution path in ``paths``, on random inputs.
+
+    ``paths`` maps a name to its options: amp_dtype, channels_last, compile_model, and fused
+    (infer with BatchNorm folded into the convs, as evaluate does). Every path starts from the
+    same weights and sees the same batch; the paths are timed in turns.
+    """
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    y = (torch.rand(batch_size, 1, image_size, image_size, generator=torch.Generator().manual_seed(1)) > 0.95).float()
     loss_fn = DiceBCELoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    setups = []
+    for options in paths.values():
+        torch.manual_seed(0)
+        memory_format = torch.channels_last if options["channels_last"] else torch.contiguous_format
+        model = UNet(features=features).to(device, memory_format=memory_format)
+        setups.append(dict(options, model=model, x=x.to(device).contiguous(memory_format=memory_format),
+                           y=y.to(device), net=torch.compile(model) if options["compile_model"] else model,
+                           optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                           scaler=torch.amp.GradScaler(device.type, enabled=options["amp_dtype"] == torch.float16)))
 
-    def train_fn() -> None:
-        optimizer_step(forward_loss(net, x, y, loss_fn, amp_dtype), optimizer, scaler)
+    def train_step(s: dict) -> Any:
+        return lambda: optimizer_step(forward_loss(s["net"], s["x"], s["y"], loss_fn, s["amp_dtype"]),
+                                      s["optimizer"], s["scaler"])
 
-    net.train()
-    train_ips = _images_per_second(train_fn, batch_size, device, warmup, repeats)
-    # The fast path infers as evaluate does, with BatchNorm folded into the convs.
-    infer_net = fuse_conv_bn(model) if fused else model.eval()
-    infer_net = torch.compile(infer_net) if compile_model else infer_net
+    for s in setups:
+        s["net"].train()
+    train_ips = _interleaved_rates([train_step(s) for s in setups], batch_size, device, warmup, repeats)
+    # Inference copies are made after training, so BatchNorm has real running statistics.
+    for s in setups:
+        infer = fuse_conv_bn(s["model"]) if s["fused"] else s["model"].eval()
+        s["infer_net"] = torch.compile(infer) if s["compile_model"] else infer
 
-    def infer_fn() -> None:
-        with torch.inference_mode(), autocast(device, amp_dtype):
-            infer_net(x)
+    def infer_step(s: dict) -> Any:
+        def run() -> None:
+            with torch.inference_mode(), autocast(device, s["amp_dtype"]):
+                s["infer_net"](s["x"])
+        return run
 
-    infer_ips = _images_per_second(infer_fn, batch_size, device, warmup, repeats)
-    return {"train_img_s": train_ips, "infer_img_s": infer_ips}
+    infer_ips = _interleaved_rates([infer_step(s) for s in setups], batch_size, device, warmup, repeats)
+    forward_flops, train_flops = count_flops(setups[0]["model"], image_size)
+    return [
+        {"path": name, "train_img_s": t, "infer_img_s": i,
+         "train_tflop_s": t * train_flops / 1e12, "infer_tflop_s": i * forward_flops / 1e12}
+        for name, t, i in zip(paths, train_ips, infer_ips)
+    ]
 
 
 def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, batches: int) -> dict:
@@ -1180,10 +1203,8 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         f"fast (amp {amp_dtype or 'off'}, channels_last {cfg.channels_last}, compile {cfg.compile})": dict(
             amp_dtype=amp_dtype, channels_last=cfg.channels_last, compile_model=cfg.compile, fused=True),
     }
-    rows = []
-    for name, options in paths.items():
-        print(f"timing {name} ...", flush=True)
-        rows.append({"path": name, **time_path(**common, **options)})
+    print(f"timing {len(paths)} paths in turns ...", flush=True)
+    rows = time_paths(paths, **common)
     ref, fast = rows
     e2e = time_end_to_end(cfg, device, amp_dtype, args.e2e_batches)
     result = {
@@ -1199,9 +1220,10 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     env = result["environment"]
     print(f"\nUNet ({cfg.features} features), {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, "
           f"{env.get('gpu', env['device'])}, torch {env['torch']}")
-    print(f"{'path':<58} {'train img/s':>12} {'infer img/s':>12}")
+    print(f"{'path':<58} {'train img/s':>12} {'infer img/s':>12} {'train TFLOP/s':>14} {'infer TFLOP/s':>14}")
     for r in rows:
-        print(f"{r['path']:<58} {r['train_img_s']:>12.2f} {r['infer_img_s']:>12.2f}")
+        print(f"{r['path']:<58} {r['train_img_s']:>12.2f} {r['infer_img_s']:>12.2f} "
+              f"{r['train_tflop_s']:>14.3f} {r['infer_tflop_s']:>14.3f}")
     print(f"{'speed-up, fast / reference':<58} {result['train_speedup']:>11.2f}x {result['infer_speedup']:>11.2f}x")
     print(f"{'end to end through the DataLoader (' + str(e2e['workers']) + ' workers)':<58} "
           f"{e2e['train_img_s']:>12.2f} {'':>12}  = {result['end_to_end_vs_fast_step']:.0%} of the bare fast step")

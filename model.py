@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class DoubleConv(nn.Sequential):
@@ -135,6 +136,17 @@ class UNet(FreezableEncoder):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(model: nn.Module, image_size: int) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs of one image, counted on the meta device (no compute)."""
+    meta = copy.deepcopy(model).to("meta")
+    x = torch.zeros(1, 3, image_size, image_size, device="meta")
+    with FlopCounterMode(display=False) as forward:
+        meta(x)
+    with FlopCounterMode(display=False) as training:
+        meta(x).sum().backward()
+    return float(forward.get_total_flops()), float(training.get_total_flops())
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from engine import autocast, main
-from model import UNet
+from model import UNet, count_flops
 
 
 @pytest.fixture
@@ -60,7 +61,22 @@ def test_benchmark_command_writes_valid_json(tmp_path, capsys):
     for row in (ref, fast):
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0
     assert result["train_speedup"] == pytest.approx(fast["train_img_s"] / ref["train_img_s"])
+    forward, training = count_flops(UNet(features=4), 32)
+    for row in (ref, fast):
+        assert row["infer_tflop_s"] == pytest.approx(row["infer_img_s"] * forward / 1e12)
+        assert row["train_tflop_s"] == pytest.approx(row["train_img_s"] * training / 1e12)
     e2e = result["end_to_end"]
     assert e2e["slices"] == 8 and e2e["train_img_s"] > 0 and e2e["first_batch_seconds_warm_cache"] > 0
     assert result["end_to_end_vs_fast_step"] == pytest.approx(e2e["train_img_s"] / fast["train_img_s"])
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_count_flops_by_hand():
+    # 8x8 input, two convs without bias. A conv costs 2 * (inputs per output) * outputs FLOPs.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Conv2d(4, 1, 1, bias=False))
+    first, second = 2 * (3 * 3 * 3) * (4 * 8 * 8), 2 * 4 * (1 * 8 * 8)
+    forward, training = count_flops(model, 8)
+    assert forward == first + second
+    # Backward: the second conv needs its input's and its weight's gradients (each as costly as
+    # its forward); the first only its weight's, since the image needs no gradient.
+    assert training == forward + 2 * second + first
