@@ -473,8 +473,9 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
 class LGGSlices(Dataset):
     """2D slices of several patient volumes.
 
-    Each item is a dict with ``image`` (3, S, S) float32, ``mask`` (1, S, S) float32 {0, 1},
-    ``patient`` (int index into ``self.patients``) and ``slice`` (slice number). With
+    Each item is a dict with ``image`` (3, S, S) uint8, ``mask`` (1, S, S) uint8 {0, 1},
+    ``stats`` (4, 3) float32, the volume's normalization statistics (``normalize`` applies them
+    on the device), ``patient`` (int index into ``self.patients``) and ``slice`` (slice number). With
     ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the mask at the file's
     own resolution, which evaluation scores against so that metrics do not depend on
     ``image_size``.
@@ -503,7 +504,8 @@ class LGGSlices(Dataset):
             image, mask, (top, left, side) = crop_pad_square(image, mask, vol.box)
             # Everything evaluation needs to paste a prediction back onto the original grid.
             item["box"] = torch.tensor([*vol.box, top, left, side])
-        item["image"], item["mask"] = self.preprocess(image, mask, vol.stats)
+        item["image"], item["mask"] = self.preprocess(image, mask)
+        item["stats"] = vol.stats.as_tensor()
         if self.full_mask:
             item["full_mask"] = torch.from_numpy(vol.masks[j]).float().unsqueeze(0)
         return item

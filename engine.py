@@ -59,7 +59,15 @@ from data_loaders import (
     scan_dataset,
     set_normalization,
 )
-from data_preprocessing import brain_box, buda_stats, crop_pad_square, eval_preprocess, train_preprocess, volume_stats
+from data_preprocessing import (
+    brain_box,
+    buda_stats,
+    crop_pad_square,
+    eval_preprocess,
+    normalize,
+    train_preprocess,
+    volume_stats,
+)
 from libraries import (
     UserError,
     environment_report,
@@ -287,9 +295,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's uint8 image and mask on ``device``; the image normalized there, the mask as float."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
-    return image, batch["mask"].to(device, non_blocking=True)
+    image = normalize(batch["image"].to(device, non_blocking=True), batch["stats"].to(device, non_blocking=True))
+    return image.contiguous(memory_format=memory_format), batch["mask"].to(device, non_blocking=True).float()
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
@@ -1314,8 +1323,9 @@ def predict_command(args: argparse.Namespace) -> Path:
                 if box is not None:
                     image, mask, (top, left, side) = crop_pad_square(image, mask, box)
                     boxes.append([*box, top, left, side])
-                tensors.append(preprocess(image, mask, stats)[0])
-            x = torch.stack(tensors).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                tensors.append(preprocess(image, mask)[0])
+            x = normalize(torch.stack(tensors).to(device), stats.as_tensor().to(device))
+            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             logits, flipped = forward_with_mirror(model, x, amp_dtype, tta)
             for k, j in enumerate(chunk):
                 b = torch.tensor([boxes[k]]) if boxes else None

@@ -84,7 +84,7 @@ def test_buda_normalization_statistics():
     stats = buda_stats(cropped)
     p10, p99 = np.percentile(cropped, (10, 99))
     assert stats.low[0] == pytest.approx(p10) and stats.high[2] == pytest.approx(p99)
-    z = np.stack([normalize(v, stats) for v in cropped])
+    z = normalize(torch.from_numpy(cropped).permute(0, 3, 1, 2), stats.as_tensor()).permute(0, 2, 3, 1).numpy()
     for c in range(3):  # z-scored per channel over the whole cropped volume
         assert z[..., c].mean() == pytest.approx(0, abs=1e-4)
         assert z[..., c].std() == pytest.approx(1, abs=1e-4)
@@ -112,7 +112,7 @@ def test_crop_pad_and_paste_back_round_trip():
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert batch["box"].shape == (3, 7)
     # The model-input mask, as confident logits, pasted back onto the 32 x 32 grid.
-    back = _to_full_resolution(batch["mask"] * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
+    back = _to_full_resolution(batch["mask"].float() * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
     assert torch.equal(back, batch["full_mask"].bool())
 
 

@@ -23,15 +23,14 @@ def test_train_transform_keeps_masks_binary_and_sizes():
     image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[20:40, 10:30] = 1
-    stats = volume_stats(image[None])
     pre = train_preprocess(32, affine_p=1.0, intensity_p=1.0)
     pre.transform.set_random_seed(0)
     areas = set()
     for _ in range(20):
-        x, y = pre(image, mask, stats)
-        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-        assert y.shape == (1, 32, 32) and y.dtype == torch.float32
-        assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+        x, y = pre(image, mask)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+        assert y.shape == (1, 32, 32) and y.dtype == torch.uint8
+        assert set(torch.unique(y).tolist()) <= {0, 1}
         areas.add(int(y.sum()))
     assert len(areas) > 1  # the augmentation really moves the mask
 
@@ -40,11 +39,10 @@ def test_eval_transform_is_deterministic():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     mask = (rng.random((64, 64)) > 0.5).astype(np.uint8)
-    stats = volume_stats(image[None])
     pre = eval_preprocess(32)
-    a, b = pre(image, mask, stats), pre(image, mask, stats)
+    a, b = pre(image, mask), pre(image, mask)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert set(torch.unique(a[1]).tolist()) <= {0.0, 1.0}
+    assert set(torch.unique(a[1]).tolist()) <= {0, 1}
 
 
 def test_volume_stats_by_hand():
@@ -67,11 +65,22 @@ def test_normalize_gives_zero_mean_unit_std_on_the_head():
     volume = rng.integers(1, 200, (4, 16, 16, 3), dtype=np.uint8)
     volume[:, :4] = 0  # background rows
     s = volume_stats(volume, low_pct=0, high_pct=100)
-    z = np.stack([normalize(v, s) for v in volume])
+    # The whole volume as one (N, C, H, W) batch sharing one (4, C) set of statistics.
+    z = normalize(torch.from_numpy(volume).permute(0, 3, 1, 2), s.as_tensor()).numpy()
+    assert z.dtype == np.float32
     head = volume[..., 0] > 0
     for c in range(3):
-        assert z[..., c][head].mean() == pytest.approx(0, abs=1e-5)
-        assert z[..., c][head].std() == pytest.approx(1, abs=1e-5)
+        assert z[:, c][head].mean() == pytest.approx(0, abs=1e-5)
+        assert z[:, c][head].std() == pytest.approx(1, abs=1e-5)
+
+
+def test_normalize_by_hand_per_sample_statistics():
+    # Two one-channel 1x2 images, each with its own volume's statistics (low, high, mean, std).
+    image = torch.tensor([[[[0, 200]]], [[[50, 100]]]], dtype=torch.uint8)
+    stats = torch.tensor([[[10.0], [150.0], [30.0], [2.0]], [[0.0], [255.0], [100.0], [50.0]]])
+    z = normalize(image, stats)
+    # Image 0: clipped to 10 and 150, then (v - 30) / 2. Image 1: (v - 100) / 50.
+    assert z.tolist() == [[[[-10.0, 60.0]]], [[[-1.0, 0.0]]]]
 
 
 def test_empty_channel_does_not_divide_by_zero():
@@ -79,4 +88,4 @@ def test_empty_channel_does_not_divide_by_zero():
     volume[..., 1] = 7
     s = volume_stats(volume)
     assert s.std[0] == 1.0 and s.std[2] == 1.0
-    assert np.isfinite(normalize(volume[0], s)).all()
+    assert torch.isfinite(normalize(torch.from_numpy(volume[0]).permute(2, 0, 1), s.as_tensor())).all()
