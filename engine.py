@@ -79,7 +79,7 @@ from libraries import (
     save_torch,
     seed_everything,
 )
-from loss_fun import DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
+from loss_fun import DICE_MODES, DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
 from model import UNet, build_model, count_flops, count_parameters, fuse_conv_bn, load_weights
 from reports import overlay_slice, plot_curves, write_reports
 
@@ -131,8 +131,8 @@ class Config:
     patience: int = _opt(0, "stop after this many epochs without a better validation Dice per volume (0: off)")
     dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
     bce_weight: float = _opt(1.0, "weight of the binary cross-entropy loss")
-    dice_mode: str = _opt("sample", "soft Dice per slice, averaged (sample), or pooled over the batch (batch)",
-                          ("sample", "batch"))
+    dice_mode: str = _opt("sample", "soft Dice per slice, averaged (sample); pooled over the batch (batch); "
+                          "or averaged over the slices with tumor only, the rest left to BCE (tumor)", DICE_MODES)
     threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
     # ---- evaluation ----
     postprocess: str = _opt("none", "keep the largest 3D connected component per patient (lcc) or not; "
@@ -848,7 +848,7 @@ def train(cfg: Config) -> dict:
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp.enabled else model
     net = torch.compile(net) if cfg.compile else net
-    loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight, per_sample=cfg.dice_mode == "sample")
+    loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight, mode=cfg.dice_mode)
     encoder = {id(p) for m in model.encoder() for p in m.parameters()}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in encoder],
                "lr": cfg.lr * cfg.encoder_lr_scale},
@@ -1051,7 +1051,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     channels_last = record["channels_last"]
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"],
-                          per_sample=record.get("dice_mode", "sample") == "sample")
+                          mode=record.get("dice_mode", "sample"))
     start = time.perf_counter()
     postprocess = args.postprocess or record.get("postprocess", "none")
     tta = record.get("tta", False) if args.tta is None else args.tta
@@ -1172,7 +1172,7 @@ def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | 
     model = make_network(cfg.encoder, cfg.features).to(device, memory_format=memory_format)
     net = torch.compile(model) if cfg.compile else model
     net.train()
-    loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight, per_sample=cfg.dice_mode == "sample")
+    loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight, mode=cfg.dice_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     first_batch_s, images, timed_from = None, 0, None

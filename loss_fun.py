@@ -26,23 +26,35 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 
 
+DICE_MODES = ("sample", "batch", "tumor")
+
+
 def soft_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_sample: bool = True
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, mode: str = "sample"
 ) -> torch.Tensor:
-    """1 - soft Dice: the mean over samples (``per_sample``) or over the batch pooled as one.
+    """1 - soft Dice, averaged over the slices (``sample``), pooled over the batch (``batch``) or
+    averaged over the slices that contain tumor (``tumor``).
 
     Dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth), with p = sigmoid(logits).
     ``smooth`` keeps the ratio defined on empty slices (an empty slice predicted empty scores 1)
     and softens the gradient on tiny lesions. Per sample, every slice without tumor asks for an
-    all-background prediction on its own; pooled, slices weigh by their pixels.
+    all-background prediction on its own; pooled, slices weigh by their pixels. With ``tumor``,
+    slices without tumor are left to the BCE term, and a batch with no tumor gives 0.
 
     Shape:
         logits, target: (N, 1, H, W). Returns a scalar.
     """
+    if mode not in DICE_MODES:
+        raise ValueError(f"mode must be one of {DICE_MODES}, got {mode!r}")
     p = torch.sigmoid(logits.float()).flatten(1)
     t = target.float().flatten(1)
-    if not per_sample:
+    if mode == "batch":
         p, t = p.reshape(1, -1), t.reshape(1, -1)
+    elif mode == "tumor":
+        has_tumor = t.sum(1) > 0
+        if not has_tumor.any():
+            return p.new_zeros(())
+        p, t = p[has_tumor], t[has_tumor]
     dice = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return 1 - dice.mean()
 
@@ -60,18 +72,20 @@ class DiceBCELoss(nn.Module):
     """
 
     def __init__(
-        self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0, per_sample: bool = True
+        self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0, mode: str = "sample"
     ) -> None:
         super().__init__()
         if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
             raise ValueError("dice_weight and bce_weight must be >= 0 and not both 0")
         self.dice_weight, self.bce_weight, self.smooth = dice_weight, bce_weight, smooth
-        self.per_sample = per_sample
+        if mode not in DICE_MODES:
+            raise ValueError(f"mode must be one of {DICE_MODES}, got {mode!r}")
+        self.mode = mode
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth, self.per_sample)
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, self.smooth, self.mode)
         if self.bce_weight:
             loss = loss + self.bce_weight * bce_loss(logits, target)
         return loss

@@ -30,8 +30,23 @@ def test_dice_loss_is_per_sample_not_pooled():
     target = t([[1, 0, 0, 0], [1, 1, 1, 0]])
     # Per-sample mean: 1 - (1 + 0) / 2 = 0.5. Pooled over the batch: 1 - 2 * 1 / (1 + 4) = 0.6.
     assert soft_dice_loss(logits, target, smooth=0.0).item() == pytest.approx(0.5, abs=1e-6)
-    assert soft_dice_loss(logits, target, smooth=0.0, per_sample=False).item() == pytest.approx(0.6, abs=1e-6)
-    assert DiceBCELoss(1.0, 0.0, smooth=0.0, per_sample=False)(logits, target).item() == pytest.approx(0.6, abs=1e-6)
+    assert soft_dice_loss(logits, target, smooth=0.0, mode="batch").item() == pytest.approx(0.6, abs=1e-6)
+    assert DiceBCELoss(1.0, 0.0, smooth=0.0, mode="batch")(logits, target).item() == pytest.approx(0.6, abs=1e-6)
+
+
+def test_dice_loss_tumor_mode_leaves_empty_slices_to_bce():
+    # A: one tumor pixel, half-found (p = 0.5 everywhere). B: no tumor, two false positives.
+    logits = t([[0, 0, 0, 0], [BIG, BIG, -BIG, -BIG]])
+    target = t([[1, 0, 0, 0], [0, 0, 0, 0]])
+    # A alone, smooth 0: Dice = 2 * 0.5 / (2 + 1) = 1/3, so the loss is 2/3.
+    assert soft_dice_loss(logits, target, smooth=0.0, mode="tumor").item() == pytest.approx(2 / 3, abs=1e-6)
+    # Per sample, B adds a Dice of 0 (0 / 2): 1 - (1/3 + 0) / 2 = 5/6.
+    assert soft_dice_loss(logits, target, smooth=0.0).item() == pytest.approx(5 / 6, abs=1e-6)
+    # A batch with no tumor at all: no Dice term, the loss is the BCE alone.
+    assert soft_dice_loss(logits[1:], target[1:], mode="tumor").item() == 0.0
+    assert DiceBCELoss(mode="tumor")(logits[1:], target[1:]).item() == pytest.approx(bce_loss(logits[1:], target[1:]).item())
+    with pytest.raises(ValueError, match="mode"):
+        DiceBCELoss(mode="slices")
 
 
 def test_dice_loss_empty_slice_predicted_empty_is_zero():
