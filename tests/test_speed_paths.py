@@ -67,6 +67,7 @@ def test_benchmark_command_writes_valid_json(tmp_path, capsys):
         assert row["train_tflop_s"] == pytest.approx(row["train_img_s"] * training / 1e12)
     e2e = result["end_to_end"]
     assert e2e["slices"] == 8 and e2e["train_img_s"] > 0 and e2e["first_batch_seconds_warm_cache"] > 0
+    assert e2e["loader_img_s"] > 0
     assert result["end_to_end_vs_fast_step"] == pytest.approx(e2e["train_img_s"] / fast["train_img_s"])
     assert "speed-up" in capsys.readouterr().out
 
