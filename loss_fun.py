@@ -29,6 +29,11 @@ from torch import nn
 DICE_MODES = ("sample", "batch", "tumor")
 
 
+def _check_dice_mode(mode: str) -> None:
+    if mode not in DICE_MODES:
+        raise ValueError(f"mode must be one of {DICE_MODES}, got {mode!r}")
+
+
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, mode: str = "sample"
 ) -> torch.Tensor:
@@ -44,8 +49,7 @@ def soft_dice_loss(
     Shape:
         logits, target: (N, 1, H, W). Returns a scalar.
     """
-    if mode not in DICE_MODES:
-        raise ValueError(f"mode must be one of {DICE_MODES}, got {mode!r}")
+    _check_dice_mode(mode)
     p = torch.sigmoid(logits.float()).flatten(1)
     t = target.float().flatten(1)
     if mode == "batch":
@@ -78,8 +82,7 @@ class DiceBCELoss(nn.Module):
         if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
             raise ValueError("dice_weight and bce_weight must be >= 0 and not both 0")
         self.dice_weight, self.bce_weight, self.smooth = dice_weight, bce_weight, smooth
-        if mode not in DICE_MODES:
-            raise ValueError(f"mode must be one of {DICE_MODES}, got {mode!r}")
+        _check_dice_mode(mode)  # at construction, not at the first batch
         self.mode = mode
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
