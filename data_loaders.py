@@ -491,6 +491,7 @@ class LGGSlices(Dataset):
         # (volume index, position in volume) for every slice, patients in order.
         self.index = [(p, i) for p, v in enumerate(self.volumes) for i in range(len(v.images))]
         self.has_tumor = np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes else np.zeros(0, bool)
+        self.stats = [v.stats.as_tensor() for v in self.volumes]  # once per volume, not per item
 
     def __len__(self) -> int:
         return len(self.index)
@@ -505,7 +506,7 @@ class LGGSlices(Dataset):
             # Everything evaluation needs to paste a prediction back onto the original grid.
             item["box"] = torch.tensor([*vol.box, top, left, side])
         item["image"], item["mask"] = self.preprocess(image, mask)
-        item["stats"] = vol.stats.as_tensor()
+        item["stats"] = self.stats[p]
         if self.full_mask:
             item["full_mask"] = torch.from_numpy(vol.masks[j]).float().unsqueeze(0)
         return item

@@ -1175,48 +1175,46 @@ def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | 
     loss_fn = DiceBCELoss(cfg.dice_weight, cfg.bce_weight, mode=cfg.dice_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    first_batch_s, images, timed_from = None, 0, None
-    done = 0
-    while done <= batches:  # the first batch warms up; ``batches`` more are timed
-        for batch in loader:
-            if first_batch_s is None:
-                first_batch_s = time.perf_counter() - t0
-            image, mask = _to_device(batch, device, cfg.channels_last)
-            optimizer_step(forward_loss(net, image, mask, loss_fn, amp_dtype), optimizer, scaler)
-            if done == 0:
-                _sync(device)
-                timed_from = time.perf_counter()
-            else:
-                images += len(image)
-            done += 1
-            if done > batches:
-                break
-    _sync(device)
-    train_img_s = images / (time.perf_counter() - timed_from)
+
+    def train_step(batch: dict) -> int:
+        image, mask = _to_device(batch, device, cfg.channels_last)
+        optimizer_step(forward_loss(net, image, mask, loss_fn, amp_dtype), optimizer, scaler)
+        return len(image)
+
+    def load_only(batch: dict) -> int:
+        return len(_to_device(batch, device, cfg.channels_last)[0])
+
+    first_at, train_img_s = _timed_batches(loader, device, batches, train_step)
     return {"data": str(root), "synthetic_data": synthetic, "slices": len(dataset), "workers": workers,
-            "first_batch_seconds_warm_cache": first_batch_s, "train_img_s": train_img_s,
-            "loader_img_s": time_loader(loader, device, cfg.channels_last, batches)}
+            "first_batch_seconds_warm_cache": first_at - t0, "train_img_s": train_img_s,
+            # What the input pipeline alone delivers: the most training can reach with this loader.
+            "loader_img_s": _timed_batches(loader, device, batches, load_only)[1]}
 
 
-def time_loader(loader: torch.utils.data.DataLoader, device: torch.device, channels_last: bool, batches: int) -> float:
-    """Images/s the input pipeline alone delivers, normalized on ``device`` and ready for the model.
+def _timed_batches(
+    loader: torch.utils.data.DataLoader, device: torch.device, batches: int, work: Callable[[dict], int]
+) -> tuple[float, float]:
+    """Run ``work`` (returning the images it handled) on 1 + ``batches`` batches, cycling the loader.
 
-    The most a training run can reach with this loader, however fast the model is.
+    Returns when the first batch arrived (``time.perf_counter``) and the images/s of the other
+    ``batches``: the first one, with worker start-up and warm-up, is not timed.
     """
-    images, timed_from, done = 0, None, 0
-    while done <= batches:  # the first batch (worker start-up) is not timed
+    first_at, timed_from, images, done = 0.0, 0.0, 0, 0
+    while done <= batches:
         for batch in loader:
-            image, _ = _to_device(batch, device, channels_last)
+            if done == 0:
+                first_at = time.perf_counter()
+            n = work(batch)
             if done == 0:
                 _sync(device)
                 timed_from = time.perf_counter()
             else:
-                images += len(image)
+                images += n
             done += 1
             if done > batches:
                 break
     _sync(device)
-    return images / (time.perf_counter() - timed_from)
+    return first_at, images / (time.perf_counter() - timed_from)
 
 
 def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -1338,6 +1336,7 @@ def predict_command(args: argparse.Namespace) -> Path:
             stats = buda_stats(np.stack(images)[:, box[0]:box[1], box[2]:box[3]])
         else:
             box, stats = None, (buda_stats(pooled) if normalization == "buda" else volume_stats(pooled))
+        stats_t = stats.as_tensor().to(device)
         for start in range(0, len(images), args.batch_size):
             chunk = list(range(start, min(start + args.batch_size, len(images))))
             tensors, boxes = [], []
@@ -1347,7 +1346,7 @@ def predict_command(args: argparse.Namespace) -> Path:
                     image, mask, (top, left, side) = crop_pad_square(image, mask, box)
                     boxes.append([*box, top, left, side])
                 tensors.append(preprocess(image, mask)[0])
-            x = normalize(torch.stack(tensors).to(device), stats.as_tensor().to(device))
+            x = normalize(torch.stack(tensors).to(device), stats_t)
             x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             logits, flipped = forward_with_mirror(model, x, amp_dtype, tta)
             for k, j in enumerate(chunk):
