@@ -508,8 +508,9 @@ def evaluate(
                 for name in POSTPROCESSING}
     metrics = variants[postprocess]
     metrics["postprocessing"] = {
-        name: {k: v[k] for k in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global",
-                                 "hd95_px_mean")}
+        name: {**{k: v[k] for k in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global",
+                                    "hd95_px_mean")},
+               "dice_per_patient": {row["patient"]: row["dice"] for row in v["per_patient"]}}
         for name, v in variants.items()
     }
     metrics["postprocess"], metrics["tta"] = postprocess, tta
@@ -966,31 +967,46 @@ def train(cfg: Config) -> dict:
 def cross_validate(cfg: Config) -> pd.DataFrame:
     """The ``cv`` command: train fold 0..K-1 of a patient-level K-fold split, then summarize.
 
-    Writes <out-dir>/fold-<i>/ for each fold and <out-dir>/cv_summary.csv (one row per fold,
-    then the mean and std over folds), and prints the table.
+    Writes <out-dir>/fold-<i>/ for each fold, <out-dir>/cv_patients.csv (every patient once, with
+    its held-out Dice with and without LCC) and <out-dir>/cv_summary.csv (one row per fold, the
+    mean and std over folds, then the mean and median over all patients pooled, which is how
+    Buda et al. report cross-validation), and prints the table.
     """
     if cfg.folds < 2:
         raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
     base = new_run_dir(cfg.out_dir)
-    rows = []
+    rows, per_patient = [], []
     for fold in range(cfg.folds):
         print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
         m = train(replace(cfg, fold=fold, out_dir=str(base / f"fold-{fold}")))
+        raw, lcc = m["postprocessing"]["none"], m["postprocessing"]["lcc"]
         rows.append({"fold": fold, "patients": m["patients"],
-                     "dice_per_volume_mean": m["postprocessing"]["none"]["dice_per_volume_mean"],
-                     "dice_per_volume_median": m["postprocessing"]["none"]["dice_per_volume_median"],
-                     "dice_per_volume_mean_lcc": m["postprocessing"]["lcc"]["dice_per_volume_mean"],
-                     "dice_per_volume_median_lcc": m["postprocessing"]["lcc"]["dice_per_volume_median"],
+                     "dice_per_volume_mean": raw["dice_per_volume_mean"],
+                     "dice_per_volume_median": raw["dice_per_volume_median"],
+                     "dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
+                     "dice_per_volume_median_lcc": lcc["dice_per_volume_median"],
                      "dice_global": m["dice_global"], "hd95_px_mean": m["hd95_px_mean"]})
+        per_patient += [{"fold": fold, "patient": name, "dice": dice, "dice_lcc": lcc["dice_per_patient"][name]}
+                        for name, dice in raw["dice_per_patient"].items()]
     table = pd.DataFrame(rows)
     numeric = table.drop(columns=["fold"])
+    patients = pd.DataFrame(per_patient)
+    patients.to_csv(base / "cv_patients.csv", index=False)
+    pooled = {"fold": "all patients", "patients": len(patients),
+              "dice_per_volume_mean": patients["dice"].mean(), "dice_per_volume_median": patients["dice"].median(),
+              "dice_per_volume_mean_lcc": patients["dice_lcc"].mean(),
+              "dice_per_volume_median_lcc": patients["dice_lcc"].median()}
     summary = pd.concat([table, numeric.mean().to_frame().T.assign(fold="mean"),
-                         numeric.std(ddof=1).to_frame().T.assign(fold="std")], ignore_index=True)
+                         numeric.std(ddof=1).to_frame().T.assign(fold="std"), pd.DataFrame([pooled])],
+                        ignore_index=True)
     summary.to_csv(base / "cv_summary.csv", index=False)
     print(f"\n{cfg.folds}-fold patient-level cross-validation ({'SYNTHETIC data' if cfg.synthetic else cfg.data_dir or 'auto data'}):")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
     mean, std = numeric["dice_per_volume_mean"].mean(), numeric["dice_per_volume_mean"].std(ddof=1)
-    print(f"Dice per volume: {mean:.4f} ± {std:.4f} (mean ± std over folds); wrote {base / 'cv_summary.csv'}")
+    print(f"Dice per volume: {mean:.4f} ± {std:.4f} (mean ± std over folds); over all {len(patients)} patients "
+          f"mean {pooled['dice_per_volume_mean']:.4f}, median {pooled['dice_per_volume_median']:.4f} "
+          f"(with LCC {pooled['dice_per_volume_mean_lcc']:.4f} / {pooled['dice_per_volume_median_lcc']:.4f}); "
+          f"wrote {base / 'cv_summary.csv'} and cv_patients.csv")
     return summary
 
 

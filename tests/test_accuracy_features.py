@@ -244,9 +244,19 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path):
     assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--out-dir", str(tmp_path / "cv"))]) == 0
     with open(tmp_path / "cv" / "cv_summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["fold"] for r in rows] == ["0", "1", "mean", "std"]
+    assert [r["fold"] for r in rows] == ["0", "1", "mean", "std", "all patients"]
     values = [float(r["dice_per_volume_mean"]) for r in rows[:2]]
     assert float(rows[2]["dice_per_volume_mean"]) == pytest.approx(np.mean(values))
     assert float(rows[3]["dice_per_volume_mean"]) == pytest.approx(np.std(values, ddof=1))
     vals = [json.loads((tmp_path / "cv" / f"fold-{i}" / "config.json").read_text())["patients"]["validation"] for i in (0, 1)]
     assert set(vals[0]).isdisjoint(vals[1]) and len(vals[0]) + len(vals[1]) == 4
+    # The pooled row scores every patient once, with the Dice its own fold's metrics.json gave it.
+    fold_dice = {row["patient"]: row["dice"] for i in (0, 1)
+                 for row in json.loads((tmp_path / "cv" / f"fold-{i}" / "metrics.json").read_text())["per_patient"]}
+    with open(tmp_path / "cv" / "cv_patients.csv") as f:
+        patients = list(csv.DictReader(f))
+    assert sorted(r["patient"] for r in patients) == sorted(vals[0] + vals[1]) == sorted(fold_dice)
+    assert all(float(r["dice"]) == pytest.approx(fold_dice[r["patient"]]) for r in patients)
+    assert float(rows[4]["patients"]) == 4
+    assert float(rows[4]["dice_per_volume_mean"]) == pytest.approx(np.mean(list(fold_dice.values())))
+    assert float(rows[4]["dice_per_volume_median"]) == pytest.approx(np.median(list(fold_dice.values())))
