@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_flag(data, "strict", False, "stop at the first data problem")
     cv = sub.add_parser("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
                         description="Runs training once per fold (--folds K, default 5) into "
-                        "<out-dir>/fold-<i> and writes cv_summary.csv with mean and std over folds.")
+                        "<out-dir>/fold-<i>, then writes cv_summary.csv (per fold, mean and std over folds, and "
+                        "mean and median over all patients pooled) and cv_patients.csv (each patient's Dice).")
     add_config_flags(cv, Config(folds=5))
     bench = sub.add_parser(
         "benchmark", help="time the reference fp32 path against the fast default path",
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     bench.add_argument("--repeats", type=int, default=7, help="timed steps; the median is reported")
     bench.add_argument("--e2e-batches", type=int, default=20, help="batches timed through the DataLoader")
-    bench.add_argument("--out", default="", help="JSON file (default: runs/benchmark-<date-time>.json)")
+    bench.add_argument("--out", default="", help="JSON file (default: <out-dir or runs>/benchmark-<date-time>.json)")
     return parser
 
 
@@ -1122,6 +1123,20 @@ def _interleaved_rates(fns: list[Any], images: int, device: torch.device, warmup
     return [images / statistics.median(took) for took in times]
 
 
+@dataclass
+class _TimedPath:
+    """One execution path under ``time_paths``: its own model copy, optimizer and inputs."""
+
+    amp_dtype: torch.dtype | None
+    model: nn.Module
+    net: nn.Module  # what trains: the model, or its compiled wrapper
+    x: torch.Tensor
+    y: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    infer_net: nn.Module | None = None
+
+
 def time_paths(
     paths: dict[str, dict], *, features: int, image_size: int, batch_size: int, device: torch.device,
     warmup: int, repeats: int,
@@ -1135,36 +1150,37 @@ def time_paths(
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     y = (torch.rand(batch_size, 1, image_size, image_size, generator=torch.Generator().manual_seed(1)) > 0.95).float()
     loss_fn = DiceBCELoss()
-    setups = []
+    runs = []
     for options in paths.values():
         torch.manual_seed(0)
         memory_format = torch.channels_last if options["channels_last"] else torch.contiguous_format
         model = UNet(features=features).to(device, memory_format=memory_format)
-        setups.append(dict(options, model=model, x=x.to(device).contiguous(memory_format=memory_format),
-                           y=y.to(device), net=torch.compile(model) if options["compile_model"] else model,
-                           optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                           scaler=torch.amp.GradScaler(device.type, enabled=options["amp_dtype"] == torch.float16)))
+        runs.append(_TimedPath(
+            amp_dtype=options["amp_dtype"], model=model,
+            net=torch.compile(model) if options["compile_model"] else model,
+            x=x.to(device).contiguous(memory_format=memory_format), y=y.to(device),
+            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+            scaler=torch.amp.GradScaler(device.type, enabled=options["amp_dtype"] == torch.float16)))
 
-    def train_step(s: dict) -> Any:
-        return lambda: optimizer_step(forward_loss(s["net"], s["x"], s["y"], loss_fn, s["amp_dtype"]),
-                                      s["optimizer"], s["scaler"])
+    def train_step(r: _TimedPath) -> Callable[[], Any]:
+        return lambda: optimizer_step(forward_loss(r.net, r.x, r.y, loss_fn, r.amp_dtype), r.optimizer, r.scaler)
 
-    for s in setups:
-        s["net"].train()
-    train_ips = _interleaved_rates([train_step(s) for s in setups], batch_size, device, warmup, repeats)
+    for r in runs:
+        r.net.train()
+    train_ips = _interleaved_rates([train_step(r) for r in runs], batch_size, device, warmup, repeats)
     # Inference copies are made after training, so BatchNorm has real running statistics.
-    for s in setups:
-        infer = fuse_conv_bn(s["model"]) if s["fused"] else s["model"].eval()
-        s["infer_net"] = torch.compile(infer) if s["compile_model"] else infer
+    for r, options in zip(runs, paths.values()):
+        infer = fuse_conv_bn(r.model) if options["fused"] else r.model.eval()
+        r.infer_net = torch.compile(infer) if options["compile_model"] else infer
 
-    def infer_step(s: dict) -> Any:
+    def infer_step(r: _TimedPath) -> Callable[[], None]:
         def run() -> None:
-            with torch.inference_mode(), autocast(device, s["amp_dtype"]):
-                s["infer_net"](s["x"])
+            with torch.inference_mode(), autocast(device, r.amp_dtype):
+                r.infer_net(r.x)
         return run
 
-    infer_ips = _interleaved_rates([infer_step(s) for s in setups], batch_size, device, warmup, repeats)
-    forward_flops, train_flops = count_flops(setups[0]["model"], image_size)
+    infer_ips = _interleaved_rates([infer_step(r) for r in runs], batch_size, device, warmup, repeats)
+    forward_flops, train_flops = count_flops(runs[0].model, image_size)
     return [
         {"path": name, "train_img_s": t, "infer_img_s": i,
          "train_tflop_s": t * train_flops / 1e12, "infer_tflop_s": i * forward_flops / 1e12}
@@ -1259,7 +1275,7 @@ def benchmark(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "infer_speedup": fast["infer_img_s"] / ref["infer_img_s"],
         "end_to_end": e2e, "end_to_end_vs_fast_step": e2e["train_img_s"] / fast["train_img_s"],
     }
-    out = Path(args.out) if args.out else Path("runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out = Path(args.out or Path(cfg.out_dir or "runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, result)
     env = result["environment"]

@@ -47,14 +47,16 @@ def test_bf16_fast_path_matches_fp32_within_bf16_tolerance(model_and_input):
     assert not torch.equal(fast, ref)
 
 
-def test_benchmark_command_writes_valid_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+@pytest.mark.parametrize("where", ["--out", "--out-dir"])
+def test_benchmark_command_writes_valid_json(tmp_path, capsys, where):
+    target = tmp_path / ("bench.json" if where == "--out" else "benchmarks")
     assert main([
         "benchmark", "--image-size", "32", "--batch-size", "2", "--features", "4", "--device", "cpu",
         "--warmup", "1", "--repeats", "2", "--e2e-batches", "2", "--synthetic",
         "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "2", "--synthetic-slices", "4",
-        "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(out),
+        "--cache-dir", str(tmp_path / "cache"), "--no-progress", where, str(target),
     ]) == 0
+    out = target if where == "--out" else next(target.glob("benchmark-*.json"))
     result = json.loads(out.read_text())
     ref, fast = result["paths"]
     assert ref["path"].startswith("reference") and fast["path"].startswith("fast")
