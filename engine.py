@@ -988,7 +988,7 @@ def cross_validate(cfg: Config) -> pd.DataFrame:
                      "dice_per_volume_median": raw["dice_per_volume_median"],
                      "dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
                      "dice_per_volume_median_lcc": lcc["dice_per_volume_median"],
-                     "dice_global": m["dice_global"], "hd95_px_mean": m["hd95_px_mean"]})
+                     "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"]})
         per_patient += [{"fold": fold, "patient": name, "dice": dice, "dice_lcc": lcc["dice_per_patient"][name]}
                         for name, dice in raw["dice_per_patient"].items()]
     table = pd.DataFrame(rows)
