@@ -51,6 +51,10 @@ DEFAULT_LOCATIONS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m")
 DATA_ENV_VAR = "LGG_DATA_DIR"
 DATASET_URL = "https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"
 
+# Channel order of every slice: pre-contrast, FLAIR, post-contrast. Where a patient lacks a
+# modality, the dataset repeats FLAIR in its place (6 of the 110 patients carry FLAIR in all three).
+FLAIR_CHANNEL = 1
+
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
 
@@ -479,11 +483,25 @@ class LGGSlices(Dataset):
     ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the mask at the file's
     own resolution, which evaluation scores against so that metrics do not depend on
     ``image_size``.
+
+    With ``modality_dropout`` p > 0 (training), each non-FLAIR channel of an item is, with
+    chance p, replaced by the FLAIR channel together with its statistics: the item then looks
+    exactly like a slice of a patient whose missing modality the dataset filled with FLAIR.
+    This lives here rather than in albumentations because the statistics change with it.
     """
 
     def __init__(
-        self, volumes: Sequence[PatientVolume], preprocess: Preprocess, *, full_mask: bool = False
+        self,
+        volumes: Sequence[PatientVolume],
+        preprocess: Preprocess,
+        *,
+        full_mask: bool = False,
+        modality_dropout: float = 0.0,
     ) -> None:
+        if not 0.0 <= modality_dropout <= 1.0:
+            raise UserError(f"--modality-dropout must be in [0, 1], got {modality_dropout}")
+        self.modality_dropout = modality_dropout
+        self.rng = np.random.default_rng(0)
         self.volumes = list(volumes)
         self.patients = [v.name for v in self.volumes]
         self.preprocess = preprocess
@@ -505,15 +523,30 @@ class LGGSlices(Dataset):
             image, mask, (top, left, side) = crop_pad_square(image, mask, vol.box)
             # Everything evaluation needs to paste a prediction back onto the original grid.
             item["box"] = torch.tensor([*vol.box, top, left, side])
+        stats = self.stats[p]
+        if self.modality_dropout > 0:
+            image, stats = self._drop_modalities(image, stats)
         item["image"], item["mask"] = self.preprocess(image, mask)
-        item["stats"] = self.stats[p]
+        item["stats"] = stats
         if self.full_mask:
             item["full_mask"] = torch.from_numpy(vol.masks[j]).float().unsqueeze(0)
         return item
 
+    def _drop_modalities(self, image: np.ndarray, stats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Copies of (H, W, C) ``image`` and (4, C) ``stats`` with some channels replaced by FLAIR."""
+        others = [c for c in range(image.shape[-1]) if c != FLAIR_CHANNEL]
+        dropped = [c for c, u in zip(others, self.rng.random(len(others))) if u < self.modality_dropout]
+        if not dropped:
+            return image, stats
+        image, stats = image.copy(), stats.clone()  # the volume in memory stays as it is
+        image[..., dropped] = image[..., FLAIR_CHANNEL : FLAIR_CHANNEL + 1]
+        stats[:, dropped] = stats[:, FLAIR_CHANNEL : FLAIR_CHANNEL + 1]
+        return image, stats
+
     def reseed(self, seed: int) -> None:
-        """Seed the augmentation stream (albumentations keeps its own RNG, apart from numpy's)."""
+        """Seed the augmentation streams (albumentations keeps its own RNG, apart from numpy's)."""
         self.preprocess.transform.set_random_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -111,6 +111,8 @@ class Config:
     normalization: str = _opt("volume", "volume: per-patient percentile clip + z-score; buda: the "
                               "authors' crop, p10-p99 rescale, z-score", ("volume", "buda"))
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
+    modality_dropout: float = _opt(0.0, "training: chance that the pre- or post-contrast channel is replaced "
+                                   "by FLAIR, as the dataset does where a patient lacks that modality")
     # ---- model ----
     encoder: str = _opt("unet", "unet: the hand-written UNet; resnet34: a UNet on torchvision's ResNet-34",
                          ("unet", "resnet34"))
@@ -774,6 +776,8 @@ def train(cfg: Config) -> dict:
     if cfg.image_size % multiple or cfg.image_size < multiple:
         raise UserError(f"--image-size must be a positive multiple of {multiple} for --encoder {cfg.encoder}, "
                         f"got {cfg.image_size}")
+    if not 0.0 <= cfg.modality_dropout <= 1.0:
+        raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
     spacing = parse_spacing(cfg.spacing)
     ddp = init_distributed(cfg.device)
     say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
@@ -823,7 +827,8 @@ def train(cfg: Config) -> dict:
         f"amp: {amp_dtype or 'off'}, channels_last: {cfg.channels_last}, workers: {workers}, run: {run_dir}"
         + (f", {env['distributed']}" if ddp.enabled else ""))
 
-    train_set = LGGSlices([patient_volumes[n] for n in train_names], train_preprocess(cfg.image_size))
+    train_set = LGGSlices([patient_volumes[n] for n in train_names], train_preprocess(cfg.image_size),
+                          modality_dropout=cfg.modality_dropout)
     # Every validation patient, for reports; in a distributed job each rank predicts its share of
     # the patients (whole volumes, so 3D metrics and post-processing need no cross-rank slices).
     val_set = LGGSlices([patient_volumes[n] for n in val_names], eval_preprocess(cfg.image_size), full_mask=True)
@@ -1198,7 +1203,8 @@ def time_end_to_end(cfg: Config, device: torch.device, amp_dtype: torch.dtype | 
     load_dataset(root, None, **load)  # fills the cache if it is cold
     t0 = time.perf_counter()  # from here on: a warm cache, as every run after the first sees it
     volumes = load_dataset(root, None, **load)
-    dataset = LGGSlices(list(volumes.values()), train_preprocess(cfg.image_size))
+    dataset = LGGSlices(list(volumes.values()), train_preprocess(cfg.image_size),
+                        modality_dropout=cfg.modality_dropout)
     workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
     loader = make_loader(dataset, batch_size=cfg.batch_size, train=True, seed=cfg.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")

@@ -9,6 +9,7 @@ from conftest import write_slice
 
 from data_loaders import (
     DATA_ENV_VAR,
+    FLAIR_CHANNEL,
     DatasetError,
     LGGSlices,
     find_data_dir,
@@ -21,7 +22,7 @@ from data_loaders import (
     scan_dataset,
     split_patients,
 )
-from data_preprocessing import eval_preprocess, train_preprocess
+from data_preprocessing import eval_preprocess, normalize, train_preprocess
 
 
 def test_pairs_each_slice_with_its_mask_in_numeric_order(fake_tree):
@@ -170,6 +171,51 @@ def test_each_worker_has_its_own_augmentation_stream(fake_tree):
     images = [b["image"] for b in make_loader(ds, batch_size=1, train=False, seed=0, num_workers=2)]
     assert len(images) == 6
     assert not torch.equal(images[0], images[1])
+
+
+def _fake_volume(fake_tree):
+    # 3 slices of independent random channels: two channels are equal only if one was copied.
+    return load_volume(group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"])
+
+
+def test_modality_dropout_fills_channels_with_flair_and_its_statistics(fake_tree):
+    vol = _fake_volume(fake_tree)
+    images_before, stats_before = vol.images.copy(), vol.stats.as_tensor()
+    plain = LGGSlices([vol], eval_preprocess(16))
+    dropped = LGGSlices([vol], eval_preprocess(16), modality_dropout=1.0)
+    for i in range(len(plain)):
+        a, b = plain[i], dropped[i]
+        assert torch.equal(a["stats"], stats_before) and torch.equal(a["image"], torch.from_numpy(
+            vol.images[i].transpose(2, 0, 1).copy()))
+        assert not torch.equal(a["image"][0], a["image"][1])  # the fixture's channels differ
+        for c in range(3):
+            assert torch.equal(b["image"][c], a["image"][FLAIR_CHANNEL])
+            assert torch.equal(b["stats"][:, c], stats_before[:, FLAIR_CHANNEL])
+        # Exactly what a patient whose file holds FLAIR three times looks like to the model.
+        x = normalize(b["image"], b["stats"])
+        assert torch.equal(x[0], x[1]) and torch.equal(x[2], x[1])
+        assert torch.equal(b["mask"], a["mask"])
+    assert np.array_equal(vol.images, images_before) and torch.equal(vol.stats.as_tensor(), stats_before)
+
+
+def test_modality_dropout_rate_is_per_channel_and_seeded(fake_tree):
+    ds = LGGSlices([_fake_volume(fake_tree)], eval_preprocess(16), modality_dropout=0.3)
+
+    def draws(seed, n=600):
+        ds.reseed(seed)
+        out = []
+        for k in range(n):
+            image = ds[k % len(ds)]["image"]
+            out.append([torch.equal(image[c], image[FLAIR_CHANNEL]) for c in (0, 2)])
+        return np.array(out)
+
+    a = draws(5)
+    assert np.array_equal(a, draws(5)) and not np.array_equal(a, draws(6))
+    # Each channel independently with chance 0.3: 180 of 600 expected, sd 11.2; 4 sd either side.
+    for count in a.sum(axis=0):
+        assert abs(count - 180) < 45, count
+    both = (a[:, 0] & a[:, 1]).sum()  # 0.09 * 600 = 54 expected, sd 7.0
+    assert abs(both - 54) < 28, both
 
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(fake_tree, tmp_path, monkeypatch):

@@ -190,6 +190,7 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         (tiny(tmp_path, syn, tmp_path / "r2", "--val-patients", "SYN_77"), "SYN_77"),
         (tiny(tmp_path, empty, tmp_path / "r3"), "no patient folders"),
         (tiny(tmp_path, syn, tmp_path / "r4", "--split", "buda"), "TCGA_HT_7616"),
+        (tiny(tmp_path, syn, tmp_path / "r5", "--modality-dropout", "1.5"), "--modality-dropout"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2
