@@ -54,6 +54,7 @@ DATASET_URL = "https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"
 # Channel order of every slice: pre-contrast, FLAIR, post-contrast. Where a patient lacks a
 # modality, the dataset repeats FLAIR in its place (6 of the 110 patients carry FLAIR in all three).
 FLAIR_CHANNEL = 1
+OTHER_MODALITIES = {"pre-contrast": 0, "post-contrast": 2}
 
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
@@ -826,8 +827,12 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
     sizes: dict[str, int] = {}
     mask_values = np.zeros(256, np.int64)
     areas, tumor_slices, per_patient, identical = [], 0, {}, []
+    flair_in_place = {modality: [] for modality in OTHER_MODALITIES}
     for name, recs in groups.items():
         same_channels, patient_tumor, readable = True, 0, 0
+        # OpenCV's BGR order: file channel c is raw channel 2 - c.
+        flair = 2 - FLAIR_CHANNEL
+        repeats_flair = {modality: True for modality in OTHER_MODALITIES}
         for r in recs:
             try:
                 raw = _imread(r.image_path)
@@ -840,6 +845,8 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
             sizes[key] = sizes.get(key, 0) + 1
             if raw.ndim == 3 and raw.shape[2] >= 3:
                 same_channels &= bool((raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all())
+                for modality, c in OTHER_MODALITIES.items():
+                    repeats_flair[modality] &= bool((raw[..., 2 - c] == raw[..., flair]).all())
             mask_raw = mask_raw[..., 0] if mask_raw.ndim == 3 else mask_raw
             mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
             area = int(binarize_mask(mask_raw).sum())
@@ -850,6 +857,10 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
         per_patient[name] = {"slices": len(recs), "tumor_slices": patient_tumor}
         if same_channels and readable:
             identical.append(name)
+        elif readable:
+            for modality, repeated in repeats_flair.items():
+                if repeated:
+                    flair_in_place[modality].append(name)
     institutions: dict[str, int] = {}
     for name in groups:
         inst = "_".join(name.split("_")[:2])
@@ -860,7 +871,9 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
         "mask_values": {str(v): int(c) for v, c in enumerate(mask_values) if c},
         "tumor_area_px": _distribution(areas),
         "patients_without_tumor": sorted(n for n, p in per_patient.items() if p["tumor_slices"] == 0),
-        "patients_with_identical_channels": sorted(identical), "per_patient": per_patient,
+        "patients_with_identical_channels": sorted(identical),
+        "patients_with_flair_in_place_of": {m: sorted(names) for m, names in flair_in_place.items()},
+        "per_patient": per_patient,
     }
     report["completeness"] = _completeness(root, report)
     report["problems"] = [m for _, m in issues.items]

@@ -1486,6 +1486,8 @@ def report_dataset(args: argparse.Namespace) -> dict:
         f"  patients without tumor: {', '.join(report['patients_without_tumor']) or 'none'}",
         f"  patients with identical channels (one modality copied 3 times): "
         f"{', '.join(report['patients_with_identical_channels']) or 'none'}",
+        *(f"  patients with FLAIR in place of {modality} in every slice: {', '.join(names) or 'none'}"
+          for modality, names in report["patients_with_flair_in_place_of"].items()),
         "  clinical table (data.csv): " + (f"{len(clinical)} rows" if clinical is not None else "not found (optional)"),
         f"  problems: {report['problem_summary'] or 'none'}",
     ]

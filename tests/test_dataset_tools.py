@@ -33,6 +33,15 @@ def test_report_counts_on_the_shared_subset(tmp_path):
         if all((im[..., 0] == im[..., 1]).all() and (im[..., 1] == im[..., 2]).all() for im in images):
             identical.append(p.name)
     assert report["patients_with_identical_channels"] == identical
+    # PIL reads file order: pre-contrast, FLAIR, post-contrast.
+    for modality, c in (("pre-contrast", 0), ("post-contrast", 2)):
+        expected = []
+        for p in folders:
+            images = [np.asarray(Image.open(f)) for f in p.glob("*.tif") if not f.name.endswith("_mask.tif")]
+            if p.name not in identical and all((im[..., c] == im[..., 1]).all() for im in images):
+                expected.append(p.name)
+        assert report["patients_with_flair_in_place_of"][modality] == expected
+    assert report["patients_with_flair_in_place_of"]["post-contrast"]  # the subset has some
     institutions = {}
     for p in folders:
         key = "_".join(p.name.split("_")[:2])
@@ -52,15 +61,19 @@ def test_report_on_a_tree_with_planted_problems(tmp_path):
                     rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), tumor if i == 2 else tumor * 0)
         gray = rng.integers(0, 255, (8, 8, 1), dtype=np.uint8).repeat(3, axis=2)  # one modality x3
         write_slice(root / "TCGA_BB_0002_2000", "TCGA_BB_0002_2000", i, gray, tumor * 0)  # no tumor
+        no_post = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        no_post[..., 2] = no_post[..., 1]  # FLAIR stored in place of post-contrast
+        write_slice(root / "TCGA_CC_0003_2000", "TCGA_CC_0003_2000", i, no_post, tumor)
     (root / "TCGA_AA_0001_2000" / "TCGA_AA_0001_2000_3_mask.tif").unlink()  # image without mask
     (root / "TCGA_BB_0002_2000" / "TCGA_BB_0002_2000_2.tif").write_bytes(b"")  # unreadable
     report = dataset_report(root)
-    assert (report["patients"], report["slices"], report["tumor_slices"]) == (2, 5, 1)
-    assert report["institutions"] == {"TCGA_AA": 1, "TCGA_BB": 1}
+    assert (report["patients"], report["slices"], report["tumor_slices"]) == (3, 8, 4)
+    assert report["institutions"] == {"TCGA_AA": 1, "TCGA_BB": 1, "TCGA_CC": 1}
     assert report["patients_without_tumor"] == ["TCGA_BB_0002_2000"]
     assert report["patients_with_identical_channels"] == ["TCGA_BB_0002_2000"]
-    assert report["tumor_area_px"]["count"] == 1 and report["tumor_area_px"]["max"] == 12
-    assert report["mask_values"] == {"0": 4 * 64 - 12, "255": 12}
+    assert report["patients_with_flair_in_place_of"] == {"pre-contrast": [], "post-contrast": ["TCGA_CC_0003_2000"]}
+    assert report["tumor_area_px"]["count"] == 4 and report["tumor_area_px"]["max"] == 12
+    assert report["mask_values"] == {"0": 7 * 64 - 4 * 12, "255": 4 * 12}
     assert "1 skipped: image without mask" in report["problem_summary"]
     assert "1 skipped: unreadable file" in report["problem_summary"]
     assert any("TCGA_BB_0002_2000_2.tif" in p for p in report["problems"])
