@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import pickle
 import random
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
                         description="Runs training once per fold (--folds K, default 5) into "
                         "<out-dir>/fold-<i>, then writes cv_summary.csv (per fold, mean and std over folds, and "
-                        "mean and median over all patients pooled) and cv_patients.csv (each patient's Dice).")
+                        "mean and median over all patients pooled) and cv_patients.csv (each patient's Dice). "
+                        "--resume DIR continues an interrupted cv run from where it stopped.")
     add_config_flags(cv, Config(folds=5))
     bench = sub.add_parser(
         "benchmark", help="time the reference fp32 path against the fast default path",
@@ -972,21 +974,71 @@ def train(cfg: Config) -> dict:
     return final
 
 
+CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
+
+
+def resolve_cv_resume(cfg: Config) -> tuple[Config, Path]:
+    """For ``cv --resume DIR``: the cv run's own Config (with RESUMABLE_OVERRIDES from ``cfg``) and DIR."""
+    base = Path(cfg.resume)
+    path = base / CV_CONFIG
+    if not path.is_file():
+        raise UserError(f"{base}: no {CV_CONFIG} here; pass the folder a cv run wrote (the one holding fold-0, ...)")
+    try:
+        stored = json.loads(path.read_text())
+        values = {f.name: stored[f.name] for f in fields(Config) if f.name in stored}
+        Config(**values)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); start the cross-validation again in a new --out-dir") from None
+    for name in RESUMABLE_OVERRIDES:
+        if getattr(cfg, name) != getattr(Config(), name) or name == "progress":
+            values[name] = getattr(cfg, name)
+    return Config(**{**values, "out_dir": str(base), "resume": ""}), base
+
+
+def run_fold(cfg: Config, fold: int, fold_dir: Path) -> dict:
+    """Train one fold of a cv run, or pick it up where an interrupted run left it.
+
+    A fold with a metrics.json is finished and is read back; one with a last.pt is resumed
+    from it (exactly, like ``--resume``); one stopped before its first checkpoint is moved
+    aside to fold-<i>.incomplete and trained again.
+    """
+    if (fold_dir / "metrics.json").is_file():
+        print(f"fold {fold}: finished earlier; reading {fold_dir / 'metrics.json'}")
+        return json.loads((fold_dir / "metrics.json").read_text())
+    if (fold_dir / "last.pt").is_file():
+        return train(replace(cfg, fold=fold, out_dir="", resume=str(fold_dir)))
+    if fold_dir.exists() and any(fold_dir.iterdir()):
+        aside, n = fold_dir.with_name(fold_dir.name + ".incomplete"), 1
+        while aside.exists():
+            n += 1
+            aside = fold_dir.with_name(f"{fold_dir.name}.incomplete-{n}")
+        fold_dir.rename(aside)
+        print(f"fold {fold}: {fold_dir} stopped before its first checkpoint; moved it to {aside.name}, "
+              "training the fold again")
+    return train(replace(cfg, fold=fold, out_dir=str(fold_dir)))
+
+
 def cross_validate(cfg: Config) -> pd.DataFrame:
     """The ``cv`` command: train fold 0..K-1 of a patient-level K-fold split, then summarize.
 
     Writes <out-dir>/fold-<i>/ for each fold, <out-dir>/cv_patients.csv (every patient once, with
     its held-out Dice with and without LCC) and <out-dir>/cv_summary.csv (one row per fold, the
     mean and std over folds, then the mean and median over all patients pooled, which is how
-    Buda et al. report cross-validation), and prints the table.
+    Buda et al. report cross-validation), and prints the table. ``--resume DIR`` continues an
+    interrupted cv run in DIR with its own settings: finished folds are read back, an unfinished
+    one is resumed from its last.pt, and the summary is the one an uninterrupted run writes.
     """
-    if cfg.folds < 2:
-        raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
-    base = new_run_dir(cfg.out_dir)
+    if cfg.resume:
+        cfg, base = resolve_cv_resume(cfg)
+    else:
+        if cfg.folds < 2:
+            raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
+        base = new_run_dir(cfg.out_dir)
+        save_json(base / CV_CONFIG, asdict(cfg))
     rows, per_patient = [], []
     for fold in range(cfg.folds):
         print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
-        m = train(replace(cfg, fold=fold, out_dir=str(base / f"fold-{fold}")))
+        m = run_fold(cfg, fold, base / f"fold-{fold}")
         raw, lcc = m["postprocessing"]["none"], m["postprocessing"]["lcc"]
         rows.append({"fold": fold, "patients": m["patients"],
                      "dice_per_volume_mean": raw["dice_per_volume_mean"],

@@ -260,3 +260,62 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path):
     assert float(rows[4]["patients"]) == 4
     assert float(rows[4]["dice_per_volume_mean"]) == pytest.approx(np.mean(list(fold_dice.values())))
     assert float(rows[4]["dice_per_volume_median"]) == pytest.approx(np.median(list(fold_dice.values())))
+
+
+CV_KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import engine
+real_train, fold = engine.train, None
+def train(cfg):
+    global fold
+    fold = cfg.fold
+    return real_train(cfg)
+real_step = engine.optimizer_step
+def step(*args, **kwargs):
+    if fold == 1 and os.path.exists(os.path.join({base!r}, "fold-1", "last.pt")):
+        os.kill(os.getpid(), signal.SIGKILL)  # fold 1, epoch 2: fold 0 finished, fold 1 checkpointed
+    return real_step(*args, **kwargs)
+engine.train, engine.optimizer_step = train, step
+sys.exit(engine.main(sys.argv[1:]))
+"""
+
+
+def test_cv_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    argv = tiny(tmp_path, "--folds", "3", "--epochs", "2", "--tumor-weight", "2")
+    assert main(["cv", *argv, "--out-dir", str(tmp_path / "whole")]) == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-c", CV_KILLER.format(root=root, base=str(cut)), "cv", *argv,
+                           "--out-dir", str(cut)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert (cut / "fold-0" / "metrics.json").is_file() and (cut / "fold-1" / "last.pt").is_file()
+    assert not (cut / "fold-1" / "metrics.json").exists() and not (cut / "cv_summary.csv").exists()
+    # As if fold 2 had been killed in its first epoch too: files, but no checkpoint.
+    (cut / "fold-2").mkdir()
+    (cut / "fold-2" / "config.json").write_text("{}")
+    finished = (cut / "fold-0" / "metrics.json").stat().st_mtime_ns
+
+    # Flags other than the resumable ones are ignored: the run keeps its own settings.
+    capsys.readouterr()
+    assert main(["cv", "--resume", str(cut), "--epochs", "9", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {cut / 'fold-1'} after epoch 1" in out and "fold 0: finished earlier" in out
+    assert (cut / "fold-0" / "metrics.json").stat().st_mtime_ns == finished  # read, not retrained
+    assert (cut / "fold-2.incomplete" / "config.json").read_text() == "{}"  # moved aside, not deleted
+    for name in ("cv_summary.csv", "cv_patients.csv"):
+        assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    for fold in (1, 2):
+        a, b = (json.loads((d / f"fold-{fold}" / "metrics.json").read_text()) for d in (cut, tmp_path / "whole"))
+        assert a["epoch"] == 2 and a["postprocessing"] == b["postprocessing"]
+
+
+def test_cv_resume_needs_a_cv_folder(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    assert main(["cv", "--resume", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cv_config.json" in err and err.count("\n") == 0
