@@ -500,7 +500,7 @@ class LGGSlices(Dataset):
         modality_dropout: float = 0.0,
     ) -> None:
         if not 0.0 <= modality_dropout <= 1.0:
-            raise UserError(f"--modality-dropout must be in [0, 1], got {modality_dropout}")
+            raise ValueError(f"modality_dropout is a probability in [0, 1], got {modality_dropout}")
         self.modality_dropout = modality_dropout
         self.rng = np.random.default_rng(0)
         self.volumes = list(volumes)
@@ -828,10 +828,9 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
     mask_values = np.zeros(256, np.int64)
     areas, tumor_slices, per_patient, identical = [], 0, {}, []
     flair_in_place = {modality: [] for modality in OTHER_MODALITIES}
+    flair = 2 - FLAIR_CHANNEL  # _imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
     for name, recs in groups.items():
         same_channels, patient_tumor, readable = True, 0, 0
-        # OpenCV's BGR order: file channel c is raw channel 2 - c.
-        flair = 2 - FLAIR_CHANNEL
         repeats_flair = {modality: True for modality in OTHER_MODALITIES}
         for r in recs:
             try:
