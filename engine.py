@@ -710,6 +710,7 @@ def parse_spacing(text: str) -> tuple[float, float, float] | None:
     return tuple(values)
 
 
+CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
 # Settings that may differ when a run is resumed (where and how it runs, not what it computes).
 RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_dir", "strict")
 
@@ -717,6 +718,8 @@ RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_d
 def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     """For --resume: the run's own Config (with RESUMABLE_OVERRIDES from ``cfg``) and its checkpoint."""
     path = Path(cfg.resume)
+    if (path / CV_CONFIG).is_file():
+        raise UserError(f"{path}: this is a cv folder; continue it with: python engine.py cv --resume {path}")
     ckpt = load_checkpoint(path / "last.pt" if path.is_dir() else path)
     stored = {f.name: ckpt["config"][f.name] for f in fields(Config) if f.name in ckpt["config"]}
     if "history" not in ckpt or "rng" not in ckpt:
@@ -972,9 +975,6 @@ def train(cfg: Config) -> dict:
           f"{run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, overlays/, "
           "best.pt, last.pt, history.csv")
     return final
-
-
-CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
 
 
 def resolve_cv_resume(cfg: Config) -> tuple[Config, Path]:

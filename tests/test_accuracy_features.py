@@ -319,3 +319,8 @@ def test_cv_resume_needs_a_cv_folder(tmp_path, capsys):
     assert main(["cv", "--resume", str(tmp_path / "plain")]) == 2
     err = capsys.readouterr().err.strip()
     assert "cv_config.json" in err and err.count("\n") == 0
+    # And the other way round: a cv folder given to a plain --resume says which command to use.
+    (tmp_path / "plain" / "cv_config.json").write_text("{}")
+    assert main(["--resume", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cv --resume {tmp_path / 'plain'}" in err and err.count("\n") == 0
