@@ -535,7 +535,7 @@ class LGGSlices(Dataset):
 
     def _drop_modalities(self, image: np.ndarray, stats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Copies of (H, W, C) ``image`` and (4, C) ``stats`` with some channels replaced by FLAIR."""
-        others = [c for c in range(image.shape[-1]) if c != FLAIR_CHANNEL]
+        others = OTHER_MODALITIES.values()
         dropped = [c for c, u in zip(others, self.rng.random(len(others))) if u < self.modality_dropout]
         if not dropped:
             return image, stats
@@ -830,7 +830,7 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
     flair_in_place = {modality: [] for modality in OTHER_MODALITIES}
     flair = 2 - FLAIR_CHANNEL  # _imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
     for name, recs in groups.items():
-        same_channels, patient_tumor, readable = True, 0, 0
+        patient_tumor, readable = 0, 0
         repeats_flair = {modality: True for modality in OTHER_MODALITIES}
         for r in recs:
             try:
@@ -843,7 +843,6 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
             key = "x".join(map(str, raw.shape))
             sizes[key] = sizes.get(key, 0) + 1
             if raw.ndim == 3 and raw.shape[2] >= 3:
-                same_channels &= bool((raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all())
                 for modality, c in OTHER_MODALITIES.items():
                     repeats_flair[modality] &= bool((raw[..., 2 - c] == raw[..., flair]).all())
             mask_raw = mask_raw[..., 0] if mask_raw.ndim == 3 else mask_raw
@@ -854,7 +853,7 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
                 patient_tumor += 1
         tumor_slices += patient_tumor
         per_patient[name] = {"slices": len(recs), "tumor_slices": patient_tumor}
-        if same_channels and readable:
+        if readable and all(repeats_flair.values()):  # one modality, copied into all three channels
             identical.append(name)
         elif readable:
             for modality, repeated in repeats_flair.items():

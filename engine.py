@@ -647,14 +647,20 @@ def format_metrics(metrics: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def unused_path(stem: Path) -> Path:
+    """``stem`` if nothing is there, else the first free ``stem-2``, ``stem-3``, ..."""
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
+
+
 def new_run_dir(out_dir: str) -> Path:
     """The run folder: ``out_dir`` or a new runs/<date-time>[-N]; never one that already holds files."""
     if not out_dir:
-        stem = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-        path, n = stem, 1
-        while path.exists():  # two runs started in the same second
-            n += 1
-            path = stem.with_name(f"{stem.name}-{n}")
+        # A suffix only when two runs start in the same second.
+        path = unused_path(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     else:
         path = Path(out_dir)
     if path.exists() and any(path.iterdir()):
@@ -716,6 +722,12 @@ CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` 
 RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_dir", "strict")
 
 
+def resumable_overrides(cfg: Config) -> dict[str, Any]:
+    """The RESUMABLE_OVERRIDES given on the resuming command line (progress always follows it)."""
+    return {name: getattr(cfg, name) for name in RESUMABLE_OVERRIDES
+            if getattr(cfg, name) != getattr(Config(), name) or name == "progress"}
+
+
 def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     """For --resume: the run's own Config (with RESUMABLE_OVERRIDES from ``cfg``) and its checkpoint."""
     path = Path(cfg.resume)
@@ -725,9 +737,7 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     stored = {f.name: ckpt["config"][f.name] for f in fields(Config) if f.name in ckpt["config"]}
     if "history" not in ckpt or "rng" not in ckpt:
         raise UserError(f"{cfg.resume}: this checkpoint has no training state to resume from; use last.pt")
-    for name in RESUMABLE_OVERRIDES:
-        if getattr(cfg, name) != getattr(Config(), name) or name == "progress":
-            stored[name] = getattr(cfg, name)
+    stored.update(resumable_overrides(cfg))
     if not cfg.data_dir:
         stored["data_dir"] = ckpt["config"]["resolved_data_dir"]
     stored["out_dir"] = str(path if path.is_dir() else path.parent)
@@ -990,10 +1000,7 @@ def resolve_cv_resume(cfg: Config) -> tuple[Config, Path]:
         Config(**values)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: unreadable ({exc}); start the cross-validation again in a new --out-dir") from None
-    for name in RESUMABLE_OVERRIDES:
-        if getattr(cfg, name) != getattr(Config(), name) or name == "progress":
-            values[name] = getattr(cfg, name)
-    return Config(**{**values, "out_dir": str(base), "resume": ""}), base
+    return Config(**{**values, **resumable_overrides(cfg), "out_dir": str(base), "resume": ""}), base
 
 
 def run_fold(cfg: Config, fold: int, fold_dir: Path) -> dict:
@@ -1009,10 +1016,7 @@ def run_fold(cfg: Config, fold: int, fold_dir: Path) -> dict:
     if (fold_dir / "last.pt").is_file():
         return train(replace(cfg, fold=fold, out_dir="", resume=str(fold_dir)))
     if fold_dir.exists() and any(fold_dir.iterdir()):
-        aside, n = fold_dir.with_name(fold_dir.name + ".incomplete"), 1
-        while aside.exists():
-            n += 1
-            aside = fold_dir.with_name(f"{fold_dir.name}.incomplete-{n}")
+        aside = unused_path(fold_dir.with_name(fold_dir.name + ".incomplete"))
         fold_dir.rename(aside)
         print(f"fold {fold}: {fold_dir} stopped before its first checkpoint; moved it to {aside.name}, "
               "training the fold again")
