@@ -232,13 +232,13 @@ def match_patients(names: Sequence[str], patients: Sequence[str], source: str) -
     return sorted(set(found))
 
 
-def read_patient_list(spec: str) -> tuple[list[str], str]:
-    """--val-patients: a file of names (one per line or comma-separated) or a comma list."""
+def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str], str]:
+    """Patients given to ``flag``: a file of names (one per line or comma-separated) or a comma list."""
     path = Path(spec).expanduser()
     if path.is_file():
         text, source = path.read_text(), str(path)
     else:
-        text, source = spec, "--val-patients"
+        text, source = spec, flag
     text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # drop comments
     names = [n for n in re.split(r"[,\s]+", text) if n]
     if not names:
@@ -268,7 +268,11 @@ def choose_split(
     patients: Sequence[str], *, split: str, val_fraction: float, seed: int,
     val_patients: str = "", folds: int = 0, fold: int = 0,
 ) -> tuple[list[str], list[str]]:
-    """(train, validation) patients: --val-patients, else --folds/--fold, else --split."""
+    """(train, validation) patients: --val-patients, else --folds/--fold, else --split.
+
+    ``split="none"`` trains on every patient and validates on none: the final model, once a
+    recipe has been chosen by cross-validation, to be scored on other patients with ``evaluate``.
+    """
     patients = sorted(set(patients))
     if val_patients:
         names, source = read_patient_list(val_patients)
@@ -279,8 +283,10 @@ def choose_split(
         val = match_patients(BUDA_VAL_PREFIXES, patients, "--split buda")
     elif split == "random":
         return split_patients(patients, val_fraction, seed)
+    elif split == "none":
+        return patients, []
     else:
-        raise DatasetError(f"--split must be random or buda, got {split!r}")
+        raise DatasetError(f"--split must be random, buda or none, got {split!r}")
     train = [p for p in patients if p not in val]
     if not train:
         raise DatasetError("the validation split takes every patient; leave some for training")

@@ -55,8 +55,10 @@ from data_loaders import (
     load_volume,
     make_loader,
     make_synthetic_dataset,
+    match_patients,
     read_clinical,
     read_image,
+    read_patient_list,
     scan_dataset,
     set_normalization,
 )
@@ -102,8 +104,9 @@ class Config:
     synthetic_dir: str = _opt("data/synthetic/kaggle_3m", "where synthetic data is generated")
     synthetic_patients: int = _opt(20, "synthetic patients to generate")
     synthetic_slices: int = _opt(24, "slices per synthetic patient")
-    split: str = _opt("random", "validation patients: random (seeded, --val-fraction) or buda "
-                      "(the 10 of Buda et al.)", ("random", "buda"))
+    split: str = _opt("random", "validation patients: random (seeded, --val-fraction), buda (the 10 of "
+                      "Buda et al.) or none (train on every patient; score later with 'evaluate "
+                      "--patients unseen')", ("random", "buda", "none"))
     val_fraction: float = _opt(0.2, "share of patients held out for validation (split by patient)")
     val_patients: str = _opt("", "validation patients: comma list or a file of names/prefixes (overrides --split)")
     folds: int = _opt(0, "patient-level K-fold cross-validation: number of folds (0: off)")
@@ -222,9 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     add_config_flags(sub.add_parser("train", help="train and validate (the default command)"))
-    ev = sub.add_parser("evaluate", help="score a checkpoint on its validation patients")
+    ev = sub.add_parser("evaluate", help="score a checkpoint on its validation patients, or on others")
     ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by training")
     ev.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
+    ev.add_argument("--patients", default="validation",
+                    help="which patients of --data-dir to score: validation (the run's own; default), unseen "
+                         "(every patient it did not train on: for a --split none model or another dataset), "
+                         "all, or a comma list or file of names")
     ev.add_argument("--out-dir", default=None, help="where metrics.json goes (default: beside the checkpoint)")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
@@ -586,7 +593,7 @@ def load_dataset(
     if missing:
         raise DatasetError(
             f"{root}: patient folder(s) {', '.join(missing)} not found; evaluate on the dataset "
-            "the checkpoint was trained on (--data-dir)"
+            "the checkpoint was trained on (--data-dir), or pick other patients with --patients"
         )
     volumes = {}
     for name in tqdm(names, desc="loading", leave=False, disable=not progress):
@@ -794,6 +801,9 @@ def train(cfg: Config) -> dict:
                         f"got {cfg.image_size}")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
+    if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
+        raise UserError("--patience stops on validation Dice, and --split none has no validation patients; "
+                        "drop --patience (choose the epochs by cross-validation first)")
     spacing = parse_spacing(cfg.spacing)
     ddp = init_distributed(cfg.device)
     say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
@@ -847,6 +857,7 @@ def train(cfg: Config) -> dict:
                           modality_dropout=cfg.modality_dropout)
     # Every validation patient, for reports; in a distributed job each rank predicts its share of
     # the patients (whole volumes, so 3D metrics and post-processing need no cross-rank slices).
+    # With --split none there are none: the run trains and checkpoints, and scores nothing.
     val_set = LGGSlices([patient_volumes[n] for n in val_names], eval_preprocess(cfg.image_size), full_mask=True)
     my_val_set = LGGSlices([patient_volumes[n] for n in val_names[ddp.rank :: ddp.world]],
                            eval_preprocess(cfg.image_size), full_mask=True) if ddp.enabled else val_set
@@ -855,7 +866,7 @@ def train(cfg: Config) -> dict:
                                num_workers=workers, pin_memory=pin, tumor_weight=cfg.tumor_weight,
                                rank=ddp.rank, world=ddp.world)
     val_loader = make_loader(my_val_set, batch_size=cfg.batch_size, train=False, seed=cfg.seed,
-                             num_workers=workers, pin_memory=pin)
+                             num_workers=workers, pin_memory=pin) if val_names else None
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = make_network(cfg.encoder, cfg.features, cfg.encoder_weights).to(device, memory_format=memory_format)
@@ -930,22 +941,24 @@ def train(cfg: Config) -> dict:
             loss_sum, seen = sums.tolist()
         train_loss = loss_sum / max(seen, 1)
         t1 = time.perf_counter()
-        val_loss, metrics, volumes = validate()
+        train_ips = seen / (t1 - t0)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
+        if val_loader is not None:
+            val_loss, metrics, volumes = validate()
+            dice = metrics["dice_per_volume_mean"]
+            raw, lcc = metrics["postprocessing"]["none"], metrics["postprocessing"]["lcc"]
+            row.update(val_loss=val_loss, val_dice_per_volume_mean=dice,
+                       val_dice_per_volume_median=metrics["dice_per_volume_median"],
+                       val_dice_global=metrics["dice_global"],
+                       val_dice_per_volume_mean_raw=raw["dice_per_volume_mean"],
+                       val_dice_per_volume_mean_lcc=lcc["dice_per_volume_mean"])
+            if dice > best_dice:
+                best_dice, best_epoch = dice, epoch
         t2 = time.perf_counter()
-        train_ips, val_ips = seen / (t1 - t0), len(val_set) / (t2 - t1)
-        dice = metrics["dice_per_volume_mean"]
-        raw, lcc = metrics["postprocessing"]["none"], metrics["postprocessing"]["lcc"]
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_dice_per_volume_mean": dice,
-                        "val_dice_per_volume_median": metrics["dice_per_volume_median"],
-                        "val_dice_global": metrics["dice_global"],
-                        "val_dice_per_volume_mean_raw": raw["dice_per_volume_mean"],
-                        "val_dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
-                        "lr": scheduler.get_last_lr()[0],
-                        "seconds": t2 - t0, "train_images_per_second": train_ips,
-                        "val_images_per_second": val_ips})
-        if dice > best_dice:
-            best_dice, best_epoch = dice, epoch
+        row.update(lr=scheduler.get_last_lr()[0], seconds=t2 - t0, train_images_per_second=train_ips)
+        if val_loader is not None:
+            row["val_images_per_second"] = len(val_set) / (t2 - t1)
+        history.append(row)
         checkpoint = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
@@ -958,15 +971,29 @@ def train(cfg: Config) -> dict:
             if best_epoch == epoch:
                 save_torch(run_dir / "best.pt", checkpoint)
             write_history(run_dir, history)
+        if val_loader is None:
+            say(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  {t2 - t0:.0f}s ({train_ips:.1f} img/s)")
+            continue
         say(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
               f"val Dice/volume {dice:.4f} (median {metrics['dice_per_volume_median']:.4f}; "
               f"raw {raw['dice_per_volume_mean']:.4f}, lcc {lcc['dice_per_volume_mean']:.4f})  "
-              f"{t2 - t0:.0f}s ({train_ips:.1f} / {val_ips:.1f} img/s){'  *best*' if best_epoch == epoch else ''}")
+              f"{t2 - t0:.0f}s ({train_ips:.1f} / {row['val_images_per_second']:.1f} img/s)"
+              f"{'  *best*' if best_epoch == epoch else ''}")
         if cfg.patience and epoch - best_epoch >= cfg.patience:
             say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
             break
 
     elapsed = time.perf_counter() - start
+    if val_loader is None:
+        final = {"epoch": epoch, "train_loss": history[-1]["train_loss"] if history else None,
+                 "train_patients": len(train_names), "validation_patients": 0, "synthetic_data": synthetic}
+        if ddp.main:
+            save_json(run_dir / "metrics.json", final)
+            say(f"trained on all {len(train_names)} patients, {epoch} epochs, {elapsed / 60:.1f} min; wrote {run_dir}/: "
+                "last.pt, history.csv, curves.png, metrics.json. There are no validation patients, so nothing "
+                "was scored; score it on patients it never saw with:\n"
+                f"  python engine.py evaluate --checkpoint {run_dir / 'last.pt'} --data-dir DIR --patients unseen")
+        return final
     if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
         _, metrics, volumes = validate()
     final = {**metrics, "epoch": epoch, "best_epoch": best_epoch,
@@ -1107,8 +1134,29 @@ def network_from_checkpoint(ckpt: dict) -> nn.Module:
     return model
 
 
+def patients_to_score(spec: str, root: Path, record: dict, checkpoint: Path) -> list[str]:
+    """``evaluate --patients``: the run's validation patients, the patients of ``root`` it did not
+    train on (unseen), all of them, or those named in a comma list or file."""
+    if spec == "validation":
+        if not record["patients"]["validation"]:
+            raise UserError(f"{checkpoint}: this run trained on every patient (--split none), so it has no "
+                            "validation patients; score it on others with --patients unseen --data-dir DIR")
+        return record["patients"]["validation"]
+    available = sorted({r.patient for r in scan_dataset(root, DataIssues(strict=False))})
+    if spec == "all":
+        return available
+    if spec == "unseen":
+        unseen = [p for p in available if p not in set(record["patients"]["train"])]
+        if not unseen:
+            raise UserError(f"{root}: {checkpoint} was trained on every patient here; pass a --data-dir "
+                            "that holds other patients")
+        return unseen
+    listed, source = read_patient_list(spec, "--patients")
+    return match_patients(listed, available, source)
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    """The ``evaluate`` command: score a checkpoint on the validation patients it was trained with."""
+    """The ``evaluate`` command: score a checkpoint on its validation patients, or on those --patients picks."""
     ckpt_path = Path(args.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     record = ckpt["config"]
@@ -1119,9 +1167,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         raise UserError("no dataset found; pass --data-dir")
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = patients_to_score(args.patients, root, record, ckpt_path)
+    trained = sorted(set(names) & set(record["patients"]["train"]))
+    if trained:
+        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "
+              f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
+              file=sys.stderr)
     issues = DataIssues(strict=args.strict)
-    volumes = load_dataset(root, record["patients"]["validation"], progress=args.progress,
-                           cache_dir=resolve_cache_dir(args.cache_dir),
+    volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
                            normalization=record.get("normalization", "volume"), issues=issues)
     report_issues(issues, out_dir)
     val_set = LGGSlices(list(volumes.values()), eval_preprocess(record["image_size"]), full_mask=True)
@@ -1143,11 +1196,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     )
     seconds = time.perf_counter() - start
     result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
+              "data_dir": str(root), "patients_scored": args.patients, "scored_patients_trained_on": len(trained),
               "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
               "images_per_second": metrics["slices"] / seconds}
     save_json(out_dir / "metrics.json", result)
     kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
-    title = f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind})"
+    title = f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind}; patients: {args.patients})"
     write_reports(out_dir, result, volumes=volumes, dataset=val_set, title=title, config=record,
                   environment=environment_report(device),
                   timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},

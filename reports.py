@@ -33,18 +33,22 @@ PRED_COLOR = (255, 0, 0)  # red
 
 
 def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
-    """curves.png: losses (left) and validation Dice per volume (right), per epoch."""
+    """curves.png: losses (left) and validation Dice per volume (right), per epoch; the training
+    loss alone for a run without validation patients (--split none)."""
     frame = pd.DataFrame(history)
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, dice_ax = fig.subplots(1, 2)
+    validated = "val_loss" in frame
+    fig = Figure(figsize=(10 if validated else 5, 4), layout="constrained")
+    loss_ax, dice_ax = fig.subplots(1, 2) if validated else (fig.subplots(1, 1), None)
     loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
-    loss_ax.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
+    if validated:
+        loss_ax.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
     loss_ax.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
     loss_ax.legend()
-    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_mean"], "o-", label="mean")
-    dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_median"], "o-", label="median")
-    dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per volume")
-    dice_ax.legend()
+    if validated:
+        dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_mean"], "o-", label="mean")
+        dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_median"], "o-", label="median")
+        dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per volume")
+        dice_ax.legend()
     path = out_dir / "curves.png"
     fig.savefig(path, dpi=100)
     return path
