@@ -72,6 +72,15 @@ def test_val_patients_from_list_and_file(tmp_path):
         choose_split(folders, split="random", val_fraction=0.2, seed=0, val_patients=",".join(folders))
 
 
+def test_split_none_trains_on_every_patient_unless_folds_or_a_list_choose():
+    folders = ["TCGA_BB_0003_2001", "TCGA_AA_0001_2000", "TCGA_AA_0002_2000"]
+    assert choose_split(folders, split="none", val_fraction=0.2, seed=0) == (sorted(folders), [])
+    # --val-patients and --folds come first, as they do for the other splits.
+    assert choose_split(folders, split="none", val_fraction=0.2, seed=0, val_patients="TCGA_AA_0002")[1] == [
+        "TCGA_AA_0002_2000"]
+    assert len(choose_split(folders, split="none", val_fraction=0.2, seed=0, folds=3, fold=0)[1]) == 1
+
+
 # ---------------------------------------------------------------------------------- normalization
 
 

@@ -2,12 +2,14 @@
 
 import csv
 import json
+import shutil
 from dataclasses import fields
 
 import matplotlib.image as plt
 import pytest
 import torch
 
+from data_loaders import make_synthetic_dataset
 from engine import Config, config_from_args, main, parse_args
 
 
@@ -114,3 +116,55 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "junk.pt" in err
+
+
+def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys):
+    # Train on 4 of 6 patients with no validation, then score the 6-patient tree: 'unseen' must
+    # pick exactly the 2 left out, with the same per-patient Dice as when all 6 are scored.
+    full = make_synthetic_dataset(tmp_path / "full" / "kaggle_3m", patients=6, slices=6, size=64, seed=3)
+    names = sorted(p.name for p in full.iterdir() if p.is_dir())
+    four = tmp_path / "four" / "kaggle_3m"
+    shutil.copytree(full, four)
+    for name in names[4:]:
+        shutil.rmtree(four / name)
+    common = ["--image-size", "32", "--features", "4", "--batch-size", "4", "--device", "cpu",
+              "--no-progress", "--cache-dir", "off"]
+    run = tmp_path / "run"
+    assert main(["--data-dir", str(four), "--split", "none", "--epochs", "2", "--out-dir", str(run), *common]) == 0
+    assert "--patients unseen" in capsys.readouterr().out  # the run says how to score it
+    config = json.loads((run / "config.json").read_text())
+    assert config["patients"] == {"train": names[:4], "validation": []}
+    assert json.loads((run / "metrics.json").read_text())["train_patients"] == 4
+    assert (run / "last.pt").is_file() and not (run / "best.pt").exists()  # "best" needs validation
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and not any(k.startswith("val_") for k in rows[0])
+    assert plt.imread(run / "curves.png").std() > 0.01
+
+    evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(full), "--device", "cpu",
+                "--no-progress", "--cache-dir", "off"]
+    assert main([*evaluate, "--patients", "unseen", "--out-dir", str(tmp_path / "unseen")]) == 0
+    unseen = json.loads((tmp_path / "unseen" / "metrics.json").read_text())
+    assert [p["patient"] for p in unseen["per_patient"]] == names[4:]
+    assert unseen["scored_patients_trained_on"] == 0 and "warning" not in capsys.readouterr().err
+    assert main([*evaluate, "--patients", "all", "--out-dir", str(tmp_path / "all")]) == 0
+    scored_all = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert [p["patient"] for p in scored_all["per_patient"]] == names
+    assert scored_all["scored_patients_trained_on"] == 4
+    assert "4 of the 6 patients scored were used to train" in capsys.readouterr().err
+    dice_all = {p["patient"]: p["dice"] for p in scored_all["per_patient"]}
+    assert {p["patient"]: p["dice"] for p in unseen["per_patient"]} == {n: dice_all[n] for n in names[4:]}
+
+    # A run without validation patients has none to score, and its own data has no unseen ones.
+    assert main([*evaluate[:3], "--no-progress"]) == 2
+    assert "--patients unseen" in capsys.readouterr().err
+    assert main([*evaluate[:3], "--data-dir", str(four), "--patients", "unseen"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trained on every patient here" in err
+
+
+def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_path, capsys):
+    assert main(tiny_args(tmp_path, "run", "--split", "none", "--patience", "3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--patience" in err and "--split none" in err
+    assert not (tmp_path / "run").exists()
