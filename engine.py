@@ -1165,9 +1165,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
         raise UserError("no dataset found; pass --data-dir")
+    names = patients_to_score(args.patients, root, record, ckpt_path)
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = patients_to_score(args.patients, root, record, ckpt_path)
     trained = sorted(set(names) & set(record["patients"]["train"]))
     if trained:
         print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "

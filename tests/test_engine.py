@@ -161,6 +161,7 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys):
     assert main([*evaluate[:3], "--data-dir", str(four), "--patients", "unseen"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "trained on every patient here" in err
+    assert not (run / "evaluate-last").exists()  # refused before any folder was made
 
 
 def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_path, capsys):
