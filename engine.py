@@ -160,14 +160,14 @@ class Config:
     resume: str = _opt("", "continue a run from its folder (last.pt) or a checkpoint, with its own settings")
     seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
     progress: bool = _opt(True, "show tqdm progress bars")
-    preset: str = _opt("none", "a tested recipe: cpu (128 px, ~25 min on 2 cores for the 36-patient "
+    preset: str = _opt("none", "a tested recipe: cpu (128 px, ~26 min on 2 cores for the 36-patient "
                        "subset) or full (256 px, for a GPU); flags you give still win", ("none", "cpu", "full"))
 
 
 # Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
-    # 2 CPU cores (bf16): 128 px, 20 epochs of ~1,100-1,300 slices is about 25 minutes.
+    # 2 CPU cores (bf16): 128 px, 20 epochs of 1,130-1,303 slices is 21-26 minutes (all 36: 25.7).
     # Under 6-fold patient CV of the 36-patient subset (see the README's Results): the largest 3D
     # component gave +0.016 mean Dice per volume; modality dropout 0.2 then +0.031 more with it
     # (0.760 -> 0.791), most of it on the patients that lack a modality.
