@@ -1099,6 +1099,8 @@ def cross_validate(cfg: Config) -> pd.DataFrame:
           f"mean {pooled['dice_per_volume_mean']:.4f}, median {pooled['dice_per_volume_median']:.4f} "
           f"(with LCC {pooled['dice_per_volume_mean_lcc']:.4f} / {pooled['dice_per_volume_median_lcc']:.4f}); "
           f"wrote {base / 'cv_summary.csv'} and cv_patients.csv")
+    print("For the final model, train once more with the same settings on every patient (--split none) "
+          "and score it on other patients with 'evaluate --patients unseen'.")
     return summary
 
 
