@@ -1148,7 +1148,8 @@ def patients_to_score(spec: str, root: Path, record: dict, checkpoint: Path) -> 
     if spec == "all":
         return available
     if spec == "unseen":
-        unseen = [p for p in available if p not in set(record["patients"]["train"])]
+        trained = set(record["patients"]["train"])
+        unseen = [p for p in available if p not in trained]
         if not unseen:
             raise UserError(f"{root}: {checkpoint} was trained on every patient here; pass a --data-dir "
                             "that holds other patients")
