@@ -45,6 +45,7 @@ from data_loaders import (
     LGGSlices,
     PatientVolume,
     ShardedSampler,
+    SliceRecord,
     choose_split,
     dataset_report,
     default_cache_dir,
@@ -581,12 +582,16 @@ def load_dataset(
     cache_dir: Path | None,
     normalization: str,
     issues: DataIssues,
+    groups: dict[str, list[SliceRecord]] | None = None,
 ) -> dict[str, PatientVolume]:
     """Decode (or read from the cache) the named patients, or all of them; by name.
 
-    Patients of which no slice can be read are reported to ``issues`` and left out.
+    ``groups`` is ``root`` already scanned and grouped by patient, so that a caller who listed it
+    to choose the patients does not list it twice. Patients of which no slice can be read are
+    reported to ``issues`` and left out.
     """
-    groups = group_by_patient(scan_dataset(root, issues))
+    if groups is None:
+        groups = group_by_patient(scan_dataset(root, issues))
     if names is None:
         names = sorted(groups)
     missing = [n for n in names if n not in groups]
@@ -1136,15 +1141,15 @@ def network_from_checkpoint(ckpt: dict) -> nn.Module:
     return model
 
 
-def patients_to_score(spec: str, root: Path, record: dict, checkpoint: Path) -> list[str]:
-    """``evaluate --patients``: the run's validation patients, the patients of ``root`` it did not
-    train on (unseen), all of them, or those named in a comma list or file."""
+def patients_to_score(spec: str, available: list[str], root: Path, record: dict, checkpoint: Path) -> list[str]:
+    """``evaluate --patients``: the run's validation patients, the patients of ``root`` (whose
+    patients are ``available``) it did not train on (unseen), all of them, or those named in a
+    comma list or file."""
     if spec == "validation":
         if not record["patients"]["validation"]:
             raise UserError(f"{checkpoint}: this run trained on every patient (--split none), so it has no "
                             "validation patients; score it on others with --patients unseen --data-dir DIR")
         return record["patients"]["validation"]
-    available = sorted({r.patient for r in scan_dataset(root, DataIssues(strict=False))})
     if spec == "all":
         return available
     if spec == "unseen":
@@ -1168,7 +1173,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
         raise UserError("no dataset found; pass --data-dir")
-    names = patients_to_score(args.patients, root, record, ckpt_path)
+    issues = DataIssues(strict=args.strict)
+    groups = group_by_patient(scan_dataset(root, issues))
+    names = patients_to_score(args.patients, sorted(groups), root, record, ckpt_path)
     out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = sorted(set(names) & set(record["patients"]["train"]))
@@ -1176,9 +1183,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "
               f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
               file=sys.stderr)
-    issues = DataIssues(strict=args.strict)
     volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
-                           normalization=record.get("normalization", "volume"), issues=issues)
+                           normalization=record.get("normalization", "volume"), issues=issues, groups=groups)
     report_issues(issues, out_dir)
     val_set = LGGSlices(list(volumes.values()), eval_preprocess(record["image_size"]), full_mask=True)
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers

@@ -9,7 +9,9 @@ import matplotlib.image as plt
 import pytest
 import torch
 
+import engine
 from data_loaders import make_synthetic_dataset
+from data_loaders import scan_dataset as scan
 from engine import Config, config_from_args, main, parse_args
 
 
@@ -118,7 +120,7 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "junk.pt" in err
 
 
-def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys):
+def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, monkeypatch):
     # Train on 4 of 6 patients with no validation, then score the 6-patient tree: 'unseen' must
     # pick exactly the 2 left out, with the same per-patient Dice as when all 6 are scored.
     full = make_synthetic_dataset(tmp_path / "full" / "kaggle_3m", patients=6, slices=6, size=64, seed=3)
@@ -143,7 +145,10 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys):
 
     evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(full), "--device", "cpu",
                 "--no-progress", "--cache-dir", "off"]
+    listed = []  # choosing the unseen patients and loading them share one listing of the folder
+    monkeypatch.setattr(engine, "scan_dataset", lambda root, issues=None: listed.append(root) or scan(root, issues))
     assert main([*evaluate, "--patients", "unseen", "--out-dir", str(tmp_path / "unseen")]) == 0
+    assert listed == [full]
     unseen = json.loads((tmp_path / "unseen" / "metrics.json").read_text())
     assert [p["patient"] for p in unseen["per_patient"]] == names[4:]
     assert unseen["scored_patients_trained_on"] == 0 and "warning" not in capsys.readouterr().err
