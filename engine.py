@@ -85,7 +85,7 @@ from libraries import (
 )
 from loss_fun import DICE_MODES, DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
 from model import UNet, build_model, count_flops, count_parameters, fuse_conv_bn, load_weights
-from reports import overlay_slice, plot_curves, write_reports
+from reports import compare_runs, overlay_slice, patient_scores, plot_curves, write_reports
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -270,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean and median over all patients pooled) and cv_patients.csv (each patient's Dice). "
                         "--resume DIR continues an interrupted cv run from where it stopped.")
     add_config_flags(cv, Config(folds=5))
+    cmp = sub.add_parser(
+        "compare", help="paired per-patient comparison of two runs' held-out Dice, with a bootstrap interval",
+        description="Pairs the held-out Dice per patient of run A and run B (cv folders, run or evaluation "
+        "folders, or their cv_patients.csv / metrics.json) by patient name and prints, without and with "
+        "LCC, the mean and median of each and the mean of B - A with a 95%% bootstrap interval over "
+        "patients. Patients scored by only one run are left out and counted.",
+    )
+    cmp.add_argument("run_a", help="the baseline")
+    cmp.add_argument("run_b", help="the change")
+    cmp.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the patients")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    cmp.add_argument("--out", default="", help="also write the paired per-patient table to this CSV")
     bench = sub.add_parser(
         "benchmark", help="time the reference fp32 path against the fast default path",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "
@@ -284,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = ("train", "evaluate", "predict", "export", "benchmark", "cv", "download", "data")
+COMMANDS = ("train", "evaluate", "predict", "export", "benchmark", "cv", "compare", "download", "data")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -1109,6 +1121,27 @@ def cross_validate(cfg: Config) -> pd.DataFrame:
     return summary
 
 
+def compare_command(args: argparse.Namespace) -> pd.DataFrame:
+    """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
+    if args.resamples < 1:
+        raise UserError(f"--resamples must be at least 1, got {args.resamples}")
+    a, b = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
+    summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed)
+    only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
+    print(f"A: {args.run_a}\nB: {args.run_b}\n{len(paired)} patients scored by both"
+          + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
+    for row in summary.itertuples():
+        label = "with LCC" if row.postprocess == "lcc" else "raw"
+        print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
+              f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
+              f"{row.median_a:.4f} -> {row.median_b:.4f}; {row.better} patients better, {row.worse} worse "
+              "(by more than 0.005)")
+    if args.out:
+        paired.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+    return summary
+
+
 def write_history(run_dir: Path, history: list[dict]) -> None:
     """history.csv (one row per epoch) and curves.png, rewritten after every epoch."""
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
@@ -1627,6 +1660,8 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(args, argv)
         elif args.command == "cv":
             cross_validate(config_from_args(args, argv))
+        elif args.command == "compare":
+            compare_command(args)
         elif args.command == "download":
             target = download_dataset(Path(args.to))
             print(f"dataset ready in {target}\nthe loader finds it from this folder; elsewhere run:\n"

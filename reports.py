@@ -9,12 +9,15 @@ Every function writes into a run (or evaluation) folder and returns the path it 
 - ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts;
 - ``summary.md``: config, metrics, timing, environment, links to the images, best and worst patients.
 
+``compare_runs`` pairs the per-patient Dice of two runs (the ``compare`` command).
+
 Figures are bare ``matplotlib.figure.Figure`` objects, which render with the Agg canvas: no
 display, no pyplot state shared between calls.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +29,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 from torchvision.utils import draw_segmentation_masks
 
+from libraries import UserError
 from loss_fun import dice_from_counts
 
 TRUTH_COLOR = (0, 200, 0)  # green
@@ -225,3 +229,78 @@ def write_reports(
     summary = write_summary(out_dir, metrics, title=title, config=config, environment=environment,
                             timing=timing, images=images)
     return [*images, csv_path, summary]
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing two runs on the same patients
+# ---------------------------------------------------------------------------------------------
+
+SCORE_COLUMNS = {"none": "dice", "lcc": "dice_lcc"}  # post-processing -> column of patient_scores
+
+
+def patient_scores(path: Path) -> pd.DataFrame:
+    """Held-out Dice per patient, without and with LCC (columns patient, dice, dice_lcc), read from
+    a cv folder (its cv_patients.csv), a run or evaluation folder (its metrics.json), or either file."""
+    if path.is_dir():
+        found = [path / name for name in ("cv_patients.csv", "metrics.json") if (path / name).is_file()]
+        if not found:
+            raise UserError(f"{path}: holds neither cv_patients.csv (written when cv ends; an interrupted cv "
+                            "finishes with 'cv --resume') nor metrics.json; pass a cv, run or evaluation folder")
+        path = found[0]
+    if not path.is_file():
+        raise UserError(f"{path}: not found; pass a cv folder, a run or evaluation folder, or its "
+                        "cv_patients.csv or metrics.json")
+    if path.suffix == ".csv":
+        try:
+            frame = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not a readable CSV ({exc}); pass a cv_patients.csv written by 'cv'") from exc
+        if not {"patient", "dice", "dice_lcc"} <= set(frame.columns):
+            raise UserError(f"{path}: no patient, dice and dice_lcc columns; pass a cv_patients.csv "
+                            "written by 'cv'")
+        if frame["patient"].duplicated().any():
+            raise UserError(f"{path}: a patient is listed twice; pass the cv_patients.csv that 'cv' wrote")
+        return frame[["patient", "dice", "dice_lcc"]]
+    try:
+        by_name = json.loads(path.read_text())["postprocessing"]
+        none, lcc = by_name["none"]["dice_per_patient"], by_name["lcc"]["dice_per_patient"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: no per-patient Dice in it; pass a cv folder, an evaluation folder or a "
+                        "run folder with validation patients (score a --split none run with 'engine.py "
+                        "evaluate')") from exc
+    return pd.DataFrame({"patient": list(none), "dice": list(none.values()),
+                         "dice_lcc": [lcc[name] for name in none]})
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, seed: int = 0, tie: float = 0.005
+) -> dict:
+    """Mean of b - a over paired patients, with a 95% percentile-bootstrap interval.
+
+    Patients, not slices, are resampled with replacement, because a patient is the unit that was
+    held out. ``better``/``worse`` count patients whose Dice moved by more than ``tie``.
+    """
+    diff = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"patients": len(diff), "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)),
+            "median_a": float(np.median(a)), "median_b": float(np.median(b)),
+            "difference": float(diff.mean()), "ci95_low": float(low), "ci95_high": float(high),
+            "better": int((diff > tie).sum()), "worse": int((diff < -tie).sum())}
+
+
+def compare_runs(
+    a: pd.DataFrame, b: pd.DataFrame, *, resamples: int = 10_000, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pair two ``patient_scores`` tables by patient; return the summary (one row per
+    post-processing: ``paired_difference``) and the paired per-patient table."""
+    paired = a.merge(b, on="patient", suffixes=("_a", "_b"))
+    if paired.empty:
+        raise UserError("the two runs scored no patient in common; compare runs that held out the same patients")
+    summary = pd.DataFrame([
+        {"postprocess": name, **paired_difference(paired[f"{col}_a"].to_numpy(), paired[f"{col}_b"].to_numpy(),
+                                                  resamples=resamples, seed=seed)}
+        for name, col in SCORE_COLUMNS.items()
+    ])
+    return summary, paired.sort_values("patient", ignore_index=True)

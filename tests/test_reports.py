@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import main
-from reports import PRED_COLOR, TRUTH_COLOR, overlay_slice
+from reports import PRED_COLOR, TRUTH_COLOR, overlay_slice, paired_difference
 
 
 def test_overlay_slice_draws_both_outlines_exactly():
@@ -70,3 +70,54 @@ def test_evaluate_writes_the_same_reports(run, tmp_path):
     for name in ("metrics.json", "per_patient.csv", "dice_per_volume.png", "summary.md"):
         assert (out / name).is_file(), name
     assert len(list((out / "overlays").glob("*.png"))) == len(json.loads((out / "metrics.json").read_text())["per_patient"])
+
+
+def test_paired_difference_by_hand():
+    a, b = [0.5, 0.6, 0.7], [0.6, 0.6, 0.9]  # B - A = 0.1, 0.0, 0.2
+    r = paired_difference(a, b, resamples=2000, seed=1)
+    assert r["patients"] == 3 and r["difference"] == pytest.approx(0.1)
+    assert (r["mean_a"], r["median_a"], r["mean_b"], r["median_b"]) == pytest.approx((0.6, 0.6, 0.7, 0.6))
+    assert (r["better"], r["worse"]) == (2, 0)
+    # Resampled means of {0, 0.1, 0.2} lie in [0, 0.2]. Three draws of 0 (or of 0.2) have chance
+    # 1/27 > 2.5%, so the 2.5th and 97.5th percentiles are the ends themselves.
+    assert (r["ci95_low"], r["ci95_high"]) == pytest.approx((0.0, 0.2))
+    assert paired_difference(a, b, resamples=2000, seed=1) == r  # seeded
+    # The same change for every patient leaves nothing to resample: the interval is that change.
+    same = paired_difference(a, [x - 0.05 for x in a])
+    assert (same["difference"], same["ci95_low"], same["ci95_high"]) == pytest.approx((-0.05,) * 3)
+    assert (same["better"], same["worse"]) == (0, 3)
+
+
+def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsys):
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    (cv / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc\n0,P1,0.5,0.6\n0,P2,0.8,0.8\n1,P3,0.4,0.5\n")
+    scored = {"P3": (0.7, 0.9), "P4": (0.1, 0.1), "P2": (0.6, 0.8)}  # another order; P4 only here
+    evaluation = tmp_path / "evaluate-last"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"postprocessing": {
+        "none": {"dice_per_patient": {k: v[0] for k, v in scored.items()}},
+        "lcc": {"dice_per_patient": {k: v[1] for k, v in scored.items()}}}}))
+    out = tmp_path / "paired.csv"
+    assert main(["compare", str(cv), str(evaluation), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 patients scored by both (left out: 1 only in A, 1 only in B)" in text
+    # P2, P3: raw 0.8 -> 0.6, 0.4 -> 0.7 (mean B - A +0.05); LCC 0.8 -> 0.8, 0.5 -> 0.9 (+0.2).
+    assert "mean 0.6000 -> 0.6500, B - A +0.0500" in text and "mean 0.6500 -> 0.8500, B - A +0.2000" in text
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    paired = [(r["patient"], float(r["dice_a"]), float(r["dice_b"])) for r in rows]
+    assert paired == [("P2", 0.8, 0.6), ("P3", 0.4, 0.7)]
+
+
+def test_compare_refuses_what_holds_no_scores_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unscored").mkdir()  # a --split none run: metrics.json without scores
+    (tmp_path / "unscored" / "metrics.json").write_text(json.dumps({"epoch": 20, "train_loss": 0.1}))
+    for b in ("empty", "unscored"):
+        assert main(["compare", str(tmp_path / "unscored"), str(tmp_path / b)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "unscored" in err
+    assert main(["compare", str(tmp_path / "empty"), str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "neither cv_patients.csv" in err
