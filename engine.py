@@ -1125,16 +1125,16 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
     if args.resamples < 1 or args.seed < 0:
         raise UserError(f"--resamples must be at least 1 and --seed at least 0, got {args.resamples} and {args.seed}")
-    a, b = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
+    (a, source_a), (b, source_b) = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
     summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
-    print(f"A: {args.run_a}\nB: {args.run_b}\n{len(paired)} patients scored by both"
+    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
         label = "with LCC" if row.postprocess == "lcc" else "raw"
         print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
               f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
-              f"{row.median_a:.4f} -> {row.median_b:.4f}; {row.better} patients better, {row.worse} worse "
+              f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "
               "(by more than 0.005)")
     if args.out:
         paired.to_csv(args.out, index=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -238,29 +239,17 @@ def write_reports(
 SCORE_COLUMNS = {"none": "dice", "lcc": "dice_lcc"}  # post-processing -> column of patient_scores
 
 
-def patient_scores(path: Path) -> pd.DataFrame:
-    """Held-out Dice per patient, without and with LCC (columns patient, dice, dice_lcc), read from
-    a cv folder (its cv_patients.csv), a run or evaluation folder (its metrics.json), or either file."""
-    if path.is_dir():
-        found = [path / name for name in ("cv_patients.csv", "metrics.json") if (path / name).is_file()]
-        if not found:
-            raise UserError(f"{path}: holds neither cv_patients.csv (written when cv ends; an interrupted cv "
-                            "finishes with 'cv --resume') nor metrics.json; pass a cv, run or evaluation folder")
-        path = found[0]
-    if not path.is_file():
-        raise UserError(f"{path}: not found; pass a cv folder, a run or evaluation folder, or its "
-                        "cv_patients.csv or metrics.json")
-    if path.suffix == ".csv":
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not a readable CSV ({exc}); pass a cv_patients.csv written by 'cv'") from exc
-        if not {"patient", "dice", "dice_lcc"} <= set(frame.columns):
-            raise UserError(f"{path}: no patient, dice and dice_lcc columns; pass a cv_patients.csv "
-                            "written by 'cv'")
-        if frame["patient"].duplicated().any():
-            raise UserError(f"{path}: a patient is listed twice; pass the cv_patients.csv that 'cv' wrote")
-        return frame[["patient", "dice", "dice_lcc"]]
+def _scores_from_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc}); pass a cv_patients.csv written by 'cv'") from exc
+    if not {"patient", "dice", "dice_lcc"} <= set(frame.columns):
+        raise UserError(f"{path}: no patient, dice and dice_lcc columns; pass a cv_patients.csv written by 'cv'")
+    return frame[["patient", "dice", "dice_lcc"]]
+
+
+def _scores_from_metrics(path: Path) -> pd.DataFrame:
     try:
         by_name = json.loads(path.read_text())["postprocessing"]
         none, lcc = by_name["none"]["dice_per_patient"], by_name["lcc"]["dice_per_patient"]
@@ -270,6 +259,32 @@ def patient_scores(path: Path) -> pd.DataFrame:
                         "evaluate')") from exc
     return pd.DataFrame({"patient": list(none), "dice": list(none.values()),
                          "dice_lcc": [lcc[name] for name in none]})
+
+
+def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
+    """Held-out Dice per patient, without and with LCC (columns patient, dice, dice_lcc), and where
+    they were read: a cv folder's cv_patients.csv (or, for a cv still running or interrupted, the
+    metrics.json of each fold it finished), a run or evaluation folder's metrics.json, or either file."""
+    if path.is_dir():
+        folds = sorted((d for d in path.iterdir() if re.fullmatch(r"fold-\d+", d.name)
+                        and (d / "metrics.json").is_file()), key=lambda d: int(d.name[5:]))
+        if (path / "cv_patients.csv").is_file():
+            path = path / "cv_patients.csv"
+        elif (path / "metrics.json").is_file():
+            path = path / "metrics.json"
+        elif folds:
+            frame = pd.concat([_scores_from_metrics(d / "metrics.json") for d in folds], ignore_index=True)
+            return frame, f"unfinished cv; finished: {', '.join(d.name for d in folds)}"
+        else:
+            raise UserError(f"{path}: holds no cv_patients.csv, metrics.json or finished fold; pass a cv, run "
+                            "or evaluation folder")
+    if not path.is_file():
+        raise UserError(f"{path}: not found; pass a cv folder, a run or evaluation folder, or its "
+                        "cv_patients.csv or metrics.json")
+    frame = _scores_from_csv(path) if path.suffix == ".csv" else _scores_from_metrics(path)
+    if frame["patient"].duplicated().any():
+        raise UserError(f"{path}: a patient is scored twice; pass one run's cv_patients.csv or metrics.json")
+    return frame, path.name
 
 
 def paired_difference(

@@ -88,16 +88,20 @@ def test_paired_difference_by_hand():
     assert (same["better"], same["worse"]) == (0, 3)
 
 
+def write_scores(folder, scores: dict) -> None:
+    """A metrics.json as evaluation writes it, for {patient: (dice, dice with LCC)}."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"postprocessing": {
+        "none": {"dice_per_patient": {k: v[0] for k, v in scores.items()}},
+        "lcc": {"dice_per_patient": {k: v[1] for k, v in scores.items()}}}}))
+
+
 def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsys):
     cv = tmp_path / "cv"
     cv.mkdir()
     (cv / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc\n0,P1,0.5,0.6\n0,P2,0.8,0.8\n1,P3,0.4,0.5\n")
-    scored = {"P3": (0.7, 0.9), "P4": (0.1, 0.1), "P2": (0.6, 0.8)}  # another order; P4 only here
     evaluation = tmp_path / "evaluate-last"
-    evaluation.mkdir()
-    (evaluation / "metrics.json").write_text(json.dumps({"postprocessing": {
-        "none": {"dice_per_patient": {k: v[0] for k, v in scored.items()}},
-        "lcc": {"dice_per_patient": {k: v[1] for k, v in scored.items()}}}}))
+    write_scores(evaluation, {"P3": (0.7, 0.9), "P4": (0.1, 0.1), "P2": (0.6, 0.8)})  # P4 only here
     out = tmp_path / "paired.csv"
     assert main(["compare", str(cv), str(evaluation), "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -108,6 +112,18 @@ def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsy
         rows = list(csv.DictReader(f))
     paired = [(r["patient"], float(r["dice_a"]), float(r["dice_b"])) for r in rows]
     assert paired == [("P2", 0.8, 0.6), ("P3", 0.4, 0.7)]
+
+    # The same scores as a cv that has not written cv_patients.csv yet: its finished folds count,
+    # a fold still training (no metrics.json) and a set-aside incomplete fold do not.
+    unfinished = tmp_path / "cv-running"
+    write_scores(unfinished / "fold-0", {"P1": (0.5, 0.6), "P2": (0.8, 0.8)})
+    write_scores(unfinished / "fold-1", {"P3": (0.4, 0.5)})
+    write_scores(unfinished / "fold-2.incomplete", {"P4": (0.0, 0.0)})
+    (unfinished / "fold-3").mkdir()
+    assert main(["compare", str(unfinished), str(evaluation)]) == 0
+    again = capsys.readouterr().out
+    assert "unfinished cv; finished: fold-0, fold-1" in again
+    assert again.splitlines()[2:] == text.splitlines()[2:-1]  # all but the headers and the --out line
 
 
 def test_compare_refuses_what_holds_no_scores_in_one_line(tmp_path, capsys):
@@ -120,4 +136,4 @@ def test_compare_refuses_what_holds_no_scores_in_one_line(tmp_path, capsys):
         assert err.count("\n") == 0 and "unscored" in err
     assert main(["compare", str(tmp_path / "empty"), str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "neither cv_patients.csv" in err
+    assert err.count("\n") == 0 and "holds no cv_patients.csv, metrics.json or finished fold" in err
