@@ -1124,7 +1124,8 @@ def cross_validate(cfg: Config) -> pd.DataFrame:
 def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
     if args.resamples < 1 or args.seed < 0:
-        raise UserError(f"--resamples must be at least 1 and --seed at least 0, got {args.resamples} and {args.seed}")
+        raise UserError(f"--resamples must be at least 1 and --seed at least 0, got {args.resamples} "
+                        f"and {args.seed}")
     (a, source_a), (b, source_b) = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
     summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}

@@ -146,7 +146,8 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(full), "--device", "cpu",
                 "--no-progress", "--cache-dir", "off"]
     listed = []  # choosing the unseen patients and loading them share one listing of the folder
-    monkeypatch.setattr(engine, "scan_dataset", lambda root, issues=None: listed.append(root) or scan(root, issues))
+    monkeypatch.setattr(engine, "scan_dataset",
+                        lambda root, issues=None: listed.append(root) or scan(root, issues))
     assert main([*evaluate, "--patients", "unseen", "--out-dir", str(tmp_path / "unseen")]) == 0
     assert listed == [full]
     unseen = json.loads((tmp_path / "unseen" / "metrics.json").read_text())
