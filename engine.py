@@ -85,7 +85,7 @@ from libraries import (
 )
 from loss_fun import DICE_MODES, DiceBCELoss, SegmentationMeter, hd95, largest_component_3d
 from model import UNet, build_model, count_flops, count_parameters, fuse_conv_bn, load_weights
-from reports import compare_runs, overlay_slice, patient_scores, plot_curves, write_reports
+from reports import compare_runs, dice_table, overlay_slice, patient_scores, plot_curves, write_reports
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -1095,11 +1095,10 @@ def cross_validate(cfg: Config) -> pd.DataFrame:
                      "dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
                      "dice_per_volume_median_lcc": lcc["dice_per_volume_median"],
                      "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"]})
-        per_patient += [{"fold": fold, "patient": name, "dice": dice, "dice_lcc": lcc["dice_per_patient"][name]}
-                        for name, dice in raw["dice_per_patient"].items()]
+        per_patient.append(dice_table(m).assign(fold=fold))
     table = pd.DataFrame(rows)
     numeric = table.drop(columns=["fold"])
-    patients = pd.DataFrame(per_patient)
+    patients = pd.concat(per_patient, ignore_index=True)[["fold", "patient", "dice", "dice_lcc"]]
     patients.to_csv(base / "cv_patients.csv", index=False)
     pooled = {"fold": "all patients", "patients": len(patients),
               "dice_per_volume_mean": patients["dice"].mean(), "dice_per_volume_median": patients["dice"].median(),

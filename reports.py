@@ -249,16 +249,20 @@ def _scores_from_csv(path: Path) -> pd.DataFrame:
     return frame[["patient", "dice", "dice_lcc"]]
 
 
+def dice_table(metrics: dict) -> pd.DataFrame:
+    """Columns patient, dice, dice_lcc of an evaluation's metrics (its ``postprocessing`` entry)."""
+    none, lcc = (metrics["postprocessing"][name]["dice_per_patient"] for name in ("none", "lcc"))
+    return pd.DataFrame({"patient": list(none), "dice": list(none.values()),
+                         "dice_lcc": [lcc[name] for name in none]})
+
+
 def _scores_from_metrics(path: Path) -> pd.DataFrame:
     try:
-        by_name = json.loads(path.read_text())["postprocessing"]
-        none, lcc = by_name["none"]["dice_per_patient"], by_name["lcc"]["dice_per_patient"]
+        return dice_table(json.loads(path.read_text()))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: no per-patient Dice in it; pass a cv folder, an evaluation folder or a "
                         "run folder with validation patients (score a --split none run with 'engine.py "
                         "evaluate')") from exc
-    return pd.DataFrame({"patient": list(none), "dice": list(none.values()),
-                         "dice_lcc": [lcc[name] for name in none]})
 
 
 def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
@@ -266,13 +270,12 @@ def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
     they were read: a cv folder's cv_patients.csv (or, for a cv still running or interrupted, the
     metrics.json of each fold it finished), a run or evaluation folder's metrics.json, or either file."""
     if path.is_dir():
-        folds = sorted((d for d in path.iterdir() if re.fullmatch(r"fold-\d+", d.name)
-                        and (d / "metrics.json").is_file()), key=lambda d: int(d.name[5:]))
         if (path / "cv_patients.csv").is_file():
             path = path / "cv_patients.csv"
         elif (path / "metrics.json").is_file():
             path = path / "metrics.json"
-        elif folds:
+        elif folds := sorted((d for d in path.iterdir() if re.fullmatch(r"fold-\d+", d.name)
+                              and (d / "metrics.json").is_file()), key=lambda d: int(d.name[5:])):
             frame = pd.concat([_scores_from_metrics(d / "metrics.json") for d in folds], ignore_index=True)
             return frame, f"unfinished cv; finished: {', '.join(d.name for d in folds)}"
         else:
