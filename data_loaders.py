@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import GroupKFold, train_test_split
+from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from data_preprocessing import (
@@ -247,10 +247,12 @@ def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str
 
 
 def kfold_split(patients: Sequence[str], folds: int, fold: int, seed: int) -> tuple[list[str], list[str]]:
-    """Fold ``fold`` of a seeded patient-level K-fold split (scikit-learn's GroupKFold).
+    """Fold ``fold`` of a seeded patient-level K-fold split.
 
-    Patients are shuffled with ``seed`` first, so folds are not alphabetical (which would group
-    institutions); every patient is in exactly one validation fold.
+    The patients are put in a ``seed``-shuffled order and fold k validates on every K-th of them
+    from position k: each patient is in exactly one validation fold, folds differ by at most one
+    patient in size, and another seed gives other folds. (scikit-learn's GroupKFold, used before,
+    ignores any shuffle: it ordered the folds itself, so every seed gave the same alphabetical folds.)
     """
     patients = sorted(set(patients))
     if folds < 2 or not 0 <= fold < folds:
@@ -258,10 +260,8 @@ def kfold_split(patients: Sequence[str], folds: int, fold: int, seed: int) -> tu
     if folds > len(patients):
         raise DatasetError(f"--folds {folds} is more than the {len(patients)} patients found")
     order = np.random.default_rng(seed).permutation(len(patients))
-    shuffled = [patients[i] for i in order]
-    splits = list(GroupKFold(n_splits=folds).split(shuffled, groups=shuffled))
-    train_idx, val_idx = splits[fold]
-    return sorted(shuffled[i] for i in train_idx), sorted(shuffled[i] for i in val_idx)
+    val = {patients[i] for i in order[fold::folds]}
+    return [p for p in patients if p not in val], sorted(val)
 
 
 def choose_split(

@@ -42,6 +42,16 @@ def test_kfold_is_patient_disjoint_and_covers_everyone_once():
         kfold_split(patients, 5, 5, seed=7)
 
 
+def test_kfold_seed_shuffles_the_folds():
+    """Another seed gives other folds, and no seed gives the alphabetical every-K-th folds."""
+    patients = [f"P{i:02d}" for i in range(36)]
+    alphabetical = sorted(patients)[0::6]
+    folds = {seed: kfold_split(patients, 6, 0, seed)[1] for seed in (0, 1, 42)}
+    assert len({tuple(v) for v in folds.values()}) == 3
+    assert all(v != alphabetical for v in folds.values())
+    assert kfold_split(patients, 6, 0, 42) == kfold_split(patients, 6, 0, 42)  # still deterministic
+
+
 def test_buda_split_picks_exactly_those_patients():
     folders = [f"{p}_19990101" for p in BUDA_VAL_PREFIXES] + ["TCGA_XX_0001_20000101", "TCGA_XX_0002_20000101"]
     train, val = choose_split(folders, split="buda", val_fraction=0.2, seed=0)
