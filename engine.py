@@ -67,6 +67,7 @@ from data_preprocessing import (
     brain_box,
     buda_stats,
     crop_pad_square,
+    IntensityAugment,
     eval_preprocess,
     normalize,
     train_preprocess,
@@ -118,6 +119,8 @@ class Config:
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
     modality_dropout: float = _opt(0.0, "training: chance that the pre- or post-contrast channel is replaced "
                                    "by FLAIR, as the dataset does where a patient lacks that modality")
+    intensity_augment: bool = _opt(False, "training: nnU-Net-style gamma, brightness, contrast, noise, blur and "
+                                   "low-resolution steps, drawn per channel, after normalization")
     # ---- model ----
     encoder: str = _opt("unet", "unet: the hand-written UNet; resnet34: a UNet on torchvision's ResNet-34",
                          ("unet", "resnet34"))
@@ -322,10 +325,15 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 # =============================================================================================
 
 
-def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's uint8 image and mask on ``device``; the image normalized there, the mask as float."""
+def _to_device(
+    batch: dict, device: torch.device, channels_last: bool, augment: IntensityAugment | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's uint8 image and mask on ``device``; the image normalized (and, in training,
+    intensity-augmented) there, the mask as float."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image = normalize(batch["image"].to(device, non_blocking=True), batch["stats"].to(device, non_blocking=True))
+    if augment is not None:
+        image = augment(image)
     return image.contiguous(memory_format=memory_format), batch["mask"].to(device, non_blocking=True).float()
 
 
@@ -364,13 +372,14 @@ def train_one_epoch(
     channels_last: bool,
     epoch: int,
     progress: bool,
+    augment: IntensityAugment | None = None,
 ) -> tuple[float, int]:
     """One pass over the training loader; returns the summed per-sample loss and the sample count."""
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
-        image, mask = _to_device(batch, device, channels_last)
+        image, mask = _to_device(batch, device, channels_last, augment)
         loss = forward_loss(model, image, mask, loss_fn, amp_dtype)
         value = loss.item()
         if not math.isfinite(value):  # checked before the update, so the weights stay finite
@@ -938,6 +947,7 @@ def train(cfg: Config) -> dict:
         channels_last=cfg.channels_last, progress=progress, postprocess=cfg.postprocess, tta=cfg.tta,
         spacing=spacing, patients=val_names, gather=gather_across_ranks if ddp.enabled else None,
     )
+    augment = IntensityAugment() if cfg.intensity_augment else None
     start = time.perf_counter()
     epoch, metrics, volumes = first_epoch - 1, resumed["metrics"] if resumed else None, {}
     for epoch in range(first_epoch, cfg.epochs + 1):
@@ -945,12 +955,14 @@ def train(cfg: Config) -> dict:
         # run repeats an interrupted epoch exactly.
         train_loader.generator.manual_seed(cfg.seed + epoch)
         train_set.reseed(cfg.seed * 1_000_003 + epoch + 7919 * ddp.rank)
+        if augment is not None:
+            augment.reseed(cfg.seed * 1_000_003 + epoch + 7919 * ddp.rank)
         if isinstance(train_loader.sampler, ShardedSampler):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, seen = train_one_epoch(
             net, train_loader, loss_fn, optimizer, scheduler, scaler, device,
-            amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=progress,
+            amp_dtype=amp_dtype, channels_last=cfg.channels_last, epoch=epoch, progress=progress, augment=augment,
         )
         if ddp.enabled:  # the loss over every rank's samples
             sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
