@@ -23,9 +23,11 @@ import os
 import random
 import re
 import shutil
+import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -34,6 +36,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from tqdm import tqdm
 
 from data_preprocessing import (
     Preprocess,
@@ -44,7 +47,7 @@ from data_preprocessing import (
     crop_pad_square,
     volume_stats,
 )
-from libraries import UserError, atomic_write
+from libraries import UserError, atomic_write, save_json
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
 DEFAULT_LOCATIONS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m")
@@ -466,14 +469,93 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
             msk = cv2.resize(msk, shape[::-1], interpolation=cv2.INTER_NEAREST)
         images.append(img)
         masks.append(msk)
-    volume = np.stack(images)
-    return PatientVolume(
-        name=records[0].patient,
-        images=volume,
-        masks=np.stack(masks),
-        slice_numbers=[r.index for r, _, _ in read],
-        stats=volume_stats(volume),
-    )
+    return make_volume(records[0].patient, np.stack(images), np.stack(masks), [r.index for r, _, _ in read])
+
+
+def make_volume(name: str, images: np.ndarray, masks: np.ndarray, slice_numbers: list[int]) -> PatientVolume:
+    """A patient volume from (N, H, W, 3) uint8 slices and (N, H, W) {0, 1} masks, with its
+    'volume' normalization statistics; ``set_normalization`` switches it to another method."""
+    return PatientVolume(name=name, images=images, masks=masks, slice_numbers=slice_numbers,
+                         stats=volume_stats(images))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a dataset for a command
+# ---------------------------------------------------------------------------------------------
+
+
+def locate_data(
+    data_dir: str, *, synthetic: bool, synthetic_dir: str, synthetic_patients: int, synthetic_slices: int, seed: int
+) -> tuple[Path, bool]:
+    """The dataset root and whether it is synthetic; generates synthetic data when none is found."""
+    if not synthetic:
+        root = find_data_dir(data_dir or None)
+        if root is not None:
+            return root, False
+        print(
+            f"No LGG dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m). Training on SYNTHETIC data "
+            f"instead; for the real data download {DATASET_URL} and pass --data-dir .../kaggle_3m"
+        )
+    root = make_synthetic_dataset(Path(synthetic_dir), patients=synthetic_patients, slices=synthetic_slices, seed=seed)
+    return root, True
+
+
+def resolve_cache_dir(cache_dir: str) -> Path | None:
+    """--cache-dir: '' -> the default cache folder, 'off' -> no cache."""
+    if cache_dir == "off":
+        return None
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def load_dataset(
+    root: Path,
+    names: list[str] | None,
+    *,
+    progress: bool,
+    cache_dir: Path | None,
+    normalization: str,
+    issues: DataIssues,
+    groups: dict[str, list[SliceRecord]] | None = None,
+) -> dict[str, PatientVolume]:
+    """Decode (or read from the cache) the named patients, or all of them; by name.
+
+    ``groups`` is ``root`` already scanned and grouped by patient, so that a caller who listed it
+    to choose the patients does not list it twice. Patients of which no slice can be read are
+    reported to ``issues`` and left out.
+    """
+    if groups is None:
+        groups = group_by_patient(scan_dataset(root, issues))
+    if names is None:
+        names = sorted(groups)
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise DatasetError(
+            f"{root}: patient folder(s) {', '.join(missing)} not found; evaluate on the dataset "
+            "the checkpoint was trained on (--data-dir), or pick other patients with --patients"
+        )
+    volumes = {}
+    for name in tqdm(names, desc="loading", leave=False, disable=not progress):
+        volume = load_volume(groups[name], cache_dir, issues)
+        if volume is None:
+            issues.report("skipped: patient without readable slices", f"{root / name}: no readable slice; left out")
+        else:
+            volumes[name] = set_normalization(volume, normalization)
+    return volumes
+
+
+def report_issues(issues: DataIssues, out_dir: Path | None, shown: int = 5) -> None:
+    """Print a count of the data problems (and the first few), and keep them all in data_issues.txt."""
+    if not issues.items:
+        return
+    print(f"warning: data problems worked around: {issues.summary()}", file=sys.stderr)
+    for _, message in issues.items[:shown]:
+        print(f"  {message}", file=sys.stderr)
+    if len(issues.items) > shown:
+        print(f"  ... and {len(issues.items) - shown} more", file=sys.stderr)
+    if out_dir is not None:
+        (out_dir / "data_issues.txt").write_text("\n".join(m for _, m in issues.items) + "\n")
+        print(f"  all of them: {out_dir / 'data_issues.txt'}; --strict makes them errors", file=sys.stderr)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,21 +715,30 @@ def make_loader(
         sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
     if train and world > 1:
         sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=seed_worker, generator=generator,
+                  # Fresh workers each epoch draw their seeds from ``generator``: reseeding it per epoch
+                  # makes every epoch reproducible on its own, which resuming a run relies on.
+                  persistent_workers=False)
+    if not train:
+        # Every slice once, in order; a batch never spans two slice sizes, since each item carries
+        # its mask at the file's own size (``full_mask``), and such tensors cannot be stacked.
+        return DataLoader(dataset, batch_sampler=same_size_batches(dataset, batch_size), **common)
     per_rank = len(sampler) if sampler is not None else len(dataset)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        drop_last=train and per_rank % batch_size == 1,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        # Fresh workers each epoch draw their seeds from ``generator``: reseeding it per epoch
-        # makes every epoch reproducible on its own, which resuming a run relies on.
-        persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=per_rank % batch_size == 1, **common)
+
+
+def same_size_batches(dataset: LGGSlices, batch_size: int) -> list[list[int]]:
+    """Consecutive indices of ``dataset`` in batches of at most ``batch_size``, cut where the slice size changes."""
+    batches: list[list[int]] = []
+    last = None
+    for i, (p, _) in enumerate(dataset.index):
+        size = dataset.volumes[p].masks.shape[1:]
+        if not batches or size != last or len(batches[-1]) == batch_size:
+            batches.append([])
+        batches[-1].append(i)
+        last = size
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -924,3 +1015,39 @@ def _completeness(root: Path, report: dict) -> dict:
     return {"status": "subset", "missing_patients": missing,
             "message": f"a subset: {report['patients']} of the {FULL_PATIENTS} patients "
             f"({report['slices']} of {FULL_SLICES} slices); not an error if that is what you meant to use"}
+
+
+def report_dataset(data_dir: str, out: str, strict: bool) -> dict:
+    """The ``data`` command: print the dataset report and write it as JSON."""
+    root = find_data_dir(data_dir or None)
+    if root is None:
+        raise UserError(f"no dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m); "
+                        "run 'python engine.py download' or pass --data-dir")
+    report = dataset_report(root, strict=strict)
+    clinical = read_clinical(root)
+    report["clinical_table"] = None if clinical is None else {"rows": len(clinical), "columns": list(clinical.columns)}
+    path = Path(out) if out else Path("runs") / f"data-report-{datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_json(path, report)
+    area = report["tumor_area_px"]
+    lines = [
+        f"dataset: {root}",
+        f"  {report['patients']} patients, {report['slices']} slices, {report['tumor_slices']} with tumor",
+        f"  {report['completeness']['message']}",
+        "  institutions: " + ", ".join(f"{k} {v}" for k, v in report["institutions"].items()),
+        "  image sizes: " + ", ".join(f"{k} ({v})" for k, v in report["image_sizes"].items()),
+        "  mask values: " + ", ".join(f"{k}: {v:,}" for k, v in report["mask_values"].items()),
+        (f"  tumor area per tumor slice (px): median {area['median']:.0f}, mean {area['mean']:.0f}, "
+         f"min {area['min']}, max {area['max']}") if area["count"] else "  no tumor in any slice",
+        f"  patients without tumor: {', '.join(report['patients_without_tumor']) or 'none'}",
+        f"  patients with identical channels (one modality copied 3 times): "
+        f"{', '.join(report['patients_with_identical_channels']) or 'none'}",
+        *(f"  patients with FLAIR in place of {modality} in every slice: {', '.join(names) or 'none'}"
+          for modality, names in report["patients_with_flair_in_place_of"].items()),
+        "  clinical table (data.csv): " + (f"{len(clinical)} rows" if clinical is not None else "not found (optional)"),
+        f"  problems: {report['problem_summary'] or 'none'}",
+    ]
+    lines += [f"    {p}" for p in report["problems"][:10]]
+    print("\n".join(lines) + f"\nwrote {path}")
+    return report
+

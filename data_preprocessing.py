@@ -28,6 +28,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from libraries import memory_format  # noqa: E402
+
 # A mask pixel is tumor when its value is above this. Kaggle masks are 0/255; anything saved
 # with interpolation or lossy compression in between is split at the midpoint.
 MASK_THRESHOLD = 127
@@ -129,6 +131,20 @@ def normalize(image: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """
     low, high, mean, std = (row[..., None, None] for row in stats.float().unbind(-2))
     return (image.float().clamp(low, high) - mean) / std
+
+
+def batch_to_device(
+    batch: dict, device: torch.device, channels_last: bool, augment: IntensityAugment | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's uint8 image and mask on ``device``: the image normalized there (and, in
+    training, intensity-augmented) in the model's memory format, the mask as float.
+
+    Training, evaluation, prediction and the benchmark all move batches through here.
+    """
+    image = normalize(batch["image"].to(device, non_blocking=True), batch["stats"].to(device, non_blocking=True))
+    if augment is not None:
+        image = augment(image)
+    return image.contiguous(memory_format=memory_format(channels_last)), batch["mask"].to(device, non_blocking=True).float()
 
 
 class Preprocess:

@@ -1,4 +1,5 @@
-"""Shared environment helpers: seeding, device and precision choice, environment report, safe file writes.
+"""Shared environment helpers: seeding and RNG state, device, precision and memory format, environment
+report, safe file writes and run folders.
 
 Every module imports what it uses from here by name; nothing here runs at import time.
 """
@@ -11,6 +12,7 @@ import platform
 import random
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
+def rng_state() -> dict:
+    """Every global RNG state, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, gauss], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved (a resumed run continues the same random streams)."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cpu' and 'cuda' are taken as asked."""
     if name == "auto":
@@ -110,6 +133,27 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def setup_device(name: str, amp: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype for ``--device`` and ``--amp``; every command starts here.
+
+    On CUDA, cuDNN may pick the fastest kernels for our fixed input size (cudnn.benchmark).
+    """
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device, resolve_amp(amp, device)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """NHWC (channels_last, faster convolutions on CPU and GPU) or the default NCHW layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    """Mixed precision for the forward pass, or a no-op when ``amp_dtype`` is None (fp32)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def environment_report(device: torch.device) -> dict[str, Any]:
@@ -154,3 +198,25 @@ def save_json(path: Path, obj: Any) -> None:
 def save_torch(path: Path, obj: Any) -> None:
     """torch.save ``obj`` atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def unused_path(stem: Path) -> Path:
+    """``stem`` if nothing is there, else the first free ``stem-2``, ``stem-3``, ..."""
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
+
+
+def new_run_dir(out_dir: str) -> Path:
+    """The run folder: ``out_dir`` or a new runs/<date-time>[-N]; never one that already holds files."""
+    if not out_dir:
+        # A suffix only when two runs start in the same second.
+        path = unused_path(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    else:
+        path = Path(out_dir)
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

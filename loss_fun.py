@@ -1,29 +1,14 @@
-"""What compares a prediction with its truth: training losses (on logits), post-processing of
-predicted masks, and evaluation metrics.
+"""The training losses: soft Dice and binary cross-entropy on logits.
 
 Losses take logits of shape (N, 1, H, W) and targets of the same shape with values in {0, 1}.
-
-Metrics are computed from pixel counts accumulated over the whole evaluation set, per patient
-and per slice, never as averages of per-batch means, so they do not depend on batch size.
-
-The empty case: when a ratio's denominator is zero (Dice or IoU with an empty prediction and an
-empty truth; precision with no predicted pixel; recall with no tumor pixel), the score is 1.0 if
-prediction and truth are both empty (perfect agreement that there is no tumor) and 0.0 otherwise.
+The evaluation metrics are in metrics.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
 
 
 DICE_MODES = ("sample", "batch", "tumor")
@@ -92,144 +77,3 @@ class DiceBCELoss(nn.Module):
         if self.bce_weight:
             loss = loss + self.bce_weight * bce_loss(logits, target)
         return loss
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
-
-def ratio(num: float, den: float, both_empty: bool) -> float:
-    """num / den, with a zero denominator scored 1.0 if both masks are empty, else 0.0."""
-    if den == 0:
-        return 1.0 if both_empty else 0.0
-    return float(num / den)  # a Python float, also for numpy inputs: checkpoints hold plain types
-
-
-def dice_from_counts(tp: float, fp: float, fn: float) -> float:
-    """Dice = 2TP / (2TP + FP + FN); 1.0 when prediction and truth are both empty."""
-    return ratio(2 * tp, 2 * tp + fp + fn, both_empty=tp + fp + fn == 0)
-
-
-def iou_from_counts(tp: float, fp: float, fn: float) -> float:
-    """IoU (Jaccard) = TP / (TP + FP + FN); 1.0 when prediction and truth are both empty."""
-    return ratio(tp, tp + fp + fn, both_empty=tp + fp + fn == 0)
-
-
-class SegmentationMeter:
-    """Accumulates pixel counts per patient and per slice; computes every metric once at the end.
-
-    ``update`` takes binary predictions and truths of shape (N, 1, H, W) and the patient index of
-    each sample. Counts are kept per patient (3D, over all of its slices) and summed for the
-    global scores, so the result is the same for any batch size or order.
-    """
-
-    def __init__(self, patients: Sequence[str]) -> None:
-        self.patients = list(patients)
-        # Per patient: [tp, fp, fn, slices, slices with tumor] as int64 (up to ~10^7 pixels a volume).
-        self.counts = np.zeros((len(self.patients), 5), np.int64)
-        self.slice_dice_sum = 0.0  # sum of per-slice Dice over slices whose truth has tumor
-        self.tumor_slices = 0
-
-    def update(self, pred: torch.Tensor, truth: torch.Tensor, patient: torch.Tensor) -> None:
-        """Add a batch. pred, truth: (N, 1, H, W) bool or {0, 1}; patient: (N,) int indices."""
-        pred, truth = pred.bool().flatten(1), truth.bool().flatten(1)
-        tp = (pred & truth).sum(1)
-        fp = (pred & ~truth).sum(1)
-        fn = (~pred & truth).sum(1)
-        stats = torch.stack([tp, fp, fn, torch.ones_like(tp), ((tp + fn) > 0).long()], 1)
-        stats = stats.cpu().numpy().astype(np.int64)
-        np.add.at(self.counts, patient.cpu().numpy(), stats)
-        has_tumor = (tp + fn) > 0
-        if has_tumor.any():
-            tp_t, fp_t, fn_t = (x[has_tumor].double() for x in (tp, fp, fn))
-            self.slice_dice_sum += float((2 * tp_t / (2 * tp_t + fp_t + fn_t)).sum())
-            self.tumor_slices += int(has_tumor.sum())
-
-    def compute(self) -> dict:
-        """All metrics as a JSON-ready dict; None where no slice (or no tumor slice) was seen.
-
-        Patients with no slice seen are left out of ``per_patient`` and of the per-volume means.
-        """
-        seen = self.counts[:, 3] > 0
-        per_patient = [
-            {
-                "patient": name,
-                "dice": dice_from_counts(*map(int, c[:3])),
-                "iou": iou_from_counts(*map(int, c[:3])),
-                "slices": int(c[3]),
-                "tumor_slices": int(c[4]),
-                "tumor_pixels": int(c[0] + c[2]),
-                "predicted_pixels": int(c[0] + c[1]),
-            }
-            for name, c, s in zip(self.patients, self.counts, seen)
-            if s
-        ]
-        tp, fp, fn = (int(x) for x in self.counts[:, :3].sum(0))
-        dices = [p["dice"] for p in per_patient]
-        ious = [p["iou"] for p in per_patient]
-        return {
-            "dice_per_volume_mean": float(np.mean(dices)) if dices else None,
-            "dice_per_volume_median": float(np.median(dices)) if dices else None,
-            "dice_global": dice_from_counts(tp, fp, fn),
-            "iou_per_volume_mean": float(np.mean(ious)) if ious else None,
-            "iou_global": iou_from_counts(tp, fp, fn),
-            "dice_per_slice_tumor_mean": (
-                self.slice_dice_sum / self.tumor_slices if self.tumor_slices else None
-            ),
-            "precision": ratio(tp, tp + fp, both_empty=tp + fp + fn == 0),
-            "recall": ratio(tp, tp + fn, both_empty=tp + fp + fn == 0),
-            "patients": len(per_patient),
-            "slices": int(self.counts[:, 3].sum()),
-            "tumor_slices": self.tumor_slices,
-            "per_patient": per_patient,
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# Post-processing and surface distances on whole patient volumes
-# ---------------------------------------------------------------------------------------------
-
-
-def largest_component_3d(volume: np.ndarray) -> np.ndarray:
-    """Keep only the largest 3D connected component (6-connectivity) of a (D, H, W) bool volume.
-
-    A low-grade glioma is usually one lesion, so small islands away from it are mostly false
-    positives. An empty volume stays empty; ties keep the component with the lowest label.
-    """
-    labels, n = ndimage.label(volume)
-    if n <= 1:
-        return volume.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0  # background
-    return labels == int(sizes.argmax())
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with at least one 6-neighbour outside it (the object's border)."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float | None:
-    """95th-percentile symmetric Hausdorff distance between two (D, H, W) bool volumes.
-
-    The distances from every border voxel of each mask to the nearest border voxel of the other
-    are pooled, and their 95th percentile is returned (the medpy definition), in voxels or, with
-    ``spacing`` = (dz, dy, dx), in the spacing's unit. Both empty: 0.0. One empty: None, since no
-    distance exists; such patients are counted apart and left out of the mean.
-    """
-    pred, truth = pred.astype(bool), truth.astype(bool)
-    if not pred.any() and not truth.any():
-        return 0.0
-    if not pred.any() or not truth.any():
-        return None
-    # Distances between the two borders never leave the box that holds both masks: crop to it.
-    idx = np.argwhere(pred | truth)
-    lo, hi = idx.min(0), idx.max(0) + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    pred, truth = np.pad(pred[box], 1), np.pad(truth[box], 1)
-    sampling = tuple(spacing) if spacing is not None else None
-    sp, st = _surface(pred), _surface(truth)
-    to_truth = ndimage.distance_transform_edt(~st, sampling=sampling)[sp]
-    to_pred = ndimage.distance_transform_edt(~sp, sampling=sampling)[st]
-    return float(np.percentile(np.concatenate([to_truth, to_pred]), 95))

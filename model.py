@@ -1,18 +1,24 @@
-"""A hand-written UNet (Ronneberger et al. 2015) sized like the published LGG model.
+"""The networks, and the weights on disk that fill them.
 
-At the defaults (3 input channels, 1 output channel, 32 base features) it has
-7,763,041 parameters, the same as the UNet of Buda et al. (2019) for this dataset.
-The model returns logits; apply a sigmoid (or threshold at 0) to get a mask.
+A hand-written UNet (Ronneberger et al. 2015) sized like the published LGG model: at the
+defaults (3 input channels, 1 output channel, 32 base features) it has 7,763,041 parameters,
+the same as the UNet of Buda et al. (2019) for this dataset. The model returns logits; apply a
+sigmoid (or threshold at 0) to get a mask. Also: a UNet on torchvision's ResNet-34, the mapping
+of Buda et al.'s published weights onto ours, and the loading of this package's checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
+
+from libraries import UserError
 
 
 class DoubleConv(nn.Sequential):
@@ -325,3 +331,52 @@ def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str 
     if encoder == "resnet34":
         return ResNetUNet(out_channels=1, weights=encoder_weights)
     raise ValueError(f"--encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a network for a config or a checkpoint, with user-facing errors
+# ---------------------------------------------------------------------------------------------
+
+
+def make_network(encoder: str, features: int, encoder_weights: str = "none") -> nn.Module:
+    """build_model with a user-facing error when ImageNet weights cannot be downloaded."""
+    try:
+        return build_model(encoder, features, encoder_weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise UserError(f"--encoder-weights {encoder_weights}: torchvision could not fetch the ImageNet weights "
+                        f"({type(exc).__name__}); put resnet34-b627a593.pth in {torch.hub.get_dir()}/checkpoints/ "
+                        "or use --encoder-weights none") from None
+
+
+def pretrained_weights(spec: str) -> tuple[dict, str, str | None]:
+    """load_weights with user-facing errors."""
+    try:
+        return load_weights(spec)
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        raise UserError(f"--pretrained {spec}: {exc}") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by ``train`` without running any pickled code."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met a Python object it will not build
+        raise UserError(f"{path}: refused: it holds pickled Python objects, which could run code when "
+                        "loaded; only tensors and plain data are accepted (re-save just its state_dict "
+                        "where you trust its source)") from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # truncated or not a torch file
+        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written "
+                        "by torch.save); pass a best.pt or last.pt written by engine.py") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint written by engine.py (no model/config entries)")
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict) -> nn.Module:
+    """The network a checkpoint was trained with, holding its weights (on the CPU)."""
+    record = ckpt["config"]
+    model = make_network(record.get("encoder", "unet"), record["features"])
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -31,10 +31,39 @@ from scipy import ndimage
 from torchvision.utils import draw_segmentation_masks
 
 from libraries import UserError
-from loss_fun import dice_from_counts
+from metrics import dice_from_counts
 
 TRUTH_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (255, 0, 0)  # red
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.csv (one row per epoch) and curves.png, rewritten after every epoch."""
+    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    plot_curves(run_dir, history)
+
+
+def validation_row(val_loss: float | None, metrics: dict) -> dict:
+    """The validation columns of history.csv for one epoch."""
+    variants = metrics["postprocessing"]
+    return {"val_loss": val_loss, "val_dice_per_volume_mean": metrics["dice_per_volume_mean"],
+            "val_dice_per_volume_median": metrics["dice_per_volume_median"], "val_dice_global": metrics["dice_global"],
+            **{f"val_dice_per_volume_mean_{'raw' if name == 'none' else name}": v["dice_per_volume_mean"]
+               for name, v in variants.items()}}
+
+
+def epoch_line(epoch: int, epochs: int, row: dict, best: bool) -> str:
+    """The line printed after an epoch."""
+    line = f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f}"
+    if "val_loss" in row:
+        others = ", ".join(f"{k.removeprefix('val_dice_per_volume_mean_')} {v:.4f}" for k, v in row.items()
+                           if k.startswith("val_dice_per_volume_mean_"))
+        line += (f"  val loss {row['val_loss']:.4f}  val Dice/volume {row['val_dice_per_volume_mean']:.4f} "
+                 f"(median {row['val_dice_per_volume_median']:.4f}; {others})")
+    line += f"  {row['seconds']:.0f}s ({row['train_images_per_second']:.1f}"
+    line += f" / {row['val_images_per_second']:.1f} img/s)" if "val_images_per_second" in row else " img/s)"
+    return line + ("  *best*" if best else "")
+
 
 
 def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
@@ -212,7 +241,7 @@ def write_reports(
     metrics: dict,
     *,
     volumes: dict[int, tuple[np.ndarray, np.ndarray]],
-    dataset: object,
+    scans: Sequence[object],
     title: str,
     config: dict,
     environment: dict,
@@ -220,12 +249,15 @@ def write_reports(
     history: Sequence[dict] | None = None,
     clinical: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Write every report of an evaluated set; ``dataset`` is the LGGSlices that was scored."""
-    flair = {p: v.images[..., 1] for p, v in enumerate(dataset.volumes)}
-    slice_numbers = {p: v.slice_numbers for p, v in enumerate(dataset.volumes)}
+    """Write every report of an evaluated set.
+
+    ``scans`` are the PatientVolumes that were scored, in the order whose indices key ``volumes``.
+    """
+    flair = {p: v.images[..., 1] for p, v in enumerate(scans)}
+    slice_numbers = {p: v.slice_numbers for p, v in enumerate(scans)}
     images = [plot_curves(out_dir, history)] if history else []
     images.append(plot_dice_per_volume(out_dir, metrics))
-    images += write_overlays(out_dir, volumes, flair, slice_numbers, dataset.patients)
+    images += write_overlays(out_dir, volumes, flair, slice_numbers, [v.name for v in scans])
     csv_path = write_per_patient_csv(out_dir, metrics, clinical)
     summary = write_summary(out_dir, metrics, title=title, config=config, environment=environment,
                             timing=timing, images=images)

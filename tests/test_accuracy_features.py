@@ -22,8 +22,10 @@ from data_loaders import (
     set_normalization,
 )
 from data_preprocessing import brain_box, buda_stats, crop_pad_square, eval_preprocess, normalize, volume_stats
-from engine import _to_full_resolution, config_from_args, main, make_scheduler, parse_args, predict_volumes
-from loss_fun import hd95, largest_component_3d
+from engine import config_from_args, main, parse_args
+from evaluation import predict_volumes, to_full_resolution
+from training import make_scheduler
+from metrics import hd95, largest_component_3d
 
 # ---------------------------------------------------------------------------------------- splits
 
@@ -131,7 +133,7 @@ def test_crop_pad_and_paste_back_round_trip():
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert batch["box"].shape == (3, 7)
     # The model-input mask, as confident logits, pasted back onto the 32 x 32 grid.
-    back = _to_full_resolution(batch["mask"].float() * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
+    back = to_full_resolution(batch["mask"].float() * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
     assert torch.equal(back, batch["full_mask"].bool())
 
 

@@ -7,7 +7,8 @@ import json
 import torch
 
 from data_preprocessing import IntensityAugment
-from engine import _to_device, main
+from data_preprocessing import batch_to_device as _to_device
+from engine import main
 
 
 def _batch(n: int = 32, size: int = 24) -> torch.Tensor:

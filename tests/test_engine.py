@@ -9,7 +9,7 @@ import matplotlib.image as plt
 import pytest
 import torch
 
-import engine
+import evaluation
 from data_loaders import make_synthetic_dataset
 from data_loaders import scan_dataset as scan
 from engine import Config, config_from_args, main, parse_args
@@ -146,7 +146,7 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(full), "--device", "cpu",
                 "--no-progress", "--cache-dir", "off"]
     listed = []  # choosing the unseen patients and loading them share one listing of the folder
-    monkeypatch.setattr(engine, "scan_dataset",
+    monkeypatch.setattr(evaluation, "scan_dataset",
                         lambda root, issues=None: listed.append(root) or scan(root, issues))
     assert main([*evaluate, "--patients", "unseen", "--out-dir", str(tmp_path / "unseen")]) == 0
     assert listed == [full]
@@ -175,3 +175,34 @@ def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_p
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--patience" in err and "--split none" in err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ flags the user gave, and contradictions
+
+
+def test_preset_never_overrides_a_flag_the_user_gave(capsys):
+    """Bug 1: '--preset cpu --epoch 3' trained 20 epochs; abbreviations are now refused, full flags win."""
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "cpu", "--epoch", "3"])
+    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+    argv = ["--preset", "cpu", "--epochs", "3", "--no-channels-last", "--lr=0.01"]
+    cfg = config_from_args(parse_args(argv), argv)
+    assert (cfg.epochs, cfg.channels_last, cfg.lr) == (3, False, 0.01)
+    assert (cfg.image_size, cfg.modality_dropout) == (128, 0.2)  # the preset's, where nothing was given
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["cv", "--folds", "3", "--val-patients", "TCGA_A"], "drop --val-patients"),
+    (["cv", "--folds", "3", "--fold", "1"], "drop --fold"),
+    (["cv", "--folds", "3", "--fold", "0"], "drop --fold"),
+    (["--fold", "1"], "add --folds"),
+    (["--folds", "3", "--val-patients", "TCGA_A"], "give one of them"),
+    (["--folds", "3", "--split", "buda"], "give one of them"),
+])
+def test_contradictory_split_flags_are_refused_in_one_line(tmp_path, capsys, argv, says):
+    """Bug 3: these combinations silently ignored one of the flags; nothing may be made before refusing."""
+    out = tmp_path / "out"
+    assert main([*argv, "--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err
+    assert not out.exists() and not (tmp_path / "syn").exists()

@@ -200,13 +200,46 @@ def test_resnet34_encoder_trains_and_evaluates(tmp_path):
 def test_imagenet_weights_unavailable_is_one_line(tmp_path, monkeypatch, capsys):
     import urllib.error
 
-    import engine
+    import model
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(engine, "build_model", offline)
+    monkeypatch.setattr(model, "build_model", offline)
     assert main(tiny_run(tmp_path, "--encoder", "resnet34", "--encoder-weights", "imagenet",
                          "--out-dir", str(tmp_path / "r"))) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--encoder-weights none" in err
+
+
+def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypatch, capsys):
+    """Bug 5: with --normalization buda a folder of mixed sizes skipped the brain crop without a word.
+    Now each size is a volume of its own, cropped and normalized as if it were alone."""
+    import data_loaders
+
+    torch.manual_seed(0)
+    config = {"features": 4, "image_size": 32, "channels_last": False, "threshold": 0.5,
+              "normalization": "buda", "tta": False}
+    ckpt = tmp_path / "buda.pt"
+    torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, ckpt)
+    rng = np.random.default_rng(1)
+    sizes = {"A": (40, 48), "B": (36, 30)}
+    for name, (h, w) in sizes.items():
+        for i in (1, 2):
+            image = np.zeros((h, w, 3), np.uint8)
+            image[5 : h - 6, 7 : w - 5] = rng.integers(60, 255, (h - 11, w - 12, 3), dtype=np.uint8)  # the "head"
+            for folder in (tmp_path / "mixed", tmp_path / name):
+                write_slice(folder, name, i, image, np.zeros((h, w), np.uint8))
+    boxes = []
+    real_box = data_loaders.brain_box
+    monkeypatch.setattr(data_loaders, "brain_box", lambda v, *a: boxes.append(v.shape) or real_box(v, *a))
+    run = ["predict", "--checkpoint", str(ckpt), "--device", "cpu", "--amp", "off"]
+    assert main([*run, "--input", str(tmp_path / "mixed"), "--output", str(tmp_path / "out")]) == 0
+    assert sorted(b[1:3] for b in boxes) == sorted(sizes.values())  # one crop per size
+    assert "slices of 2 sizes" in capsys.readouterr().err
+    for name in sizes:  # the same masks as predicting each size's slices on their own
+        assert main([*run, "--input", str(tmp_path / name), "--output", str(tmp_path / f"out-{name}")]) == 0
+        for i in (1, 2):
+            alone = cv2.imread(str(tmp_path / f"out-{name}" / "masks" / name / f"{name}_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
+            mixed = cv2.imread(str(tmp_path / "out" / "masks" / "mixed" / f"{name}_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
+            assert alone.shape == sizes[name] and np.array_equal(alone, mixed)

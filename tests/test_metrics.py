@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from loss_fun import SegmentationMeter, dice_from_counts, iou_from_counts, ratio
+from metrics import SegmentationMeter, dice_from_counts, iou_from_counts, ratio
 
 
 def masks(*rows):

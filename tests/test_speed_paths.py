@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import autocast, main
+from engine import main
+from libraries import autocast
 from model import UNet, count_flops
 
 
@@ -83,3 +84,26 @@ def test_count_flops_by_hand():
     # Backward: the second conv needs its input's and its weight's gradients (each as costly as
     # its forward); the first only its weight's, since the image needs no gradient.
     assert training == forward + 2 * second + first
+
+
+def test_benchmark_times_the_network_asked_for_and_refuses_flags_it_does_not_use(tmp_path, capsys, monkeypatch):
+    """Bug 4: the step timing used the plain UNet whatever --encoder said, and --epochs etc. were accepted."""
+    import benchmark
+
+    built = []
+    real = benchmark.build_training
+    monkeypatch.setattr(benchmark, "build_training",
+                        lambda **kw: built.append((kw["encoder"], kw["features"])) or real(**kw))
+    assert main([
+        "benchmark", "--encoder", "resnet34", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
+        "--warmup", "0", "--repeats", "1", "--e2e-batches", "1", "--synthetic",
+        "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "2", "--synthetic-slices", "4",
+        "--cache-dir", "off", "--no-progress", "--out", str(tmp_path / "b.json"),
+    ]) == 0
+    assert [e for e, _ in built] == ["resnet34"] * 3  # reference, fast, end to end
+    assert json.loads((tmp_path / "b.json").read_text())["encoder"] == "resnet34"
+    capsys.readouterr()
+    for flag in (["--epochs", "3"], ["--lr", "0.1"], ["--folds", "3"]):
+        with pytest.raises(SystemExit):
+            main(["benchmark", *flag])
+        assert "unrecognized arguments" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Patient-level cross-validation and the paired comparison of two runs: the ``cv`` and ``compare``
+commands.
+
+``cv`` trains fold 0..K-1 with the training function it is given (``engine.train``), so that this
+module never imports the entry point; ``compare`` pairs two runs' held-out Dice patient by patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from libraries import UserError, new_run_dir, save_json, unused_path
+from reports import compare_runs, dice_table, patient_scores
+
+CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
+
+def resolve_cv_resume(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, Path]:
+    """For ``cv --resume DIR``: the cv run's own config (with the resumable ``overrides``) and DIR.
+
+    ``cfg`` is the Config dataclass instance of the resuming command line; the stored settings
+    are read into the same class."""
+    base = Path(cfg.resume)
+    path = base / CV_CONFIG
+    if not path.is_file():
+        raise UserError(f"{base}: no {CV_CONFIG} here; pass the folder a cv run wrote (the one holding fold-0, ...)")
+    try:
+        stored = json.loads(path.read_text())
+        values = {f.name: stored[f.name] for f in fields(cfg) if f.name in stored}
+        type(cfg)(**values)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); start the cross-validation again in a new --out-dir") from None
+    return type(cfg)(**{**values, **overrides, "out_dir": str(base), "resume": ""}), base
+
+
+def run_fold(cfg: Any, fold: int, fold_dir: Path, train: Callable[[Any], dict]) -> dict:
+    """Train one fold of a cv run, or pick it up where an interrupted run left it.
+
+    A fold with a metrics.json is finished and is read back; one with a last.pt is resumed
+    from it (exactly, like ``--resume``); one stopped before its first checkpoint is moved
+    aside to fold-<i>.incomplete and trained again.
+    """
+    if (fold_dir / "metrics.json").is_file():
+        print(f"fold {fold}: finished earlier; reading {fold_dir / 'metrics.json'}")
+        return json.loads((fold_dir / "metrics.json").read_text())
+    if (fold_dir / "last.pt").is_file():
+        return train(replace(cfg, fold=fold, out_dir="", resume=str(fold_dir)))
+    if fold_dir.exists() and any(fold_dir.iterdir()):
+        aside = unused_path(fold_dir.with_name(fold_dir.name + ".incomplete"))
+        fold_dir.rename(aside)
+        print(f"fold {fold}: {fold_dir} stopped before its first checkpoint; moved it to {aside.name}, "
+              "training the fold again")
+    return train(replace(cfg, fold=fold, out_dir=str(fold_dir)))
+
+
+def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, Any]) -> pd.DataFrame:
+    """The ``cv`` command: train fold 0..K-1 of a patient-level K-fold split, then summarize.
+
+    Writes <out-dir>/fold-<i>/ for each fold, <out-dir>/cv_patients.csv (every patient once, with
+    its held-out Dice with and without LCC) and <out-dir>/cv_summary.csv (one row per fold, the
+    mean and std over folds, then the mean and median over all patients pooled, which is how
+    Buda et al. report cross-validation), and prints the table. ``--resume DIR`` continues an
+    interrupted cv run in DIR with its own settings: finished folds are read back, an unfinished
+    one is resumed from its last.pt, and the summary is the one an uninterrupted run writes.
+
+    ``cfg`` is a Config; ``train`` trains one run of it and returns its final metrics;
+    ``overrides`` are the settings a resumed cv may change (where and how it runs).
+    """
+    if cfg.resume:
+        cfg, base = resolve_cv_resume(cfg, overrides)
+    else:
+        if cfg.folds < 2:
+            raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
+        base = new_run_dir(cfg.out_dir)
+        save_json(base / CV_CONFIG, asdict(cfg))
+    rows, per_patient = [], []
+    for fold in range(cfg.folds):
+        print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
+        m = run_fold(cfg, fold, base / f"fold-{fold}", train)
+        raw, lcc = m["postprocessing"]["none"], m["postprocessing"]["lcc"]
+        rows.append({"fold": fold, "patients": m["patients"],
+                     "dice_per_volume_mean": raw["dice_per_volume_mean"],
+                     "dice_per_volume_median": raw["dice_per_volume_median"],
+                     "dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
+                     "dice_per_volume_median_lcc": lcc["dice_per_volume_median"],
+                     "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"]})
+        per_patient.append(dice_table(m).assign(fold=fold))
+    table = pd.DataFrame(rows)
+    numeric = table.drop(columns=["fold"])
+    patients = pd.concat(per_patient, ignore_index=True)[["fold", "patient", "dice", "dice_lcc"]]
+    patients.to_csv(base / "cv_patients.csv", index=False)
+    pooled = {"fold": "all patients", "patients": len(patients),
+              "dice_per_volume_mean": patients["dice"].mean(), "dice_per_volume_median": patients["dice"].median(),
+              "dice_per_volume_mean_lcc": patients["dice_lcc"].mean(),
+              "dice_per_volume_median_lcc": patients["dice_lcc"].median()}
+    summary = pd.concat([table, numeric.mean().to_frame().T.assign(fold="mean"),
+                         numeric.std(ddof=1).to_frame().T.assign(fold="std"), pd.DataFrame([pooled])],
+                        ignore_index=True)
+    summary.to_csv(base / "cv_summary.csv", index=False)
+    print(f"\n{cfg.folds}-fold patient-level cross-validation ({'SYNTHETIC data' if cfg.synthetic else cfg.data_dir or 'auto data'}):")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
+    mean, std = numeric["dice_per_volume_mean"].mean(), numeric["dice_per_volume_mean"].std(ddof=1)
+    print(f"Dice per volume: {mean:.4f} ± {std:.4f} (mean ± std over folds); over all {len(patients)} patients "
+          f"mean {pooled['dice_per_volume_mean']:.4f}, median {pooled['dice_per_volume_median']:.4f} "
+          f"(with LCC {pooled['dice_per_volume_mean_lcc']:.4f} / {pooled['dice_per_volume_median_lcc']:.4f}); "
+          f"wrote {base / 'cv_summary.csv'} and cv_patients.csv")
+    print("For the final model, train once more with the same settings on every patient (--split none) "
+          "and score it on other patients with 'evaluate --patients unseen'.")
+    return summary
+
+
+def compare_command(args: argparse.Namespace) -> pd.DataFrame:
+    """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
+    if args.resamples < 1 or args.seed < 0:
+        raise UserError(f"--resamples must be at least 1 and --seed at least 0, got {args.resamples} "
+                        f"and {args.seed}")
+    (a, source_a), (b, source_b) = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
+    summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed)
+    only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
+    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
+          + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
+    for row in summary.itertuples():
+        label = "with LCC" if row.postprocess == "lcc" else "raw"
+        print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
+              f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
+              f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "
+              "(by more than 0.005)")
+    if args.out:
+        paired.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+    return summary
+

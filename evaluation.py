@@ -1,0 +1,351 @@
+"""Model -> scores: predict whole patient volumes, post-process them in 3D, score them per patient,
+and the ``evaluate`` command.
+
+Every slice is predicted at the model's size, mapped back onto its file's own grid (undoing the
+'buda' crop where there is one) and scored there against the mask as it is on disk, so that the
+metrics do not depend on ``--image-size``. Training's validation, ``evaluate`` and ``predict``
+all go through ``predict_volumes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from data_loaders import (
+    DataIssues,
+    LGGSlices,
+    PatientVolume,
+    default_num_workers,
+    group_by_patient,
+    find_data_dir,
+    load_dataset,
+    make_loader,
+    match_patients,
+    read_clinical,
+    read_patient_list,
+    report_issues,
+    resolve_cache_dir,
+    scan_dataset,
+)
+from data_preprocessing import batch_to_device, eval_preprocess
+from libraries import UserError, autocast, environment_report, memory_format, save_json, setup_device
+from loss_fun import DiceBCELoss
+from metrics import SegmentationMeter, hd95, largest_component_3d, parse_spacing
+from model import fuse_conv_bn, load_checkpoint, network_from_checkpoint
+from reports import write_reports
+
+
+def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
+    """Map (N, 1, S, S) logits back onto each slice's original (H, W) = ``size`` grid.
+
+    Without a crop box this is one bilinear resize. With one (the 'buda' normalization crops
+    to the brain and pads to a square), each sample is resized to its padded square, unpadded
+    and pasted into its box (rows y0, y1, x0, x1, top, left, side); pixels outside the box are
+    background (a very negative logit).
+    """
+    size = tuple(size)
+    if box is None:
+        if tuple(logits.shape[-2:]) == size:
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    out = logits.new_full((len(logits), 1, *size), -1e4)
+    for i, (y0, y1, x0, x1, top, left, side) in enumerate(box.tolist()):
+        square = F.interpolate(logits[i : i + 1], size=(side, side), mode="bilinear", align_corners=False)
+        out[i, :, y0:y1, x0:x1] = square[0, :, top : top + y1 - y0, left : left + x1 - x0]
+    return out
+
+
+def forward_with_mirror(
+    model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None, tta: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of ``x`` and, with ``tta``, of its left-right mirror, flipped back into place."""
+    with autocast(x.device, amp_dtype):
+        logits = model(x).float()
+        mirrored = torch.flip(model(torch.flip(x, dims=[-1])).float(), dims=[-1]) if tta else None
+    return logits, mirrored
+
+
+@torch.inference_mode()
+def predict_volumes(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    loss_fn: nn.Module | None,
+    threshold: float,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    tta: bool,
+    progress: bool,
+    desc: str = "validate",
+) -> tuple[float, int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Predict every slice of the loader; return the summed loss, the slice count and, per patient
+    index of the loader's dataset, the
+    (D, H, W) bool predicted and true volumes at the masks' own resolution, in slice order.
+
+    With ``tta`` the probabilities of the slice and of its left-right mirror are averaged.
+    The loss (on the un-augmented logits, at model resolution) is summed per sample.
+    """
+    model.eval()
+    total, seen = 0.0, 0
+    slices: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        image, mask = batch_to_device(batch, device, channels_last)
+        logits, mirrored = forward_with_mirror(model, image, amp_dtype, tta)
+        if loss_fn is not None:
+            total += loss_fn(logits, mask).item() * len(image)
+            seen += len(image)
+        size, box = batch["full_mask"].shape[-2:], batch.get("box")
+        prob = torch.sigmoid(to_full_resolution(logits, size, box))
+        if mirrored is not None:
+            prob = (prob + torch.sigmoid(to_full_resolution(mirrored, size, box))) / 2
+        pred = (prob > threshold).cpu().numpy()[:, 0]
+        truth = batch["full_mask"].numpy()[:, 0] > 0.5
+        for p, s, pr, tr in zip(batch["patient"].tolist(), batch["slice"].tolist(), pred, truth):
+            slices.setdefault(p, []).append((s, pr, tr))
+    volumes = {}
+    for p, items in slices.items():
+        items.sort(key=lambda item: item[0])
+        volumes[p] = (np.stack([i[1] for i in items]), np.stack([i[2] for i in items]))
+    return total, seen, volumes
+
+
+POSTPROCESSING = ("none", "lcc")
+
+
+def postprocess_volume(pred: np.ndarray, method: str) -> np.ndarray:
+    """A (D, H, W) bool prediction after ``method``: 'none' keeps it, 'lcc' keeps its largest 3D component."""
+    if method == "none":
+        return pred
+    if method == "lcc":
+        return largest_component_3d(pred)
+    raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
+
+
+def score_volumes(
+    volumes: dict[int, tuple[np.ndarray, np.ndarray]],
+    patients: list[str],
+    *,
+    postprocess: str,
+    spacing: tuple[float, float, float] | None,
+) -> dict:
+    """Metrics over all patient volumes, with the given post-processing, plus HD95 per patient."""
+    meter = SegmentationMeter(patients)
+    distances = {}
+    for p, (pred, truth) in volumes.items():
+        pred = postprocess_volume(pred, postprocess)
+        meter.update(torch.from_numpy(pred)[:, None], torch.from_numpy(truth)[:, None],
+                     torch.full((len(pred),), p, dtype=torch.long))
+        distances[patients[p]] = (hd95(pred, truth), hd95(pred, truth, spacing) if spacing else None)
+    metrics = meter.compute()
+    for row in metrics["per_patient"]:
+        row["hd95_px"], row["hd95_mm"] = distances[row["patient"]]
+    defined = [d[0] for d in distances.values() if d[0] is not None]
+    metrics["hd95_px_mean"] = float(np.mean(defined)) if defined else None
+    metrics["hd95_undefined_patients"] = len(distances) - len(defined)
+    if spacing:
+        mm = [d[1] for d in distances.values() if d[1] is not None]
+        metrics["hd95_mm_mean"] = float(np.mean(mm)) if mm else None
+    return metrics
+
+
+Gather = Callable[[dict, float, int], tuple[dict, float, int]]
+
+
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    loss_fn: nn.Module | None,
+    threshold: float,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    progress: bool,
+    postprocess: str = "none",
+    tta: bool = False,
+    spacing: tuple[float, float, float] | None = None,
+    desc: str = "validate",
+    patients: list[str] | None = None,
+    gather: Gather | None = None,
+) -> tuple[float | None, dict, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Loss, metrics and per-patient (pred, truth) volumes, scored against the masks at their own
+    resolution.
+
+    The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
+    holds the headline numbers of every post-processing option, so both are always reported.
+    In a distributed job each rank predicts its own patients and ``gather`` merges the predicted
+    volumes (by patient name) and loss sums of all ranks, so every rank scores the whole set;
+    ``patients`` is then the full list, whose indices key the returned volumes.
+    """
+    # BatchNorm folded into the convs: the same function, faster (the caller's model is untouched).
+    inference_model = fuse_conv_bn(getattr(model, "_orig_mod", model))
+    loss_sum, count, local = predict_volumes(
+        inference_model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
+        channels_last=channels_last, tta=tta, progress=progress, desc=desc,
+    )
+    named = {loader.dataset.patients[p]: v for p, v in local.items()}
+    if gather is not None:
+        named, loss_sum, count = gather(named, loss_sum, count)
+    patients = patients or loader.dataset.patients
+    volumes = {patients.index(name): v for name, v in named.items()}
+    variants = {name: score_volumes(volumes, patients, postprocess=name, spacing=spacing)
+                for name in POSTPROCESSING}
+    metrics = variants[postprocess]
+    metrics["postprocessing"] = {
+        name: {**{k: v[k] for k in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global",
+                                    "hd95_px_mean")},
+               "dice_per_patient": {row["patient"]: row["dice"] for row in v["per_patient"]}}
+        for name, v in variants.items()
+    }
+    metrics["postprocess"], metrics["tta"] = postprocess, tta
+    volumes = {p: (postprocess_volume(pred, postprocess), truth) for p, (pred, truth) in volumes.items()}
+    loss = loss_sum / count if loss_fn is not None and count else None
+    return loss, metrics, volumes
+
+
+def gather_across_ranks(named: dict, loss_sum: float, count: int) -> tuple[dict, float, int]:
+    """All ranks' predicted volumes (merged by patient name) and loss sums, on every rank."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (named, loss_sum, count))
+    merged: dict = {}
+    for part, _, _ in parts:
+        merged.update(part)
+    return merged, sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+
+METRIC_LABELS = (
+    ("dice_per_volume_mean", "Dice per volume, mean"),
+    ("dice_per_volume_median", "Dice per volume, median"),
+    ("iou_per_volume_mean", "IoU per volume, mean"),
+    ("dice_global", "Dice, all pixels"),
+    ("iou_global", "IoU, all pixels"),
+    ("dice_per_slice_tumor_mean", "Dice per tumor slice, mean"),
+    ("precision", "Precision (pixels)"),
+    ("recall", "Recall (pixels)"),
+)
+
+
+def format_metrics(metrics: dict, title: str) -> str:
+    """The end-of-run table: every metric of the chosen post-processing, then both variants."""
+    lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
+             f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
+             f"mirror TTA: {'on' if metrics['tta'] else 'off'}"]
+    for key, label in METRIC_LABELS:
+        value = metrics[key]
+        lines.append(f"  {label:<28} {'n/a' if value is None else f'{value:.4f}'}")
+    hd = metrics["hd95_px_mean"]
+    lines.append(f"  {'HD95 per volume, mean (px)':<28} {'n/a' if hd is None else f'{hd:.2f}'}"
+                 + (f"  ({metrics['hd95_undefined_patients']} undefined)" if metrics["hd95_undefined_patients"] else ""))
+    if metrics.get("hd95_mm_mean") is not None:
+        lines.append(f"  {'HD95 per volume, mean (mm)':<28} {metrics['hd95_mm_mean']:.2f}")
+    lines.append("  Dice per volume mean / median, by post-processing:")
+    for name, v in metrics["postprocessing"].items():
+        lines.append(f"    {name:<6} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}")
+    return "\n".join(lines)
+
+
+
+# =============================================================================================
+# The evaluate command
+# =============================================================================================
+
+
+def patients_to_score(spec: str, available: list[str], root: Path, record: dict, checkpoint: Path) -> list[str]:
+    """``evaluate --patients``: the run's validation patients, the patients of ``root`` (whose
+    patients are ``available``) it did not train on (unseen), all of them, or those named in a
+    comma list or file."""
+    if spec == "validation":
+        if not record["patients"]["validation"]:
+            raise UserError(f"{checkpoint}: this run trained on every patient (--split none), so it has no "
+                            "validation patients; score it on others with --patients unseen --data-dir DIR")
+        return record["patients"]["validation"]
+    if spec == "all":
+        return available
+    if spec == "unseen":
+        trained = set(record["patients"]["train"])
+        unseen = [p for p in available if p not in trained]
+        if not unseen:
+            raise UserError(f"{root}: {checkpoint} was trained on every patient here; pass a --data-dir "
+                            "that holds other patients")
+        return unseen
+    listed, source = read_patient_list(spec, "--patients")
+    return match_patients(listed, available, source)
+
+
+def scoring_loader(
+    volumes: list[PatientVolume], *, image_size: int, batch_size: int, num_workers: int, seed: int,
+    device: torch.device,
+) -> torch.utils.data.DataLoader:
+    """The deterministic loader through which validation, ``evaluate`` and ``predict`` read volumes:
+    every slice once, in order, resized for the model, with its mask at the file's resolution."""
+    dataset = LGGSlices(volumes, eval_preprocess(image_size), full_mask=True)
+    workers = default_num_workers() if num_workers < 0 else num_workers
+    return make_loader(dataset, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
+                       pin_memory=device.type == "cuda")
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+    """The ``evaluate`` command: score a checkpoint on its validation patients, or on those --patients picks."""
+    ckpt_path = Path(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    record = ckpt["config"]
+    device, amp_dtype = setup_device(args.device, args.amp)
+    root = find_data_dir(args.data_dir or record["resolved_data_dir"])
+    if root is None:
+        raise UserError("no dataset found; pass --data-dir")
+    issues = DataIssues(strict=args.strict)
+    groups = group_by_patient(scan_dataset(root, issues))
+    names = patients_to_score(args.patients, sorted(groups), root, record, ckpt_path)
+    out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trained = sorted(set(names) & set(record["patients"]["train"]))
+    if trained:
+        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "
+              f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
+              file=sys.stderr)
+    volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
+                           normalization=record.get("normalization", "volume"), issues=issues, groups=groups)
+    report_issues(issues, out_dir)
+    loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],
+                            batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
+                            seed=record["seed"], device=device)
+    channels_last = record["channels_last"]
+    model = network_from_checkpoint(ckpt).to(device, memory_format=memory_format(channels_last))
+    loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"))
+    start = time.perf_counter()
+    postprocess = args.postprocess or record.get("postprocess", "none")
+    tta = record.get("tta", False) if args.tta is None else args.tta
+    val_loss, metrics, volumes = evaluate(
+        model, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
+        channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
+        tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
+    )
+    seconds = time.perf_counter() - start
+    result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
+              "data_dir": str(root), "patients_scored": args.patients, "scored_patients_trained_on": len(trained),
+              "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
+              "images_per_second": metrics["slices"] / seconds}
+    save_json(out_dir / "metrics.json", result)
+    kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
+    title = f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind}; patients: {args.patients})"
+    write_reports(out_dir, result, volumes=volumes, scans=loader.dataset.volumes, title=title, config=record,
+                  environment=environment_report(device),
+                  timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},
+                  clinical=read_clinical(root))
+    print(format_metrics(result, title))
+    print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/: metrics.json, summary.md, "
+          "per_patient.csv, dice_per_volume.png, overlays/")
+    return result

@@ -1,0 +1,186 @@
+"""New scans -> masks, and checkpoints -> deployable files: the ``predict`` and ``export`` commands.
+
+``predict`` reads slices as they come (one file, a folder, a patient folder or a dataset root),
+builds each folder's slices into a volume and runs it through the very pipeline that ``evaluate``
+scores (``evaluation.scoring_loader`` and ``predict_volumes``): the same normalization, crop,
+resize, mirror averaging, paste-back, threshold and post-processing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from data_loaders import DatasetError, make_volume, read_image, set_normalization
+from evaluation import postprocess_volume, predict_volumes, scoring_loader
+from libraries import UserError, memory_format, setup_device
+from metrics import parse_spacing
+from model import fuse_conv_bn, load_checkpoint, network_from_checkpoint
+from reports import overlay_slice
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+_NUMBER = re.compile(r"_(\d+)$")
+
+
+def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Group the slices to predict by patient (folder); also return the files that are not images.
+
+    ``path`` may be one slice, a folder of slices, a kaggle_3m patient folder or a dataset root.
+    Masks (``*_mask.*``) are never inputs. Slices named ``<NAME>_<N>`` are ordered by N.
+    """
+    if path.is_file():
+        return {path.parent.name or "input": [path]}, []
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder; pass a slice, a folder of slices or a dataset folder")
+    groups: dict[str, list[Path]] = {}
+    other: list[Path] = []
+    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if f.stem.lower().endswith("_mask"):
+                continue
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                groups.setdefault(folder.name, []).append(f)
+            elif folder == path or f.name.lower() not in ("data.csv", "readme.md"):
+                other.append(f)
+    for files in groups.values():
+        files.sort(key=lambda f: (int(m[1]) if (m := _NUMBER.search(f.stem)) else -1, f.name))
+    return groups, other
+
+
+
+def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Path], np.ndarray]], int]:
+    """Decode each folder's slices into volumes of one slice size: (folder, files, (N, H, W, 3) images).
+
+    A folder whose slices have several sizes cannot be one 3D volume: each size becomes a volume
+    of its own, with its own normalization statistics and crop, and a note says so. Files that
+    cannot be decoded are skipped with a line each; the count of skipped files is returned.
+    """
+    volumes, skipped = [], 0
+    for group, files in groups.items():
+        by_size: dict[tuple[int, int], list[tuple[Path, np.ndarray]]] = {}
+        for f in files:
+            try:
+                image = read_image(f)  # grayscale comes back copied into 3 channels
+            except DatasetError:
+                print(f"skipped (not an image): {f}", file=sys.stderr)
+                skipped += 1
+                continue
+            by_size.setdefault(image.shape[:2], []).append((f, image))
+        if len(by_size) > 1:
+            sizes = ", ".join(f"{h}x{w} ({len(v)})" for (h, w), v in by_size.items())
+            print(f"note: {group}: slices of {len(by_size)} sizes ({sizes}); each size is normalized, cropped "
+                  "and post-processed as a volume of its own", file=sys.stderr)
+        for items in by_size.values():
+            volumes.append((group, [f for f, _ in items], np.stack([im for _, im in items])))
+    return volumes, skipped
+
+
+@torch.inference_mode()
+def predict_command(args: argparse.Namespace) -> Path:
+    """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
+    ckpt = load_checkpoint(Path(args.checkpoint))
+    record = ckpt["config"]
+    device, amp_dtype = setup_device(args.device, args.amp)
+    spacing = parse_spacing(args.spacing)
+    out = Path(args.output)
+    groups, other = collect_inputs(Path(args.input))
+    for f in other:
+        print(f"skipped (not an image): {f}", file=sys.stderr)
+    inputs, skipped = read_inputs(groups)
+    skipped += len(other)
+    normalization = record.get("normalization", "volume")
+    volumes = [set_normalization(make_volume(f"{group}#{i}", images, np.zeros(images.shape[:3], np.uint8),
+                                             list(range(len(images)))), normalization)
+               for i, (group, _, images) in enumerate(inputs)]
+    loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
+                            num_workers=0, seed=0, device=device)
+    channels_last = record.get("channels_last", False)
+    model = fuse_conv_bn(network_from_checkpoint(ckpt)).to(device, memory_format=memory_format(channels_last))
+    tta = record.get("tta", False) if args.tta is None else args.tta
+    _, _, predicted = predict_volumes(model, loader, device, loss_fn=None, threshold=record["threshold"],
+                                      amp_dtype=amp_dtype, channels_last=channels_last, tta=tta, progress=False,
+                                      desc="predict")
+    postprocess = args.postprocess or record.get("postprocess", "none")
+    rows = []
+    for p, (group, files, images) in enumerate(inputs):
+        pred = postprocess_volume(predicted[p][0], postprocess)
+        (out / "masks" / group).mkdir(parents=True, exist_ok=True)
+        (out / "overlays" / group).mkdir(parents=True, exist_ok=True)
+        for f, image, mask in zip(files, images, pred):
+            cv2.imwrite(str(out / "masks" / group / f"{f.stem}_pred.png"), mask.astype(np.uint8) * 255)
+            overlay = overlay_slice(image[..., 1], np.zeros_like(mask), mask)
+            cv2.imwrite(str(out / "overlays" / group / f"{f.stem}.png"), overlay[..., ::-1])
+            rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
+    for group in groups:
+        total = sum(r["area_px"] for r in rows if r["patient"] == group)
+        if any(r["patient"] == group for r in rows):
+            rows.append(area_row(group, "", "patient", total, spacing))
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows, columns=["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"])
+    table.to_csv(out / "predictions.csv", index=False)
+    slices = int((table["level"] == "slice").sum())
+    print(f"predicted {slices} slices of {len(groups)} patient(s)/folder(s) (post-processing: {postprocess})"
+          + (f", skipped {skipped} non-image file(s)" if skipped else "")
+          + f"; wrote {out}/masks/, overlays/, predictions.csv")
+    return out
+
+
+def area_row(group: str, file: str, level: str, area: int, spacing: tuple[float, float, float] | None) -> dict:
+    """One predictions.csv row: tumor area in pixels, and in mm^2 (and mm^3 per patient) with a spacing."""
+    dz, dy, dx = spacing or (None, None, None)
+    return {"patient": group, "file": file, "level": level, "area_px": area,
+            "area_mm2": area * dy * dx if spacing else None,
+            "volume_mm3": area * dz * dy * dx if spacing and level == "patient" else None}
+
+
+def export_command(args: argparse.Namespace) -> float:
+    """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch."""
+    ckpt = load_checkpoint(Path(args.checkpoint))
+    record = ckpt["config"]
+    model = network_from_checkpoint(ckpt)
+    model.eval()
+    deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
+    size = record["image_size"]
+    example = torch.randn(1, 3, size, size)
+    check = torch.randn(2, 3, size, size)  # another batch size than traced: the batch axis is dynamic
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about the input-size check in UNet.forward (traced as a constant) and
+        # about TorchScript's deprecation; neither changes the exported function.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        reference = model(check)
+        if args.format == "torchscript":
+            torch.jit.trace(deployed, example).save(str(out))
+            exported = torch.jit.load(str(out))(check)
+        else:
+            try:
+                import onnx  # noqa: F401  (optional dependency)
+            except ImportError:
+                raise UserError("ONNX export needs the optional package onnx (and onnxruntime for the parity "
+                                "check): pip install onnx onnxruntime") from None
+            torch.onnx.export(deployed, example, str(out), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            try:
+                import onnxruntime
+            except ImportError:
+                print(f"wrote {out}; install onnxruntime to check parity against PyTorch")
+                return float("nan")
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            exported = torch.from_numpy(session.run(None, {"image": check.numpy()})[0])
+    diff = float((exported - reference).abs().max())
+    print(f"wrote {out} ({args.format}); max abs difference from eager PyTorch on a batch of 2: {diff:.2e}")
+    return diff
+

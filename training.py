@@ -1,0 +1,179 @@
+"""One training step and what it needs: the model with its loss, optimizer and scaler, the
+learning-rate schedule, and the checkpoint that lets a run resume exactly.
+
+``engine.train`` runs these steps epoch after epoch; ``benchmark`` times the very same ones,
+so a speed measured there is the speed of training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
+from loss_fun import DiceBCELoss
+from model import make_network
+from reports import write_history
+
+
+@dataclass
+class TrainingParts:
+    """What a training step uses; checkpoints hold ``model``'s state_dict, never a wrapper's."""
+
+    model: nn.Module  # the plain network
+    net: nn.Module  # what runs the steps: the model, or its DDP and compiled wrappers
+    loss_fn: DiceBCELoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build_training(
+    *,
+    encoder: str,
+    features: int,
+    device: torch.device,
+    channels_last: bool,
+    amp_dtype: torch.dtype | None,
+    lr: float,
+    weight_decay: float,
+    dice_weight: float,
+    bce_weight: float,
+    dice_mode: str,
+    encoder_weights: str = "none",
+    encoder_lr_scale: float = 1.0,
+    weights: dict | None = None,
+    weights_source: str = "",
+    freeze_encoder: bool = False,
+    sync_bn: bool = False,
+    distributed: bool = False,
+    compile_model: bool = False,
+) -> TrainingParts:
+    """The network on ``device`` (optionally from ``weights``), its wrappers, loss, AdamW and scaler.
+
+    The encoder's parameters form their own group at ``lr * encoder_lr_scale`` (fine-tuning);
+    frozen parameters are left out of the optimizer. The scaler is active for fp16 only.
+    """
+    model = make_network(encoder, features, encoder_weights).to(device, memory_format=memory_format(channels_last))
+    if weights is not None:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f"--pretrained {weights_source}: these weights do not fit --encoder {encoder} "
+                            f"--features {features} (published weights need --encoder unet --features 32)") from None
+    if freeze_encoder:
+        model.freeze_encoder()
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed else model
+    net = torch.compile(net) if compile_model else net
+    encoder_params = {id(p) for m in model.encoder() for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in encoder_params],
+               "lr": lr * encoder_lr_scale},
+              {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params],
+               "lr": lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    return TrainingParts(model=model, net=net, loss_fn=DiceBCELoss(dice_weight, bce_weight, mode=dice_mode),
+                         optimizer=optimizer,
+                         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+
+
+def forward_loss(
+    model: nn.Module, image: torch.Tensor, mask: torch.Tensor, loss_fn: nn.Module, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Forward pass under autocast; the loss itself is computed in fp32."""
+    with autocast(image.device, amp_dtype):
+        logits = model(image)
+    return loss_fn(logits.float(), mask)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Backward and update; the scaler is a no-op unless fp16 is used."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, *, lr: float, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule.
+
+    'cosine': linear warmup from lr/100 to lr over ``warmup_steps``, then cosine decay to 0.
+    'onecycle': torch's OneCycleLR, rising over the same warmup share, then annealing.
+    'constant': the same warmup, then lr throughout.
+    """
+    total_steps, warmup_steps = max(1, total_steps), min(max(0, warmup_steps), max(0, total_steps - 1))
+    if schedule == "onecycle":
+        pct = max(warmup_steps / total_steps, 1 / total_steps)
+        peaks = [group["lr"] for group in optimizer.param_groups]  # per group (--encoder-lr-scale)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    if schedule not in ("cosine", "constant"):
+        raise UserError(f"--schedule must be cosine, onecycle or constant, got {schedule!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sync_across_ranks(model: torch.nn.Module, loss_sum: float, seen: int, device: torch.device) -> tuple[float, int]:
+    """After a distributed epoch: rank 0's buffers on every rank, and the loss over all ranks' samples.
+
+    DDP keeps the weights equal, but each rank's last forward pass updated its own BatchNorm
+    running statistics. Rank 0's are the ones the checkpoint saves, so every rank validates with them.
+    """
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return sums[0].item(), int(sums[1].item())
+
+
+def restore(resumed: dict, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            val_names: list[str], source: str) -> dict:
+    """Load a resumed run's weights, optimizer, scheduler, scaler and RNG states; return its progress."""
+    if resumed["config"]["patients"]["validation"] != val_names:
+        raise UserError(f"{source}: the data no longer gives the run's validation patients; "
+                        "resume with the same --data-dir")
+    parts.model.load_state_dict(resumed["model"])
+    parts.optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    parts.scaler.load_state_dict(resumed["scaler"])
+    set_rng_state(resumed["rng"])
+    return {"history": resumed["history"], "best_dice": resumed["best_dice"], "best_epoch": resumed["best_epoch"],
+            "epoch": resumed["epoch"], "metrics": resumed["metrics"]}
+
+
+def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               state: dict, config_record: dict) -> None:
+    """last.pt every epoch, best.pt when the epoch is the best so far, history.csv and curves.png.
+
+    One checkpoint dict holds the model, optimizer, scheduler, scaler, epoch, metrics, config,
+    history and RNG states: everything ``--resume`` needs to continue exactly.
+    """
+    checkpoint = {
+        "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": state["epoch"],
+        "metrics": state["metrics"], "config": config_record, "history": state["history"],
+        "best_dice": state["best_dice"], "best_epoch": state["best_epoch"], "rng": rng_state(),
+    }
+    # last.pt first: a crash between the two writes leaves a best.pt no newer than last.pt.
+    save_torch(run_dir / "last.pt", checkpoint)
+    if state["best_epoch"] == state["epoch"]:
+        save_torch(run_dir / "best.pt", checkpoint)
+    write_history(run_dir, state["history"])
+
