@@ -83,22 +83,21 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     for fold in range(cfg.folds):
         print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
         m = run_fold(cfg, fold, base / f"fold-{fold}", train)
-        raw, lcc = m["postprocessing"]["none"], m["postprocessing"]["lcc"]
+        raw = m["postprocessing"]["none"]
         rows.append({"fold": fold, "patients": m["patients"],
-                     "dice_per_volume_mean": raw["dice_per_volume_mean"],
-                     "dice_per_volume_median": raw["dice_per_volume_median"],
-                     "dice_per_volume_mean_lcc": lcc["dice_per_volume_mean"],
-                     "dice_per_volume_median_lcc": lcc["dice_per_volume_median"],
+                     **{f"dice_per_volume_{stat}{'' if name == 'none' else '_' + name}": v[f"dice_per_volume_{stat}"]
+                        for name, v in m["postprocessing"].items() for stat in ("mean", "median")},
                      "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"]})
         per_patient.append(dice_table(m).assign(fold=fold))
     table = pd.DataFrame(rows)
     numeric = table.drop(columns=["fold"])
-    patients = pd.concat(per_patient, ignore_index=True)[["fold", "patient", "dice", "dice_lcc"]]
+    patients = pd.concat(per_patient, ignore_index=True)
+    scores = [c for c in patients.columns if c.startswith("dice")]  # dice, dice_lcc, ...: one per post-processing
+    patients = patients[["fold", "patient", *scores]]
     patients.to_csv(base / "cv_patients.csv", index=False)
     pooled = {"fold": "all patients", "patients": len(patients),
-              "dice_per_volume_mean": patients["dice"].mean(), "dice_per_volume_median": patients["dice"].median(),
-              "dice_per_volume_mean_lcc": patients["dice_lcc"].mean(),
-              "dice_per_volume_median_lcc": patients["dice_lcc"].median()}
+              **{f"dice_per_volume_{stat}{c.removeprefix('dice')}": getattr(patients[c], stat)()
+                 for c in scores for stat in ("mean", "median")}}
     summary = pd.concat([table, numeric.mean().to_frame().T.assign(fold="mean"),
                          numeric.std(ddof=1).to_frame().T.assign(fold="std"), pd.DataFrame([pooled])],
                         ignore_index=True)
@@ -121,12 +120,16 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
         raise UserError(f"--resamples must be at least 1 and --seed at least 0, got {args.resamples} "
                         f"and {args.seed}")
     (a, source_a), (b, source_b) = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
-    summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed)
+    pairs = [(args.postprocess_a, args.postprocess_b)] if args.postprocess_a or args.postprocess_b else None
+    if pairs and not (args.postprocess_a and args.postprocess_b):
+        raise UserError("--postprocess-a and --postprocess-b go together: give both (or neither, to compare "
+                        "every post-processing with itself)")
+    summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
     print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
-        label = "with LCC" if row.postprocess == "lcc" else "raw"
+        label = "raw" if row.postprocess == "none" else row.postprocess
         print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
               f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
               f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "

@@ -27,6 +27,7 @@ import albumentations as A  # noqa: E402  (must follow the environment setting a
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from libraries import memory_format  # noqa: E402
 
@@ -103,6 +104,25 @@ def buda_stats(volume: np.ndarray) -> VolumeStats:
     full = np.full(channels, 1, np.float32)
     return VolumeStats(low=full * p10, high=full * p99, mean=(p10 + m * span).astype(np.float32),
                        std=(s * span).astype(np.float32))
+
+
+def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0.1) -> np.ndarray:
+    """(D, H, W) bool: the head of each slice of a (D, H, W, C) uint8 volume, shrunk by the scalp.
+
+    The head is every pixel brighter than ``fraction`` of the volume's 99th percentile (any
+    channel), holes filled, per slice; it is then eroded by ``margin`` of the slice width (13 px
+    at 256), about the thickness of scalp and skull. Post-processing uses it to tell components in
+    the brain from those on the outer rim of the head (``metrics.brain_component_3d``).
+    """
+    brightest = volume.max(axis=-1) if volume.ndim == 4 else volume
+    nonzero = brightest[brightest > 0]
+    if nonzero.size == 0:
+        return np.zeros(brightest.shape, bool)
+    head = brightest > fraction * np.percentile(nonzero, 99)
+    head = np.stack([ndimage.binary_fill_holes(s) for s in head])
+    steps = max(1, round(margin * brightest.shape[-1]))
+    in_plane = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)  # erode within each slice only
+    return ndimage.binary_erosion(head, structure=in_plane, iterations=steps, border_value=0)
 
 
 def crop_pad_square(

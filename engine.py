@@ -136,8 +136,10 @@ class Config:
                           "or averaged over the slices with tumor only, the rest left to BCE (tumor)", DICE_MODES)
     threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
     # ---- evaluation ----
-    postprocess: str = _opt("none", "keep the largest 3D connected component per patient (lcc) or not; "
-                            "both are always reported", ("none", "lcc"))
+    postprocess: str = _opt("none", "per patient, keep every predicted voxel (none), the largest 3D component "
+                            "(lcc), the component of largest probability mass (mass), or the heaviest "
+                            "component inside the brain rather than on the scalp (brain); all are always "
+                            "reported", evaluation.POSTPROCESSING)
     tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")
     # ---- hardware ----
@@ -244,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_scoring_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     """evaluate, predict and export: commands that run a trained model."""
     ev = command("evaluate", help="score a checkpoint on its validation patients, or on others")
-    ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by training")
+    ev.add_argument("--checkpoint", required=True, nargs="+",
+                    help="a best.pt or last.pt written by training; several (or a cv folder, for its folds' "
+                         "last.pt) are an ensemble whose probabilities are averaged")
     ev.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
     ev.add_argument("--patients", default="validation",
                     help="which patients of --data-dir to score: validation (the run's own; default), unseen "
@@ -259,7 +263,8 @@ def add_scoring_commands(command: Callable[..., argparse.ArgumentParser]) -> Non
     add_bool_flag(ev, "strict", False, "make every data problem an error instead of skipping or fixing it")
     add_run_flags(ev)
     pr = command("predict", help="segment new slices with a checkpoint: masks, overlays, areas")
-    pr.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by training")
+    pr.add_argument("--checkpoint", required=True, nargs="+",
+                    help="a best.pt or last.pt written by training; several (or a cv folder) are averaged")
     pr.add_argument("--input", required=True, help="a slice (tif/png/jpg), a folder of slices, a patient folder or a dataset root")
     pr.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
     pr.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm: adds mm^2 and mm^3 columns")
@@ -302,6 +307,10 @@ def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     cmp.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the patients")
     cmp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     cmp.add_argument("--out", default="", help="also write the paired per-patient table to this CSV")
+    cmp.add_argument("--postprocess-a", choices=evaluation.POSTPROCESSING, default=None,
+                     help="with --postprocess-b: compare A with this post-processing against B with that one "
+                          "(A and B may be the same run); default: each post-processing against itself")
+    cmp.add_argument("--postprocess-b", choices=evaluation.POSTPROCESSING, default=None)
     bench = command(
         "benchmark", help="time the reference fp32 path against the fast default path",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,17 @@ from data_loaders import (
     resolve_cache_dir,
     scan_dataset,
 )
-from data_preprocessing import batch_to_device, eval_preprocess
+from data_preprocessing import batch_to_device, brain_interior, eval_preprocess
 from libraries import UserError, autocast, environment_report, memory_format, save_json, setup_device
 from loss_fun import DiceBCELoss
-from metrics import SegmentationMeter, hd95, largest_component_3d, parse_spacing
+from metrics import (
+    SegmentationMeter,
+    brain_component_3d,
+    hd95,
+    heaviest_component_3d,
+    largest_component_3d,
+    parse_spacing,
+)
 from model import fuse_conv_bn, load_checkpoint, network_from_checkpoint
 from reports import write_reports
 
@@ -76,9 +84,19 @@ def forward_with_mirror(
     return logits, mirrored
 
 
+@dataclass
+class PatientPrediction:
+    """One patient's prediction at the masks' own resolution, (D, H, W) each, in slice order."""
+
+    prob: np.ndarray  # float16: the probability, averaged over the models (and the mirror with TTA)
+    pred: np.ndarray  # bool: prob > threshold, decided in float32 before the cast
+    truth: np.ndarray  # bool
+    inside: np.ndarray  # bool: the brain, away from the scalp (data_preprocessing.brain_interior)
+
+
 @torch.inference_mode()
 def predict_volumes(
-    model: nn.Module,
+    models: nn.Module | Sequence[nn.Module],
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     *,
@@ -89,82 +107,107 @@ def predict_volumes(
     tta: bool,
     progress: bool,
     desc: str = "validate",
-) -> tuple[float, int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+) -> tuple[float, int, dict[int, PatientPrediction]]:
     """Predict every slice of the loader; return the summed loss, the slice count and, per patient
-    index of the loader's dataset, the
-    (D, H, W) bool predicted and true volumes at the masks' own resolution, in slice order.
+    index of the loader's dataset, its PatientPrediction.
 
-    With ``tta`` the probabilities of the slice and of its left-right mirror are averaged.
-    The loss (on the un-augmented logits, at model resolution) is summed per sample.
+    With several ``models`` (an ensemble) their probabilities are averaged, as with ``tta`` the
+    probabilities of the slice and of its left-right mirror are. The loss (of the first model's
+    un-augmented logits, at model resolution) is summed per sample.
     """
-    model.eval()
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    for model in models:
+        model.eval()
     total, seen = 0.0, 0
-    slices: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    slices: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         image, mask = batch_to_device(batch, device, channels_last)
-        logits, mirrored = forward_with_mirror(model, image, amp_dtype, tta)
-        if loss_fn is not None:
-            total += loss_fn(logits, mask).item() * len(image)
-            seen += len(image)
         size, box = batch["full_mask"].shape[-2:], batch.get("box")
-        prob = torch.sigmoid(to_full_resolution(logits, size, box))
-        if mirrored is not None:
-            prob = (prob + torch.sigmoid(to_full_resolution(mirrored, size, box))) / 2
+        prob = None
+        for k, model in enumerate(models):
+            logits, mirrored = forward_with_mirror(model, image, amp_dtype, tta)
+            if k == 0 and loss_fn is not None:
+                total += loss_fn(logits, mask).item() * len(image)
+                seen += len(image)
+            p = torch.sigmoid(to_full_resolution(logits, size, box))
+            if mirrored is not None:
+                p = (p + torch.sigmoid(to_full_resolution(mirrored, size, box))) / 2
+            prob = p if prob is None else prob + p
+        prob = prob / len(models)
         pred = (prob > threshold).cpu().numpy()[:, 0]
+        prob16 = prob.half().cpu().numpy()[:, 0]
         truth = batch["full_mask"].numpy()[:, 0] > 0.5
-        for p, s, pr, tr in zip(batch["patient"].tolist(), batch["slice"].tolist(), pred, truth):
-            slices.setdefault(p, []).append((s, pr, tr))
+        for p, s, pb, pr, tr in zip(batch["patient"].tolist(), batch["slice"].tolist(), prob16, pred, truth):
+            slices.setdefault(p, []).append((s, pb, pr, tr))
     volumes = {}
     for p, items in slices.items():
         items.sort(key=lambda item: item[0])
-        volumes[p] = (np.stack([i[1] for i in items]), np.stack([i[2] for i in items]))
+        prob, pred, truth = (np.stack([i[k] for i in items]) for k in (1, 2, 3))
+        volume = loader.dataset.volumes[p]  # its slices are in slice order too
+        inside = brain_interior(volume.images) if len(volume.images) == len(items) else np.ones_like(pred)
+        volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth, inside=inside)
     return total, seen, volumes
 
 
-POSTPROCESSING = ("none", "lcc")
+# Post-processing of a patient's predicted volume (all are always scored and reported):
+# none; lcc, the largest 3D component by voxels; mass, the component of largest probability
+# mass; brain, the heaviest component lying mostly in the brain rather than on the scalp rim.
+POSTPROCESSING = ("none", "lcc", "mass", "brain")
 
 
-def postprocess_volume(pred: np.ndarray, method: str) -> np.ndarray:
-    """A (D, H, W) bool prediction after ``method``: 'none' keeps it, 'lcc' keeps its largest 3D component."""
+def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
+    """The (D, H, W) bool prediction of ``v`` after ``method`` (one of POSTPROCESSING)."""
     if method == "none":
-        return pred
+        return v.pred
     if method == "lcc":
-        return largest_component_3d(pred)
+        return largest_component_3d(v.pred)
+    if method == "mass":
+        return heaviest_component_3d(v.pred, v.prob)
+    if method == "brain":
+        return brain_component_3d(v.pred, v.prob, v.inside)
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
 
 
 def score_volumes(
-    volumes: dict[int, tuple[np.ndarray, np.ndarray]],
+    volumes: dict[int, PatientPrediction],
     patients: list[str],
     *,
     postprocess: str,
     spacing: tuple[float, float, float] | None,
-) -> dict:
-    """Metrics over all patient volumes, with the given post-processing, plus HD95 per patient."""
+) -> tuple[dict, dict[int, np.ndarray]]:
+    """Metrics over all patient volumes with the given post-processing, HD95 per patient, and the
+    post-processed predictions.
+
+    ``tumor_lost_patients`` names the patients whose raw prediction touched the tumor and whose
+    post-processed one does not: the post-processing threw the tumor away.
+    """
     meter = SegmentationMeter(patients)
-    distances = {}
-    for p, (pred, truth) in volumes.items():
-        pred = postprocess_volume(pred, postprocess)
-        meter.update(torch.from_numpy(pred)[:, None], torch.from_numpy(truth)[:, None],
+    distances, kept, lost = {}, {}, []
+    for p, v in volumes.items():
+        pred = kept[p] = postprocess_volume(v, postprocess)
+        meter.update(torch.from_numpy(pred)[:, None], torch.from_numpy(v.truth)[:, None],
                      torch.full((len(pred),), p, dtype=torch.long))
-        distances[patients[p]] = (hd95(pred, truth), hd95(pred, truth, spacing) if spacing else None)
+        distances[patients[p]] = (hd95(pred, v.truth), hd95(pred, v.truth, spacing) if spacing else None)
+        if (v.pred & v.truth).any() and not (pred & v.truth).any():
+            lost.append(patients[p])
     metrics = meter.compute()
     for row in metrics["per_patient"]:
         row["hd95_px"], row["hd95_mm"] = distances[row["patient"]]
     defined = [d[0] for d in distances.values() if d[0] is not None]
     metrics["hd95_px_mean"] = float(np.mean(defined)) if defined else None
     metrics["hd95_undefined_patients"] = len(distances) - len(defined)
+    metrics["tumor_lost_patients"] = sorted(lost)
     if spacing:
         mm = [d[1] for d in distances.values() if d[1] is not None]
         metrics["hd95_mm_mean"] = float(np.mean(mm)) if mm else None
-    return metrics
+    return metrics, kept
 
 
 Gather = Callable[[dict, float, int], tuple[dict, float, int]]
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     *,
@@ -181,18 +224,19 @@ def evaluate(
     gather: Gather | None = None,
 ) -> tuple[float | None, dict, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """Loss, metrics and per-patient (pred, truth) volumes, scored against the masks at their own
-    resolution.
+    resolution. ``model`` may be several models, whose probabilities are averaged.
 
     The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
-    holds the headline numbers of every post-processing option, so both are always reported.
+    holds the headline numbers of every post-processing option, so all are always reported.
     In a distributed job each rank predicts its own patients and ``gather`` merges the predicted
     volumes (by patient name) and loss sums of all ranks, so every rank scores the whole set;
     ``patients`` is then the full list, whose indices key the returned volumes.
     """
     # BatchNorm folded into the convs: the same function, faster (the caller's model is untouched).
-    inference_model = fuse_conv_bn(getattr(model, "_orig_mod", model))
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    inference_models = [fuse_conv_bn(getattr(m, "_orig_mod", m)) for m in models]
     loss_sum, count, local = predict_volumes(
-        inference_model, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
+        inference_models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, tta=tta, progress=progress, desc=desc,
     )
     named = {loader.dataset.patients[p]: v for p, v in local.items()}
@@ -202,17 +246,16 @@ def evaluate(
     volumes = {patients.index(name): v for name, v in named.items()}
     variants = {name: score_volumes(volumes, patients, postprocess=name, spacing=spacing)
                 for name in POSTPROCESSING}
-    metrics = variants[postprocess]
+    metrics, kept = variants[postprocess]
     metrics["postprocessing"] = {
         name: {**{k: v[k] for k in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global",
-                                    "hd95_px_mean")},
+                                    "hd95_px_mean", "tumor_lost_patients")},
                "dice_per_patient": {row["patient"]: row["dice"] for row in v["per_patient"]}}
-        for name, v in variants.items()
+        for name, (v, _) in variants.items()
     }
-    metrics["postprocess"], metrics["tta"] = postprocess, tta
-    volumes = {p: (postprocess_volume(pred, postprocess), truth) for p, (pred, truth) in volumes.items()}
+    metrics["postprocess"], metrics["tta"], metrics["models"] = postprocess, tta, len(models)
     loss = loss_sum / count if loss_fn is not None and count else None
-    return loss, metrics, volumes
+    return loss, metrics, {p: (kept[p], v.truth) for p, v in volumes.items()}
 
 
 def gather_across_ranks(named: dict, loss_sum: float, count: int) -> tuple[dict, float, int]:
@@ -239,7 +282,7 @@ METRIC_LABELS = (
 
 
 def format_metrics(metrics: dict, title: str) -> str:
-    """The end-of-run table: every metric of the chosen post-processing, then both variants."""
+    """The end-of-run table: every metric of the chosen post-processing, then every variant's Dice."""
     lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
              f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
              f"mirror TTA: {'on' if metrics['tta'] else 'off'}"]
@@ -251,9 +294,11 @@ def format_metrics(metrics: dict, title: str) -> str:
                  + (f"  ({metrics['hd95_undefined_patients']} undefined)" if metrics["hd95_undefined_patients"] else ""))
     if metrics.get("hd95_mm_mean") is not None:
         lines.append(f"  {'HD95 per volume, mean (mm)':<28} {metrics['hd95_mm_mean']:.2f}")
-    lines.append("  Dice per volume mean / median, by post-processing:")
+    lines.append("  Dice per volume mean / median, by post-processing (patients whose tumor it threw away):")
     for name, v in metrics["postprocessing"].items():
-        lines.append(f"    {name:<6} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}")
+        lost = v["tumor_lost_patients"]
+        lines.append(f"    {name:<6} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}"
+                     + (f"  ({len(lost)}: {', '.join(lost)})" if lost else ""))
     return "\n".join(lines)
 
 
@@ -285,6 +330,37 @@ def patients_to_score(spec: str, available: list[str], root: Path, record: dict,
     return match_patients(listed, available, source)
 
 
+def load_checkpoints(specs: Sequence[str]) -> list[tuple[Path, dict]]:
+    """The checkpoints of ``--checkpoint`` (files, or cv folders standing for their folds' last.pt).
+
+    Several checkpoints form an ensemble: they must share the image size and normalization their
+    inputs are prepared with, else a one-line error names both values.
+    """
+    paths: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        folds = sorted(path.glob("fold-*/last.pt"), key=lambda p: int(p.parent.name[5:])) if path.is_dir() else []
+        if path.is_dir() and not folds:
+            raise UserError(f"{path}: a folder, but not a cv folder with fold-*/last.pt; pass checkpoint files")
+        paths += folds or [path]
+    loaded = [(path, load_checkpoint(path)) for path in paths]
+    first_path, first = loaded[0]
+    for path, ckpt in loaded[1:]:
+        for key, default in (("image_size", None), ("normalization", "volume")):
+            a, b = first["config"].get(key, default), ckpt["config"].get(key, default)
+            if a != b:
+                raise UserError(f"{path}: --{key.replace('_', '-')} {b}, but {first_path} has {a}; an ensemble's "
+                                "checkpoints must prepare their inputs alike")
+    return loaded
+
+
+def ensemble_name(loaded: Sequence[tuple[Path, dict]]) -> str:
+    """How reports name the checkpoint(s): the path, or 'ensemble of N: first, ...'."""
+    if len(loaded) == 1:
+        return str(loaded[0][0])
+    return f"ensemble of {len(loaded)}: {', '.join(str(p) for p, _ in loaded)}"
+
+
 def scoring_loader(
     volumes: list[PatientVolume], *, image_size: int, batch_size: int, num_workers: int, seed: int,
     device: torch.device,
@@ -298,9 +374,10 @@ def scoring_loader(
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:
-    """The ``evaluate`` command: score a checkpoint on its validation patients, or on those --patients picks."""
-    ckpt_path = Path(args.checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
+    """The ``evaluate`` command: score a checkpoint (or an ensemble) on its validation patients, or on
+    those --patients picks."""
+    loaded = load_checkpoints(args.checkpoint)
+    ckpt_path, ckpt = loaded[0]
     record = ckpt["config"]
     device, amp_dtype = setup_device(args.device, args.amp)
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
@@ -308,12 +385,19 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         raise UserError("no dataset found; pass --data-dir")
     issues = DataIssues(strict=args.strict)
     groups = group_by_patient(scan_dataset(root, issues))
+    if args.patients == "validation" and len({tuple(c["config"]["patients"]["validation"]) for _, c in loaded}) > 1:
+        raise UserError("the checkpoints validated on different patients, so an ensemble of them has no "
+                        "validation set; pass --patients unseen, all or a list")
     names = patients_to_score(args.patients, sorted(groups), root, record, ckpt_path)
-    out_dir = Path(args.out_dir) if args.out_dir else ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
+    default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}" if len(loaded) == 1 else \
+        Path(args.checkpoint[0]) / "evaluate-ensemble"
+    out_dir = Path(args.out_dir) if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained = sorted(set(names) & set(record["patients"]["train"]))
+    trained_on = {p for _, c in loaded for p in c["config"]["patients"]["train"]}
+    trained = sorted(set(names) & trained_on)
     if trained:
-        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "
+        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train "
+              f"{'this model' if len(loaded) == 1 else 'a model of the ensemble'} "
               f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
               file=sys.stderr)
     volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
@@ -323,24 +407,24 @@ def evaluate_command(args: argparse.Namespace) -> dict:
                             batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
                             seed=record["seed"], device=device)
     channels_last = record["channels_last"]
-    model = network_from_checkpoint(ckpt).to(device, memory_format=memory_format(channels_last))
+    models = [network_from_checkpoint(c).to(device, memory_format=memory_format(channels_last)) for _, c in loaded]
     loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"))
     start = time.perf_counter()
     postprocess = args.postprocess or record.get("postprocess", "none")
     tta = record.get("tta", False) if args.tta is None else args.tta
     val_loss, metrics, volumes = evaluate(
-        model, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
+        models, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
         channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
         tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )
     seconds = time.perf_counter() - start
-    result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
+    result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],
               "data_dir": str(root), "patients_scored": args.patients, "scored_patients_trained_on": len(trained),
               "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
               "images_per_second": metrics["slices"] / seconds}
     save_json(out_dir / "metrics.json", result)
     kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
-    title = f"Evaluation of {ckpt_path} (epoch {ckpt['epoch']}, {kind}; patients: {args.patients})"
+    title = f"Evaluation of {ensemble_name(loaded)} (epoch {ckpt['epoch']}, {kind}; patients: {args.patients})"
     write_reports(out_dir, result, volumes=volumes, scans=loader.dataset.volumes, title=title, config=record,
                   environment=environment_report(device),
                   timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from data_loaders import DatasetError, make_volume, read_image, set_normalization
-from evaluation import postprocess_volume, predict_volumes, scoring_loader
+from evaluation import load_checkpoints, postprocess_volume, predict_volumes, scoring_loader
 from libraries import UserError, memory_format, setup_device
 from metrics import parse_spacing
 from model import fuse_conv_bn, load_checkpoint, network_from_checkpoint
@@ -89,8 +89,8 @@ def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Pat
 @torch.inference_mode()
 def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
-    ckpt = load_checkpoint(Path(args.checkpoint))
-    record = ckpt["config"]
+    loaded = load_checkpoints(args.checkpoint)
+    record = loaded[0][1]["config"]
     device, amp_dtype = setup_device(args.device, args.amp)
     spacing = parse_spacing(args.spacing)
     out = Path(args.output)
@@ -106,15 +106,16 @@ def predict_command(args: argparse.Namespace) -> Path:
     loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
                             num_workers=0, seed=0, device=device)
     channels_last = record.get("channels_last", False)
-    model = fuse_conv_bn(network_from_checkpoint(ckpt)).to(device, memory_format=memory_format(channels_last))
+    models = [fuse_conv_bn(network_from_checkpoint(c)).to(device, memory_format=memory_format(channels_last))
+              for _, c in loaded]
     tta = record.get("tta", False) if args.tta is None else args.tta
-    _, _, predicted = predict_volumes(model, loader, device, loss_fn=None, threshold=record["threshold"],
+    _, _, predicted = predict_volumes(models, loader, device, loss_fn=None, threshold=record["threshold"],
                                       amp_dtype=amp_dtype, channels_last=channels_last, tta=tta, progress=False,
                                       desc="predict")
     postprocess = args.postprocess or record.get("postprocess", "none")
     rows = []
     for p, (group, files, images) in enumerate(inputs):
-        pred = postprocess_volume(predicted[p][0], postprocess)
+        pred = postprocess_volume(predicted[p], postprocess)
         (out / "masks" / group).mkdir(parents=True, exist_ok=True)
         (out / "overlays" / group).mkdir(parents=True, exist_ok=True)
         for f, image, mask in zip(files, images, pred):

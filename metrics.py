@@ -11,7 +11,7 @@ prediction and truth are both empty (perfect agreement that there is no tumor) a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -111,18 +111,58 @@ class SegmentationMeter:
 # ---------------------------------------------------------------------------------------------
 
 
+def _keep_best_component(pred: np.ndarray, score: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    """Keep the 3D connected component (6-connectivity) of ``pred`` whose ``score`` is highest.
+
+    ``score(labels, n)`` returns one value per label 0..n (label 0, the background, is ignored).
+    An empty volume stays empty; ties keep the component with the lowest label.
+    """
+    labels, n = ndimage.label(pred)
+    if n <= 1:
+        return pred.astype(bool)
+    scores = np.asarray(score(labels, n), dtype=np.float64)
+    scores[0] = -np.inf  # background
+    return labels == int(scores.argmax())
+
+
 def largest_component_3d(volume: np.ndarray) -> np.ndarray:
     """Keep only the largest 3D connected component (6-connectivity) of a (D, H, W) bool volume.
 
     A low-grade glioma is usually one lesion, so small islands away from it are mostly false
     positives. An empty volume stays empty; ties keep the component with the lowest label.
     """
-    labels, n = ndimage.label(volume)
-    if n <= 1:
-        return volume.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0  # background
-    return labels == int(sizes.argmax())
+    return _keep_best_component(volume, lambda labels, n: np.bincount(labels.ravel(), minlength=n + 1))
+
+
+def heaviest_component_3d(pred: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Keep the 3D component of ``pred`` with the largest probability mass (the sum of ``prob`` over it).
+
+    A large but hesitant false positive (a bright scalp rim at p ~ 0.6) weighs less than a smaller
+    lesion the model is sure of (p ~ 1), where the largest component by voxel count would keep the rim.
+    """
+    weights = prob.astype(np.float64).ravel()
+    return _keep_best_component(pred, lambda labels, n: np.bincount(labels.ravel(), weights, minlength=n + 1))
+
+
+def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, min_inside: float = 0.5) -> np.ndarray:
+    """Keep the heaviest 3D component (probability mass) among those with at least ``min_inside`` of
+    their voxels in ``inside`` (the brain, away from the scalp); if none is, the heaviest of all.
+
+    The tumor is in the brain; false positives on the scalp rim of the top-of-head slices, or in
+    the neck, lie outside it. Falling back to the heaviest component means the rule never leaves
+    an empty prediction where there was one to choose from.
+    """
+    weights = prob.astype(np.float64).ravel()
+
+    def score(labels: np.ndarray, n: int) -> np.ndarray:
+        flat = labels.ravel()
+        mass = np.bincount(flat, weights, minlength=n + 1)
+        share = np.bincount(flat, inside.ravel(), minlength=n + 1) / np.maximum(np.bincount(flat, minlength=n + 1), 1)
+        inside_ok = share >= min_inside
+        # Components inside the brain rank above every other; by mass within each group.
+        return np.where(inside_ok, mass + mass.max() + 1, mass) if inside_ok[1:].any() else mass
+
+    return _keep_best_component(pred, score)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

@@ -4,8 +4,9 @@ Every function writes into a run (or evaluation) folder and returns the path it 
 
 - ``curves.png``: training and validation loss, validation Dice per volume, per epoch;
 - ``dice_per_volume.png``: per-patient Dice, sorted, with mean and median lines;
-- ``overlays/<patient>.png``: each validation patient's tumor slices, FLAIR with the truth
-  outlined in green and the prediction in red, and the slice's Dice in its title;
+- ``overlays/<patient>.png``: each validation patient's slices where the truth or the prediction
+  has tumor, FLAIR with the truth outlined in green and the prediction in red, and the slice's
+  Dice (or "false positive only", "tumor missed") in its title;
 - ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts;
 - ``summary.md``: config, metrics, timing, environment, links to the images, best and worst patients.
 
@@ -151,7 +152,8 @@ def write_overlays(
     patients: Sequence[str],
     columns: int = 6,
 ) -> list[Path]:
-    """overlays/<patient>.png for every patient: a grid of the slices whose truth has tumor.
+    """overlays/<patient>.png for every patient: a grid of every slice where the truth or the
+    prediction has tumor, so that false positives on slices without tumor show too.
 
     ``volumes`` maps patient index to (pred, truth) (D, H, W) bool volumes, ``flair`` to the
     (D, H, W) FLAIR channel, ``slice_numbers`` to the slice number of each position.
@@ -160,8 +162,7 @@ def write_overlays(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for p, (pred, truth) in volumes.items():
-        # Tumor slices; a patient without any shows the slices where something was predicted.
-        picked = np.flatnonzero(truth.any(axis=(1, 2))) if truth.any() else np.flatnonzero(pred.any(axis=(1, 2)))
+        picked = np.flatnonzero(truth.any(axis=(1, 2)) | pred.any(axis=(1, 2)))
         rows = max(1, math.ceil(len(picked) / columns))
         fig = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.4), layout="constrained")
         axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
@@ -171,7 +172,9 @@ def write_overlays(
             tp = int((pred[j] & truth[j]).sum())
             dice = dice_from_counts(tp, int(pred[j].sum()) - tp, int(truth[j].sum()) - tp)
             ax.imshow(overlay_slice(flair[p][j], truth[j], pred[j]))
-            ax.set_title(f"slice {slice_numbers[p][j]}: Dice {dice:.2f}", fontsize=8)
+            label = "false positive only" if not truth[j].any() else (
+                "tumor missed" if not pred[j].any() else f"Dice {dice:.2f}")
+            ax.set_title(f"slice {slice_numbers[p][j]}: {label}", fontsize=8)
         tp = int((pred & truth).sum())
         volume_dice = dice_from_counts(tp, int(pred.sum()) - tp, int(truth.sum()) - tp)
         fig.suptitle(f"{patients[p]}: Dice per volume {volume_dice:.3f} "
@@ -268,7 +271,9 @@ def write_reports(
 # Comparing two runs on the same patients
 # ---------------------------------------------------------------------------------------------
 
-SCORE_COLUMNS = {"none": "dice", "lcc": "dice_lcc"}  # post-processing -> column of patient_scores
+def score_column(postprocess: str) -> str:
+    """The column of ``patient_scores`` that holds Dice with ``postprocess``: dice, dice_lcc, ..."""
+    return "dice" if postprocess == "none" else f"dice_{postprocess}"
 
 
 def _scores_from_csv(path: Path) -> pd.DataFrame:
@@ -276,16 +281,17 @@ def _scores_from_csv(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a readable CSV ({exc}); pass a cv_patients.csv written by 'cv'") from exc
-    if not {"patient", "dice", "dice_lcc"} <= set(frame.columns):
-        raise UserError(f"{path}: no patient, dice and dice_lcc columns; pass a cv_patients.csv written by 'cv'")
-    return frame[["patient", "dice", "dice_lcc"]]
+    if not {"patient", "dice"} <= set(frame.columns):
+        raise UserError(f"{path}: no patient and dice columns; pass a cv_patients.csv written by 'cv'")
+    return frame[["patient", *(c for c in frame.columns if c == "dice" or c.startswith("dice_"))]]
 
 
 def dice_table(metrics: dict) -> pd.DataFrame:
-    """Columns patient, dice, dice_lcc of an evaluation's metrics (its ``postprocessing`` entry)."""
-    none, lcc = (metrics["postprocessing"][name]["dice_per_patient"] for name in ("none", "lcc"))
-    return pd.DataFrame({"patient": list(none), "dice": list(none.values()),
-                         "dice_lcc": [lcc[name] for name in none]})
+    """Columns patient, dice, dice_lcc, ... (one per post-processing) of an evaluation's metrics."""
+    variants = metrics["postprocessing"]
+    none = variants["none"]["dice_per_patient"]
+    return pd.DataFrame({"patient": list(none), **{
+        score_column(name): [v["dice_per_patient"][p] for p in none] for name, v in variants.items()}})
 
 
 def _scores_from_metrics(path: Path) -> pd.DataFrame:
@@ -298,7 +304,7 @@ def _scores_from_metrics(path: Path) -> pd.DataFrame:
 
 
 def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
-    """Held-out Dice per patient, without and with LCC (columns patient, dice, dice_lcc), and where
+    """Held-out Dice per patient, for each post-processing (columns patient, dice, dice_lcc, ...), and where
     they were read: a cv folder's cv_patients.csv (or, for a cv still running or interrupted, the
     metrics.json of each fold it finished), a run or evaluation folder's metrics.json, or either file."""
     if path.is_dir():
@@ -341,16 +347,30 @@ def paired_difference(
 
 
 def compare_runs(
-    a: pd.DataFrame, b: pd.DataFrame, *, resamples: int = 10_000, seed: int = 0
+    a: pd.DataFrame, b: pd.DataFrame, *, resamples: int = 10_000, seed: int = 0,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Pair two ``patient_scores`` tables by patient; return the summary (one row per
-    post-processing: ``paired_difference``) and the paired per-patient table."""
+    """Pair two ``patient_scores`` tables by patient; return the summary (one row per compared
+    post-processing: ``paired_difference``) and the paired per-patient table.
+
+    ``pairs`` lists (post-processing of A, post-processing of B) to compare; by default every
+    post-processing both tables hold, each against itself.
+    """
     paired = a.merge(b, on="patient", suffixes=("_a", "_b"))
     if paired.empty:
         raise UserError("the two runs scored no patient in common; compare runs that held out the same patients")
+    if pairs is None:
+        shared = [c for c in a.columns if c in b.columns and c.startswith("dice")]
+        pairs = [("none" if c == "dice" else c.removeprefix("dice_"),) * 2 for c in shared]
+    for name_a, name_b in pairs:
+        for name, frame, side in ((name_a, a, "A"), (name_b, b, "B")):
+            if score_column(name) not in frame.columns:
+                raise UserError(f"run {side} has no Dice with post-processing {name!r}; it has "
+                                f"{', '.join(c for c in frame.columns if c.startswith('dice'))}")
     summary = pd.DataFrame([
-        {"postprocess": name, **paired_difference(paired[f"{col}_a"].to_numpy(), paired[f"{col}_b"].to_numpy(),
-                                                  resamples=resamples, seed=seed)}
-        for name, col in SCORE_COLUMNS.items()
+        {"postprocess": name_a if name_a == name_b else f"{name_a} -> {name_b}",
+         **paired_difference(paired[f"{score_column(name_a)}_a"].to_numpy(),
+                             paired[f"{score_column(name_b)}_b"].to_numpy(), resamples=resamples, seed=seed)}
+        for name_a, name_b in pairs
     ])
     return summary, paired.sort_values("patient", ignore_index=True)

@@ -195,11 +195,37 @@ def test_mirror_tta_averages_with_the_unflipped_back_prediction(fake_tree):
     kw = dict(loss_fn=None, threshold=0.5, amp_dtype=None, channels_last=False, progress=False)
     _, _, plain = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=False, **kw)
     _, _, mirrored = predict_volumes(RampModel(), loader, torch.device("cpu"), tta=True, **kw)
-    pred, truth = plain[0]
+    pred, truth = plain[0].pred, plain[0].truth
     assert pred.shape == truth.shape == (3, 16, 16)
     assert pred[:, :, 8:].all() and not pred[:, :, :8].any()  # right half
     # sigmoid(r) + sigmoid(-r) = 1: the average is exactly 0.5 everywhere, never above it.
-    assert not mirrored[0][0].any()
+    assert not mirrored[0].pred.any()
+    assert np.all(mirrored[0].prob == np.float16(0.5))
+
+
+def test_an_ensemble_averages_its_models_probabilities(fake_tree):
+    """Two models: the ensemble's probability is the mean of theirs, pixel by pixel."""
+
+    class Constant(torch.nn.Module):
+        def __init__(self, logit):
+            super().__init__()
+            self.logit = logit
+
+        def forward(self, x):
+            return torch.full((x.shape[0], 1, *x.shape[-2:]), self.logit)
+
+    recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"]
+    loader = make_loader(LGGSlices([load_volume(recs)], eval_preprocess(16), full_mask=True),
+                         batch_size=2, train=False, seed=0, num_workers=0)
+    kw = dict(loss_fn=None, threshold=0.5, amp_dtype=None, channels_last=False, progress=False, tta=False)
+    a, b = Constant(2.0), Constant(-1.0)
+    both = predict_volumes([a, RampModel(), b], loader, torch.device("cpu"), **kw)[2][0]
+    ramp = predict_volumes(RampModel(), loader, torch.device("cpu"), **kw)[2][0]
+    expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))).item()
+    assert np.allclose(both.prob.astype(np.float32), (expected + ramp.prob.astype(np.float32)) / 3, atol=1e-3)
+    # One model alone gives its own probability (sigmoid(2) = 0.8808 everywhere).
+    alone = predict_volumes(a, loader, torch.device("cpu"), **kw)[2][0]
+    assert np.allclose(alone.prob.astype(np.float32), 0.8808, atol=1e-3) and alone.pred.all()
 
 
 # ----------------------------------------------------------------------------- training recipe
@@ -257,7 +283,7 @@ def test_early_stopping(tmp_path):
                      "--out-dir", str(tmp_path / "run"))) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["best_epoch"] == 1
-    assert set(metrics["postprocessing"]) == {"none", "lcc"}
+    assert set(metrics["postprocessing"]) == {"none", "lcc", "mass", "brain"}
     assert all("hd95_px" in p for p in metrics["per_patient"])
 
 

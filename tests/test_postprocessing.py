@@ -1,0 +1,117 @@
+"""Post-processing that cannot throw the tumor away for a scalp artefact, overlays that show
+false positives, and ensembles of checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reports
+from data_preprocessing import brain_interior
+from engine import main
+from evaluation import PatientPrediction, score_volumes
+from metrics import brain_component_3d, heaviest_component_3d, largest_component_3d
+from model import UNet
+
+
+def head_volume(depth: int = 6, size: int = 64) -> np.ndarray:
+    """(D, size, size, 3) uint8: a bright disc of radius 28 (the head) on a black background."""
+    yy, xx = np.mgrid[:size, :size]
+    head = (yy - 32) ** 2 + (xx - 32) ** 2 <= 28**2
+    return np.repeat(np.where(head, 120, 0).astype(np.uint8)[None, ..., None], depth, 0).repeat(3, -1)
+
+
+def tumor_and_rim() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A small true lesion near the centre (3 slices of 4x4 = 48 voxels) and a larger false
+    component on the rim of the head (6 slices of an arc of 50 px, 300 voxels); truth = the lesion."""
+    pred = np.zeros((6, 64, 64), bool)
+    pred[2:5, 30:34, 30:34] = True  # the tumor
+    yy, xx = np.mgrid[:64, :64]
+    r = np.sqrt((yy - 32) ** 2 + (xx - 32) ** 2)
+    arc = (r >= 26) & (r <= 27.5) & (yy < 10)  # scalp, top of the image: 50 px
+    pred[:, arc] = True
+    truth = np.zeros_like(pred)
+    truth[2:5, 30:34, 30:34] = True
+    return pred, truth, arc
+
+
+def test_brain_interior_is_the_head_without_its_rim():
+    inside = brain_interior(head_volume())
+    assert inside.shape == (6, 64, 64)
+    assert inside[:, 32, 32].all()  # the centre
+    assert not inside[:, 32, 1].any()  # outside the head
+    # Eroded by round(0.05 * 64) = 3 px: radius 28 -> 25 along the axes.
+    assert inside[0, 32, 32 + 25] and not inside[0, 32, 32 + 26]
+
+
+def test_brain_rule_keeps_the_small_tumor_that_lcc_throws_away_for_the_rim():
+    pred, truth, arc = tumor_and_rim()
+    assert int(pred[:, arc].sum()) == 300  # the rim component is the larger one
+    inside = brain_interior(head_volume())
+    prob = np.where(pred, 0.9, 0.05).astype(np.float16)
+    kept_lcc = largest_component_3d(pred)
+    kept_brain = brain_component_3d(pred, prob, inside)
+    assert not (kept_lcc & truth).any()  # LCC kept the rim
+    assert np.array_equal(kept_brain, truth)  # the brain rule kept exactly the tumor
+    # All components on the rim: the heaviest of them is kept, never an empty prediction.
+    rim_only = pred & ~truth
+    assert np.array_equal(brain_component_3d(rim_only, prob, inside), largest_component_3d(rim_only))
+
+
+def test_mass_rule_prefers_a_confident_small_component():
+    pred, truth, _ = tumor_and_rim()
+    prob = np.where(truth, 1.0, np.where(pred, 0.15, 0.0)).astype(np.float16)  # 48 x 1.0 > 300 x 0.15
+    assert np.array_equal(heaviest_component_3d(pred, prob), truth)
+    prob = np.where(truth, 1.0, np.where(pred, 0.2, 0.0)).astype(np.float16)  # 48 < 300 x 0.2: the rim wins
+    assert not (heaviest_component_3d(pred, prob) & truth).any()
+
+
+def test_scores_count_the_patients_whose_tumor_the_post_processing_threw_away():
+    pred, truth, _ = tumor_and_rim()
+    v = PatientPrediction(prob=np.where(pred, 0.9, 0.0).astype(np.float16), pred=pred, truth=truth,
+                          inside=brain_interior(head_volume()))
+    volumes, patients = {0: v}, ["P"]
+    lcc, kept = score_volumes(volumes, patients, postprocess="lcc", spacing=None)
+    brain, _ = score_volumes(volumes, patients, postprocess="brain", spacing=None)
+    raw, _ = score_volumes(volumes, patients, postprocess="none", spacing=None)
+    assert lcc["tumor_lost_patients"] == ["P"] and lcc["dice_per_volume_mean"] == 0.0
+    assert brain["tumor_lost_patients"] == [] and brain["dice_per_volume_mean"] == 1.0
+    # Raw: TP 48, FP 300, FN 0 -> Dice 2 * 48 / (2 * 48 + 300).
+    assert raw["dice_per_volume_mean"] == pytest.approx(96 / 396)
+    assert not (kept[0] & truth).any()
+
+
+def test_overlays_draw_a_slice_with_only_a_false_positive(tmp_path, monkeypatch):
+    drawn = []
+    real = reports.overlay_slice
+    monkeypatch.setattr(reports, "overlay_slice", lambda f, t, p: drawn.append((t.any(), p.any())) or real(f, t, p))
+    truth = np.zeros((4, 16, 16), bool)
+    pred = np.zeros_like(truth)
+    truth[1, 4:8, 4:8] = pred[1, 5:8, 5:8] = True  # slice 1: tumor, found
+    truth[2, 4:8, 4:8] = True  # slice 2: tumor, missed
+    pred[3, 10:12, 10:12] = True  # slice 3: a false positive and no tumor
+    paths = reports.write_overlays(tmp_path, {0: (pred, truth)}, {0: np.full((4, 16, 16), 100, np.uint8)},
+                                   {0: [1, 2, 3, 4]}, ["P"])
+    assert drawn == [(True, True), (True, False), (False, True)]  # slice 0 (nothing) is left out
+    assert paths[0].is_file()
+
+
+def _checkpoint(path, image_size, normalization="volume"):
+    torch.manual_seed(0)
+    config = {"features": 4, "image_size": image_size, "channels_last": False, "threshold": 0.5,
+              "normalization": normalization, "tta": False}
+    torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("other, says", [((64, "volume"), "--image-size 64, but"),
+                                         ((32, "buda"), "--normalization buda, but")])
+def test_an_ensemble_must_prepare_its_inputs_alike(tmp_path, capsys, other, says):
+    a = _checkpoint(tmp_path / "a.pt", 32)
+    b = _checkpoint(tmp_path / "b.pt", *other)
+    (tmp_path / "in").mkdir()
+    assert main(["predict", "--checkpoint", a, b, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err and "a.pt has" in err
+    assert not (tmp_path / "o").exists()
