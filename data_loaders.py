@@ -39,12 +39,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from data_preprocessing import (
+    STANDARD_MASK_CONVENTIONS,
     Preprocess,
     VolumeStats,
     binarize_mask,
     brain_box,
     buda_stats,
     crop_pad_square,
+    mask_convention,
     volume_stats,
 )
 from libraries import UserError, atomic_write, save_json
@@ -327,17 +329,54 @@ def read_image(path: Path, issues: DataIssues | None = None) -> np.ndarray:
     return np.ascontiguousarray(image[..., 2::-1])
 
 
-def read_mask(path: Path, issues: DataIssues | None = None) -> np.ndarray:
-    """Read a mask as (H, W) uint8 {0, 1}; values other than 0/255 are binarized at > 127 and reported."""
+def read_raw_mask(path: Path) -> np.ndarray:
+    """A mask file's (H, W) uint8 values as stored (the first channel of an RGB mask)."""
     mask = _imread(path)
-    if mask.ndim == 3:  # a mask saved as RGB: all channels carry the same labels
-        mask = mask[..., 0]
-    if issues is not None and not np.isin(mask, (0, 255)).all():
-        values = np.unique(mask)
-        issues.report("fixed: mask binarized",
-                      f"{path}: mask values {values[:6].tolist()}{'...' if len(values) > 6 else ''} are not "
-                      "only 0/255; binarized at > 127")
-    return binarize_mask(mask)
+    return mask[..., 0] if mask.ndim == 3 else mask  # RGB masks: all channels carry the same labels
+
+
+def read_mask(path: Path, issues: DataIssues | None = None) -> np.ndarray:
+    """Read one mask file as (H, W) uint8 {0, 1}, by the convention its own values show
+    (``mask_convention``); one outside 0/255 and 0/1 is reported. Whole patients are read by
+    ``read_patient_masks``, which decides the convention over all of their files."""
+    return read_patient_masks([path], issues)[0][0]
+
+
+def _values_text(values: Sequence[int]) -> str:
+    values = sorted(values)
+    return f"{values[:6]}{'...' if len(values) > 6 else ''}"
+
+
+def read_patient_masks(paths: Sequence[Path], issues: DataIssues | None) -> tuple[list[np.ndarray], str]:
+    """One patient's masks as (H, W) uint8 {0, 1}, and the convention they were read by.
+
+    The convention is decided over all of the patient's files together: 0/255 or 0/1 as is; a
+    patient whose files mix the two reads each file by its own (reported); any other values are
+    binarized by ``mask_convention`` and reported with the values found. Raises DatasetError for
+    an unreadable file, which the caller skips.
+    """
+    raw = [read_raw_mask(p) for p in paths]
+    values = [set(np.unique(m).tolist()) for m in raw]
+    name, threshold = mask_convention(set().union(*values))
+    if name in STANDARD_MASK_CONVENTIONS:
+        return [binarize_mask(m, threshold) for m in raw], name
+    per_file = [mask_convention(v) for v in values]
+    folder = paths[0].parent
+    if all(n in STANDARD_MASK_CONVENTIONS for n, _ in per_file):
+        _report(issues, "fixed: mask conventions mixed",
+                f"{folder}: some masks are 0/255 and some 0/1; each file is read by its own values "
+                "(re-save them in one convention)")
+        return [binarize_mask(m, t) for m, (_, t) in zip(raw, per_file)], "mixed 0/1 and 0/255"
+    rule = "every nonzero label is tumor" if name == "labels" else f"tumor where > {threshold}"
+    _report(issues, "fixed: mask binarized",
+            f"{folder}: mask values {_values_text(set().union(*values))} are neither 0/255 nor 0/1; "
+            f"read as {rule} (re-save the masks as 0/255 to silence this)")
+    return [binarize_mask(m, threshold) for m in raw], name
+
+
+def _report(issues: DataIssues | None, kind: str, message: str) -> None:
+    if issues is not None:
+        issues.report(kind, message)
 
 
 @dataclass
@@ -351,6 +390,7 @@ class PatientVolume:
     stats: VolumeStats
     # (y0, y1, x0, x1) crop applied before resizing ('buda' normalization); None: whole slice.
     box: tuple[int, int, int, int] | None = None
+    mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
 
 
 NORMALIZATIONS = ("volume", "buda")
@@ -428,7 +468,7 @@ def _write_cached(path: Path, v: PatientVolume) -> None:
         np.savez(
             f, images=v.images, masks=np.packbits(v.masks, axis=-1), width=v.masks.shape[-1],
             slice_numbers=np.array(v.slice_numbers), low=v.stats.low, high=v.stats.high,
-            mean=v.stats.mean, std=v.stats.std,
+            mean=v.stats.mean, std=v.stats.std, mask_convention=v.mask_convention,
         )
 
 
@@ -439,6 +479,9 @@ def _read_cached(path: Path, records: Sequence[SliceRecord]) -> PatientVolume:
             name=records[0].patient, images=z["images"], masks=masks,
             slice_numbers=z["slice_numbers"].tolist(),
             stats=VolumeStats(low=z["low"], high=z["high"], mean=z["mean"], std=z["std"]),
+            # Entries written before conventions were recorded are all 0/255: any other was reported
+            # as a problem, and volumes with problems are never cached.
+            mask_convention=str(z["mask_convention"]) if "mask_convention" in z else "0/255",
         )
 
 
@@ -449,14 +492,16 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
     resized to it (both reported to ``issues``). None when no slice could be read.
     """
     issues = issues if issues is not None else DataIssues(strict=True)
-    read = []
+    readable = []
     for r in records:
         try:
-            read.append((r, read_image(r.image_path, issues), read_mask(r.mask_path, issues)))
+            readable.append((r, read_image(r.image_path, issues), read_raw_mask(r.mask_path)))
         except DatasetError as exc:
             issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
-    if not read:
+    if not readable:
         return None
+    masks, convention = read_patient_masks([r.mask_path for r, _, _ in readable], issues)
+    read = [(r, img, msk) for (r, img, _), msk in zip(readable, masks)]
     shapes = [img.shape[:2] for _, img, _ in read]
     shape = max(set(shapes), key=shapes.count)  # the patient's usual slice size
     images, masks = [], []
@@ -469,7 +514,9 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
             msk = cv2.resize(msk, shape[::-1], interpolation=cv2.INTER_NEAREST)
         images.append(img)
         masks.append(msk)
-    return make_volume(records[0].patient, np.stack(images), np.stack(masks), [r.index for r, _, _ in read])
+    volume = make_volume(records[0].patient, np.stack(images), np.stack(masks), [r.index for r, _, _ in read])
+    volume.mask_convention = convention
+    return volume
 
 
 def make_volume(name: str, images: np.ndarray, masks: np.ndarray, slice_numbers: list[int]) -> PatientVolume:
@@ -540,7 +587,37 @@ def load_dataset(
             issues.report("skipped: patient without readable slices", f"{root / name}: no readable slice; left out")
         else:
             volumes[name] = set_normalization(volume, normalization)
+    check_tumor(root, volumes)
     return volumes
+
+
+def check_tumor(root: Path, volumes: dict[str, PatientVolume]) -> None:
+    """Refuse a dataset in which no patient has tumor, and warn about each patient without any.
+
+    Every one of the 110 LGG patients has tumor in some slices, so a patient without any is most
+    likely a mask problem (values that no convention reads as tumor, masks of another patient).
+    """
+    empty = sorted(name for name, v in volumes.items() if not v.masks.any())
+    if volumes and len(empty) == len(volumes):
+        conventions = sorted({v.mask_convention for v in volumes.values()})
+        raise DatasetError(f"{root}: no patient has any tumor in its masks (read as {', '.join(conventions)}); "
+                           "check that the *_mask.tif files mark tumor with 255 (or 1)")
+    if empty:
+        print(f"warning: {len(empty)} patient(s) without tumor in any mask: {', '.join(empty[:5])}"
+              f"{' ...' if len(empty) > 5 else ''}; every patient of the LGG dataset has some, so check "
+              "their masks ('python engine.py data' lists the values found)", file=sys.stderr)
+
+
+def describe_masks(volumes: dict[str, PatientVolume]) -> str:
+    """Which mask convention was read, e.g. 'masks 0/255 (35 patients), 0/1 (1: TCGA_A)'."""
+    by_convention: dict[str, list[str]] = {}
+    for name, v in volumes.items():
+        by_convention.setdefault(v.mask_convention, []).append(name)
+    parts = []
+    for convention, names in sorted(by_convention.items(), key=lambda item: -len(item[1])):
+        listed = f": {', '.join(sorted(names)[:3])}{' ...' if len(names) > 3 else ''}" if len(by_convention) > 1 else ""
+        parts.append(f"{convention} ({len(names)}{listed if len(names) < len(volumes) else ' patients'})")
+    return "masks " + ", ".join(parts)
 
 
 def report_issues(issues: DataIssues, out_dir: Path | None, shown: int = 5) -> None:
@@ -926,30 +1003,32 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
     areas, tumor_slices, per_patient, identical = [], 0, {}, []
     flair_in_place = {modality: [] for modality in OTHER_MODALITIES}
     flair = 2 - FLAIR_CHANNEL  # _imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
+    conventions: dict[str, list[str]] = {}
     for name, recs in groups.items():
-        patient_tumor, readable = 0, 0
+        mask_paths = []
         repeats_flair = {modality: True for modality in OTHER_MODALITIES}
         for r in recs:
             try:
                 raw = _imread(r.image_path)
-                mask_raw = _imread(r.mask_path)
+                mask_raw = read_raw_mask(r.mask_path)
             except DatasetError as exc:
                 issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
                 continue
-            readable += 1
+            mask_paths.append(r.mask_path)
             key = "x".join(map(str, raw.shape))
             sizes[key] = sizes.get(key, 0) + 1
             if raw.ndim == 3 and raw.shape[2] >= 3:
                 for modality, c in OTHER_MODALITIES.items():
                     repeats_flair[modality] &= bool((raw[..., 2 - c] == raw[..., flair]).all())
-            mask_raw = mask_raw[..., 0] if mask_raw.ndim == 3 else mask_raw
             mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
-            area = int(binarize_mask(mask_raw).sum())
-            if area:
-                areas.append(area)
-                patient_tumor += 1
-        tumor_slices += patient_tumor
-        per_patient[name] = {"slices": len(recs), "tumor_slices": patient_tumor}
+        readable = len(mask_paths)
+        # Tumor is counted by the convention the patient's masks are read with in training.
+        masks, convention = read_patient_masks(mask_paths, issues) if mask_paths else ([], "none readable")
+        conventions.setdefault(convention, []).append(name)
+        patient_areas = [int(m.sum()) for m in masks if m.any()]
+        areas += patient_areas
+        tumor_slices += len(patient_areas)
+        per_patient[name] = {"slices": len(recs), "tumor_slices": len(patient_areas), "mask_convention": convention}
         if readable and all(repeats_flair.values()):  # one modality, copied into all three channels
             identical.append(name)
         elif readable:
@@ -964,6 +1043,7 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
         "root": str(root), "patients": len(groups), "slices": len(records), "tumor_slices": tumor_slices,
         "institutions": dict(sorted(institutions.items())), "image_sizes": sizes,
         "mask_values": {str(v): int(c) for v, c in enumerate(mask_values) if c},
+        "mask_conventions": {c: sorted(names) for c, names in conventions.items()},
         "tumor_area_px": _distribution(areas),
         "patients_without_tumor": sorted(n for n, p in per_patient.items() if p["tumor_slices"] == 0),
         "patients_with_identical_channels": sorted(identical),
@@ -971,6 +1051,10 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
         "per_patient": per_patient,
     }
     report["completeness"] = _completeness(root, report)
+    if groups and tumor_slices == 0:
+        issues.report("error: no tumor in any mask",
+                      f"{root}: no patient has any tumor in its masks; check that the *_mask.tif files mark "
+                      "tumor with 255 (or 1): training on them would teach the model that there is none")
     report["problems"] = [m for _, m in issues.items]
     report["problem_summary"] = issues.summary()
     return report
@@ -1037,9 +1121,15 @@ def report_dataset(data_dir: str, out: str, strict: bool) -> dict:
         "  institutions: " + ", ".join(f"{k} {v}" for k, v in report["institutions"].items()),
         "  image sizes: " + ", ".join(f"{k} ({v})" for k, v in report["image_sizes"].items()),
         "  mask values: " + ", ".join(f"{k}: {v:,}" for k, v in report["mask_values"].items()),
+        "  masks read as: " + ", ".join(f"{c} ({len(names)} patient{'s' if len(names) > 1 else ''}"
+                                        + (f": {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+                                           if c != "0/255" else ")")
+                                        for c, names in report["mask_conventions"].items()),
         (f"  tumor area per tumor slice (px): median {area['median']:.0f}, mean {area['mean']:.0f}, "
          f"min {area['min']}, max {area['max']}") if area["count"] else "  no tumor in any slice",
-        f"  patients without tumor: {', '.join(report['patients_without_tumor']) or 'none'}",
+        f"  patients without tumor: {', '.join(report['patients_without_tumor']) or 'none'}"
+        + (" (warning: every patient of the LGG dataset has some; check their masks)"
+           if report["patients_without_tumor"] else ""),
         f"  patients with identical channels (one modality copied 3 times): "
         f"{', '.join(report['patients_with_identical_channels']) or 'none'}",
         *(f"  patients with FLAIR in place of {modality} in every slice: {', '.join(names) or 'none'}"
@@ -1049,5 +1139,7 @@ def report_dataset(data_dir: str, out: str, strict: bool) -> dict:
     ]
     lines += [f"    {p}" for p in report["problems"][:10]]
     print("\n".join(lines) + f"\nwrote {path}")
+    if report["patients"] and not report["tumor_slices"]:
+        raise DatasetError(f"{root}: no patient has any tumor in its masks; see the mask values above")
     return report
 

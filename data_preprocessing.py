@@ -31,14 +31,30 @@ from scipy import ndimage  # noqa: E402
 
 from libraries import memory_format  # noqa: E402
 
-# A mask pixel is tumor when its value is above this. Kaggle masks are 0/255; anything saved
-# with interpolation or lossy compression in between is split at the midpoint.
-MASK_THRESHOLD = 127
+# The two conventions masks come in: Kaggle's 0/255, and 0/1 (other datasets and tools, or a
+# user's re-saved copy). Reading a 0/1 mask at > 127 would empty it, so no single threshold will do.
+STANDARD_MASK_CONVENTIONS = ("0/255", "0/1")
 
 
-def binarize_mask(mask: np.ndarray) -> np.ndarray:
-    """Map a 0/255 mask (any integer or float array) to uint8 {0, 1}. The only place masks are binarized."""
-    return (mask > MASK_THRESHOLD).astype(np.uint8)
+def mask_convention(values: set[int] | np.ndarray) -> tuple[str, int]:
+    """How masks holding these pixel values are read: (name, threshold), tumor where value > threshold.
+
+    {0, 255}: '0/255' at > 127. {0, 1}: '0/1', 1 is tumor. Values up to 10 ('labels', several
+    labels as in multi-class masks): every nonzero label is tumor. Anything else ('graded', such as
+    the anti-aliased edges of a resized 0/255 mask): above half the largest value.
+    """
+    found = {int(v) for v in np.asarray(list(values) if isinstance(values, set) else values).ravel()}
+    if found <= {0, 255}:
+        return "0/255", 127
+    if found <= {0, 1}:
+        return "0/1", 0
+    top = max(found)
+    return ("labels", 0) if top <= 10 else ("graded", top // 2)
+
+
+def binarize_mask(mask: np.ndarray, threshold: int = 127) -> np.ndarray:
+    """uint8 {0, 1}: 1 where ``mask`` > ``threshold`` (``mask_convention`` chooses the threshold)."""
+    return (mask > threshold).astype(np.uint8)
 
 
 @dataclass(frozen=True)

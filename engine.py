@@ -43,6 +43,7 @@ from data_loaders import (
     ShardedSampler,
     choose_split,
     default_num_workers,
+    describe_masks,
     download_dataset,
     load_dataset,
     locate_data,
@@ -653,7 +654,8 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
     """The lines printed before the first epoch: data, device and model."""
     return "\n".join([
         f"data: {data.root} ({'SYNTHETIC' if data.synthetic else 'real'}), {len(data.train_names)} train / "
-        f"{len(data.val_names)} validation patients, normalization: {cfg.normalization}",
+        f"{len(data.val_names)} validation patients, normalization: {cfg.normalization}, "
+        f"{describe_masks(data.volumes)}",
         f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, amp: {amp_dtype or 'off'}, "
         f"channels_last: {cfg.channels_last}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),

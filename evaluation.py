@@ -28,6 +28,7 @@ from data_loaders import (
     LGGSlices,
     PatientVolume,
     default_num_workers,
+    describe_masks,
     group_by_patient,
     find_data_dir,
     load_dataset,
@@ -403,6 +404,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
                            normalization=record.get("normalization", "volume"), issues=issues, groups=groups)
     report_issues(issues, out_dir)
+    print(f"{root}: {len(volumes)} patients, {describe_masks(volumes)}")
     loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],
                             batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
                             seed=record["seed"], device=device)

@@ -162,7 +162,7 @@ def test_bad_data_is_skipped_or_fixed_with_a_counted_warning(tmp_path, bad_tree,
     assert main(tiny(tmp_path, bad_tree, run, "--epochs", "1")) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "data problems worked around" in err
-    summary = err.splitlines()[0]
+    summary = next(line for line in err.splitlines() if "data problems worked around" in line)
     # Unreadable: the zero-byte TIFF, the truncated one and the text file named like a slice.
     for kind in ("3 skipped: unreadable file", "1 skipped: image without mask", "1 skipped: mask without image",
                  "1 skipped: patient folder without slices", "1 fixed: resized",
@@ -171,6 +171,8 @@ def test_bad_data_is_skipped_or_fixed_with_a_counted_warning(tmp_path, bad_tree,
     listed = (run / "data_issues.txt").read_text()
     assert "_1.tif: image has no mask" in listed and "TCGA_EMPTY_0000" in listed
     assert json.loads((run / "metrics.json").read_text())["slices"] > 0
+    # The patient whose two tumor slices were destroyed has none left: worth a warning of its own.
+    assert "1 patient(s) without tumor in any mask" in err
 
 
 def test_strict_turns_the_first_problem_into_an_error(tmp_path, bad_tree, capsys):
