@@ -177,7 +177,8 @@ def atomic_write(path: Path, write: Any) -> None:
     """Write a file through ``write(tmp_path)`` into a temporary file beside it, then rename.
 
     The rename is atomic on one filesystem, so readers and crashes see the old file or the
-    new one, never half of one.
+    new one, never half of one. A write that fails (a full disk, most often) leaves the old file
+    as it was and becomes a UserError that says so.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -185,6 +186,11 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        reason = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
+        raise UserError(f"{path}: could not be written ({reason}); the previous {path.name}, if any, is intact. "
+                        "Free some disk space (a full disk is the usual cause), then continue the run "
+                        "with --resume") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -10,7 +10,9 @@ of Buda et al.'s published weights onto ours, and the loading of this package's 
 from __future__ import annotations
 
 import copy
+import hashlib
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -231,6 +233,30 @@ def unet_to_buda(state_dict: dict) -> dict:
     return out
 
 
+def describe_weights(state_dict: dict) -> str:
+    """The network a state_dict fits, in flags: '--encoder unet --features 32', or what is unknown."""
+    if "inc.0.weight" in state_dict:
+        return f"--encoder unet --features {state_dict['inc.0.weight'].shape[0]}"
+    if "stem.0.weight" in state_dict:
+        return "--encoder resnet34"
+    return "of an unknown layout"
+
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
+
+
+def check_hash_in_name(path: Path) -> None:
+    """A weights file named like unet-e012d006.pt must have a sha256 that starts with e012d006
+    (torchvision's and torch.hub's convention): a damaged or swapped file is refused."""
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(match[1]):
+        raise ValueError(f"{path}: its name says sha256 {match[1]}..., its content has {digest[:len(match[1])]}...: "
+                         "the file is damaged or not the one its name says; download it again")
+
+
 def load_weights(spec: str) -> tuple[dict, str, str | None]:
     """A state_dict for this UNet from a path, a URL or 'buda', and where it came from.
 
@@ -244,11 +270,13 @@ def load_weights(spec: str) -> tuple[dict, str, str | None]:
     url = BUDA_WEIGHTS_URL if spec == "buda" else spec
     if url.startswith(("http://", "https://")):
         try:
-            loaded = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+            # check_hash: a file named like unet-e012d006.pt must have a sha256 starting e012d006.
+            loaded = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
         except Exception as exc:  # URLError, HTTPError, hash mismatch... many types
             raise OSError(f"{url}: download failed ({type(exc).__name__}); download the file by hand, "
                           f"put it in {torch.hub.get_dir()}/checkpoints/ or pass its local path") from None
     else:
+        check_hash_in_name(Path(spec))
         loaded = torch.load(spec, map_location="cpu", weights_only=True)
     normalization = None
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
-from model import make_network
+from model import describe_weights, make_network
 from reports import write_history
 
 
@@ -64,8 +64,8 @@ def build_training(
         try:
             model.load_state_dict(weights)
         except RuntimeError:
-            raise UserError(f"--pretrained {weights_source}: these weights do not fit --encoder {encoder} "
-                            f"--features {features} (published weights need --encoder unet --features 32)") from None
+            raise UserError(f"--pretrained {weights_source}: these weights are {describe_weights(weights)}, but this "
+                            f"run asks for --encoder {encoder} --features {features}; pass the weights' values") from None
     if freeze_encoder:
         model.freeze_encoder()
     if sync_bn:

@@ -200,3 +200,54 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         assert expected in err and err.count("\n") == 0 and "Traceback" not in err, (argv, err)
     assert (run / "last.pt").read_bytes() == before
     torch.load(run / "last.pt", weights_only=True)
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, syn, monkeypatch, capsys):
+    """The write of epoch 2's last.pt fails as a full disk makes torch.save fail: one line, and
+    epoch 1's last.pt is left whole."""
+    import libraries
+
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 3:  # epoch 1 wrote last.pt and best.pt; this is epoch 2's last.pt
+            with open(f, "wb") as half:
+                half.write(b"PK\x03\x04 half a zip")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                               "data/12: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(libraries.torch, "save", failing_save)
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "last.pt: could not be written" in err and "is intact" in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list(run.glob(".*.tmp"))  # the half-written temporary file is gone
+
+
+def test_weights_of_another_configuration_name_both_values(tmp_path, syn, capsys):
+    ckpt = tmp_path / "w.pt"
+    from model import UNet
+    torch.save(UNet(features=4).state_dict(), ckpt)
+    assert main(tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(ckpt), "--features", "8")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--encoder unet --features 4" in err and "--features 8" in err
+
+
+def test_a_weights_file_whose_name_carries_a_hash_is_checked(tmp_path, syn, capsys):
+    import hashlib
+
+    from model import UNet
+    good = tmp_path / "w.pt"
+    torch.save(UNet(features=4).state_dict(), good)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    named = tmp_path / f"unet-{digest[:8]}.pt"
+    good.rename(named)
+    assert main(tiny(tmp_path, syn, tmp_path / "ok", "--pretrained", str(named), "--epochs", "1")) == 0
+    wrong = tmp_path / f"unet-{'0' * 8 if digest[:8] != '0' * 8 else '1' * 8}.pt"
+    wrong.write_bytes(named.read_bytes())
+    assert main(tiny(tmp_path, syn, tmp_path / "bad", "--pretrained", str(wrong))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its name says sha256" in err[0] and f"has {digest[:8]}" in err[0]
