@@ -225,6 +225,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_bool_flag(parser, "tta", None, "mirror test-time augmentation (default: as trained)")
     parser.add_argument("--postprocess", choices=evaluation.POSTPROCESSING, default=None,
                         help="default: as trained")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the size the weights expect (default: as trained; 256 for Buda et al.'s weights; "
+                             "needed for a plain state_dict)")
+    parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
+                        help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,8 +253,9 @@ def add_scoring_commands(command: Callable[..., argparse.ArgumentParser]) -> Non
     """evaluate, predict and export: commands that run a trained model."""
     ev = command("evaluate", help="score a checkpoint on its validation patients, or on others")
     ev.add_argument("--checkpoint", required=True, nargs="+",
-                    help="a best.pt or last.pt written by training; several (or a cv folder, for its folds' "
-                         "last.pt) are an ensemble whose probabilities are averaged")
+                    help="a best.pt or last.pt written by training, or published weights: buda, a URL, a "
+                         "state_dict; several (or a cv folder, for its folds' last.pt) are an ensemble whose "
+                         "probabilities are averaged")
     ev.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
     ev.add_argument("--patients", default="validation",
                     help="which patients of --data-dir to score: validation (the run's own; default), unseen "
@@ -265,16 +271,21 @@ def add_scoring_commands(command: Callable[..., argparse.ArgumentParser]) -> Non
     add_run_flags(ev)
     pr = command("predict", help="segment new slices with a checkpoint: masks, overlays, areas")
     pr.add_argument("--checkpoint", required=True, nargs="+",
-                    help="a best.pt or last.pt written by training; several (or a cv folder) are averaged")
+                    help="a best.pt or last.pt written by training, or published weights: buda (Buda et al.'s, "
+                         "downloaded once), a URL, a state_dict; several (or a cv folder) are averaged")
     pr.add_argument("--input", required=True, help="a slice (tif/png/jpg), a folder of slices, a patient folder or a dataset root")
     pr.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
     pr.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm: adds mm^2 and mm^3 columns")
     pr.add_argument("--batch-size", type=int, default=16)
     add_run_flags(pr)
-    ex = command("export", help="export a checkpoint to TorchScript or ONNX, checking parity")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--format", required=True, choices=("torchscript", "onnx"))
-    ex.add_argument("--output", required=True, help="the file to write")
+    ex = command("export", help="export a checkpoint to TorchScript or ONNX (checking parity), or weights for release")
+    ex.add_argument("--checkpoint", required=True, help="a checkpoint, or published weights as for evaluate")
+    ex.add_argument("--format", required=True, choices=("torchscript", "onnx", "state_dict"),
+                    help="state_dict: a small weights file with its record, named unet-<sha256 prefix>.pt")
+    ex.add_argument("--output", required=True, help="the file to write (a folder for --format state_dict)")
+    ex.add_argument("--image-size", type=int, default=None, help="for a plain state_dict: the size it expects")
+    ex.add_argument("--normalization", choices=("volume", "buda"), default=None,
+                    help="for a plain state_dict: the normalization it expects")
 
 
 def add_data_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -512,15 +523,27 @@ def train_one_epoch(
     return total, seen
 
 
-def load_pretrained(cfg: Config, say: Callable[..., None]) -> tuple[Config, dict | None]:
-    """The --pretrained weights, and the Config with the normalization they expect."""
+def load_pretrained(cfg: Config, say: Callable[..., None]) -> tuple[Config, dict | None, str]:
+    """The --pretrained weights, the Config with the normalization they expect, and their kind
+    ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package')."""
     if not cfg.pretrained:
-        return cfg, None
-    weights, _, expected = pretrained_weights(cfg.pretrained)
+        return cfg, None, ""
+    weights, kind, expected = pretrained_weights(cfg.pretrained)
     if expected and expected != cfg.normalization:
         say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
         cfg = replace(cfg, normalization=expected)
-    return cfg, weights
+    return cfg, weights, kind
+
+
+def pretrained_overlap(kind: str, val_names: list[str], say: Callable[..., None]) -> list[str]:
+    """The validation patients that published weights were trained on, warned about once."""
+    overlap = evaluation.trained_patients({"trained_on": kind, "patients": {"train": []}}, val_names) \
+        if kind == "buda" else []
+    if overlap:
+        say(f"warning: Buda et al.'s weights were trained on {len(overlap)} of the {len(val_names)} validation "
+            f"patients ({', '.join(overlap)}), so their scores are not held out; --split buda validates on "
+            "the 10 they held out")
+    return overlap
 
 
 def training_device(cfg: Config, ddp: Distributed) -> tuple[torch.device, torch.dtype | None]:
@@ -591,7 +614,7 @@ def train(cfg: Config) -> dict:
     spacing = parse_spacing(cfg.spacing)
     ddp = init_distributed(cfg.device)
     say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
-    cfg, weights = load_pretrained(cfg, say) if not resumed else (cfg, None)
+    cfg, weights, weights_kind = load_pretrained(cfg, say) if not resumed else (cfg, None, "")
     progress = cfg.progress and ddp.main
     seed_everything(cfg.seed)
     device, amp_dtype = training_device(cfg, ddp)
@@ -609,7 +632,8 @@ def train(cfg: Config) -> dict:
                      val_slices=val_slices))
 
     config_record = {**asdict(cfg), "resolved_data_dir": str(data.root), "synthetic_data": data.synthetic,
-                     "patients": {"train": data.train_names, "validation": data.val_names}, "environment": env}
+                     "patients": {"train": data.train_names, "validation": data.val_names}, "environment": env,
+                     "scored_patients_trained_on": pretrained_overlap(weights_kind, data.val_names, say)}
     state = {"history": [], "best_dice": -1.0, "best_epoch": 0, "epoch": 0, "metrics": None}
     if resumed:
         state = restore(resumed, parts, scheduler, data.val_names, cfg.resume)
@@ -682,8 +706,10 @@ def finish_unvalidated(data: RunData, state: dict, elapsed: float, main_rank: bo
 def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: dict, elapsed: float,
            main_rank: bool) -> dict:
     """The end of a validated run: metrics.json, the reports and the printed table (rank 0)."""
+    overlap = config_record.get("scored_patients_trained_on", [])
     final = {**state["metrics"], "epoch": state["epoch"], "best_epoch": state["best_epoch"],
-             "best_dice_per_volume_mean": state["best_dice"], "synthetic_data": data.synthetic}
+             "best_dice_per_volume_mean": state["best_dice"], "synthetic_data": data.synthetic,
+             "scored_patients_trained_on": len(overlap), "scored_patients_trained_on_names": overlap}
     if not main_rank:
         return final
     save_json(data.run_dir / "metrics.json", final)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_loaders import (
+    BUDA_VAL_PREFIXES,
     DataIssues,
     LGGSlices,
     PatientVolume,
@@ -51,7 +52,7 @@ from metrics import (
     largest_component_3d,
     parse_spacing,
 )
-from model import fuse_conv_bn, load_checkpoint, network_from_checkpoint
+from model import fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
 from reports import write_reports
 
 
@@ -309,19 +310,37 @@ def format_metrics(metrics: dict, title: str) -> str:
 # =============================================================================================
 
 
+def trained_patients(record: dict, names: Sequence[str]) -> list[str]:
+    """Which of ``names`` the model of ``record`` was trained on.
+
+    Buda et al.'s published weights were trained on all 110 patients but the 10 they validated on
+    (``random.seed(42); random.sample(sorted(folders), 10)``: the --split buda patients).
+    """
+    if record.get("trained_on") == "buda":
+        return sorted(n for n in names if not any(n == p or n.startswith(p + "_") for p in BUDA_VAL_PREFIXES))
+    trained = set(record["patients"]["train"])
+    return sorted(n for n in names if n in trained)
+
+
 def patients_to_score(spec: str, available: list[str], root: Path, record: dict, checkpoint: Path) -> list[str]:
     """``evaluate --patients``: the run's validation patients, the patients of ``root`` (whose
     patients are ``available``) it did not train on (unseen), all of them, or those named in a
     comma list or file."""
     if spec == "validation":
+        if record.get("trained_on") == "buda":  # whichever of the 10 they held out are here
+            held_out = [p for p in available if p not in trained_patients(record, [p])]
+            if not held_out:
+                raise UserError(f"{root}: none of the 10 patients Buda et al. held out (--split buda) is here; "
+                                "pass --patients unseen, all or a list")
+            return held_out
         if not record["patients"]["validation"]:
-            raise UserError(f"{checkpoint}: this run trained on every patient (--split none), so it has no "
-                            "validation patients; score it on others with --patients unseen --data-dir DIR")
+            raise UserError(f"{checkpoint}: this model has no validation patients recorded (--split none, or "
+                            "published weights); score it with --patients unseen, all or a list, and --data-dir DIR")
         return record["patients"]["validation"]
     if spec == "all":
         return available
     if spec == "unseen":
-        trained = set(record["patients"]["train"])
+        trained = set(trained_patients(record, available))
         unseen = [p for p in available if p not in trained]
         if not unseen:
             raise UserError(f"{root}: {checkpoint} was trained on every patient here; pass a --data-dir "
@@ -331,20 +350,26 @@ def patients_to_score(spec: str, available: list[str], root: Path, record: dict,
     return match_patients(listed, available, source)
 
 
-def load_checkpoints(specs: Sequence[str]) -> list[tuple[Path, dict]]:
-    """The checkpoints of ``--checkpoint`` (files, or cv folders standing for their folds' last.pt).
+def load_checkpoints(
+    specs: Sequence[str], *, image_size: int | None = None, normalization: str | None = None
+) -> list[tuple[Path, dict]]:
+    """The checkpoints of ``--checkpoint``: this package's files, cv folders (standing for their
+    folds' last.pt), or published weights ('buda', a URL, a state_dict; see ``scoring_checkpoint``,
+    which ``image_size`` and ``normalization`` are for).
 
     Several checkpoints form an ensemble: they must share the image size and normalization their
     inputs are prepared with, else a one-line error names both values.
     """
-    paths: list[Path] = []
+    paths: list[str] = []
     for spec in specs:
         path = Path(spec)
         folds = sorted(path.glob("fold-*/last.pt"), key=lambda p: int(p.parent.name[5:])) if path.is_dir() else []
         if path.is_dir() and not folds:
             raise UserError(f"{path}: a folder, but not a cv folder with fold-*/last.pt; pass checkpoint files")
-        paths += folds or [path]
-    loaded = [(path, load_checkpoint(path)) for path in paths]
+        paths += [str(f) for f in folds] or [spec]
+    loaded = [(Path(p), scoring_checkpoint(p, image_size=image_size, normalization=normalization)) for p in paths]
+    for path, ckpt in loaded:  # a given --image-size/--normalization applies to our checkpoints too
+        ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
     first_path, first = loaded[0]
     for path, ckpt in loaded[1:]:
         for key, default in (("image_size", None), ("normalization", "volume")):
@@ -377,7 +402,7 @@ def scoring_loader(
 def evaluate_command(args: argparse.Namespace) -> dict:
     """The ``evaluate`` command: score a checkpoint (or an ensemble) on its validation patients, or on
     those --patients picks."""
-    loaded = load_checkpoints(args.checkpoint)
+    loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     ckpt_path, ckpt = loaded[0]
     record = ckpt["config"]
     device, amp_dtype = setup_device(args.device, args.amp)
@@ -394,8 +419,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         Path(args.checkpoint[0]) / "evaluate-ensemble"
     out_dir = Path(args.out_dir) if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained_on = {p for _, c in loaded for p in c["config"]["patients"]["train"]}
-    trained = sorted(set(names) & trained_on)
+    trained = sorted({p for _, c in loaded for p in trained_patients(c["config"], names)})
     if trained:
         print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train "
               f"{'this model' if len(loaded) == 1 else 'a model of the ensemble'} "
@@ -422,11 +446,13 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],
               "data_dir": str(root), "patients_scored": args.patients, "scored_patients_trained_on": len(trained),
+              "scored_patients_trained_on_names": trained,
               "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
               "images_per_second": metrics["slices"] / seconds}
     save_json(out_dir / "metrics.json", result)
     kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
-    title = f"Evaluation of {ensemble_name(loaded)} (epoch {ckpt['epoch']}, {kind}; patients: {args.patients})"
+    epoch = f"epoch {ckpt['epoch']}, " if ckpt["epoch"] is not None else ""
+    title = f"Evaluation of {ensemble_name(loaded)} ({epoch}{kind}; patients: {args.patients})"
     write_reports(out_dir, result, volumes=volumes, scans=loader.dataset.volumes, title=title, config=record,
                   environment=environment_report(device),
                   timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},

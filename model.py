@@ -257,27 +257,28 @@ def check_hash_in_name(path: Path) -> None:
                          "the file is damaged or not the one its name says; download it again")
 
 
-def load_weights(spec: str) -> tuple[dict, str, str | None]:
-    """A state_dict for this UNet from a path, a URL or 'buda', and where it came from.
+def download_weights(spec: str) -> object:
+    """The torch file behind 'buda' or a URL, downloaded once into torch.hub's cache.
 
-    Accepts this package's checkpoints (their 'model' entry), plain state_dicts in our key names
-    or in Buda et al.'s. URLs (and 'buda') are downloaded once into torch.hub's cache. Every file
-    is read with weights_only=True. Returns (state_dict, kind, normalization): kind is 'package' or
-    'buda'; normalization is what the weights expect when known ('buda' for theirs, a package
-    checkpoint's own setting), else None.
-    Raises ValueError, OSError or RuntimeError with a message naming the source.
+    A file named like unet-e012d006.pt must have a sha256 starting with e012d006 (check_hash).
     """
     url = BUDA_WEIGHTS_URL if spec == "buda" else spec
-    if url.startswith(("http://", "https://")):
-        try:
-            # check_hash: a file named like unet-e012d006.pt must have a sha256 starting e012d006.
-            loaded = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
-        except Exception as exc:  # URLError, HTTPError, hash mismatch... many types
-            raise OSError(f"{url}: download failed ({type(exc).__name__}); download the file by hand, "
-                          f"put it in {torch.hub.get_dir()}/checkpoints/ or pass its local path") from None
-    else:
-        check_hash_in_name(Path(spec))
-        loaded = torch.load(spec, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=True)
+    except Exception as exc:  # URLError, HTTPError, hash mismatch... many types
+        raise OSError(f"{url}: download failed ({type(exc).__name__}); download the file by hand, "
+                      f"put it in {torch.hub.get_dir()}/checkpoints/ or pass its local path") from None
+
+
+def is_remote(spec: str) -> bool:
+    """'buda' and URLs are downloaded; anything else is a local path."""
+    return spec == "buda" or spec.startswith(("http://", "https://"))
+
+
+def state_dict_from(loaded: object, spec: str) -> tuple[dict, str, str | None]:
+    """(state_dict in our key names, kind, normalization) of a loaded weights file; kind is 'buda'
+    for Buda et al.'s key names, else 'package'; normalization is what the weights expect when
+    known ('buda' for theirs, a package checkpoint's own setting), else None."""
     normalization = None
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
         normalization = (loaded.get("config") or {}).get("normalization")
@@ -287,6 +288,21 @@ def load_weights(spec: str) -> tuple[dict, str, str | None]:
     if is_buda_state_dict(loaded):
         return buda_to_unet(loaded), "buda", "buda"
     return loaded, "package", normalization
+
+
+def load_weights(spec: str) -> tuple[dict, str, str | None]:
+    """A state_dict for this UNet from a path, a URL or 'buda', and where it came from.
+
+    Accepts this package's checkpoints (their 'model' entry), plain state_dicts in our key names
+    or in Buda et al.'s. URLs (and 'buda') are downloaded once into torch.hub's cache. Every file
+    is read with weights_only=True, and one named with its hash is checked. Returns
+    ``state_dict_from``'s (state_dict, kind, normalization).
+    Raises ValueError, OSError or RuntimeError with a message naming the source.
+    """
+    if is_remote(spec):
+        return state_dict_from(download_weights(spec), spec)
+    check_hash_in_name(Path(spec))
+    return state_dict_from(torch.load(spec, map_location="cpu", weights_only=True), spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +400,8 @@ def pretrained_weights(spec: str) -> tuple[dict, str, str | None]:
         raise UserError(f"--pretrained {spec}: {exc}") from None
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by ``train`` without running any pickled code."""
+def read_torch_file(path: Path) -> object:
+    """torch.load ``path`` without running any pickled code, with user-facing errors."""
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
     try:
@@ -397,9 +413,55 @@ def load_checkpoint(path: Path) -> dict:
     except (RuntimeError, OSError, EOFError, ValueError) as exc:  # truncated or not a torch file
         raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written "
                         "by torch.save); pass a best.pt or last.pt written by engine.py") from exc
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    return ckpt
+
+
+def is_package_checkpoint(obj: object) -> bool:
+    """A dict written by this package: weights under 'model' and the settings under 'config'."""
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by ``train`` (or ``export --format state_dict``) safely."""
+    ckpt = read_torch_file(path)
+    if not is_package_checkpoint(ckpt):
         raise UserError(f"{path}: not a checkpoint written by engine.py (no model/config entries)")
     return ckpt
+
+
+def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalization: str | None = None) -> dict:
+    """A checkpoint for evaluate, predict and export from anything ``--pretrained`` accepts.
+
+    This package's checkpoints are read as they are. Published weights (``buda``, a URL, a plain
+    state_dict in our key names or in Buda et al.'s) get a record of how to prepare their inputs:
+    Buda et al.'s use their normalization at 256 px unless ``image_size``/``normalization`` say
+    otherwise; a plain state_dict of ours records neither, so both must be given. Their record
+    says which patients they were trained on (``trained_on``), for the overlap warnings.
+    """
+    try:
+        if is_remote(spec):
+            loaded = download_weights(spec)
+        else:
+            check_hash_in_name(Path(spec))
+            loaded = read_torch_file(Path(spec))
+        if is_package_checkpoint(loaded):
+            return loaded
+        state_dict, kind, _ = state_dict_from(loaded, spec)
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if kind == "buda":
+        image_size, normalization = image_size or 256, normalization or "buda"
+    elif image_size is None or normalization is None:
+        raise UserError(f"{spec}: a plain state_dict records neither the image size nor the normalization its "
+                        "model was trained with; pass --image-size and --normalization")
+    encoder = "resnet34" if "stem.0.weight" in state_dict else "unet"
+    record = {"encoder": encoder, "features": state_dict["inc.0.weight"].shape[0] if encoder == "unet" else 32,
+              "image_size": image_size, "normalization": normalization, "threshold": 0.5, "channels_last": True,
+              "tta": False, "postprocess": "none", "batch_size": 16, "seed": 0, "dice_weight": 1.0,
+              "bce_weight": 1.0, "dice_mode": "sample", "patients": {"train": [], "validation": []},
+              "trained_on": "buda" if kind == "buda" else "unknown", "synthetic_data": False,
+              "resolved_data_dir": "", "weights": spec}
+    return {"model": state_dict, "config": record, "epoch": None}
 
 
 def network_from_checkpoint(ckpt: dict) -> nn.Module:
