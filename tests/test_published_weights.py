@@ -76,6 +76,10 @@ def test_export_round_trips_and_the_name_carries_the_hash(tmp_path, buda_weights
     assert released.stat().st_size < buda_weights.stat().st_size * 0.6  # fp16: about half
     loaded = torch.load(released, weights_only=True)
     assert (loaded["config"]["image_size"], loaded["config"]["normalization"]) == (256, "buda")
+    import hubconf  # torch.hub's entry point loads the release file by path (or URL)
+    hub_model = hubconf.unet(pretrained=str(released))
+    assert all(torch.equal(v, loaded["model"][k].float()) for k, v in hub_model.state_dict().items()
+               if v.is_floating_point())
     for spec, out in ((buda_weights, "a"), (released, "b")):
         assert main(["predict", "--checkpoint", str(spec), "--input", str(tiny_tree / HELD_OUT),
                      "--output", str(tmp_path / out), "--device", "cpu", "--amp", "off"]) == 0
