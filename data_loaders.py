@@ -109,9 +109,9 @@ class DataIssues:
 
 
 def _looks_like_root(path: Path) -> bool:
-    """True if some subfolder of ``path`` holds a ``*_mask.tif``."""
+    """True if some subfolder of ``path`` holds a ``*_mask.tif`` (or ``.tiff``)."""
     return path.is_dir() and any(
-        child.is_dir() and any(child.glob("*_mask.tif")) for child in path.iterdir()
+        child.is_dir() and any(child.glob("*_mask.tif*")) for child in path.iterdir()
     )
 
 
@@ -120,6 +120,11 @@ def resolve_root(path: Path) -> Path:
     for candidate in (path, path / "kaggle_3m", path / "lgg-mri-segmentation" / "kaggle_3m"):
         if _looks_like_root(candidate):
             return candidate
+    deeper = [d for d in sorted(path.rglob("*")) if d.is_dir() and len(d.relative_to(path).parts) <= 3
+              and _looks_like_root(d)] if path.is_dir() else []
+    if deeper:
+        raise DatasetError(f"{path}: the patient folders are nested deeper, in {deeper[0]} (an archive unpacked "
+                           f"twice?); point --data-dir at {deeper[0]}")
     raise DatasetError(
         f"{path}: no patient folders with <PATIENT>_<N>.tif / <PATIENT>_<N>_mask.tif slices found; "
         f"point --data-dir at the kaggle_3m folder of {DATASET_URL}"
@@ -147,24 +152,29 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 def scan_dataset(root: Path, issues: DataIssues | None = None) -> list[SliceRecord]:
     """Pair every slice with its mask; records sorted by patient, then slice number.
 
-    An image without a mask, a mask without an image and a patient folder without slices are
-    reported to ``issues`` (skipped, or an error under --strict). A tree with no slice at all
-    is always an error.
+    The integrity checks that need only the file names run here, on every run: an image without
+    a mask (or the reverse), a patient folder without slices (or with them one folder too deep),
+    a slice named for another patient, two files with one slice number (``_1`` beside ``_01``,
+    ``.tif`` beside ``.tiff``) and gaps in the numbering. Each is reported to ``issues`` with the
+    file and the fix (skipped, or an error under --strict); a tree with no slice is always an error.
     """
     issues = issues if issues is not None else DataIssues(strict=True)
     records: list[SliceRecord] = []
     for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        images: dict[int, Path] = {}
-        masks: dict[int, Path] = {}
-        for f in patient_dir.iterdir():
-            m = _SLICE_RE.match(f.name)
-            if m is None or not f.is_file():
-                continue  # stray file: README, .DS_Store, thumbnails, ...
-            (masks if m["mask"] else images)[int(m["index"])] = f
+        images, masks, on_disk = _slice_files(patient_dir, issues)
         if not images and not masks:
+            nested = [d.name for d in patient_dir.iterdir() if d.is_dir() and any(d.glob("*_mask.tif*"))]
             issues.report("skipped: patient folder without slices",
-                          f"{patient_dir}: no <PATIENT>_<N>.tif slices; it is left out (delete the folder to silence this)")
+                          f"{patient_dir}: no <PATIENT>_<N>.tif slices; it is left out"
+                          + (f" (its subfolder {nested[0]} holds them: move them up a level)" if nested
+                             else " (delete the folder to silence this)"))
             continue
+        missing = sorted(set(range(on_disk[0], on_disk[-1] + 1)) - set(on_disk)) if on_disk else []
+        if missing:
+            issues.report("warning: gap in slice numbers",
+                          f"{patient_dir}: no slice {_values_text(missing)} between {on_disk[0]} and {on_disk[-1]}; "
+                          "the volume is stacked without them, which changes 3D components and per-volume "
+                          "scores (restore the files if they were lost)")
         for index in sorted(images.keys() | masks.keys()):
             if index not in masks:
                 issues.report("skipped: image without mask",
@@ -178,6 +188,33 @@ def scan_dataset(root: Path, issues: DataIssues | None = None) -> list[SliceReco
     if not records:
         raise DatasetError(f"{root}: no slice/mask pairs found; point --data-dir at kaggle_3m")
     return records
+
+
+def _slice_files(patient_dir: Path, issues: DataIssues) -> tuple[dict[int, Path], dict[int, Path], list[int]]:
+    """A patient folder's images and masks by slice number, leaving out (and reporting) files named
+    for another patient and every file of a slice number that two files claim; and the sorted slice
+    numbers its files carry, those left out included."""
+    found: dict[tuple[bool, int], list[Path]] = {}
+    for f in sorted(patient_dir.iterdir()):
+        m = _SLICE_RE.match(f.name)
+        if m is None or not f.is_file():
+            continue  # stray file: README, .DS_Store, thumbnails, ...
+        if m["stem"] != patient_dir.name:
+            issues.report("skipped: slice of another patient",
+                          f"{f}: named for {m['stem']}, but it is in {patient_dir.name}/; skipped: move it to "
+                          "its own patient's folder")
+            continue
+        found.setdefault((bool(m["mask"]), int(m["index"])), []).append(f)
+    images: dict[int, Path] = {}
+    masks: dict[int, Path] = {}
+    for (is_mask, index), files in found.items():
+        if len(files) > 1:
+            issues.report("skipped: duplicate slice number",
+                          f"{patient_dir}: {', '.join(f.name for f in files)} are all {'mask' if is_mask else 'slice'} "
+                          f"{index}; all are left out: delete the ones that do not belong")
+            continue
+        (masks if is_mask else images)[index] = files[0]
+    return images, masks, sorted({index for _, index in found})
 
 
 def group_by_patient(records: Sequence[SliceRecord]) -> dict[str, list[SliceRecord]]:
@@ -303,36 +340,53 @@ def choose_split(
 # ---------------------------------------------------------------------------------------------
 
 
-def _imread(path: Path) -> np.ndarray:
-    """cv2.imread that raises DatasetError for missing, empty, truncated or non-image files."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def _imread(path: Path, sixteen_bit: bool = False) -> np.ndarray:
+    """cv2.imread that raises DatasetError for missing, empty, truncated or non-image files, and
+    for pixels other than 8-bit (or 16-bit, with ``sixteen_bit``)."""
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # some malformed headers raise instead of returning None
+        image = None
     if image is None or image.size == 0:
         raise DatasetError(f"{path}: cannot be read as an image (empty, truncated or not a TIFF); "
                            "re-download it or delete it")
-    if image.dtype != np.uint8:
-        raise DatasetError(f"{path}: {image.dtype} pixels, expected 8-bit; convert it to 8-bit or delete it")
+    if image.dtype != np.uint8 and not (sixteen_bit and image.dtype == np.uint16):
+        raise DatasetError(f"{path}: {image.dtype} pixels, expected 8-bit (as the dataset's); convert it "
+                           "to 8-bit or delete it")
+    if image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4):
+        raise DatasetError(f"{path}: {image.shape[2]} channels; expected 1 (grayscale) or 3 (pre-contrast, "
+                           "FLAIR, post-contrast); re-save it or delete it")
     return image
 
 
-def read_image(path: Path, issues: DataIssues | None = None) -> np.ndarray:
-    """Read a slice as (H, W, 3) uint8 in file channel order (pre-contrast, FLAIR, post-contrast).
+def read_image(path: Path, issues: DataIssues | None = None, sixteen_bit: bool = False) -> np.ndarray:
+    """Read a slice as (H, W, 3) uint8 (uint16 with ``sixteen_bit``) in file channel order
+    (pre-contrast, FLAIR, post-contrast).
 
-    A grayscale slice is copied into all three channels (reported to ``issues``).
+    A grayscale slice (with or without an alpha channel) is copied into all three channels, and
+    an alpha channel is dropped; both are reported to ``issues``.
     """
-    image = _imread(path)
-    if image.ndim == 2 or image.shape[2] == 1:
-        if issues is not None:
-            issues.report("fixed: grayscale copied to 3 channels",
-                          f"{path}: grayscale slice; its one channel is used as all three")
-        return np.ascontiguousarray(np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2))
+    image = _imread(path, sixteen_bit)
+    if image.ndim == 2 or image.shape[2] in (1, 2):  # gray, or gray + alpha
+        _report(issues, "fixed: grayscale copied to 3 channels",
+                f"{path}: grayscale slice; its one channel is used as all three")
+        return np.ascontiguousarray(np.repeat(image[..., :1] if image.ndim == 3 else image[..., None], 3, axis=2))
+    if image.shape[2] == 4:
+        _report(issues, "fixed: alpha channel dropped", f"{path}: 4 channels; the 4th (alpha) is ignored")
     # OpenCV decodes colour as BGR(A); reverse to the file's RGB order so channel 1 is FLAIR.
     return np.ascontiguousarray(image[..., 2::-1])
 
 
-def read_raw_mask(path: Path) -> np.ndarray:
-    """A mask file's (H, W) uint8 values as stored (the first channel of an RGB mask)."""
+def read_raw_mask(path: Path, issues: DataIssues | None = None) -> np.ndarray:
+    """A mask file's (H, W) uint8 values as stored: the first channel of a mask saved with several,
+    which is reported when the channels differ."""
     mask = _imread(path)
-    return mask[..., 0] if mask.ndim == 3 else mask  # RGB masks: all channels carry the same labels
+    if mask.ndim == 3:
+        if not (mask == mask[..., :1]).all():
+            _report(issues, "fixed: mask with several channels",
+                    f"{path}: {mask.shape[2]} channels that differ; the first is used (save the mask as one channel)")
+        mask = mask[..., 0]
+    return mask
 
 
 def read_mask(path: Path, issues: DataIssues | None = None) -> np.ndarray:
@@ -355,7 +409,7 @@ def read_patient_masks(paths: Sequence[Path], issues: DataIssues | None) -> tupl
     binarized by ``mask_convention`` and reported with the values found. Raises DatasetError for
     an unreadable file, which the caller skips.
     """
-    raw = [read_raw_mask(p) for p in paths]
+    raw = [read_raw_mask(p, issues) for p in paths]
     values = [set(np.unique(m).tolist()) for m in raw]
     name, threshold = mask_convention(set().union(*values))
     if name in STANDARD_MASK_CONVENTIONS:

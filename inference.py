@@ -73,9 +73,9 @@ def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Pat
         by_size: dict[tuple[int, int], list[tuple[Path, np.ndarray]]] = {}
         for f in files:
             try:
-                image = read_image(f)  # grayscale comes back copied into 3 channels
-            except DatasetError:
-                print(f"skipped (not an image): {f}", file=sys.stderr)
+                image = read_image(f, sixteen_bit=True)  # grayscale comes back copied into 3 channels
+            except DatasetError as exc:
+                print(f"skipped: {exc}", file=sys.stderr)
                 skipped += 1
                 continue
             by_size.setdefault(image.shape[:2], []).append((f, image))
@@ -84,8 +84,21 @@ def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Pat
             print(f"note: {group}: slices of {len(by_size)} sizes ({sizes}); each size is normalized, cropped "
                   "and post-processed as a volume of its own", file=sys.stderr)
         for items in by_size.values():
-            volumes.append((group, [f for f, _ in items], np.stack([im for _, im in items])))
+            volumes.append((group, [f for f, _ in items], to_eight_bit(group, [im for _, im in items])))
     return volumes, skipped
+
+
+def to_eight_bit(group: str, images: list[np.ndarray]) -> np.ndarray:
+    """(N, H, W, 3) uint8 of one volume's slices. 16-bit slices are scaled by the volume's 99.9th
+    percentile, one factor for the whole volume (the model was trained on 8-bit slices, and the
+    per-volume normalization that follows removes the scale)."""
+    if all(im.dtype == np.uint8 for im in images):
+        return np.stack(images)
+    volume = np.stack([im.astype(np.float32) for im in images])
+    top = float(np.percentile(volume[volume > 0], 99.9)) if (volume > 0).any() else 1.0
+    print(f"note: {group}: 16-bit slices, scaled to 8 bits by the volume's 99.9th percentile ({top:.0f})",
+          file=sys.stderr)
+    return np.clip(volume * (255.0 / max(top, 1e-6)), 0, 255).round().astype(np.uint8)
 
 
 @torch.inference_mode()
@@ -96,11 +109,17 @@ def predict_command(args: argparse.Namespace) -> Path:
     device, amp_dtype = setup_device(args.device, args.amp)
     spacing = parse_spacing(args.spacing)
     out = Path(args.output)
+    if (out / "predictions.csv").exists() or (out / "masks").exists():
+        raise UserError(f"{out}: already holds predictions (predictions.csv, masks/); choose another --output "
+                        "or remove it: earlier results are never overwritten")
     groups, other = collect_inputs(Path(args.input))
     for f in other:
         print(f"skipped (not an image): {f}", file=sys.stderr)
     inputs, skipped = read_inputs(groups)
     skipped += len(other)
+    if not inputs:
+        raise UserError(f"{args.input}: no readable slice (tif, tiff, png, jpg or jpeg) to predict"
+                        + (f"; {skipped} file(s) skipped, as listed above" if skipped else ""))
     normalization = record.get("normalization", "volume")
     volumes = [set_normalization(make_volume(f"{group}#{i}", images, np.zeros(images.shape[:3], np.uint8),
                                              list(range(len(images)))), normalization)

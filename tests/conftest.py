@@ -28,12 +28,12 @@ def write_slice(folder: Path, patient: str, index: int, rgb: np.ndarray, mask: n
 
 @pytest.fixture
 def fake_tree(tmp_path: Path) -> Path:
-    """kaggle_3m-style tree: 5 patients with slices 1, 2 and 10 (16x16) plus stray files."""
+    """kaggle_3m-style tree: 5 patients with slices 8, 9 and 10 (16x16) plus stray files."""
     root = tmp_path / "kaggle_3m"
     rng = np.random.default_rng(0)
     for p in range(5):
         name = f"TCGA_XX_{p:04d}_20000101"
-        for index in (10, 2, 1):
+        for index in (10, 9, 8):
             rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
             mask = np.zeros((16, 16), np.uint8)
             mask[4:8, 4:8] = 255

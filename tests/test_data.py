@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import write_slice
 from data_loaders import (
     DATA_ENV_VAR,
     FLAIR_CHANNEL,
+    DataIssues,
     DatasetError,
     LGGSlices,
     find_data_dir,
@@ -30,7 +32,7 @@ def test_pairs_each_slice_with_its_mask_in_numeric_order(fake_tree):
     groups = group_by_patient(records)
     assert len(groups) == 5 and len(records) == 15  # stray files ignored
     for patient, recs in groups.items():
-        assert [r.index for r in recs] == [1, 2, 10]  # 2 before 10: numeric, not lexical
+        assert [r.index for r in recs] == [8, 9, 10]  # 9 before 10: numeric, not lexical
         for r in recs:
             assert r.image_path.name == f"{patient}_{r.index}.tif"
             assert r.mask_path.name == f"{patient}_{r.index}_mask.tif"
@@ -38,7 +40,7 @@ def test_pairs_each_slice_with_its_mask_in_numeric_order(fake_tree):
 
 
 def test_image_without_mask_is_named(fake_tree):
-    victim = next(fake_tree.glob("*/*_2_mask.tif"))
+    victim = next(fake_tree.glob("*/*_9_mask.tif"))
     victim.unlink()
     with pytest.raises(DatasetError, match=victim.name.replace("_mask", "")):
         scan_dataset(fake_tree)
@@ -117,7 +119,7 @@ def test_dataset_items(fake_tree):
     ds = LGGSlices(volumes, eval_preprocess(32), full_mask=True)
     assert len(ds) == 6
     item = ds[4]
-    assert item["patient"] == 1 and item["slice"] == 2
+    assert item["patient"] == 1 and item["slice"] == 9
     assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
     assert item["full_mask"].shape == (1, 16, 16) and item["full_mask"].sum() == 16
 
@@ -235,13 +237,13 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(fake_tree, tmp_path, mo
     assert len(decoded) == 6
     for v in (first, second):
         assert np.array_equal(v.images, plain.images) and np.array_equal(v.masks, plain.masks)
-        assert v.slice_numbers == plain.slice_numbers == [1, 2, 10]
+        assert v.slice_numbers == plain.slice_numbers == [8, 9, 10]
         assert np.array_equal(v.stats.mean, plain.stats.mean) and np.array_equal(v.stats.std, plain.stats.std)
 
-    # Rewrite slice 2 with new pixels: that patient is decoded again and the old entry goes.
+    # Rewrite slice 9 with new pixels: that patient is decoded again and the old entry goes.
     new_rgb = np.full((16, 16, 3), 99, np.uint8)
     new_mask = np.zeros((16, 16), np.uint8)
-    write_slice(fake_tree / recs[1].patient, recs[1].patient, 2, new_rgb, new_mask)
+    write_slice(fake_tree / recs[1].patient, recs[1].patient, 9, new_rgb, new_mask)
     recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0001_20000101"]
     third = load_volume(recs, cache)
     assert len(decoded) == 9
@@ -253,3 +255,56 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(fake_tree, tmp_path, mo
     entry.write_bytes(b"garbage")
     fourth = load_volume(recs, cache)
     assert len(decoded) == 12 and np.array_equal(fourth.images, third.images)
+
+
+# ------------------------------------------------------------------ integrity checks on the file names
+
+
+def _pair(folder, patient, index, suffix=".tif"):
+    rgb = np.full((16, 16, 3), 50, np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 255
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f"{patient}_{index}{suffix}"), rgb)
+    cv2.imwrite(str(folder / f"{patient}_{index}_mask{suffix}"), mask)
+
+
+def test_name_checks_report_duplicates_gaps_strays_and_nesting(tmp_path):
+    root = tmp_path / "kaggle_3m"
+    p = "TCGA_AA_0001_2000"
+    for i in (1, 2, 3, 5):  # 4 is missing: a gap
+        _pair(root / p, p, i)
+    _pair(root / p, p, "01")  # '_01' beside '_1': slice 1 twice
+    _pair(root / p, p, 2, ".tiff")  # '.tiff' beside '.tif': slice 2 twice
+    _pair(root / p, "TCGA_BB_0002_2000", 6)  # a slice of another patient in this folder
+    q = "TCGA é 0003_2000"  # spaces and non-ASCII characters in names are read like any other
+    for i in (1, 2):
+        _pair(root / q, q, i)
+    issues = DataIssues()
+    records = scan_dataset(root, issues)
+    assert {(r.patient, r.index) for r in records} == {(p, 3), (p, 5), (q, 1), (q, 2)}
+    kinds = issues.summary()
+    assert "4 skipped: duplicate slice number" in kinds  # slices 1 and 2, image and mask of each
+    assert "2 skipped: slice of another patient" in kinds and "1 warning: gap in slice numbers" in kinds
+    messages = "\n".join(m for _, m in issues.items)
+    assert f"{p}_1.tif, {p}_01.tif are all slice 1" in messages.replace(f"{p}_01.tif, {p}_1.tif", f"{p}_1.tif, {p}_01.tif")
+    assert "no slice [4] between 1 and 5" in messages and "move it to its own patient's folder" in messages
+    assert load_volume(group_by_patient(records)[q]).masks.sum() == 2 * 16
+    with pytest.raises(DatasetError, match="--strict makes this an error"):
+        scan_dataset(root, DataIssues(strict=True))
+    # The archive unpacked twice: the patient folders one level too deep are found and named.
+    nested = tmp_path / "download"
+    (nested / "kaggle_3m").mkdir(parents=True)
+    root.rename(nested / "kaggle_3m" / "kaggle_3m")
+    with pytest.raises(DatasetError, match=r"nested deeper, in .*kaggle_3m/kaggle_3m"):
+        find_data_dir(nested)
+
+
+def test_a_mask_with_differing_channels_is_reported(tmp_path):
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[2:4, 2:4, 0] = 255
+    mask[5:7, 5:7, 1] = 255  # another label in the second channel
+    cv2.imwrite(str(tmp_path / "P_1_mask.tif"), mask)
+    issues = DataIssues()
+    assert read_mask(tmp_path / "P_1_mask.tif", issues).sum() == 4  # OpenCV's BGR: file channel 0 is last
+    assert issues.summary() == "1 fixed: mask with several channels"

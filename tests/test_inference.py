@@ -243,3 +243,39 @@ def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypa
             alone = cv2.imread(str(tmp_path / f"out-{name}" / "masks" / name / f"{name}_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
             mixed = cv2.imread(str(tmp_path / "out" / "masks" / "mixed" / f"{name}_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
             assert alone.shape == sizes[name] and np.array_equal(alone, mixed)
+
+
+def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
+    """One file; RGBA, grayscale and 16-bit slices; an empty folder; an output that holds results."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / "rgba.png"), np.dstack([rgb, np.full((40, 40), 255, np.uint8)]))
+    cv2.imwrite(str(folder / "gray.png"), rgb[..., 1])
+    cv2.imwrite(str(folder / "deep.tif"), rgb.astype(np.uint16) * 257)  # 16-bit: the same image, scaled
+    cv2.imwrite(str(folder / "plain.tif"), rgb)
+    run = ["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--amp", "off"]
+    assert main([*run, "--input", str(folder), "--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "16-bit slices, scaled to 8 bits" in err and "Traceback" not in err
+    masks = {m.name for m in (tmp_path / "out" / "masks" / "in").glob("*.png")}
+    assert masks == {"rgba_pred.png", "gray_pred.png", "deep_pred.png", "plain_pred.png"}
+    # A single file works on its own.
+    assert main([*run, "--input", str(folder / "plain.tif"), "--output", str(tmp_path / "one")]) == 0
+    assert len(list((tmp_path / "one" / "masks").rglob("*.png"))) == 1
+    # An output folder that already holds results is refused, and they are left as they were.
+    before = (tmp_path / "one" / "predictions.csv").read_bytes()
+    assert main([*run, "--input", str(folder), "--output", str(tmp_path / "one")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds predictions" in err
+    assert (tmp_path / "one" / "predictions.csv").read_bytes() == before
+    # An empty folder, or one with nothing readable: one line, nothing written.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for name in ("empty", "junk"):
+        assert main([*run, "--input", str(tmp_path / name), "--output", str(tmp_path / f"o-{name}")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("error:") and "no readable slice" in lines[-1]
+        assert not (tmp_path / f"o-{name}").exists()
