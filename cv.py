@@ -114,6 +114,19 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     return summary
 
 
+def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple[str, ...]) -> None:
+    """The ``compare`` command's flags; ``postprocessing`` names the rules a run is scored with."""
+    parser.add_argument("run_a", help="the baseline")
+    parser.add_argument("run_b", help="the change")
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the patients")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--out", default="", help="also write the paired per-patient table to this CSV")
+    parser.add_argument("--postprocess-a", choices=postprocessing, default=None,
+                        help="with --postprocess-b: compare A with this post-processing against B with that one "
+                             "(A and B may be the same run); default: each post-processing against itself")
+    parser.add_argument("--postprocess-b", choices=postprocessing, default=None)
+
+
 def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
     if args.resamples < 1 or args.seed < 0:

@@ -15,6 +15,7 @@ per-volume normalization needs the whole volume, and re-reading TIFFs every epoc
 
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import json
@@ -49,7 +50,7 @@ from data_preprocessing import (
     mask_convention,
     volume_stats,
 )
-from libraries import UserError, atomic_write, save_json
+from libraries import UserError, add_bool_flag, atomic_write, save_json
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
 DEFAULT_LOCATIONS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m")
@@ -1197,3 +1198,15 @@ def report_dataset(data_dir: str, out: str, strict: bool) -> dict:
         raise DatasetError(f"{root}: no patient has any tumor in its masks; see the mask values above")
     return report
 
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``data`` command's flags."""
+    parser.add_argument("--data-dir", default="", help="kaggle_3m folder (default: found as for training)")
+    parser.add_argument("--out", default="", help="JSON file (default: runs/data-report-<date-time>.json)")
+    add_bool_flag(parser, "strict", False, "stop at the first data problem")
+
+
+def add_download_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``download`` command's flags."""
+    parser.add_argument("--to", default="lgg-mri-segmentation",
+                        help="folder that receives kaggle_3m/ (default: ./lgg-mri-segmentation, found automatically)")

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ import inference
 from data_loaders import (
     DATA_ENV_VAR,
     DataIssues,
+    add_data_arguments,
+    add_download_arguments,
     LGGSlices,
     PatientVolume,
     ShardedSampler,
@@ -55,6 +57,7 @@ from data_loaders import (
 )
 from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
 from libraries import (
+    add_bool_flag,
     Distributed,
     UserError,
     environment_report,
@@ -67,14 +70,16 @@ from libraries import (
 )
 from loss_fun import DICE_MODES
 from metrics import parse_spacing
-from model import count_parameters, load_checkpoint, pretrained_weights
+from model import count_parameters, load_checkpoint
 from reports import epoch_line, validation_row, write_reports
 from training import (
     TrainingParts,
     build_training,
     forward_loss,
     make_scheduler,
+    load_pretrained,
     optimizer_step,
+    pretrained_overlap,
     restore,
     save_epoch,
     sync_across_ranks,
@@ -182,24 +187,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # =============================================================================================
 
 
-def parse_bool(text: str) -> bool:
-    """'on'/'off' (and true/false, yes/no, 1/0) for boolean flags such as ``--channels-last off``."""
-    value = text.strip().lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
-
-
-def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool | None, help_text: str) -> None:
-    """``--name``, ``--name on|off`` and ``--no-name``: the one way every boolean flag is made."""
-    flag = "--" + name.replace("_", "-")
-    parser.add_argument(flag, dest=name, nargs="?", const=True, type=parse_bool, default=default,
-                        metavar="on|off", help=help_text)
-    parser.add_argument("--no-" + flag[2:], dest=name, action="store_false", help=argparse.SUPPRESS)
-
-
 def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = None,
                      only: tuple[str, ...] | None = None) -> None:
     """Add one flag per Config field (or per field in ``only``), with its default, type, help and choices."""
@@ -218,20 +205,6 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = 
             )
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of where and how a scoring command runs (evaluate, predict)."""
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
-    add_bool_flag(parser, "tta", None, "mirror test-time augmentation (default: as trained)")
-    parser.add_argument("--postprocess", choices=evaluation.POSTPROCESSING, default=None,
-                        help="default: as trained")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="the size the weights expect (default: as trained; 256 for Buda et al.'s weights; "
-                             "needed for a plain state_dict)")
-    parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
-                        help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
-
-
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: '--epoch 3' would otherwise be taken for --epochs, and a preset could not
     # tell that the user gave it. Every parser refuses abbreviations.
@@ -243,86 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     command = functools.partial(sub.add_parser, allow_abbrev=False)
     add_config_flags(command("train", help="train and validate (the default command)"))
-    add_scoring_commands(command)
-    add_data_commands(command)
+    evaluation.add_arguments(command("evaluate", help="score a checkpoint on its validation patients, or on others"))
+    inference.add_predict_arguments(command("predict", help="segment new slices: masks, overlays, areas"))
+    inference.add_export_arguments(command(
+        "export", help="export a checkpoint to TorchScript or ONNX (checking parity), or weights for release"))
+    add_download_arguments(command("download", help="fetch the dataset from Kaggle with kagglehub (optional)"))
+    add_data_arguments(command("data", help="report on a copy of the dataset: counts, checks, problems"))
     add_study_commands(command)
     return parser
 
 
-def add_scoring_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """evaluate, predict and export: commands that run a trained model."""
-    ev = command("evaluate", help="score a checkpoint on its validation patients, or on others")
-    ev.add_argument("--checkpoint", required=True, nargs="+",
-                    help="a best.pt or last.pt written by training, or published weights: buda, a URL, a "
-                         "state_dict; several (or a cv folder, for its folds' last.pt) are an ensemble whose "
-                         "probabilities are averaged")
-    ev.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
-    ev.add_argument("--patients", default="validation",
-                    help="which patients of --data-dir to score: validation (the run's own; default), unseen "
-                         "(every patient it did not train on: for a --split none model or another dataset), "
-                         "all, or a comma list or file of names")
-    ev.add_argument("--out-dir", default=None, help="where metrics.json goes (default: beside the checkpoint)")
-    ev.add_argument("--batch-size", type=int, default=None, help="default: the training batch size")
-    ev.add_argument("--num-workers", type=int, default=-1)
-    ev.add_argument("--cache-dir", default="", help="as for training; 'off' disables the cache")
-    add_bool_flag(ev, "progress", True, "show tqdm progress bars")
-    ev.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
-    add_bool_flag(ev, "strict", False, "make every data problem an error instead of skipping or fixing it")
-    add_run_flags(ev)
-    pr = command("predict", help="segment new slices with a checkpoint: masks, overlays, areas")
-    pr.add_argument("--checkpoint", required=True, nargs="+",
-                    help="a best.pt or last.pt written by training, or published weights: buda (Buda et al.'s, "
-                         "downloaded once), a URL, a state_dict; several (or a cv folder) are averaged")
-    pr.add_argument("--input", required=True, help="a slice (tif/png/jpg), a folder of slices, a patient folder or a dataset root")
-    pr.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
-    pr.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm: adds mm^2 and mm^3 columns")
-    pr.add_argument("--batch-size", type=int, default=16)
-    add_run_flags(pr)
-    ex = command("export", help="export a checkpoint to TorchScript or ONNX (checking parity), or weights for release")
-    ex.add_argument("--checkpoint", required=True, help="a checkpoint, or published weights as for evaluate")
-    ex.add_argument("--format", required=True, choices=("torchscript", "onnx", "state_dict"),
-                    help="state_dict: a small weights file with its record, named unet-<sha256 prefix>.pt")
-    ex.add_argument("--output", required=True, help="the file to write (a folder for --format state_dict)")
-    ex.add_argument("--image-size", type=int, default=None, help="for a plain state_dict: the size it expects")
-    ex.add_argument("--normalization", choices=("volume", "buda"), default=None,
-                    help="for a plain state_dict: the normalization it expects")
-
-
-def add_data_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """download and data: getting the dataset and checking a copy of it."""
-    dl = command("download", help="fetch the dataset from Kaggle with kagglehub (optional dependency)")
-    dl.add_argument("--to", default="lgg-mri-segmentation",
-                    help="folder that receives kaggle_3m/ (default: ./lgg-mri-segmentation, found automatically)")
-    data = command("data", help="report on a copy of the dataset: counts, checks, problems")
-    data.add_argument("--data-dir", default="", help="kaggle_3m folder (default: found as for training)")
-    data.add_argument("--out", default="", help="JSON file (default: runs/data-report-<date-time>.json)")
-    add_bool_flag(data, "strict", False, "stop at the first data problem")
-
-
 def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """cv, compare and benchmark: commands that measure recipes and speed."""
+    """cv, compare and benchmark: commands that measure recipes and speed (cv's flags are Config's)."""
     cvp = command("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
                   description="Runs training once per fold (--folds K, default 5) into "
                   "<out-dir>/fold-<i>, then writes cv_summary.csv (per fold, mean and std over folds, and "
                   "mean and median over all patients pooled) and cv_patients.csv (each patient's Dice). "
                   "--resume DIR continues an interrupted cv run from where it stopped.")
     add_config_flags(cvp, Config(folds=5))
-    cmp = command(
+    cv.add_compare_arguments(command(
         "compare", help="paired per-patient comparison of two runs' held-out Dice, with a bootstrap interval",
         description="Pairs the held-out Dice per patient of run A and run B (cv folders, run or evaluation "
         "folders, or their cv_patients.csv / metrics.json) by patient name and prints, for each "
         "post-processing, the mean and median of each and the mean of B - A with a 95%% bootstrap interval "
-        "over patients. Patients scored by only one run are left out and counted.",
-    )
-    cmp.add_argument("run_a", help="the baseline")
-    cmp.add_argument("run_b", help="the change")
-    cmp.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the patients")
-    cmp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    cmp.add_argument("--out", default="", help="also write the paired per-patient table to this CSV")
-    cmp.add_argument("--postprocess-a", choices=evaluation.POSTPROCESSING, default=None,
-                     help="with --postprocess-b: compare A with this post-processing against B with that one "
-                          "(A and B may be the same run); default: each post-processing against itself")
-    cmp.add_argument("--postprocess-b", choices=evaluation.POSTPROCESSING, default=None)
+        "over patients. Patients scored by only one run are left out and counted."), evaluation.POSTPROCESSING)
     bench = command(
         "benchmark", help="time the reference fp32 path against the fast default path",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "
@@ -521,29 +438,6 @@ def train_one_epoch(
         seen += len(image)
         bar.set_postfix(loss=f"{total / seen:.4f}")
     return total, seen
-
-
-def load_pretrained(cfg: Config, say: Callable[..., None]) -> tuple[Config, dict | None, str]:
-    """The --pretrained weights, the Config with the normalization they expect, and their kind
-    ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package')."""
-    if not cfg.pretrained:
-        return cfg, None, ""
-    weights, kind, expected = pretrained_weights(cfg.pretrained)
-    if expected and expected != cfg.normalization:
-        say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
-        cfg = replace(cfg, normalization=expected)
-    return cfg, weights, kind
-
-
-def pretrained_overlap(kind: str, val_names: list[str], say: Callable[..., None]) -> list[str]:
-    """The validation patients that published weights were trained on, warned about once."""
-    overlap = evaluation.trained_patients({"trained_on": kind, "patients": {"train": []}}, val_names) \
-        if kind == "buda" else []
-    if overlap:
-        say(f"warning: Buda et al.'s weights were trained on {len(overlap)} of the {len(val_names)} validation "
-            f"patients ({', '.join(overlap)}), so their scores are not held out; --split buda validates on "
-            "the 10 they held out")
-    return overlap
 
 
 def training_device(cfg: Config, ddp: Distributed) -> tuple[torch.device, torch.dtype | None]:

@@ -42,7 +42,7 @@ from data_loaders import (
     scan_dataset,
 )
 from data_preprocessing import batch_to_device, brain_interior, eval_preprocess
-from libraries import UserError, autocast, environment_report, memory_format, save_json, setup_device
+from libraries import UserError, add_bool_flag, autocast, environment_report, memory_format, save_json, setup_device
 from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
@@ -397,6 +397,40 @@ def scoring_loader(
     workers = default_num_workers() if num_workers < 0 else num_workers
     return make_loader(dataset, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
                        pin_memory=device.type == "cuda")
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of where and how a model is run on scans (evaluate, predict)."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    add_bool_flag(parser, "tta", None, "mirror test-time augmentation (default: as trained)")
+    parser.add_argument("--postprocess", choices=POSTPROCESSING, default=None, help="default: as trained")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the size the weights expect (default: as trained; 256 for Buda et al.'s weights; "
+                             "needed for a plain state_dict)")
+    parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
+                        help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``evaluate`` command's flags."""
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="a best.pt or last.pt written by training, or published weights: buda, a URL, a "
+                             "state_dict; several (or a cv folder, for its folds' last.pt) are an ensemble "
+                             "whose probabilities are averaged")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
+    parser.add_argument("--patients", default="validation",
+                        help="which patients of --data-dir to score: validation (the run's own; default), unseen "
+                             "(every patient it did not train on: for a --split none model or another dataset), "
+                             "all, or a comma list or file of names")
+    parser.add_argument("--out-dir", default=None, help="where metrics.json goes (default: beside the checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the training batch size")
+    parser.add_argument("--num-workers", type=int, default=-1)
+    parser.add_argument("--cache-dir", default="", help="as for training; 'off' disables the cache")
+    add_bool_flag(parser, "progress", True, "show tqdm progress bars")
+    parser.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
+    add_bool_flag(parser, "strict", False, "make every data problem an error instead of skipping or fixing it")
+    add_scoring_flags(parser)
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:

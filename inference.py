@@ -22,11 +22,35 @@ import pandas as pd
 import torch
 
 from data_loaders import DatasetError, make_volume, read_image, set_normalization
-from evaluation import load_checkpoints, postprocess_volume, predict_volumes, scoring_loader
+from evaluation import add_scoring_flags, load_checkpoints, postprocess_volume, predict_volumes, scoring_loader
 from libraries import UserError, memory_format, setup_device
 from metrics import parse_spacing
 from model import fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
 from reports import overlay_slice
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``predict`` command's flags."""
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="a best.pt or last.pt written by training, or published weights: buda (Buda et al.'s, "
+                             "downloaded once), a URL, a state_dict; several (or a cv folder) are averaged")
+    parser.add_argument("--input", required=True,
+                        help="a slice (tif/png/jpg), a folder of slices, a patient folder or a dataset root")
+    parser.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
+    parser.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm: adds mm^2 and mm^3 columns")
+    parser.add_argument("--batch-size", type=int, default=16)
+    add_scoring_flags(parser)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``export`` command's flags."""
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint, or published weights as for evaluate")
+    parser.add_argument("--format", required=True, choices=("torchscript", "onnx", "state_dict"),
+                        help="state_dict: a small weights file with its record, named unet-<sha256 prefix>.pt")
+    parser.add_argument("--output", required=True, help="the file to write (a folder for --format state_dict)")
+    parser.add_argument("--image-size", type=int, default=None, help="for a plain state_dict: the size it expects")
+    parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
+                        help="for a plain state_dict: the normalization it expects")
 
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")

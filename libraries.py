@@ -6,6 +6,7 @@ Every module imports what it uses from here by name; nothing here runs at import
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -226,3 +227,24 @@ def new_run_dir(out_dir: str) -> Path:
         raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Command-line helpers shared by the commands' parsers.
+
+
+def parse_bool(text: str) -> bool:
+    """'on'/'off' (and true/false, yes/no, 1/0) for boolean flags such as ``--channels-last off``."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool | None, help_text: str) -> None:
+    """``--name``, ``--name on|off`` and ``--no-name``: the one way every boolean flag is made."""
+    flag = "--" + name.replace("_", "-")
+    parser.add_argument(flag, dest=name, nargs="?", const=True, type=parse_bool, default=default,
+                        metavar="on|off", help=help_text)
+    parser.add_argument("--no-" + flag[2:], dest=name, action="store_false", help=argparse.SUPPRESS)

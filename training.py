@@ -1,5 +1,5 @@
 """One training step and what it needs: the model with its loss, optimizer and scaler, the
-learning-rate schedule, and the checkpoint that lets a run resume exactly.
+learning-rate schedule, the checkpoint that lets a run resume exactly, and --pretrained weights.
 
 ``engine.train`` runs these steps epoch after epoch; ``benchmark`` times the very same ones,
 so a speed measured there is the speed of training.
@@ -8,8 +8,10 @@ so a speed measured there is the speed of training.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
-from model import describe_weights, make_network
+from evaluation import trained_patients
+from model import describe_weights, make_network, pretrained_weights
 from reports import write_history
 
 
@@ -177,3 +180,25 @@ def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_sc
         save_torch(run_dir / "best.pt", checkpoint)
     write_history(run_dir, state["history"])
 
+
+def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | None, str]:
+    """The --pretrained weights, ``cfg`` (a Config) with the normalization they expect, and their kind
+    ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package')."""
+    if not cfg.pretrained:
+        return cfg, None, ""
+    weights, kind, expected = pretrained_weights(cfg.pretrained)
+    if expected and expected != cfg.normalization:
+        say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
+        cfg = replace(cfg, normalization=expected)
+    return cfg, weights, kind
+
+
+def pretrained_overlap(kind: str, val_names: list[str], say: Callable[..., None]) -> list[str]:
+    """The validation patients that published weights were trained on, warned about once."""
+    overlap = trained_patients({"trained_on": kind, "patients": {"train": []}}, val_names) \
+        if kind == "buda" else []
+    if overlap:
+        say(f"warning: Buda et al.'s weights were trained on {len(overlap)} of the {len(val_names)} validation "
+            f"patients ({', '.join(overlap)}), so their scores are not held out; --split buda validates on "
+            "the 10 they held out")
+    return overlap
