@@ -402,15 +402,18 @@ def _values_text(values: Sequence[int]) -> str:
     return f"{values[:6]}{'...' if len(values) > 6 else ''}"
 
 
-def read_patient_masks(paths: Sequence[Path], issues: DataIssues | None) -> tuple[list[np.ndarray], str]:
+def read_patient_masks(
+    paths: Sequence[Path], issues: DataIssues | None, raw: Sequence[np.ndarray] | None = None
+) -> tuple[list[np.ndarray], str]:
     """One patient's masks as (H, W) uint8 {0, 1}, and the convention they were read by.
 
     The convention is decided over all of the patient's files together: 0/255 or 0/1 as is; a
     patient whose files mix the two reads each file by its own (reported); any other values are
-    binarized by ``mask_convention`` and reported with the values found. Raises DatasetError for
-    an unreadable file, which the caller skips.
+    binarized by ``mask_convention`` and reported with the values found. ``raw`` are the files'
+    values when the caller has read them already (``read_raw_mask``). Raises DatasetError for an
+    unreadable file, which the caller skips.
     """
-    raw = [read_raw_mask(p, issues) for p in paths]
+    raw = [read_raw_mask(p, issues) for p in paths] if raw is None else raw
     values = [set(np.unique(m).tolist()) for m in raw]
     name, threshold = mask_convention(set().union(*values))
     if name in STANDARD_MASK_CONVENTIONS:
@@ -550,12 +553,13 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
     readable = []
     for r in records:
         try:
-            readable.append((r, read_image(r.image_path, issues), read_raw_mask(r.mask_path)))
+            readable.append((r, read_image(r.image_path, issues), read_raw_mask(r.mask_path, issues)))
         except DatasetError as exc:
             issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
     if not readable:
         return None
-    masks, convention = read_patient_masks([r.mask_path for r, _, _ in readable], issues)
+    masks, convention = read_patient_masks([r.mask_path for r, _, _ in readable], issues,
+                                           raw=[m for _, _, m in readable])
     read = [(r, img, msk) for (r, img, _), msk in zip(readable, masks)]
     shapes = [img.shape[:2] for _, img, _ in read]
     shape = max(set(shapes), key=shapes.count)  # the patient's usual slice size
@@ -1060,16 +1064,17 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
     flair = 2 - FLAIR_CHANNEL  # _imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
     conventions: dict[str, list[str]] = {}
     for name, recs in groups.items():
-        mask_paths = []
+        mask_paths, raw_masks = [], []
         repeats_flair = {modality: True for modality in OTHER_MODALITIES}
         for r in recs:
             try:
                 raw = _imread(r.image_path)
-                mask_raw = read_raw_mask(r.mask_path)
+                mask_raw = read_raw_mask(r.mask_path, issues)
             except DatasetError as exc:
                 issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
                 continue
             mask_paths.append(r.mask_path)
+            raw_masks.append(mask_raw)
             key = "x".join(map(str, raw.shape))
             sizes[key] = sizes.get(key, 0) + 1
             if raw.ndim == 3 and raw.shape[2] >= 3:
@@ -1078,7 +1083,7 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
             mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
         readable = len(mask_paths)
         # Tumor is counted by the convention the patient's masks are read with in training.
-        masks, convention = read_patient_masks(mask_paths, issues) if mask_paths else ([], "none readable")
+        masks, convention = read_patient_masks(mask_paths, issues, raw=raw_masks) if mask_paths else ([], "none readable")
         conventions.setdefault(convention, []).append(name)
         patient_areas = [int(m.sum()) for m in masks if m.any()]
         areas += patient_areas
