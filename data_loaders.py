@@ -458,16 +458,21 @@ def set_normalization(volume: PatientVolume, method: str) -> PatientVolume:
     """Choose how a volume is normalized (see data_preprocessing and the README).
 
     'volume' (the default): per-channel 1-99th percentile clipping and z-scoring over the head.
-    'buda': Buda et al.'s pipeline: crop to the brain's box, pad to square, resize, then a
-    per-volume p10-p99 rescale and per-channel z-score. Their published weights expect it.
+    'buda': Buda et al.'s pipeline, in their order: zero every voxel below 10% of the volume's
+    maximum, crop to the box of what is left, zero-pad to a square, then a p10-p99 rescale and a
+    per-channel z-score whose statistics include the padding's zeros (they take them after
+    resizing too; here the resize's interpolation is left out of them). Their weights expect it.
     """
     if method == "volume":
         return volume
     if method != "buda":
         raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {method!r}")
+    images = volume.images
+    volume.images = np.where(images < 0.1 * float(images.max()), 0, images).astype(np.uint8)
     volume.box = brain_box(volume.images)
-    y0, y1, x0, x1 = volume.box
-    volume.stats = buda_stats(volume.images[:, y0:y1, x0:x1])
+    empty = np.zeros(volume.images.shape[1:3], np.uint8)
+    padded = np.stack([crop_pad_square(image, empty, volume.box)[0] for image in volume.images])
+    volume.stats = buda_stats(padded)
     return volume
 
 

@@ -143,6 +143,27 @@ def test_set_normalization_buda_sets_box_and_stats(fake_tree):
     assert vol.box is not None and vol.stats.low[0] == vol.stats.low[1]  # one p10 for all channels
 
 
+def test_buda_preprocessing_by_hand():
+    """Their order: zero below 10% of the maximum, crop, pad to a square, statistics with the padding.
+
+    The slice (all channels alike):  200 100 100 0      box of what is above 20: rows 0-1, cols 0-2,
+                                     200  15   0 0      padded with one zero row to 3 x 3.
+    The 15 is below 20 and becomes 0. The 27 padded values (9 per channel) are 6 x 200, 6 x 100 and
+    15 x 0, so p10 = 0 and p99 = 200; rescaled, a channel is 1, .5, .5, 1 and five 0s: mean 1/3,
+    std sqrt(2.5/9 - 1/9) = sqrt(1/6). As statistics of the raw values: mean 200/3, std 200 sqrt(1/6).
+    Without the zeroing the mean would be higher, without the padding's zeros 100.
+    """
+    image = np.zeros((1, 4, 4, 3), np.uint8)
+    image[0, 0, :3] = [[200] * 3, [100] * 3, [100] * 3]
+    image[0, 1, :2] = [[200] * 3, [15] * 3]
+    vol = set_normalization(PatientVolume("P", image, np.zeros((1, 4, 4), np.uint8), [1], volume_stats(image)), "buda")
+    assert vol.images[0, 1, 1].tolist() == [0, 0, 0]  # zeroed before anything else
+    assert vol.box == (0, 2, 0, 3)
+    assert vol.stats.low.tolist() == [0, 0, 0] and vol.stats.high.tolist() == [200, 200, 200]
+    assert np.allclose(vol.stats.mean, 200 / 3, atol=1e-3)
+    assert np.allclose(vol.stats.std, 200 * np.sqrt(1 / 6), atol=1e-3)
+
+
 # ------------------------------------------------------------------------------- post-processing
 
 
