@@ -541,8 +541,30 @@ def train(cfg: Config) -> dict:
         tta=cfg.tta, spacing=spacing, patients=data.val_names,
         gather=evaluation.gather_across_ranks if ddp.enabled else None,
     ) if val_loader is not None else None
+    start = time.perf_counter()
+    volumes = fit(cfg, parts, scheduler, train_loader, validate, state, ddp=ddp, device=device,
+                  amp_dtype=amp_dtype, progress=progress, val_slices=val_slices, run_dir=data.run_dir,
+                  config_record=config_record, say=say)
+    elapsed = time.perf_counter() - start
+    if validate is None:
+        return finish_unvalidated(data, state, elapsed, ddp.main)
+    if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
+        _, state["metrics"], volumes = validate()
+    return finish(data, state, volumes, config_record, env, elapsed, ddp.main)
+
+
+def fit(
+    cfg: Config, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_loader: torch.utils.data.DataLoader, validate: Callable[[], tuple] | None, state: dict, *,
+    ddp: Distributed, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, val_slices: int,
+    run_dir: Path, config_record: dict, say: Callable[..., None],
+) -> dict:
+    """The epochs from ``state["epoch"] + 1`` on: train, validate, track the best, checkpoint, log.
+
+    Updates ``state`` (history, best epoch, metrics) and returns the last epoch's predicted volumes.
+    """
     augment = IntensityAugment() if cfg.intensity_augment else None
-    start, volumes = time.perf_counter(), {}
+    volumes: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         row, metrics, volumes = run_epoch(epoch, cfg, parts, scheduler, train_loader, validate, ddp=ddp,
                                           device=device, amp_dtype=amp_dtype, augment=augment,
@@ -554,17 +576,12 @@ def train(cfg: Config) -> dict:
         state["history"].append(row)
         state["epoch"] = epoch
         if ddp.main:
-            save_epoch(data.run_dir, parts, scheduler, state, config_record)
+            save_epoch(run_dir, parts, scheduler, state, config_record)
         say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validate is not None))
         if validate is not None and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
             say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
             break
-    elapsed = time.perf_counter() - start
-    if validate is None:
-        return finish_unvalidated(data, state, elapsed, ddp.main)
-    if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
-        _, state["metrics"], volumes = validate()
-    return finish(data, state, volumes, config_record, env, elapsed, ddp.main)
+    return volumes
 
 
 def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, train_set: LGGSlices, *,
