@@ -144,23 +144,23 @@ def heaviest_component_3d(pred: np.ndarray, prob: np.ndarray) -> np.ndarray:
     return _keep_best_component(pred, lambda labels, n: np.bincount(labels.ravel(), weights, minlength=n + 1))
 
 
-def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, min_inside: float = 0.5) -> np.ndarray:
-    """Keep the heaviest 3D component (probability mass) among those with at least ``min_inside`` of
-    their voxels in ``inside`` (the brain, away from the scalp); if none is, the heaviest of all.
+def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Keep the 3D component whose probability mass inside the brain (``inside``: away from the
+    scalp) is largest; if no component reaches inside, the heaviest of all.
 
     The tumor is in the brain; false positives on the scalp rim of the top-of-head slices, or in
-    the neck, lie outside it. Falling back to the heaviest component means the rule never leaves
-    an empty prediction where there was one to choose from.
+    the neck, lie outside it and weigh nothing here, however large. Counting only the mass inside
+    (rather than rejecting components mostly outside) keeps a tumor that touches such a false
+    positive: their merged component still weighs what the tumor does. The fallback means the
+    rule never empties a prediction that had something to choose from.
     """
     weights = prob.astype(np.float64).ravel()
+    inside_weights = weights * inside.ravel()
 
     def score(labels: np.ndarray, n: int) -> np.ndarray:
         flat = labels.ravel()
-        mass = np.bincount(flat, weights, minlength=n + 1)
-        share = np.bincount(flat, inside.ravel(), minlength=n + 1) / np.maximum(np.bincount(flat, minlength=n + 1), 1)
-        inside_ok = share >= min_inside
-        # Components inside the brain rank above every other; by mass within each group.
-        return np.where(inside_ok, mass + mass.max() + 1, mass) if inside_ok[1:].any() else mass
+        inner = np.bincount(flat, inside_weights, minlength=n + 1)
+        return inner if inner[1:].max() > 0 else np.bincount(flat, weights, minlength=n + 1)
 
     return _keep_best_component(pred, score)
 

@@ -59,6 +59,18 @@ def test_brain_rule_keeps_the_small_tumor_that_lcc_throws_away_for_the_rim():
     assert np.array_equal(brain_component_3d(rim_only, prob, inside), largest_component_3d(rim_only))
 
 
+def test_brain_rule_keeps_a_tumor_that_touches_the_rim_false_positive():
+    """Tumor and rim merged into one component, mostly outside the brain, beside a small false
+    positive inside: the merged component weighs the tumor's 48 x 0.9 inside, the other 8 x 0.9."""
+    pred, truth, arc = tumor_and_rim()
+    pred[2:5, 4:31, 32] = True  # a bridge from the tumor (rows 30-33) up to the rim arc: one component now
+    pred[1, 40:42, 40:44] = True  # a small false positive inside the brain (8 voxels)
+    inside = brain_interior(head_volume())
+    prob = np.where(pred, 0.9, 0.0).astype(np.float16)
+    kept = brain_component_3d(pred, prob, inside)
+    assert (kept & truth).sum() == 48 and not kept[1, 40:42, 40:44].any()
+
+
 def test_mass_rule_prefers_a_confident_small_component():
     pred, truth, _ = tumor_and_rim()
     prob = np.where(truth, 1.0, np.where(pred, 0.15, 0.0)).astype(np.float16)  # 48 x 1.0 > 300 x 0.15
