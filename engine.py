@@ -163,22 +163,25 @@ class Config:
     resume: str = _opt("", "continue a run from its folder (last.pt) or a checkpoint, with its own settings")
     seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
     progress: bool = _opt(True, "show tqdm progress bars")
-    preset: str = _opt("none", "a tested recipe: cpu (128 px, ~26 min on 2 cores for the 36-patient "
+    preset: str = _opt("none", "a tested recipe: cpu (128 px, 13-25 min on 2 cores for the 36-patient "
                        "subset) or full (256 px, for a GPU); flags you give still win", ("none", "cpu", "full"))
 
 
 # Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
-    # 2 CPU cores (bf16): 128 px, 20 epochs of 1,130-1,303 slices is 21-26 minutes (all 36: 25.7).
-    # Under 6-fold patient CV of the 36-patient subset (see the README's Results): the largest 3D
-    # component gave +0.016 mean Dice per volume; modality dropout 0.2 then +0.031 more with it
-    # (0.760 -> 0.791), most of it on the patients that lack a modality.
+    # 2 CPU cores (bf16): 128 px, 20 epochs of 1,303 slices: 13 minutes on the maintainers' idle
+    # 2-core EPYC, about 25 on ours. Under 6-fold patient CV of the 36-patient subset (docs/results.md):
+    # the largest 3D component gave +0.016 mean Dice per volume; modality dropout 0.2 then +0.031
+    # more (0.760 -> 0.791), most of it on the patients that lack a modality. The 'brain' rule keeps
+    # the largest component by probability mass inside the brain: the same as LCC on the subset's CV,
+    # and it does not lose the tumor to a larger false positive on the scalp, as LCC did on 3 of 74
+    # held-back patients.
     "cpu": dict(image_size=128, epochs=20, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
-                warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2, postprocess="lcc"),
+                warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2, postprocess="brain"),
     # A GPU: full resolution, longer.
     "full": dict(image_size=256, epochs=60, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
-                 warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2, patience=20, postprocess="lcc"),
+                 warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2, patience=20, postprocess="brain"),
 }
 
 
