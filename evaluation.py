@@ -399,6 +399,17 @@ def scoring_loader(
                        pin_memory=device.type == "cuda")
 
 
+def warn_trained_on(loaded: Sequence[tuple[Path, dict]], names: Sequence[str]) -> list[str]:
+    """The scored patients that the model (or any model of the ensemble) was trained on, warned about once."""
+    trained = sorted({p for _, c in loaded for p in trained_patients(c["config"], names)})
+    if trained:
+        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train "
+              f"{'this model' if len(loaded) == 1 else 'a model of the ensemble'} "
+              f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
+              file=sys.stderr)
+    return trained
+
+
 def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of where and how a model is run on scans (evaluate, predict)."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -453,12 +464,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         Path(args.checkpoint[0]) / "evaluate-ensemble"
     out_dir = Path(args.out_dir) if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained = sorted({p for _, c in loaded for p in trained_patients(c["config"], names)})
-    if trained:
-        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train "
-              f"{'this model' if len(loaded) == 1 else 'a model of the ensemble'} "
-              f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
-              file=sys.stderr)
+    trained = warn_trained_on(loaded, names)
     volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
                            normalization=record.get("normalization", "volume"), issues=issues, groups=groups)
     report_issues(issues, out_dir)
