@@ -27,7 +27,7 @@ import shutil
 import sys
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from data_preprocessing import (
     VolumeStats,
     binarize_mask,
     brain_box,
+    brain_interior,
     buda_stats,
     crop_pad_square,
     mask_convention,
@@ -449,6 +450,14 @@ class PatientVolume:
     # (y0, y1, x0, x1) crop applied before resizing ('buda' normalization); None: whole slice.
     box: tuple[int, int, int, int] | None = None
     mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
+    _interior: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def interior(self) -> np.ndarray:
+        """(N, H, W) bool: the brain away from the scalp (``brain_interior``), computed once: every
+        epoch's validation post-processes the same volumes."""
+        if self._interior is None:
+            self._interior = brain_interior(self.images)
+        return self._interior
 
 
 NORMALIZATIONS = ("volume", "buda")
@@ -469,6 +478,7 @@ def set_normalization(volume: PatientVolume, method: str) -> PatientVolume:
         raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {method!r}")
     images = volume.images
     volume.images = np.where(images < 0.1 * float(images.max()), 0, images).astype(np.uint8)
+    volume._interior = None  # of the images before zeroing
     volume.box = brain_box(volume.images)
     empty = np.zeros(volume.images.shape[1:3], np.uint8)
     padded = np.stack([crop_pad_square(image, empty, volume.box)[0] for image in volume.images])
