@@ -297,12 +297,18 @@ def load_weights(spec: str) -> tuple[dict, str, str | None]:
     or in Buda et al.'s. URLs (and 'buda') are downloaded once into torch.hub's cache. Every file
     is read with weights_only=True, and one named with its hash is checked. Returns
     ``state_dict_from``'s (state_dict, kind, normalization).
-    Raises ValueError, OSError or RuntimeError with a message naming the source.
+    Raises ValueError, OSError or UserError with a message naming the source.
     """
+    return state_dict_from(fetch_weights(spec), spec)
+
+
+def fetch_weights(spec: str) -> object:
+    """What the file behind ``spec`` holds: 'buda' or a URL downloaded once (``download_weights``),
+    a local path read without running pickled code (``read_torch_file``); a hash in the name is checked."""
     if is_remote(spec):
-        return state_dict_from(download_weights(spec), spec)
+        return download_weights(spec)
     check_hash_in_name(Path(spec))
-    return state_dict_from(torch.load(spec, map_location="cpu", weights_only=True), spec)
+    return read_torch_file(Path(spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,11 +445,7 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
     says which patients they were trained on (``trained_on``), for the overlap warnings.
     """
     try:
-        if is_remote(spec):
-            loaded = download_weights(spec)
-        else:
-            check_hash_in_name(Path(spec))
-            loaded = read_torch_file(Path(spec))
+        loaded = fetch_weights(spec)
         if is_package_checkpoint(loaded):
             return loaded
         state_dict, kind, _ = state_dict_from(loaded, spec)
