@@ -133,7 +133,8 @@ def time_end_to_end(
                                   synthetic_patients=args.synthetic_patients,
                                   synthetic_slices=args.synthetic_slices, seed=args.seed)
     load = dict(progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
-                normalization=args.normalization, issues=DataIssues(strict=args.strict))
+                normalization=args.normalization, image_size=args.image_size,
+                issues=DataIssues(strict=args.strict))
     load_dataset(root, None, **load)  # fills the cache if it is cold
     t0 = time.perf_counter()  # from here on: a warm cache, as every run after the first sees it
     volumes = load_dataset(root, None, **load)

@@ -46,8 +46,8 @@ from data_preprocessing import (
     binarize_mask,
     brain_box,
     brain_interior,
+    buda_square,
     buda_stats,
-    crop_pad_square,
     mask_convention,
     volume_stats,
 )
@@ -463,26 +463,35 @@ class PatientVolume:
 NORMALIZATIONS = ("volume", "buda")
 
 
-def set_normalization(volume: PatientVolume, method: str) -> PatientVolume:
-    """Choose how a volume is normalized (see data_preprocessing and the README).
+def set_normalization(volume: PatientVolume, method: str, image_size: int) -> PatientVolume:
+    """Choose how a volume is normalized for a network that takes ``image_size`` square slices
+    (see data_preprocessing and docs/reference.md).
 
     'volume' (the default): per-channel 1-99th percentile clipping and z-scoring over the head.
-    'buda': Buda et al.'s pipeline, in their order: zero every voxel below 10% of the volume's
-    maximum, crop to the box of what is left, zero-pad to a square, then a p10-p99 rescale and a
-    per-channel z-score whose statistics include the padding's zeros (they take them after
-    resizing too; here the resize's interpolation is left out of them). Their weights expect it.
+    'buda': Buda et al.'s pipeline (their dataset.py and utils.py), in their order. They leave out
+    each volume's first and last slice, zero every voxel below 10% of the maximum of what is left,
+    keep the slices and the box that hold anything (their crop), zero-pad to a square and resize
+    it with an order-2 spline (``buda_square``); the p10-p99 rescale and per-channel z-score are
+    taken over those resized squares, padding included. Here the zeroing applies to every slice,
+    with their threshold, and every slice is predicted, cropped to the same box.
     """
     if method == "volume":
         return volume
     if method != "buda":
         raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {method!r}")
     images = volume.images
-    volume.images = np.where(images < 0.1 * float(images.max()), 0, images).astype(np.uint8)
+    theirs = slice(1, -1) if len(images) > 2 else slice(None)  # their volume lacks the first and last slice
+    volume.images = np.where(images < 0.1 * float(images[theirs].max()), 0, images).astype(np.uint8)
     volume._interior = None  # of the images before zeroing
-    volume.box = brain_box(volume.images)
-    empty = np.zeros(volume.images.shape[1:3], np.uint8)
-    padded = np.stack([crop_pad_square(image, empty, volume.box)[0] for image in volume.images])
-    volume.stats = buda_stats(padded)
+    kept = volume.images[theirs]
+    filled = np.flatnonzero(kept.reshape(len(kept), -1).any(axis=1))
+    if len(filled):
+        kept = kept[filled[0]: filled[-1] + 1]
+    volume.box = brain_box(kept, fraction=0.0)  # every voxel that survived the zeroing
+    empty = np.zeros(images.shape[1:3], np.uint8)
+    squares = np.stack([buda_square(image, empty, volume.box, image_size)[0] for image in kept])
+    # scikit-image clips the resized volume to the range of its input.
+    volume.stats = buda_stats(np.clip(squares, 0.0, float(kept.max()) / 255))
     return volume
 
 
@@ -635,6 +644,7 @@ def load_dataset(
     progress: bool,
     cache_dir: Path | None,
     normalization: str,
+    image_size: int,
     issues: DataIssues,
     groups: dict[str, list[SliceRecord]] | None = None,
 ) -> dict[str, PatientVolume]:
@@ -660,7 +670,7 @@ def load_dataset(
         if volume is None:
             issues.report("skipped: patient without readable slices", f"{root / name}: no readable slice; left out")
         else:
-            volumes[name] = set_normalization(volume, normalization)
+            volumes[name] = set_normalization(volume, normalization, image_size)
     check_tumor(root, volumes)
     return volumes
 
@@ -759,8 +769,8 @@ class LGGSlices(Dataset):
         vol = self.volumes[p]
         image, mask = vol.images[j], vol.masks[j]
         item: dict[str, torch.Tensor | int] = {"patient": p, "slice": vol.slice_numbers[j]}
-        if vol.box is not None:
-            image, mask, (top, left, side) = crop_pad_square(image, mask, vol.box)
+        if vol.box is not None:  # 'buda': float32 at the model's size, as their network saw it
+            image, mask, (top, left, side) = buda_square(image, mask, vol.box, self.preprocess.image_size)
             # Everything evaluation needs to paste a prediction back onto the original grid.
             item["box"] = torch.tensor([*vol.box, top, left, side])
         stats = self.stats[p]

@@ -113,7 +113,8 @@ def buda_stats(volume: np.ndarray) -> VolumeStats:
     """
     p10, p99 = (float(v) for v in np.percentile(volume, (10, 99)))
     span = max(p99 - p10, 1e-6)
-    scaled = np.clip((volume.astype(np.float32) - p10) / span, 0, 1)
+    # float64: a float32 sum over millions of voxels drifts by 1e-4, as much as the details above.
+    scaled = np.clip((volume.astype(np.float64) - p10) / span, 0, 1)
     channels = volume.shape[-1]
     m = scaled.reshape(-1, channels).mean(0)
     s = np.maximum(scaled.reshape(-1, channels).std(0), 1e-6)
@@ -157,6 +158,31 @@ def crop_pad_square(
     return np.pad(image, pad + ((0, 0),)), np.pad(mask, pad), (top, left, side)
 
 
+def spline_resize(image: np.ndarray, size: int, order: int = 2) -> np.ndarray:
+    """An (H, W, C) or (H, W) array resized to (size, size) by a spline of ``order``, as
+    Buda et al. resize (scikit-image's ``resize(order=2, mode='constant', cval=0,
+    anti_aliasing=False)``, which is this ``ndimage.zoom``): pixel centres aligned, zero outside.
+
+    Each channel is resized on its own; their whole-volume call gives the same values, because a
+    spline that is not resized along an axis passes through its samples there. float32 out; order
+    0 (their masks) keeps the values.
+    """
+    factors = (size / image.shape[0], size / image.shape[1])
+    planes = image[..., None] if image.ndim == 2 else image
+    out = np.stack([ndimage.zoom(planes[..., c].astype(np.float32), factors, order=order, mode="grid-constant",
+                                 cval=0.0, grid_mode=True) for c in range(planes.shape[-1])], axis=-1)
+    return out[..., 0] if image.ndim == 2 else out
+
+
+def buda_square(image: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
+                size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """A uint8 slice as Buda et al.'s network sees it: cropped to ``box``, zero-padded to a square
+    and resized to ``size`` by an order-2 spline, as float32 on scikit-image's [0, 1] scale (uint8 /
+    255); the mask by nearest neighbour. Also (top, left, side), as ``crop_pad_square``."""
+    square, mask, placement = crop_pad_square(image, mask, box)
+    return spline_resize(square / np.float32(255), size), spline_resize(mask, size, order=0).astype(mask.dtype), placement
+
+
 def normalize(image: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Clip each channel to its volume's [low, high] and z-score it with the volume's mean and std.
 
@@ -188,11 +214,13 @@ class Preprocess:
 
     Called as ``preprocess(image, mask)`` with an (H, W, C) uint8 image and an (H, W) {0, 1}
     mask; returns a uint8 (C, S, S) image tensor and a uint8 (1, S, S) mask tensor with values
-    in {0, 1}, S being ``image_size``.
+    in {0, 1}, S being ``image_size``. An image already resized to S by ``spline_resize`` (the
+    'buda' normalization) is float32 in [0, 1] and stays so.
     """
 
-    def __init__(self, transform: A.Compose) -> None:
+    def __init__(self, transform: A.Compose, image_size: int) -> None:
         self.transform = transform
+        self.image_size = image_size
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.transform(image=image, mask=mask)
@@ -233,7 +261,8 @@ def train_preprocess(
         intensity: brightness and contrast limit (fraction of the uint8 range).
     """
     return Preprocess(
-        A.Compose(
+        image_size=image_size,
+        transform=A.Compose(
             [
                 _resize(image_size),
                 A.HorizontalFlip(p=hflip_p),
@@ -258,7 +287,7 @@ def train_preprocess(
 
 def eval_preprocess(image_size: int) -> Preprocess:
     """Validation and inference pipeline: resize and normalization only, deterministic."""
-    return Preprocess(A.Compose([_resize(image_size)]))
+    return Preprocess(A.Compose([_resize(image_size)]), image_size)
 
 
 class IntensityAugment:

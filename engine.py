@@ -379,7 +379,7 @@ def setup_data(cfg: Config, ddp: Distributed, *, resumed: bool, progress: bool) 
         run_dir = shared[0]
     issues = DataIssues(strict=cfg.strict)
     volumes = load_dataset(root, None, progress=progress, cache_dir=resolve_cache_dir(cfg.cache_dir),
-                           normalization=cfg.normalization, issues=issues)
+                           normalization=cfg.normalization, image_size=cfg.image_size, issues=issues)
     if ddp.main:
         report_issues(issues, run_dir)
     train_names, val_names = choose_split(

@@ -474,7 +474,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = warn_trained_on(loaded, names)
     volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
-                           normalization=record.get("normalization", "volume"), issues=issues, groups=groups)
+                           normalization=record.get("normalization", "volume"), image_size=record["image_size"],
+                           issues=issues, groups=groups)
     report_issues(issues, out_dir)
     print(f"{root}: {len(volumes)} patients, {describe_masks(volumes)}")
     loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],

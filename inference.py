@@ -146,7 +146,7 @@ def predict_command(args: argparse.Namespace) -> Path:
                         + (f"; {skipped} file(s) skipped, as listed above" if skipped else ""))
     normalization = record.get("normalization", "volume")
     volumes = [set_normalization(make_volume(f"{group}#{i}", images, np.zeros(images.shape[:3], np.uint8),
-                                             list(range(len(images)))), normalization)
+                                             list(range(len(images)))), normalization, record["image_size"])
                for i, (group, _, images) in enumerate(inputs)]
     loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
                             num_workers=0, seed=0, device=device)

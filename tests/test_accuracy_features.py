@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from conftest import write_slice
 
 from data_loaders import (
@@ -21,7 +22,15 @@ from data_loaders import (
     scan_dataset,
     set_normalization,
 )
-from data_preprocessing import brain_box, buda_stats, crop_pad_square, eval_preprocess, normalize, volume_stats
+from data_preprocessing import (
+    brain_box,
+    buda_stats,
+    crop_pad_square,
+    eval_preprocess,
+    normalize,
+    spline_resize,
+    volume_stats,
+)
 from engine import config_from_args, main, parse_args
 from evaluation import predict_volumes, to_full_resolution
 from training import make_scheduler
@@ -139,29 +148,81 @@ def test_crop_pad_and_paste_back_round_trip():
 
 def test_set_normalization_buda_sets_box_and_stats(fake_tree):
     recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"]
-    vol = set_normalization(load_volume(recs), "buda")
+    vol = set_normalization(load_volume(recs), "buda", 32)
     assert vol.box is not None and vol.stats.low[0] == vol.stats.low[1]  # one p10 for all channels
 
 
-def test_buda_preprocessing_by_hand():
-    """Their order: zero below 10% of the maximum, crop, pad to a square, statistics with the padding.
+def _buda_volume() -> np.ndarray:
+    """Four 4 x 4 slices, all channels alike (see test_buda_preprocessing_by_hand)."""
+    image = np.zeros((4, 4, 4, 3), np.uint8)
+    image[0, 3, 3] = image[3, 3, 3] = 255  # first and last slice: not in their volume
+    image[1, 0, :3] = [[200] * 3, [100] * 3, [100] * 3]
+    image[1, 1, :2] = [[200] * 3, [15] * 3]
+    image[1, 2, 1] = 20
+    image[2] = 10  # below the threshold everywhere: emptied, then cropped away with their z-crop
+    return image
 
-    The slice (all channels alike):  200 100 100 0      box of what is above 20: rows 0-1, cols 0-2,
-                                     200  15   0 0      padded with one zero row to 3 x 3.
-    The 15 is below 20 and becomes 0. The 27 padded values (9 per channel) are 6 x 200, 6 x 100 and
-    15 x 0, so p10 = 0 and p99 = 200; rescaled, a channel is 1, .5, .5, 1 and five 0s: mean 1/3,
-    std sqrt(2.5/9 - 1/9) = sqrt(1/6). As statistics of the raw values: mean 200/3, std 200 sqrt(1/6).
-    Without the zeroing the mean would be higher, without the padding's zeros 100.
+
+def test_buda_preprocessing_by_hand():
+    """Their order: drop the first and last slice, zero below 10% of the maximum, crop to what is
+    left (slices too), pad to a square, resize, statistics over the squares with the padding.
+
+    Without the first and last slice the maximum is 200, so the threshold is 20: the 15 becomes 0,
+    the 20 stays (they zero what is *below* it), slice 2 (all 10) is emptied. With the 255s it
+    would be 25.5 and the box would reach row and column 3. Slice 1 left (per channel):
+        200 100 100        box rows 0-2, columns 0-2: already square, so nothing is padded and,
+        200   0   0        at image size 3, nothing resampled. Its 27 values (on scikit-image's
+          0  20   0        [0, 1] scale: /255) are 12 x 0, 3 x 20, 6 x 100, 6 x 200: p10 = 0 and
+    p99 = 200 (positions 2.6 and 25.74 of 26). Rescaled, a channel is 1, 1, .5, .5, .1 and four 0s:
+    mean 3.1 / 9, mean square 2.51 / 9. As statistics of the [0, 1] values: times 200 / 255.
+    Slice 2 counted, or the 20 zeroed, would change both.
     """
-    image = np.zeros((1, 4, 4, 3), np.uint8)
-    image[0, 0, :3] = [[200] * 3, [100] * 3, [100] * 3]
-    image[0, 1, :2] = [[200] * 3, [15] * 3]
-    vol = set_normalization(PatientVolume("P", image, np.zeros((1, 4, 4), np.uint8), [1], volume_stats(image)), "buda")
-    assert vol.images[0, 1, 1].tolist() == [0, 0, 0]  # zeroed before anything else
-    assert vol.box == (0, 2, 0, 3)
-    assert vol.stats.low.tolist() == [0, 0, 0] and vol.stats.high.tolist() == [200, 200, 200]
-    assert np.allclose(vol.stats.mean, 200 / 3, atol=1e-3)
-    assert np.allclose(vol.stats.std, 200 * np.sqrt(1 / 6), atol=1e-3)
+    image = _buda_volume()
+    vol = set_normalization(PatientVolume("P", image, np.zeros((4, 4, 4), np.uint8), [1, 2, 3, 4],
+                                          volume_stats(image)), "buda", 3)
+    assert vol.images[1, 1, 1].tolist() == [0, 0, 0] and vol.images[1, 2, 1].tolist() == [20] * 3
+    assert not vol.images[2].any() and vol.images[0, 3, 3].tolist() == [255] * 3  # every slice zeroed alike
+    assert vol.box == (0, 3, 0, 3)
+    span = 200 / 255
+    assert np.allclose(vol.stats.low, 0) and np.allclose(vol.stats.high, span)
+    assert np.allclose(vol.stats.mean, span * 3.1 / 9, atol=1e-6)
+    assert np.allclose(vol.stats.std, span * np.sqrt(2.51 / 9 - (3.1 / 9) ** 2), atol=1e-6)
+
+
+def test_buda_statistics_are_taken_after_the_spline_resize():
+    image = _buda_volume()
+    at = {size: set_normalization(PatientVolume("P", image.copy(), np.zeros((4, 4, 4), np.uint8), [1, 2, 3, 4],
+                                                volume_stats(image)), "buda", size) for size in (3, 7)}
+    square = spline_resize(at[3].images[1, :3, :3] / np.float32(255), 7)  # the one slice they keep, at 7 px
+    expected = buda_stats(np.clip(square, 0, 200 / 255)[None])
+    for name in ("low", "high", "mean", "std"):
+        assert np.allclose(getattr(at[7].stats, name), getattr(expected, name), atol=1e-6)
+    assert not np.allclose(at[7].stats.mean, at[3].stats.mean, atol=1e-3)  # the resize moves them
+    # The loader gives the network that same square, as float32 at the model's size.
+    item = LGGSlices([at[7]], eval_preprocess(7))[1]
+    assert item["image"].dtype == torch.float32
+    assert np.allclose(item["image"].permute(1, 2, 0).numpy(), square, atol=1e-6)
+
+
+def test_spline_resize_matches_the_whole_volume_resize():
+    """Per slice and channel equals one order-2 zoom of the (N, H, W, C) volume, as they call it;
+    masks by nearest neighbour, which at twice the size repeats each pixel in a 2 x 2 block."""
+    rng = np.random.default_rng(3)
+    volume = rng.random((3, 5, 5, 3)).astype(np.float32)
+    whole = ndimage.zoom(volume, (1, 9 / 5, 9 / 5, 1), order=2, mode="grid-constant", cval=0.0, grid_mode=True)
+    assert np.allclose(np.stack([spline_resize(v, 9) for v in volume]), whole, atol=1e-5)
+    assert spline_resize(np.array([[1, 0], [0, 1]], np.uint8), 4, order=0).tolist() == [
+        [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_spline_resize_matches_scikit_image():
+    """Their call itself, where scikit-image is installed (it is not a requirement). It clips to the
+    input's range widened to the fill value 0, as set_normalization does for the statistics."""
+    transform = pytest.importorskip("skimage.transform")
+    volume = np.random.default_rng(4).random((2, 6, 6, 3))
+    theirs = transform.resize(volume, (2, 11, 11, 3), order=2, mode="constant", cval=0, anti_aliasing=False)
+    ours = np.clip(np.stack([spline_resize(v, 11) for v in volume]), 0, volume.max())
+    assert np.allclose(ours, theirs, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- post-processing

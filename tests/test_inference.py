@@ -232,7 +232,7 @@ def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypa
                 write_slice(folder, name, i, image, np.zeros((h, w), np.uint8))
     boxes = []
     real_box = data_loaders.brain_box
-    monkeypatch.setattr(data_loaders, "brain_box", lambda v, *a: boxes.append(v.shape) or real_box(v, *a))
+    monkeypatch.setattr(data_loaders, "brain_box", lambda v, *a, **k: boxes.append(v.shape) or real_box(v, *a, **k))
     run = ["predict", "--checkpoint", str(ckpt), "--device", "cpu", "--amp", "off"]
     assert main([*run, "--input", str(tmp_path / "mixed"), "--output", str(tmp_path / "out")]) == 0
     assert sorted(b[1:3] for b in boxes) == sorted(sizes.values())  # one crop per size
