@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from libraries import UserError, new_run_dir, save_json, unused_path
-from reports import compare_runs, dice_table, patient_scores
+from reports import compare_runs, dice_table, patient_scores, score_column
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
 
@@ -104,11 +104,13 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     summary.to_csv(base / "cv_summary.csv", index=False)
     print(f"\n{cfg.folds}-fold patient-level cross-validation ({'SYNTHETIC data' if cfg.synthetic else cfg.data_dir or 'auto data'}):")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
-    mean, std = numeric["dice_per_volume_mean"].mean(), numeric["dice_per_volume_mean"].std(ddof=1)
-    print(f"Dice per volume: {mean:.4f} ± {std:.4f} (mean ± std over folds); over all {len(patients)} patients "
-          f"mean {pooled['dice_per_volume_mean']:.4f}, median {pooled['dice_per_volume_median']:.4f} "
-          f"(with LCC {pooled['dice_per_volume_mean_lcc']:.4f} / {pooled['dice_per_volume_median_lcc']:.4f}); "
-          f"wrote {base / 'cv_summary.csv'} and cv_patients.csv")
+    # The headline is scored as the runs are configured to post-process, as each epoch's line is.
+    chosen = score_column(cfg.postprocess).removeprefix("dice")
+    mean, std = numeric[f"dice_per_volume_mean{chosen}"].mean(), numeric[f"dice_per_volume_mean{chosen}"].std(ddof=1)
+    print(f"Dice per volume with --postprocess {cfg.postprocess}: {mean:.4f} ± {std:.4f} (mean ± std over folds); "
+          f"over all {len(patients)} patients mean {pooled[f'dice_per_volume_mean{chosen}']:.4f}, median "
+          f"{pooled[f'dice_per_volume_median{chosen}']:.4f} (raw {pooled['dice_per_volume_mean']:.4f} / "
+          f"{pooled['dice_per_volume_median']:.4f}); wrote {base / 'cv_summary.csv'} and cv_patients.csv")
     print("For the final model, train once more with the same settings on every patient (--split none) "
           "and score it on other patients with 'evaluate --patients unseen'.")
     return summary

@@ -369,8 +369,9 @@ def test_early_stopping(tmp_path):
     assert all("hd95_px" in p for p in metrics["per_patient"])
 
 
-def test_cv_command_runs_every_fold_and_summarizes(tmp_path):
-    assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--out-dir", str(tmp_path / "cv"))]) == 0
+def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
+    assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--postprocess", "brain",
+                             "--out-dir", str(tmp_path / "cv"))]) == 0
     with open(tmp_path / "cv" / "cv_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["fold"] for r in rows] == ["0", "1", "mean", "std", "all patients"]
@@ -389,6 +390,12 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path):
     assert float(rows[4]["patients"]) == 4
     assert float(rows[4]["dice_per_volume_mean"]) == pytest.approx(np.mean(list(fold_dice.values())))
     assert float(rows[4]["dice_per_volume_median"]) == pytest.approx(np.median(list(fold_dice.values())))
+    # The printed headline is the configured post-processing's (pooled over patients), raw beside it.
+    brain = [float(r["dice_brain"]) for r in patients]
+    folds = [float(r["dice_per_volume_mean_brain"]) for r in rows[:2]]
+    assert (f"Dice per volume with --postprocess brain: {np.mean(folds):.4f} ± {np.std(folds, ddof=1):.4f} "
+            f"(mean ± std over folds); over all 4 patients mean {np.mean(brain):.4f}, median "
+            f"{np.median(brain):.4f} (raw {np.mean(list(fold_dice.values())):.4f} / ") in capsys.readouterr().out
 
 
 CV_KILLER = """
