@@ -487,7 +487,7 @@ def set_normalization(volume: PatientVolume, method: str, image_size: int) -> Pa
     filled = np.flatnonzero(kept.reshape(len(kept), -1).any(axis=1))
     if len(filled):
         kept = kept[filled[0]: filled[-1] + 1]
-    volume.box = brain_box(kept, fraction=0.0)  # every voxel that survived the zeroing
+    volume.box = brain_box(kept)  # every voxel that survived the zeroing
     empty = np.zeros(images.shape[1:3], np.uint8)
     squares = np.stack([buda_square(image, empty, volume.box, image_size)[0] for image in kept])
     # scikit-image clips the resized volume to the range of its input.

@@ -93,11 +93,11 @@ def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.
     return VolumeStats(low=low, high=high, mean=mean, std=std)
 
 
-def brain_box(volume: np.ndarray, fraction: float = 0.1) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): the box around every pixel brighter than ``fraction`` of the volume's
-    maximum, in any slice and channel (the crop of Buda et al.). The whole image if none is."""
+def brain_box(volume: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the box around every nonzero pixel, in any slice and channel (the crop of
+    Buda et al., taken after their zeroing below 10% of the maximum). The whole image if none is."""
     projection = volume.max(axis=(0, 3)) if volume.ndim == 4 else volume.max(axis=0)
-    ys, xs = np.nonzero(projection > fraction * projection.max())
+    ys, xs = np.nonzero(projection)
     if len(ys) == 0:
         return 0, projection.shape[0], 0, projection.shape[1]
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1

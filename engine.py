@@ -171,12 +171,12 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     # 2 CPU cores (bf16): 128 px, 20 epochs of 1,303 slices: 13 minutes on the maintainers' idle
-    # 2-core EPYC, 25.2 on ours (timed alone). 30 epochs: -0.006 under 3-fold CV (docs/results.md). Under 6-fold patient CV of the 36-patient subset (docs/results.md):
-    # the largest 3D component gave +0.016 mean Dice per volume; modality dropout 0.2 then +0.031
-    # more (0.760 -> 0.791), most of it on the patients that lack a modality. The 'brain' rule keeps
-    # the largest component by probability mass inside the brain: the same as LCC on the subset's CV,
-    # and it does not lose the tumor to a larger false positive on the scalp, as LCC did on 3 of 74
-    # held-back patients.
+    # 2-core EPYC, 25.2 on ours (timed alone); 30 epochs gave -0.006 under 3-fold CV. Under 6-fold
+    # patient CV of the 36-patient subset (both in docs/results.md): the largest 3D component gave
+    # +0.016 mean Dice per volume; modality dropout 0.2 then +0.031 more (0.760 -> 0.791), most of
+    # it on the patients that lack a modality. The 'brain' rule keeps the largest component by
+    # probability mass inside the brain: the same as LCC on the subset's CV, and it does not lose
+    # the tumor to a larger false positive on the scalp, as LCC did on 3 of 74 held-back patients.
     "cpu": dict(image_size=128, epochs=20, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
                 warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2, postprocess="brain"),
     # A GPU: full resolution, longer.
