@@ -264,6 +264,7 @@ def evaluate(
         for name, (v, _) in variants.items()
     }
     metrics["postprocess"], metrics["tta"], metrics["models"] = postprocess, tta, len(models)
+    metrics["threshold"] = threshold
     loss = loss_sum / count if loss_fn is not None and count else None
     return loss, metrics, {p: (kept[p], v.truth) for p, v in volumes.items()}
 
@@ -295,7 +296,7 @@ def format_metrics(metrics: dict, title: str) -> str:
     """The end-of-run table: every metric of the chosen post-processing, then every variant's Dice."""
     lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
              f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
-             f"mirror TTA: {'on' if metrics['tta'] else 'off'}"]
+             f"mirror TTA: {'on' if metrics['tta'] else 'off'}, threshold: {metrics['threshold']:g}"]
     for key, label in METRIC_LABELS:
         value = metrics[key]
         lines.append(f"  {label:<28} {'n/a' if value is None else f'{value:.4f}'}")
@@ -424,11 +425,23 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     add_bool_flag(parser, "tta", None, "mirror test-time augmentation (default: as trained)")
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default=None, help="default: as trained")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="probability above which a pixel is called tumor (default: as trained)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="the size the weights expect (default: as trained; 256 for Buda et al.'s weights; "
                              "needed for a plain state_dict)")
     parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
                         help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
+
+
+def scoring_settings(args: argparse.Namespace, record: dict) -> tuple[float, bool, str]:
+    """The threshold, mirror TTA and post-processing that evaluate and predict use: the flags given,
+    else the checkpoint's own settings."""
+    threshold = record.get("threshold", 0.5) if args.threshold is None else args.threshold
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold {threshold}: a probability strictly between 0 and 1 is needed")
+    tta = record.get("tta", False) if args.tta is None else args.tta
+    return threshold, tta, args.postprocess or record.get("postprocess", "none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -458,6 +471,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     ckpt_path, ckpt = loaded[0]
     record = ckpt["config"]
+    threshold, tta, postprocess = scoring_settings(args, record)
     device, amp_dtype = setup_device(args.device, args.amp)
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
@@ -485,10 +499,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     models = [network_from_checkpoint(c).to(device, memory_format=memory_format(channels_last)) for _, c in loaded]
     loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"))
     start = time.perf_counter()
-    postprocess = args.postprocess or record.get("postprocess", "none")
-    tta = record.get("tta", False) if args.tta is None else args.tta
     val_loss, metrics, volumes = evaluate(
-        models, loader, device, loss_fn=loss_fn, threshold=record["threshold"], amp_dtype=amp_dtype,
+        models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
         tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )

@@ -22,7 +22,14 @@ import pandas as pd
 import torch
 
 from data_loaders import DatasetError, make_volume, read_image, set_normalization
-from evaluation import add_scoring_flags, load_checkpoints, postprocess_volume, predict_volumes, scoring_loader
+from evaluation import (
+    add_scoring_flags,
+    load_checkpoints,
+    postprocess_volume,
+    predict_volumes,
+    scoring_loader,
+    scoring_settings,
+)
 from libraries import UserError, memory_format, setup_device
 from metrics import parse_spacing
 from model import fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
@@ -130,6 +137,7 @@ def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
     loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = loaded[0][1]["config"]
+    threshold, tta, postprocess = scoring_settings(args, record)
     device, amp_dtype = setup_device(args.device, args.amp)
     spacing = parse_spacing(args.spacing)
     out = Path(args.output)
@@ -153,11 +161,9 @@ def predict_command(args: argparse.Namespace) -> Path:
     channels_last = record.get("channels_last", False)
     models = [fuse_conv_bn(network_from_checkpoint(c)).to(device, memory_format=memory_format(channels_last))
               for _, c in loaded]
-    tta = record.get("tta", False) if args.tta is None else args.tta
-    _, _, predicted = predict_volumes(models, loader, device, loss_fn=None, threshold=record["threshold"],
+    _, _, predicted = predict_volumes(models, loader, device, loss_fn=None, threshold=threshold,
                                       amp_dtype=amp_dtype, channels_last=channels_last, tta=tta, progress=False,
                                       desc="predict")
-    postprocess = args.postprocess or record.get("postprocess", "none")
     rows = []
     for p, (group, files, images) in enumerate(inputs):
         pred = postprocess_volume(predicted[p], postprocess)
@@ -176,7 +182,8 @@ def predict_command(args: argparse.Namespace) -> Path:
     table = pd.DataFrame(rows, columns=["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"])
     table.to_csv(out / "predictions.csv", index=False)
     slices = int((table["level"] == "slice").sum())
-    print(f"predicted {slices} slices of {len(groups)} patient(s)/folder(s) (post-processing: {postprocess})"
+    print(f"predicted {slices} slices of {len(groups)} patient(s)/folder(s) (post-processing: {postprocess}, "
+          f"threshold {threshold:g})"
           + (f", skipped {skipped} non-image file(s)" if skipped else "")
           + f"; wrote {out}/masks/, overlays/, predictions.csv")
     return out

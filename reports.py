@@ -216,7 +216,7 @@ def write_summary(
     lines += ["## Metrics", "",
               f"{metrics['patients']} patients, {metrics['slices']} slices ({metrics['tumor_slices']} with tumor); "
               f"post-processing `{metrics.get('postprocess', 'none')}`, mirror TTA "
-              f"{'on' if metrics.get('tta') else 'off'}.", ""]
+              f"{'on' if metrics.get('tta') else 'off'}, threshold {metrics.get('threshold', 0.5):g}.", ""]
     lines += _table([(k, _fmt(metrics.get(k))) for k in keys], ("metric", "value"))
     lines += ["", "Dice per volume by post-processing:", ""]
     lines += _table([(name, _fmt(v["dice_per_volume_mean"]), _fmt(v["dice_per_volume_median"]))

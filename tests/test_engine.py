@@ -90,6 +90,32 @@ def test_evaluate_reproduces_the_training_metrics(smoke_run, capsys):
     assert "SYNTHETIC" in capsys.readouterr().out
 
 
+def test_evaluate_threshold_flag_overrides_the_trained_one(smoke_run, capsys):
+    # A lower threshold calls a superset of pixels tumor, patient by patient; the default is the run's 0.5.
+    run, predicted = smoke_run / "run", {}
+    for t in (0.2, 0.8):
+        out = smoke_run / f"eval-t{t}"
+        assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--out-dir", str(out),
+                     "--no-progress", "--cache-dir", "off", "--postprocess", "none", "--threshold", str(t)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["threshold"] == t and f"threshold: {t:g}" in capsys.readouterr().out
+        predicted[t] = {p["patient"]: p["predicted_pixels"] for p in metrics["per_patient"]}
+    assert all(predicted[0.2][name] >= n for name, n in predicted[0.8].items())
+    assert sum(predicted[0.2].values()) > sum(predicted[0.8].values())
+    trained = json.loads((run / "metrics.json").read_text())
+    assert trained["threshold"] == json.loads((run / "config.json").read_text())["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("threshold", ["0", "1", "1.5"])
+def test_threshold_outside_zero_one_is_one_line(smoke_run, capsys, threshold):
+    out = smoke_run / f"eval-bad-{threshold}"
+    assert main(["evaluate", "--checkpoint", str(smoke_run / "run" / "last.pt"), "--device", "cpu",
+                 "--out-dir", str(out), "--threshold", threshold]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--threshold" in err and "between 0 and 1" in err
+    assert not out.exists()  # refused before anything was written
+
+
 def test_same_seed_gives_identical_metrics_json(smoke_run):
     # Timings live in history.csv, so metrics.json is a pure function of data, config and seed.
     assert main(tiny_args(smoke_run, "again")) == 0

@@ -124,6 +124,23 @@ def test_predict_on_a_mixed_folder(tmp_path, checkpoint, capsys):
         assert row["area_px"] == (cv2.imread(str(out / "masks" / "in" / name), cv2.IMREAD_UNCHANGED) > 0).sum()
 
 
+def test_predict_threshold_flag(tmp_path, checkpoint, capsys):
+    # The masks at 0.6 lie inside those at 0.4 (lower threshold, more tumor), and they differ.
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(1)
+    for i in (1, 2, 3):
+        write_slice(folder, "P", i, rng.integers(0, 255, (40, 48, 3), dtype=np.uint8), np.zeros((40, 48), np.uint8))
+    masks = {}
+    for t in (0.4, 0.6):
+        out = tmp_path / f"out-{t}"
+        assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                     "--device", "cpu", "--postprocess", "none", "--threshold", str(t)]) == 0
+        assert f"threshold {t:g}" in capsys.readouterr().out
+        masks[t] = np.stack([cv2.imread(str(m), cv2.IMREAD_UNCHANGED) > 0
+                             for m in sorted((out / "masks" / "in").glob("*.png"))])
+    assert (masks[0.4] >= masks[0.6]).all() and masks[0.4].sum() > masks[0.6].sum()
+
+
 @requires_real_data
 def test_predict_on_real_slices(tmp_path, checkpoint):
     patient = sorted(p for p in REAL_DATA.iterdir() if p.is_dir())[0]
