@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from data_loaders import steps_per_epoch
 from libraries import UserError, new_run_dir, save_json, unused_path
 from reports import compare_runs, dice_table, patient_scores, score_column
 
@@ -79,15 +80,17 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
             raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
         base = new_run_dir(cfg.out_dir)
         save_json(base / CV_CONFIG, asdict(cfg))
-    rows, per_patient = [], []
+    rows, per_patient, folds = [], [], []
     for fold in range(cfg.folds):
         print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
         m = run_fold(cfg, fold, base / f"fold-{fold}", train)
+        folds.append(m)
         raw = m["postprocessing"]["none"]
         rows.append({"fold": fold, "patients": m["patients"],
                      **{f"dice_per_volume_{stat}{'' if name == 'none' else '_' + name}": v[f"dice_per_volume_{stat}"]
                         for name, v in m["postprocessing"].items() for stat in ("mean", "median")},
-                     "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"]})
+                     "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"],
+                     "optimizer_steps": m.get("optimizer_steps", float("nan"))})
         per_patient.append(dice_table(m).assign(fold=fold))
     table = pd.DataFrame(rows)
     numeric = table.drop(columns=["fold"])
@@ -113,7 +116,34 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
           f"{pooled['dice_per_volume_median']:.4f}); wrote {base / 'cv_summary.csv'} and cv_patients.csv")
     print("For the final model, train once more with the same settings on every patient (--split none) "
           "and score it on other patients with 'evaluate --patients unseen'.")
+    advice = step_advice(folds, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    if advice:
+        print(advice)
     return summary
+
+
+def step_advice(folds: list[dict], *, epochs: int, batch_size: int) -> str | None:
+    """How many epochs of the final model (every patient, --split none) the folds' optimizer steps
+    amount to, and the --epochs that would match a final model of ``epochs`` (None for folds written
+    before steps were recorded).
+
+    Each fold trains on (K-1)/K of the slices, so in the same epochs it takes fewer steps than
+    the final model; a CV whose models are trained less estimates a different model (the loss
+    of this task changes regime after enough steps: docs/results.md).
+    """
+    if not folds or any(m.get("train_slices") is None for m in folds):
+        return None
+    slices = folds[0]["train_slices"] + folds[0]["slices"]  # every patient: one fold's train + validation
+    final = steps_per_epoch(slices, batch_size)
+    per_epoch = sum(m["steps_per_epoch"] for m in folds) / len(folds)
+    trained = sum(m["optimizer_steps"] for m in folds) / len(folds)
+    matched = max(1, round(epochs * final / per_epoch))
+    line = (f"Steps: each fold trained {trained:,.0f} optimizer steps on average ({per_epoch:.0f} per epoch), as many "
+            f"as a final model on all {slices:,} slices ({final} per epoch) trains in {trained / final:.1f} epochs.")
+    if matched != epochs:
+        line += (f" For folds that train as many steps as a final model of {epochs} epoch{'s' if epochs != 1 else ''}, "
+                 f"pass --epochs {matched}.")
+    return line
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple[str, ...]) -> None:

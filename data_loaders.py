@@ -886,7 +886,13 @@ def make_loader(
         return DataLoader(dataset, batch_sampler=same_size_batches(dataset, batch_size), **common)
     per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=per_rank % batch_size == 1, **common)
+                      drop_last=per_rank % batch_size == 1, **common)  # see steps_per_epoch
+
+
+def steps_per_epoch(slices: int, batch_size: int) -> int:
+    """Optimizer steps in one training epoch of ``slices`` draws on one process: ``make_loader``
+    drops a last batch of 1, which BatchNorm cannot train on."""
+    return slices // batch_size + (slices % batch_size > 1)
 
 
 def same_size_batches(dataset: LGGSlices, batch_size: int) -> list[list[int]]:

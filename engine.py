@@ -549,6 +549,9 @@ def train(cfg: Config) -> dict:
                   amp_dtype=amp_dtype, progress=progress, val_slices=val_slices, run_dir=data.run_dir,
                   config_record=config_record, say=say)
     elapsed = time.perf_counter() - start
+    # What a cv compares with the final model's training (a CV proxy should take as many steps).
+    state["training"] = {"train_slices": len(train_set), "steps_per_epoch": len(train_loader),
+                         "optimizer_steps": len(train_loader) * state["epoch"]}
     if validate is None:
         return finish_unvalidated(data, state, elapsed, ddp.main)
     if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
@@ -607,7 +610,8 @@ def finish_unvalidated(data: RunData, state: dict, elapsed: float, main_rank: bo
     """The end of a --split none run: metrics.json without scores, and how to score the model."""
     history = state["history"]
     final = {"epoch": state["epoch"], "train_loss": history[-1]["train_loss"] if history else None,
-             "train_patients": len(data.train_names), "validation_patients": 0, "synthetic_data": data.synthetic}
+             "train_patients": len(data.train_names), "validation_patients": 0, **state["training"],
+             "synthetic_data": data.synthetic}
     if main_rank:
         save_json(data.run_dir / "metrics.json", final)
         print(f"trained on all {len(data.train_names)} patients, {state['epoch']} epochs, {elapsed / 60:.1f} min; "
@@ -622,7 +626,7 @@ def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: 
     """The end of a validated run: metrics.json, the reports and the printed table (rank 0)."""
     overlap = config_record.get("scored_patients_trained_on", [])
     final = {**state["metrics"], "epoch": state["epoch"], "best_epoch": state["best_epoch"],
-             "best_dice_per_volume_mean": state["best_dice"], "synthetic_data": data.synthetic,
+             "best_dice_per_volume_mean": state["best_dice"], **state["training"], "synthetic_data": data.synthetic,
              "scored_patients_trained_on": len(overlap), "scored_patients_trained_on_names": overlap}
     if not main_rank:
         return final

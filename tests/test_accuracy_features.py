@@ -21,6 +21,7 @@ from data_loaders import (
     make_loader,
     scan_dataset,
     set_normalization,
+    steps_per_epoch,
 )
 from data_preprocessing import (
     brain_box,
@@ -31,6 +32,7 @@ from data_preprocessing import (
     spline_resize,
     volume_stats,
 )
+from cv import step_advice
 from engine import config_from_args, main, parse_args
 from evaluation import predict_volumes, to_full_resolution
 from training import make_scheduler
@@ -372,6 +374,7 @@ def test_early_stopping(tmp_path):
 def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--postprocess", "brain",
                              "--out-dir", str(tmp_path / "cv"))]) == 0
+    printed = capsys.readouterr().out
     with open(tmp_path / "cv" / "cv_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["fold"] for r in rows] == ["0", "1", "mean", "std", "all patients"]
@@ -395,9 +398,53 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     folds = [float(r["dice_per_volume_mean_brain"]) for r in rows[:2]]
     assert (f"Dice per volume with --postprocess brain: {np.mean(folds):.4f} ± {np.std(folds, ddof=1):.4f} "
             f"(mean ± std over folds); over all 4 patients mean {np.mean(brain):.4f}, median "
-            f"{np.median(brain):.4f} (raw {np.mean(list(fold_dice.values())):.4f} / ") in capsys.readouterr().out
+            f"{np.median(brain):.4f} (raw {np.mean(list(fold_dice.values())):.4f} / ") in printed
+    # Steps, by hand: 4 patients x 5 slices, batch 4. A fold trains 10 slices: 2 batches of 4 and
+    # one of 2 = 3 steps; the final model's 20 slices take 5, so 1 epoch of it is 5/3 ~ 2 of a fold.
+    for i in (0, 1):
+        m = json.loads((tmp_path / "cv" / f"fold-{i}" / "metrics.json").read_text())
+        assert (m["train_slices"], m["slices"], m["steps_per_epoch"], m["optimizer_steps"]) == (10, 10, 3, 3)
+    assert [float(r["optimizer_steps"]) for r in rows[:3]] == [3, 3, 3]
+    assert ("Steps: each fold trained 3 optimizer steps on average (3 per epoch), as many as a final model on all "
+            "20 slices (5 per epoch) trains in 0.6 epochs. For folds that train as many steps as a final model of "
+            "1 epoch, pass --epochs 2.") in printed
 
 
+class _Numbers(torch.utils.data.Dataset):
+    """n items, and the reseed hook make_loader calls."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def reseed(self, seed: int) -> None:
+        pass
+
+
+def test_steps_per_epoch_is_the_training_loader_length():
+    # make_loader drops only a last batch of 1 (BatchNorm cannot train on it).
+    for n, batch, steps in ((16, 16, 1), (17, 16, 1), (18, 16, 2), (33, 16, 2), (34, 16, 3), (886, 16, 56), (1303, 16, 82)):
+        assert steps_per_epoch(n, batch) == steps, (n, batch)
+        loader = make_loader(_Numbers(n), batch_size=batch, train=True, seed=0, num_workers=0)
+        assert len(loader) == len(list(loader)) == steps, (n, batch)
+
+
+def test_step_advice_matches_the_final_models_steps():
+    # The 3-fold CV of the preset: 886 train / 417 validation slices, 56 steps per epoch (886 = 55 * 16 + 6),
+    # 20 epochs = 1,120 steps; the final model's 1,303 slices take 82 per epoch, so the folds amount to
+    # 1,120 / 82 = 13.7 of its epochs, and matching its 20 takes 20 * 82 / 56 = 29.3 -> 29 epochs.
+    folds = [{"train_slices": 886, "slices": 417, "steps_per_epoch": 56, "optimizer_steps": 1120}] * 3
+    line = step_advice(folds, epochs=20, batch_size=16)
+    assert "trained 1,120 optimizer steps on average (56 per epoch)" in line
+    assert "all 1,303 slices (82 per epoch) trains in 13.7 epochs" in line and line.endswith("--epochs 29.")
+    same = [{"train_slices": 1300, "slices": 3, "steps_per_epoch": 82, "optimizer_steps": 1640}]
+    assert "pass --epochs" not in step_advice(same, epochs=20, batch_size=16)  # already as many steps
+    assert step_advice([{"slices": 417}], epochs=20, batch_size=16) is None  # folds from before steps were saved
 CV_KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})

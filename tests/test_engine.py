@@ -162,7 +162,10 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     assert "--patients unseen" in capsys.readouterr().out  # the run says how to score it
     config = json.loads((run / "config.json").read_text())
     assert config["patients"] == {"train": names[:4], "validation": []}
-    assert json.loads((run / "metrics.json").read_text())["train_patients"] == 4
+    final = json.loads((run / "metrics.json").read_text())
+    # 4 patients x 6 slices = 24, batch 4: 6 steps per epoch, 12 in 2 epochs.
+    assert (final["train_patients"], final["train_slices"], final["steps_per_epoch"], final["optimizer_steps"]) \
+        == (4, 24, 6, 12)
     assert (run / "last.pt").is_file() and not (run / "best.pt").exists()  # "best" needs validation
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
