@@ -140,6 +140,8 @@ class Config:
     bce_weight: float = _opt(1.0, "weight of the binary cross-entropy loss")
     dice_mode: str = _opt("sample", "soft Dice per slice, averaged (sample); pooled over the batch (batch); "
                           "or averaged over the slices with tumor only, the rest left to BCE (tumor)", DICE_MODES)
+    tversky_beta: float = _opt(0.5, "weight of missed tumor pixels in the soft Dice, false positives weighing 1 - "
+                               "beta (Tversky's index): 0.5 is Dice, above 0.5 favours recall")
     threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
     # ---- evaluation ----
     postprocess: str = _opt("none", "per patient, keep every predicted voxel (none), the largest 3D component "
@@ -346,6 +348,9 @@ def check_config(cfg: Config) -> None:
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
+    if not 0.0 < cfg.tversky_beta < 1.0:
+        raise UserError(f"--tversky-beta weighs missed tumor against false positives and must be in (0, 1), "
+                        f"got {cfg.tversky_beta:g}")
     if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
         raise UserError("--patience stops on validation Dice, and --split none has no validation patients; "
                         "drop --patience (choose the epochs by cross-validation first)")
@@ -494,7 +499,8 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     parts = build_training(
         encoder=cfg.encoder, features=cfg.features, device=device, channels_last=cfg.channels_last,
         amp_dtype=amp_dtype, lr=cfg.lr, weight_decay=cfg.weight_decay, dice_weight=cfg.dice_weight,
-        bce_weight=cfg.bce_weight, dice_mode=cfg.dice_mode, encoder_weights=cfg.encoder_weights,
+        bce_weight=cfg.bce_weight, dice_mode=cfg.dice_mode, tversky_beta=cfg.tversky_beta,
+        encoder_weights=cfg.encoder_weights,
         encoder_lr_scale=cfg.encoder_lr_scale, weights=weights, weights_source=cfg.pretrained,
         freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile)
     scheduler = make_scheduler(parts.optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,

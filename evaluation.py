@@ -497,7 +497,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
                             seed=record["seed"], device=device)
     channels_last = record["channels_last"]
     models = [network_from_checkpoint(c).to(device, memory_format=memory_format(channels_last)) for _, c in loaded]
-    loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"))
+    loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"),
+                          beta=record.get("tversky_beta", 0.5))
     start = time.perf_counter()
     val_loss, metrics, volumes = evaluate(
         models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,

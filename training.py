@@ -48,6 +48,7 @@ def build_training(
     dice_weight: float,
     bce_weight: float,
     dice_mode: str,
+    tversky_beta: float = 0.5,
     encoder_weights: str = "none",
     encoder_lr_scale: float = 1.0,
     weights: dict | None = None,
@@ -82,8 +83,8 @@ def build_training(
               {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params],
                "lr": lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
-    return TrainingParts(model=model, net=net, loss_fn=DiceBCELoss(dice_weight, bce_weight, mode=dice_mode),
-                         optimizer=optimizer,
+    loss_fn = DiceBCELoss(dice_weight, bce_weight, mode=dice_mode, beta=tversky_beta)
+    return TrainingParts(model=model, net=net, loss_fn=loss_fn, optimizer=optimizer,
                          scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
 
 

@@ -206,6 +206,14 @@ def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("beta", ["0", "1"])
+def test_tversky_beta_outside_zero_one_is_refused_before_a_run_folder_exists(tmp_path, capsys, beta):
+    assert main(tiny_args(tmp_path, "run", "--tversky-beta", beta)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--tversky-beta" in err and "(0, 1)" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ flags the user gave, and contradictions
 
 
