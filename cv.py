@@ -141,8 +141,8 @@ def step_advice(folds: list[dict], *, epochs: int, batch_size: int) -> str | Non
     line = (f"Steps: each fold trained {trained:,.0f} optimizer steps on average ({per_epoch:.0f} per epoch), as many "
             f"as a final model on all {slices:,} slices ({final} per epoch) trains in {trained / final:.1f} epochs.")
     if matched != epochs:
-        line += (f" For folds that train as many steps as a final model of {epochs} epoch{'s' if epochs != 1 else ''}, "
-                 f"pass --epochs {matched}.")
+        line += (f" A final model of {epochs} epoch{'s' if epochs != 1 else ''} ({final * epochs:,} steps) is matched "
+                 f"by folds of --epochs {matched}.")
     return line
 
 

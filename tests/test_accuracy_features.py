@@ -406,8 +406,8 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
         assert (m["train_slices"], m["slices"], m["steps_per_epoch"], m["optimizer_steps"]) == (10, 10, 3, 3)
     assert [float(r["optimizer_steps"]) for r in rows[:3]] == [3, 3, 3]
     assert ("Steps: each fold trained 3 optimizer steps on average (3 per epoch), as many as a final model on all "
-            "20 slices (5 per epoch) trains in 0.6 epochs. For folds that train as many steps as a final model of "
-            "1 epoch, pass --epochs 2.") in printed
+            "20 slices (5 per epoch) trains in 0.6 epochs. A final model of 1 epoch (5 steps) is matched by folds "
+            "of --epochs 2.") in printed
 
 
 class _Numbers(torch.utils.data.Dataset):
@@ -441,9 +441,10 @@ def test_step_advice_matches_the_final_models_steps():
     folds = [{"train_slices": 886, "slices": 417, "steps_per_epoch": 56, "optimizer_steps": 1120}] * 3
     line = step_advice(folds, epochs=20, batch_size=16)
     assert "trained 1,120 optimizer steps on average (56 per epoch)" in line
-    assert "all 1,303 slices (82 per epoch) trains in 13.7 epochs" in line and line.endswith("--epochs 29.")
+    assert "all 1,303 slices (82 per epoch) trains in 13.7 epochs" in line
+    assert line.endswith("A final model of 20 epochs (1,640 steps) is matched by folds of --epochs 29.")
     same = [{"train_slices": 1300, "slices": 3, "steps_per_epoch": 82, "optimizer_steps": 1640}]
-    assert "pass --epochs" not in step_advice(same, epochs=20, batch_size=16)  # already as many steps
+    assert "matched" not in step_advice(same, epochs=20, batch_size=16)  # already as many steps
     assert step_advice([{"slices": 417}], epochs=20, batch_size=16) is None  # folds from before steps were saved
 CV_KILLER = """
 import os, signal, sys
