@@ -206,11 +206,13 @@ def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("beta", ["0", "1"])
-def test_tversky_beta_outside_zero_one_is_refused_before_a_run_folder_exists(tmp_path, capsys, beta):
-    assert main(tiny_args(tmp_path, "run", "--tversky-beta", beta)) == 2
+@pytest.mark.parametrize("flag, value, says", [("--tversky-beta", "0", "(0, 1)"), ("--tversky-beta", "1", "(0, 1)"),
+                                               ("--threshold", "1", "between 0 and 1"),
+                                               ("--threshold", "0", "between 0 and 1")])
+def test_out_of_range_loss_and_threshold_are_refused_before_a_run_folder_exists(tmp_path, capsys, flag, value, says):
+    assert main(tiny_args(tmp_path, "run", flag, value)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--tversky-beta" in err and "(0, 1)" in err
+    assert err.count("\n") == 0 and flag in err and says in err
     assert not (tmp_path / "run").exists()
 
 
