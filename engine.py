@@ -348,8 +348,7 @@ def check_config(cfg: Config) -> None:
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
-    if not 0.0 < cfg.threshold < 1.0:
-        raise UserError(f"--threshold {cfg.threshold:g}: a probability strictly between 0 and 1 is needed")
+    evaluation.check_threshold(cfg.threshold)
     if not 0.0 < cfg.tversky_beta < 1.0:
         raise UserError(f"--tversky-beta weighs missed tumor against false positives and must be in (0, 1), "
                         f"got {cfg.tversky_beta:g}")

@@ -434,12 +434,17 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
 
 
+def check_threshold(threshold: float) -> None:
+    """Refuse a threshold that would call every pixel tumor, or none (training, evaluate, predict)."""
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold {threshold:g}: a probability strictly between 0 and 1 is needed")
+
+
 def scoring_settings(args: argparse.Namespace, record: dict) -> tuple[float, bool, str]:
     """The threshold, mirror TTA and post-processing that evaluate and predict use: the flags given,
     else the checkpoint's own settings."""
     threshold = record.get("threshold", 0.5) if args.threshold is None else args.threshold
-    if not 0 < threshold < 1:
-        raise UserError(f"--threshold {threshold}: a probability strictly between 0 and 1 is needed")
+    check_threshold(threshold)
     tta = record.get("tta", False) if args.tta is None else args.tta
     return threshold, tta, args.postprocess or record.get("postprocess", "none")
 
