@@ -30,7 +30,7 @@ from training import TrainingParts, build_training, forward_loss, optimizer_step
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
 FIELDS = ("data_dir", "synthetic", "synthetic_dir", "synthetic_patients", "synthetic_slices", "seed",
           "image_size", "batch_size", "encoder", "features", "normalization", "modality_dropout",
-          "intensity_augment", "device", "amp", "channels_last", "compile", "num_workers", "cache_dir",
+          "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile", "num_workers", "cache_dir",
           "strict", "progress", "out_dir")
 
 
@@ -138,7 +138,7 @@ def time_end_to_end(
     load_dataset(root, None, **load)  # fills the cache if it is cold
     t0 = time.perf_counter()  # from here on: a warm cache, as every run after the first sees it
     volumes = load_dataset(root, None, **load)
-    dataset = LGGSlices(list(volumes.values()), train_preprocess(args.image_size),
+    dataset = LGGSlices(list(volumes.values()), train_preprocess(args.image_size, spatial=args.spatial_augment),
                         modality_dropout=args.modality_dropout)
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,

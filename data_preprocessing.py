@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 # albumentations looks for a newer release online when imported; offline that costs a
 # timeout and a warning on every run and in every DataLoader worker. Opt out unless asked.
@@ -237,52 +238,69 @@ def _resize(image_size: int) -> A.Resize:
     )
 
 
+# Geometric augmentation of training slices (--spatial-augment). 'light' is what every earlier
+# result used; 'wide' takes nnU-Net's scale range and probabilities (scale 0.7-1.4 and rotation,
+# each its own step at p 0.2), with rotation kept to +-30 degrees because every slice of this
+# dataset is axial and upright (nnU-Net turns square 2D patches by up to 180).
+SPATIAL_AUGMENTS = ("light", "wide")
+
+
 def train_preprocess(
     image_size: int,
     *,
+    spatial: str = "light",
     hflip_p: float = 0.5,
     affine_p: float = 0.5,
     scale: float = 0.1,
     rotate_deg: float = 15.0,
     shift: float = 0.05,
+    wide_p: float = 0.2,
     intensity_p: float = 0.3,
     intensity: float = 0.1,
 ) -> Preprocess:
-    """Training pipeline: resize, horizontal flip, small scale/rotation/shift, light brightness/contrast.
+    """Training pipeline: resize, horizontal flip, scale/rotation/shift, light brightness/contrast.
 
     Args:
         image_size: output height and width in pixels.
+        spatial: 'light': one affine step (p ``affine_p``) of zoom in [1 - scale, 1 + scale],
+            rotation in [-rotate_deg, rotate_deg] and shift; 'wide': a zoom in [0.7, 1.4] (with the
+            shift) and a rotation in [-30, 30] degrees, each its own step at p ``wide_p``.
         hflip_p: probability of a left-right flip (the brain is roughly symmetric; up-down is not).
-        affine_p: probability of the affine step.
-        scale: relative zoom range, sampled in [1 - scale, 1 + scale].
-        rotate_deg: rotation range in degrees, sampled in [-rotate_deg, rotate_deg].
+        affine_p: probability of the 'light' affine step.
+        scale: relative zoom range of the 'light' step.
+        rotate_deg: rotation range of the 'light' step, in degrees.
         shift: translation range as a fraction of the image size.
+        wide_p: probability of each 'wide' step.
         intensity_p: probability of the brightness/contrast step.
         intensity: brightness and contrast limit (fraction of the uint8 range).
     """
+    if spatial == "light":
+        geometric = [_affine(scale=(1 - scale, 1 + scale), rotate=(-rotate_deg, rotate_deg),
+                             translate_percent=(-shift, shift), p=affine_p)]
+    elif spatial == "wide":
+        geometric = [_affine(scale=(0.7, 1.4), translate_percent=(-shift, shift), p=wide_p),
+                     _affine(rotate=(-30.0, 30.0), p=wide_p)]
+    else:
+        raise ValueError(f"spatial must be one of {SPATIAL_AUGMENTS}, got {spatial!r}")
     return Preprocess(
         image_size=image_size,
         transform=A.Compose(
             [
                 _resize(image_size),
                 A.HorizontalFlip(p=hflip_p),
-                A.Affine(
-                    scale=(1 - scale, 1 + scale),
-                    rotate=(-rotate_deg, rotate_deg),
-                    translate_percent=(-shift, shift),
-                    interpolation=cv2.INTER_LINEAR,
-                    mask_interpolation=cv2.INTER_NEAREST,
-                    border_mode=cv2.BORDER_CONSTANT,
-                    fill=0,
-                    fill_mask=0,
-                    p=affine_p,
-                ),
+                *geometric,
                 A.RandomBrightnessContrast(
                     brightness_limit=intensity, contrast_limit=intensity, p=intensity_p
                 ),
             ]
         )
     )
+
+
+def _affine(**kwargs: Any) -> A.Affine:
+    # Images bilinear, masks nearest neighbour (they stay {0, 1}); what moves in from outside is 0.
+    return A.Affine(interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                    border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, **kwargs)
 
 
 def eval_preprocess(image_size: int) -> Preprocess:

@@ -55,7 +55,7 @@ from data_loaders import (
     report_issues,
     resolve_cache_dir,
 )
-from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
+from data_preprocessing import SPATIAL_AUGMENTS, IntensityAugment, batch_to_device, train_preprocess
 from libraries import (
     add_bool_flag,
     Distributed,
@@ -116,6 +116,8 @@ class Config:
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
     modality_dropout: float = _opt(0.0, "training: chance that the pre- or post-contrast channel is replaced "
                                    "by FLAIR, as the dataset does where a patient lacks that modality")
+    spatial_augment: str = _opt("light", "training: light (zoom 0.9-1.1, +-15 degrees, p 0.5) or wide (nnU-Net's "
+                                "zoom 0.7-1.4 and a rotation of +-30 degrees, each at p 0.2)", SPATIAL_AUGMENTS)
     intensity_augment: bool = _opt(False, "training: nnU-Net-style gamma, brightness, contrast, noise, blur and "
                                    "low-resolution steps, drawn per channel, after normalization")
     # ---- model ----
@@ -403,7 +405,8 @@ def make_loaders(
     In a distributed job each rank predicts its share of the validation patients (whole volumes,
     so 3D metrics and post-processing need no cross-rank slices); ``evaluate`` gathers them.
     """
-    train_set = LGGSlices([data.volumes[n] for n in data.train_names], train_preprocess(cfg.image_size),
+    train_set = LGGSlices([data.volumes[n] for n in data.train_names],
+                          train_preprocess(cfg.image_size, spatial=cfg.spatial_augment),
                           modality_dropout=cfg.modality_dropout)
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",

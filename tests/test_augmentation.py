@@ -60,3 +60,19 @@ def test_only_training_batches_are_augmented(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     train_slices = 6 * len(config["patients"]["train"])
     assert sum(seen) == train_slices  # the 12 validation slices never pass through it
+
+
+def test_spatial_augment_flag_reaches_the_training_set_only(tmp_path, monkeypatch):
+    """--spatial-augment wide builds the training pipeline with 'wide'; validation keeps eval_preprocess."""
+    import engine
+
+    built = []
+    real = engine.train_preprocess
+    monkeypatch.setattr(engine, "train_preprocess", lambda size, **kw: built.append(kw) or real(size, **kw))
+    args = ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
+            "--synthetic-slices", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--spatial-augment", "wide", "--val-fraction", "0.4", "--progress", "off", "--cache-dir", "off",
+            "--out-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert built == [{"spatial": "wide"}]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["spatial_augment"] == "wide"

@@ -89,3 +89,35 @@ def test_empty_channel_does_not_divide_by_zero():
     s = volume_stats(volume)
     assert s.std[0] == 1.0 and s.std[2] == 1.0
     assert torch.isfinite(normalize(torch.from_numpy(volume[0]).permute(2, 0, 1), s.as_tensor())).all()
+
+
+def _mask_area_ratios(spatial: str, draws: int = 300) -> np.ndarray:
+    """Area of a centred 16 x 16 square after each of ``draws`` training transforms, over 256."""
+    image = np.full((64, 64, 3), 100, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[24:40, 24:40] = 1
+    pre = train_preprocess(64, spatial=spatial)  # 64 px in, 64 px out: the resize changes nothing
+    pre.transform.set_random_seed(0)
+    return np.array([int(pre(image, mask)[1].sum()) for _ in range(draws)]) / 256
+
+
+@pytest.mark.parametrize("spatial", ["light", "wide"])
+def test_spatial_augment_zoom_stays_in_its_range(spatial):
+    # A zoom by s scales the square's area by s^2; rotation and flips keep it (up to the nearest-
+    # neighbour rounding of the rim: 2 px of the 16 px side, so a margin of 1 - (15/16)^2 = 0.12).
+    # light zooms by 0.9-1.1, so areas lie in 0.81-1.21; wide by 0.7-1.4: 0.49-1.96.
+    ratios = _mask_area_ratios(spatial)
+    low, high = {"light": (0.81, 1.21), "wide": (0.49, 1.96)}[spatial]
+    assert ratios.min() >= low - 0.12 and ratios.max() <= high + 0.12
+    if spatial == "wide":
+        # It really reaches beyond light's range on both sides (P(s < 0.85) = 0.21 per zoom step).
+        assert ratios.min() < 0.81 - 0.12 and ratios.max() > 1.21 + 0.12
+    untouched = np.mean(ratios == 1.0)
+    # light leaves a slice unmoved with p 0.5 (its one affine step), wide with 0.8 * 0.8 = 0.64 (rotations
+    # can keep the area exactly, so these are lower bounds on the share with ratio 1).
+    assert untouched >= {"light": 0.4, "wide": 0.5}[spatial]
+
+
+def test_spatial_augment_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="spatial"):
+        train_preprocess(32, spatial="strong")
