@@ -18,7 +18,7 @@ import pandas as pd
 
 from data_loaders import steps_per_epoch
 from libraries import UserError, new_run_dir, save_json, unused_path
-from reports import compare_runs, dice_table, patient_scores, score_column
+from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
 
@@ -64,7 +64,8 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     """The ``cv`` command: train fold 0..K-1 of a patient-level K-fold split, then summarize.
 
     Writes <out-dir>/fold-<i>/ for each fold, <out-dir>/cv_patients.csv (every patient once, with
-    its held-out Dice with and without LCC) and <out-dir>/cv_summary.csv (one row per fold, the
+    its held-out Dice with and without LCC), <out-dir>/cv_institutions.csv (the mean by
+    institution: ``reports.by_institution``) and <out-dir>/cv_summary.csv (one row per fold, the
     mean and std over folds, then the mean and median over all patients pooled, which is how
     Buda et al. report cross-validation), and prints the table. ``--resume DIR`` continues an
     interrupted cv run in DIR with its own settings: finished folds are read back, an unfinished
@@ -114,6 +115,10 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
           f"over all {len(patients)} patients mean {pooled[f'dice_per_volume_mean{chosen}']:.4f}, median "
           f"{pooled[f'dice_per_volume_median{chosen}']:.4f} (raw {pooled['dice_per_volume_mean']:.4f} / "
           f"{pooled['dice_per_volume_median']:.4f}); wrote {base / 'cv_summary.csv'} and cv_patients.csv")
+    sites = by_institution(patients.drop(columns=["fold"]))
+    sites.to_csv(base / "cv_institutions.csv", index=False)
+    print("\nMean Dice per volume by institution (cv_institutions.csv):")
+    print(sites.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("For the final model, train once more with the same settings on every patient (--split none) "
           "and score it on other patients with 'evaluate --patients unseen'.")
     advice = step_advice(folds, epochs=cfg.epochs, batch_size=cfg.batch_size)

@@ -1128,8 +1128,7 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
                     flair_in_place[modality].append(name)
     institutions: dict[str, int] = {}
     for name in groups:
-        inst = "_".join(name.split("_")[:2])
-        institutions[inst] = institutions.get(inst, 0) + 1
+        institutions[institution(name)] = institutions.get(institution(name), 0) + 1
     report = {
         "root": str(root), "patients": len(groups), "slices": len(records), "tumor_slices": tumor_slices,
         "institutions": dict(sorted(institutions.items())), "image_sizes": sizes,
@@ -1190,6 +1189,13 @@ def _completeness(root: Path, report: dict) -> dict:
     return {"status": "subset", "missing_patients": missing,
             "message": f"a subset: {report['patients']} of the {FULL_PATIENTS} patients "
             f"({report['slices']} of {FULL_SLICES} slices); not an error if that is what you meant to use"}
+
+
+def institution(patient: str) -> str:
+    """The institution that scanned a patient: the first two fields of its name, which for this
+    dataset's TCGA_<site>_<case>_<date> names is the TCGA tissue source site (TCGA_CS_4941_19960909
+    -> TCGA_CS); the 110 patients come from five (CS, DU, EZ, FG, HT)."""
+    return "_".join(patient.split("_")[:2])
 
 
 def report_dataset(data_dir: str, out: str, strict: bool) -> dict:

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 from torchvision.utils import draw_segmentation_masks
 
+from data_loaders import institution
 from libraries import UserError
 from metrics import dice_from_counts
 
@@ -98,6 +99,7 @@ def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame |
     columns = ["patient", "dice", "iou", "hd95_px", "hd95_mm", "true_area_px", "pred_area_px",
                "slices", "tumor_slices"]
     frame = frame[[c for c in columns if c in frame]]
+    frame.insert(1, "institution", frame["patient"].map(institution))
     if clinical is not None:
         ids = frame["patient"].map(lambda name: "_".join(name.split("_")[:3]))
         frame = pd.concat([frame, clinical.reindex(ids).reset_index(drop=True)], axis=1)
@@ -221,6 +223,12 @@ def write_summary(
     lines += ["", "Dice per volume by post-processing:", ""]
     lines += _table([(name, _fmt(v["dice_per_volume_mean"]), _fmt(v["dice_per_volume_median"]))
                      for name, v in metrics.get("postprocessing", {}).items()], ("post-processing", "mean", "median"))
+    if metrics.get("postprocessing"):
+        sites = by_institution(dice_table(metrics))
+        names = [c.removeprefix("dice_") if c != "dice" else "raw" for c in sites.columns[2:]]
+        lines += ["", "Mean Dice per volume by institution (the TCGA tissue source site in the patient's name):", ""]
+        lines += _table([(r[0], r[1], *(_fmt(v) for v in r[2:])) for r in sites.itertuples(index=False)],
+                        ("institution", "patients", *names))
     lines += ["", "## Patients", "", "Worst and best by Dice per volume:", ""]
     picked = rows_by_dice[:3] + [r for r in rows_by_dice[-3:] if r not in rows_by_dice[:3]]
     lines += _table([(r["patient"], _fmt(r["dice"]), _fmt(r.get("hd95_px"), 2), r["slices"]) for r in picked],
@@ -292,6 +300,21 @@ def dice_table(metrics: dict) -> pd.DataFrame:
     none = variants["none"]["dice_per_patient"]
     return pd.DataFrame({"patient": list(none), **{
         score_column(name): [v["dice_per_patient"][p] for p in none] for name, v in variants.items()}})
+
+
+def by_institution(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean Dice per volume of each institution's patients: columns institution, patients, and the
+    mean of each dice* column of ``scores`` (a ``patient_scores`` or ``dice_table`` frame), one row per
+    institution in alphabetical order, then one for all patients.
+
+    The dataset's patients come from five institutions (``data_loaders.institution``) whose scanners
+    and protocols differ; a model that generalizes poorly shows it as a gap between them."""
+    columns = [c for c in scores.columns if c.startswith("dice")]
+    grouped = scores.assign(institution=scores["patient"].map(institution)).groupby("institution", sort=True)
+    table = grouped[columns].mean().reset_index()
+    table.insert(1, "patients", grouped.size().to_numpy())
+    overall = pd.DataFrame([{"institution": "all", "patients": len(scores), **scores[columns].mean().to_dict()}])
+    return pd.concat([table, overall], ignore_index=True)
 
 
 def _scores_from_metrics(path: Path) -> pd.DataFrame:

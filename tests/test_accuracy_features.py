@@ -16,6 +16,7 @@ from data_loaders import (
     PatientVolume,
     choose_split,
     group_by_patient,
+    institution,
     kfold_split,
     load_volume,
     make_loader,
@@ -391,6 +392,14 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     assert sorted(r["patient"] for r in patients) == sorted(vals[0] + vals[1]) == sorted(fold_dice)
     assert all(float(r["dice"]) == pytest.approx(fold_dice[r["patient"]]) for r in patients)
     assert float(rows[4]["patients"]) == 4
+    # One row per institution of the pooled patients, then all of them, each the mean of its patients.
+    with open(tmp_path / "cv" / "cv_institutions.csv") as f:
+        sites = list(csv.DictReader(f))
+    assert [r["institution"] for r in sites] == sorted({institution(r["patient"]) for r in patients}) + ["all"]
+    for site in sites:
+        mine = [float(r["dice_brain"]) for r in patients if site["institution"] in ("all", institution(r["patient"]))]
+        assert (int(site["patients"]), float(site["dice_brain"])) == (len(mine), pytest.approx(np.mean(mine)))
+    assert "by institution (cv_institutions.csv)" in printed
     assert float(rows[4]["dice_per_volume_mean"]) == pytest.approx(np.mean(list(fold_dice.values())))
     assert float(rows[4]["dice_per_volume_median"]) == pytest.approx(np.median(list(fold_dice.values())))
     # The printed headline is the configured post-processing's (pooled over patients), raw beside it.

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from engine import main
-from reports import PRED_COLOR, TRUTH_COLOR, overlay_slice, paired_difference
+import pandas as pd
+
+from data_loaders import institution
+from reports import PRED_COLOR, TRUTH_COLOR, by_institution, overlay_slice, paired_difference
 
 
 def test_overlay_slice_draws_both_outlines_exactly():
@@ -57,7 +60,14 @@ def test_run_writes_every_report(run):
         assert float(r["dice"]) == pytest.approx(m["dice"]) and int(r["slices"]) == 8
         assert int(r["true_area_px"]) == m["tumor_pixels"] > 0 and int(r["pred_area_px"]) == m["predicted_pixels"]
         assert {"iou", "hd95_px", "tumor_slices"} <= r.keys()
+    assert [r["institution"] for r in rows] == [institution(p) for p in val]
     summary = (run / "summary.md").read_text()
+    # Each institution's row holds the mean raw Dice of its patients.
+    raw = metrics["postprocessing"]["none"]["dice_per_patient"]
+    assert "Mean Dice per volume by institution" in summary
+    for site in {institution(p) for p in val}:
+        mine = [raw[p] for p in val if institution(p) == site]
+        assert f"| {site} | {len(mine)} | {np.mean(mine):.4f} |" in summary
     for text in ("Synthetic data", "dice_per_volume_mean", "overlays/", "curves.png", "torch", "Worst and best",
                  f"{metrics['dice_per_volume_mean']:.4f}"):
         assert text in summary, text
@@ -137,3 +147,18 @@ def test_compare_refuses_what_holds_no_scores_in_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "empty"), str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "holds no cv_patients.csv, metrics.json or finished fold" in err
+
+
+def test_institution_is_the_tcga_site():
+    assert institution("TCGA_CS_4941_19960909") == "TCGA_CS"
+    assert institution("TCGA_HT_A61A_20000127") == "TCGA_HT"
+
+
+def test_by_institution_by_hand():
+    scores = pd.DataFrame({"patient": ["TCGA_DU_1_x", "TCGA_CS_1_x", "TCGA_DU_2_x"],
+                           "dice": [0.5, 0.2, 0.7], "dice_lcc": [0.6, 0.0, 0.8]})
+    table = by_institution(scores)
+    assert table["institution"].tolist() == ["TCGA_CS", "TCGA_DU", "all"]
+    assert table["patients"].tolist() == [1, 2, 3]
+    assert table["dice"].tolist() == pytest.approx([0.2, 0.6, 1.4 / 3])
+    assert table["dice_lcc"].tolist() == pytest.approx([0.0, 0.7, 1.4 / 3])
