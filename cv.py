@@ -151,6 +151,9 @@ def step_advice(folds: list[dict], *, epochs: int, batch_size: int) -> str | Non
     return line
 
 
+SITE_CI_MIN = 5  # compare --by-institution gives an interval for institutions of at least this many patients
+
+
 def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple[str, ...]) -> None:
     """The ``compare`` command's flags; ``postprocessing`` names the rules a run is scored with."""
     parser.add_argument("run_a", help="the baseline")
@@ -162,6 +165,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple
                         help="with --postprocess-b: compare A with this post-processing against B with that one "
                              "(A and B may be the same run); default: each post-processing against itself")
     parser.add_argument("--postprocess-b", choices=postprocessing, default=None)
+    parser.add_argument("--by-institution", action="store_true",
+                        help="also compare the patients of each institution (TCGA site) on their own (with an "
+                             f"interval where it has at least {SITE_CI_MIN})")
 
 
 def compare_command(args: argparse.Namespace) -> pd.DataFrame:
@@ -174,12 +180,20 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     if pairs and not (args.postprocess_a and args.postprocess_b):
         raise UserError("--postprocess-a and --postprocess-b go together: give both (or neither, to compare "
                         "every post-processing with itself)")
-    summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs)
+    summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs,
+                                   by_site=args.by_institution)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
     print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
         label = "raw" if row.postprocess == "none" else row.postprocess
+        if row.institution != "all":  # indented under its post-processing's line
+            # A bootstrap of a handful of patients gives an interval that means nothing: none below 5.
+            interval = (f"95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}" if row.patients >= SITE_CI_MIN
+                        else f"no interval under {SITE_CI_MIN} patients")
+            print(f"{row.institution + f' ({row.patients})':>20}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, B - A "
+                  f"{row.difference:+.4f} ({interval}); better: {row.better}, worse: {row.worse}")
+            continue
         print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
               f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
               f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "

@@ -371,13 +371,14 @@ def paired_difference(
 
 def compare_runs(
     a: pd.DataFrame, b: pd.DataFrame, *, resamples: int = 10_000, seed: int = 0,
-    pairs: Sequence[tuple[str, str]] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None, by_site: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pair two ``patient_scores`` tables by patient; return the summary (one row per compared
-    post-processing: ``paired_difference``) and the paired per-patient table.
+    post-processing: ``paired_difference``, with institution 'all') and the paired per-patient table.
 
     ``pairs`` lists (post-processing of A, post-processing of B) to compare; by default every
-    post-processing both tables hold, each against itself.
+    post-processing both tables hold, each against itself. ``by_site`` adds, after each
+    post-processing's row, one row per institution (``data_loaders.institution``) of its patients.
     """
     paired = a.merge(b, on="patient", suffixes=("_a", "_b"))
     if paired.empty:
@@ -390,10 +391,13 @@ def compare_runs(
             if score_column(name) not in frame.columns:
                 raise UserError(f"run {side} has no Dice with post-processing {name!r}; it has "
                                 f"{', '.join(c for c in frame.columns if c.startswith('dice'))}")
+    groups = [("all", paired)]
+    if by_site:
+        groups += list(paired.groupby(paired["patient"].map(institution), sort=True))
     summary = pd.DataFrame([
-        {"postprocess": name_a if name_a == name_b else f"{name_a} -> {name_b}",
-         **paired_difference(paired[f"{score_column(name_a)}_a"].to_numpy(),
-                             paired[f"{score_column(name_b)}_b"].to_numpy(), resamples=resamples, seed=seed)}
-        for name_a, name_b in pairs
+        {"postprocess": name_a if name_a == name_b else f"{name_a} -> {name_b}", "institution": site,
+         **paired_difference(group[f"{score_column(name_a)}_a"].to_numpy(),
+                             group[f"{score_column(name_b)}_b"].to_numpy(), resamples=resamples, seed=seed)}
+        for name_a, name_b in pairs for site, group in groups
     ])
     return summary, paired.sort_values("patient", ignore_index=True)

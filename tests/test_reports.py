@@ -162,3 +162,20 @@ def test_by_institution_by_hand():
     assert table["patients"].tolist() == [1, 2, 3]
     assert table["dice"].tolist() == pytest.approx([0.2, 0.6, 1.4 / 3])
     assert table["dice_lcc"].tolist() == pytest.approx([0.0, 0.7, 1.4 / 3])
+
+
+def test_compare_by_institution_by_hand(tmp_path, capsys):
+    # Five TCGA_AA patients gain 0.1 each, the one TCGA_BB patient loses 0.4: +0.1/6 in all.
+    a = {f"TCGA_AA_{i}_x": (0.5, 0.5) for i in range(5)} | {"TCGA_BB_1_x": (0.8, 0.8)}
+    b = {f"TCGA_AA_{i}_x": (0.6, 0.6) for i in range(5)} | {"TCGA_BB_1_x": (0.4, 0.4)}
+    write_scores(tmp_path / "a", a)
+    write_scores(tmp_path / "b", b)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--by-institution"]) == 0
+    lines = capsys.readouterr().out.splitlines()[3:]
+    assert len(lines) == 6  # raw, its two institutions, lcc, its two institutions
+    assert lines[0].strip().startswith("raw: mean 0.5500 -> 0.5667, B - A +0.0167")
+    assert lines[1].strip() == ("TCGA_AA (5): mean 0.5000 -> 0.6000, B - A +0.1000 (95% CI +0.1000 to +0.1000); "
+                                "better: 5, worse: 0")
+    assert lines[2].strip() == ("TCGA_BB (1): mean 0.8000 -> 0.4000, B - A -0.4000 (no interval under 5 patients); "
+                                "better: 0, worse: 1")
+    assert lines[3].strip().startswith("lcc:") and lines[4:] == lines[1:3]
