@@ -126,6 +126,8 @@ class Config:
     encoder_weights: str = _opt("none", "with --encoder resnet34: none, or imagenet (torchvision's weights, "
                                 "downloaded once)", ("none", "imagenet"))
     features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
+    deep_supervision: bool = _opt(False, "training (unet): also score the decoder's half- and quarter-size outputs, "
+                                  "weights 4/7, 2/7, 1/7 (nnU-Net's scheme); the printed train loss is that mean")
     pretrained: str = _opt("", "start from weights: a checkpoint or state_dict path, a URL, or 'buda' "
                            "(Buda et al.'s release; selects --normalization buda)")
     freeze_encoder: bool = _opt(False, "fine-tuning: train the decoder only (encoder weights and BatchNorm fixed)")
@@ -345,6 +347,9 @@ def check_config(cfg: Config) -> None:
     if cfg.image_size % multiple or cfg.image_size < multiple:
         raise UserError(f"--image-size must be a positive multiple of {multiple} for --encoder {cfg.encoder}, "
                         f"got {cfg.image_size}")
+    if cfg.deep_supervision and cfg.encoder != "unet":
+        raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
+                        f"(got --encoder {cfg.encoder})")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
@@ -506,7 +511,8 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         bce_weight=cfg.bce_weight, dice_mode=cfg.dice_mode, tversky_beta=cfg.tversky_beta,
         encoder_weights=cfg.encoder_weights,
         encoder_lr_scale=cfg.encoder_lr_scale, weights=weights, weights_source=cfg.pretrained,
-        freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile)
+        freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile,
+        deep_supervision=cfg.deep_supervision)
     scheduler = make_scheduler(parts.optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     return parts, scheduler

@@ -122,7 +122,9 @@ class UNet(FreezableEncoder):
         """The contracting path, bottleneck included."""
         return [self.inc, self.down1, self.down2, self.down3, self.down4]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decoder_outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
+        """Logits; with ``decoder_outputs``, also the decoder's features at H/2 (2f channels) and
+        H/4 (4f), for deep supervision (``training.DeepSupervision``)."""
         factor = 2**self.levels
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(
@@ -135,10 +137,11 @@ class UNet(FreezableEncoder):
         x4 = self.down3(x3)  # (N, 8f, H/8, W/8)
         x5 = self.down4(x4)  # (N, 16f, H/16, W/16)
         x = self.up1(x5, x4)
-        x = self.up2(x, x3)
-        x = self.up3(x, x2)
-        x = self.up4(x, x1)  # (N, f, H, W)
-        return self.outc(x)  # (N, out_channels, H, W) logits
+        quarter = self.up2(x, x3)  # (N, 4f, H/4, W/4)
+        half = self.up3(quarter, x2)  # (N, 2f, H/2, W/2)
+        x = self.up4(half, x1)  # (N, f, H, W)
+        logits = self.outc(x)  # (N, out_channels, H, W)
+        return (logits, [half, quarter]) if decoder_outputs else logits
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,10 +30,44 @@ class TrainingParts:
     """What a training step uses; checkpoints hold ``model``'s state_dict, never a wrapper's."""
 
     model: nn.Module  # the plain network
-    net: nn.Module  # what runs the steps: the model, or its DDP and compiled wrappers
+    net: nn.Module  # what runs the steps: the model, or its deep-supervision, DDP and compiled wrappers
     loss_fn: DiceBCELoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    heads: nn.Module | None = None  # --deep-supervision's extra output layers (saved apart from the model)
+
+
+# Deep supervision (nnU-Net's scheme, on a UNet of 4 levels): the loss is a weighted mean of the
+# losses at full, half and quarter resolution, weights 1, 1/2, 1/4 normalized to sum 1; nnU-Net
+# gives the next level down (H/8) weight 0, so it has no head here. Masks are shrunk by nearest
+# neighbour, as nnU-Net does.
+DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
+
+
+class DeepSupervision(nn.Module):
+    """A UNet with 1x1 output heads on its decoder at H/2 and H/4. In training mode it returns
+    [full, half, quarter] logits (``forward_loss`` weighs them); in eval mode the UNet's logits
+    alone, so validation, checkpoints and inference see the plain network."""
+
+    def __init__(self, model: nn.Module, features: int) -> None:
+        super().__init__()
+        self.model = model
+        self.heads = nn.ModuleList([nn.Conv2d(2 * features, 1, kernel_size=1), nn.Conv2d(4 * features, 1, kernel_size=1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if not self.training:
+            return self.model(x)
+        logits, decoder = self.model(x, decoder_outputs=True)
+        return [logits, *(head(f) for head, f in zip(self.heads, decoder))]
+
+
+def supervised_loss(outputs: torch.Tensor | list[torch.Tensor], mask: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
+    """``loss_fn`` of the logits, or, for deep supervision's [full, half, quarter] logits, the mean of
+    its losses against the mask shrunk to each size, weighted by DEEP_SUPERVISION_WEIGHTS."""
+    if not isinstance(outputs, (list, tuple)):
+        return loss_fn(outputs.float(), mask)
+    return sum(w * loss_fn(out.float(), nn.functional.interpolate(mask, size=out.shape[-2:], mode="nearest"))
+               for w, out in zip(DEEP_SUPERVISION_WEIGHTS, outputs, strict=True))
 
 
 def build_training(
@@ -57,11 +91,14 @@ def build_training(
     sync_bn: bool = False,
     distributed: bool = False,
     compile_model: bool = False,
+    deep_supervision: bool = False,
 ) -> TrainingParts:
     """The network on ``device`` (optionally from ``weights``), its wrappers, loss, AdamW and scaler.
 
     The encoder's parameters form their own group at ``lr * encoder_lr_scale`` (fine-tuning);
-    frozen parameters are left out of the optimizer. The scaler is active for fp16 only.
+    frozen parameters are left out of the optimizer. The scaler is active for fp16 only. With
+    ``deep_supervision`` (UNet only) the network is wrapped in ``DeepSupervision``, whose heads
+    train with the decoder.
     """
     model = make_network(encoder, features, encoder_weights).to(device, memory_format=memory_format(channels_last))
     if weights is not None:
@@ -74,27 +111,32 @@ def build_training(
         model.freeze_encoder()
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed else model
+    net, heads = model, None
+    if deep_supervision:
+        net = DeepSupervision(model, features).to(device, memory_format=memory_format(channels_last))
+        heads = net.heads
+    net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed else net
     net = torch.compile(net) if compile_model else net
+    trained = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
     encoder_params = {id(p) for m in model.encoder() for p in m.parameters()}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in encoder_params],
+    groups = [{"params": [p for p in trained if p.requires_grad and id(p) in encoder_params],
                "lr": lr * encoder_lr_scale},
-              {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params],
+              {"params": [p for p in trained if p.requires_grad and id(p) not in encoder_params],
                "lr": lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     loss_fn = DiceBCELoss(dice_weight, bce_weight, mode=dice_mode, beta=tversky_beta)
     return TrainingParts(model=model, net=net, loss_fn=loss_fn, optimizer=optimizer,
-                         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+                         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), heads=heads)
 
 
 def forward_loss(
     model: nn.Module, image: torch.Tensor, mask: torch.Tensor, loss_fn: nn.Module, amp_dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """Forward pass under autocast; the loss itself is computed in fp32."""
+    """Forward pass under autocast; the loss itself is computed in fp32 (``supervised_loss``)."""
     with autocast(image.device, amp_dtype):
-        logits = model(image)
-    return loss_fn(logits.float(), mask)
+        outputs = model(image)
+    return supervised_loss(outputs, mask, loss_fn)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -154,6 +196,8 @@ def restore(resumed: dict, parts: TrainingParts, scheduler: torch.optim.lr_sched
         raise UserError(f"{source}: the data no longer gives the run's validation patients; "
                         "resume with the same --data-dir")
     parts.model.load_state_dict(resumed["model"])
+    if parts.heads is not None:
+        parts.heads.load_state_dict(resumed["heads"])
     parts.optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
     parts.scaler.load_state_dict(resumed["scaler"])
@@ -175,6 +219,8 @@ def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_sc
         "metrics": state["metrics"], "config": config_record, "history": state["history"],
         "best_dice": state["best_dice"], "best_epoch": state["best_epoch"], "rng": rng_state(),
     }
+    if parts.heads is not None:  # only --resume needs them; scoring uses the model alone
+        checkpoint["heads"] = parts.heads.state_dict()
     # last.pt first: a crash between the two writes leaves a best.pt no newer than last.pt.
     save_torch(run_dir / "last.pt", checkpoint)
     if state["best_epoch"] == state["epoch"]:

@@ -48,13 +48,15 @@ sys.exit(engine.main(sys.argv[1:]))
 """
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn):
+@pytest.mark.parametrize("extra", [[], ["--deep-supervision"]], ids=["plain", "deep-supervision"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn, extra):
+    # With deep supervision the checkpoint must also carry the heads, or the resumed run diverges.
     reference = tmp_path / "reference"
-    assert main(tiny(tmp_path, syn, reference, "--epochs", "3")) == 0
+    assert main(tiny(tmp_path, syn, reference, "--epochs", "3", *extra)) == 0
 
     run = tmp_path / "killed"
     code = KILLER.format(root=str(ROOT), kill_at=5 + 3)  # the 3rd step of epoch 2
-    proc = subprocess.run([sys.executable, "-c", code, *tiny(tmp_path, syn, run, "--epochs", "3")],
+    proc = subprocess.run([sys.executable, "-c", code, *tiny(tmp_path, syn, run, "--epochs", "3", *extra)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "metrics.json").exists()

@@ -1,0 +1,69 @@
+"""Deep supervision: the weighted loss by hand, the heads in training only, a plain model saved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine import main
+from model import UNet, network_from_checkpoint
+from training import DEEP_SUPERVISION_WEIGHTS, DeepSupervision, supervised_loss
+
+
+def _abs_error(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (out - mask).abs().mean()
+
+
+def test_supervised_loss_by_hand():
+    # Zero logits, so each level's loss is the share of tumor in its mask. The 4 x 4 mask has a
+    # 2 x 2 block at the top left and one more pixel at (2, 2): 5/16. Nearest neighbour keeps rows
+    # and columns 0 and 2 at half size: (0,0)=1, (0,2)=0, (2,0)=0, (2,2)=1, so 2/4; and (0,0)=1 at
+    # quarter size: 1. Weights 4/7, 2/7, 1/7: 4/7 * 5/16 + 2/7 * 1/2 + 1/7 * 1 = 13/28.
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1
+    mask[0, 0, 2, 2] = 1
+    outputs = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 1)]
+    assert DEEP_SUPERVISION_WEIGHTS == pytest.approx((4 / 7, 2 / 7, 1 / 7)) and sum(DEEP_SUPERVISION_WEIGHTS) == 1
+    assert supervised_loss(outputs, mask, _abs_error).item() == pytest.approx(13 / 28)
+    # Plain logits: the loss itself, unchanged.
+    assert supervised_loss(outputs[0], mask, _abs_error).item() == pytest.approx(5 / 16)
+    with pytest.raises(ValueError):  # a missing level is an error, not a silently lighter loss
+        supervised_loss(outputs[:2], mask, _abs_error)
+
+
+def test_heads_speak_in_training_only():
+    torch.manual_seed(0)
+    net = DeepSupervision(UNet(features=4), features=4)
+    x = torch.randn(2, 3, 32, 32)
+    full, half, quarter = net.train()(x)
+    assert (full.shape, half.shape, quarter.shape) == ((2, 1, 32, 32), (2, 1, 16, 16), (2, 1, 8, 8))
+    net.eval()
+    assert torch.equal(net(x), net.model(x))  # evaluation sees the plain UNet
+    # The heads' parameters are not the model's: checkpoints of the model stay plain.
+    assert not any(k.startswith("heads") for k in net.model.state_dict())
+
+
+def test_deep_supervision_run_saves_a_plain_model_that_evaluate_reproduces(tmp_path):
+    args = ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
+            "--synthetic-slices", "6", "--image-size", "32", "--features", "4", "--epochs", "2",
+            "--batch-size", "4", "--deep-supervision", "--val-fraction", "0.4", "--progress", "off",
+            "--cache-dir", "off", "--out-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert set(ckpt["heads"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    network_from_checkpoint(ckpt)  # the model's weights load into a plain UNet (strict)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--no-progress", "--cache-dir",
+                 "off", "--out-dir", str(tmp_path / "eval")]) == 0
+    run = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["dice_per_volume_mean"] == pytest.approx(run["dice_per_volume_mean"], abs=1e-6)
+
+
+def test_deep_supervision_needs_the_unet(tmp_path, capsys):
+    assert main(["--synthetic", "--encoder", "resnet34", "--deep-supervision",
+                 "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--deep-supervision" in err and "--encoder unet" in err
+    assert not (tmp_path / "run").exists()
