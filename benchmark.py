@@ -30,8 +30,8 @@ from training import TrainingParts, build_training, forward_loss, optimizer_step
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
 FIELDS = ("data_dir", "synthetic", "synthetic_dir", "synthetic_patients", "synthetic_slices", "seed",
           "image_size", "batch_size", "encoder", "features", "normalization", "modality_dropout",
-          "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile", "num_workers", "cache_dir",
-          "strict", "progress", "out_dir")
+          "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile", "num_workers",
+          "cache_dir", "strict", "progress", "out_dir")
 
 
 def _sync(device: torch.device) -> None:

@@ -181,7 +181,7 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
         raise UserError("--postprocess-a and --postprocess-b go together: give both (or neither, to compare "
                         "every post-processing with itself)")
     summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs,
-                                   by_site=args.by_institution)
+                                   per_institution=args.by_institution)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
     print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))

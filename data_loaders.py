@@ -1128,7 +1128,8 @@ def dataset_report(root: Path, strict: bool = False) -> dict:
                     flair_in_place[modality].append(name)
     institutions: dict[str, int] = {}
     for name in groups:
-        institutions[institution(name)] = institutions.get(institution(name), 0) + 1
+        site = institution(name)
+        institutions[site] = institutions.get(site, 0) + 1
     report = {
         "root": str(root), "patients": len(groups), "slices": len(records), "tumor_slices": tumor_slices,
         "institutions": dict(sorted(institutions.items())), "image_sizes": sizes,

@@ -371,13 +371,13 @@ def paired_difference(
 
 def compare_runs(
     a: pd.DataFrame, b: pd.DataFrame, *, resamples: int = 10_000, seed: int = 0,
-    pairs: Sequence[tuple[str, str]] | None = None, by_site: bool = False,
+    pairs: Sequence[tuple[str, str]] | None = None, per_institution: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pair two ``patient_scores`` tables by patient; return the summary (one row per compared
     post-processing: ``paired_difference``, with institution 'all') and the paired per-patient table.
 
     ``pairs`` lists (post-processing of A, post-processing of B) to compare; by default every
-    post-processing both tables hold, each against itself. ``by_site`` adds, after each
+    post-processing both tables hold, each against itself. ``per_institution`` adds, after each
     post-processing's row, one row per institution (``data_loaders.institution``) of its patients.
     """
     paired = a.merge(b, on="patient", suffixes=("_a", "_b"))
@@ -392,7 +392,7 @@ def compare_runs(
                 raise UserError(f"run {side} has no Dice with post-processing {name!r}; it has "
                                 f"{', '.join(c for c in frame.columns if c.startswith('dice'))}")
     groups = [("all", paired)]
-    if by_site:
+    if per_institution:
         groups += list(paired.groupby(paired["patient"].map(institution), sort=True))
     summary = pd.DataFrame([
         {"postprocess": name_a if name_a == name_b else f"{name_a} -> {name_b}", "institution": site,

@@ -52,7 +52,8 @@ class DeepSupervision(nn.Module):
     def __init__(self, model: nn.Module, features: int) -> None:
         super().__init__()
         self.model = model
-        self.heads = nn.ModuleList([nn.Conv2d(2 * features, 1, kernel_size=1), nn.Conv2d(4 * features, 1, kernel_size=1)])
+        self.heads = nn.ModuleList([nn.Conv2d(2 * features, 1, kernel_size=1),  # H/2
+                                    nn.Conv2d(4 * features, 1, kernel_size=1)])  # H/4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not self.training:
