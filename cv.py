@@ -186,7 +186,6 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
-        label = "raw" if row.postprocess == "none" else row.postprocess
         if row.institution != "all":  # indented under its post-processing's line
             # A bootstrap of a handful of patients gives an interval that means nothing: none below 5.
             interval = (f"95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}" if row.patients >= SITE_CI_MIN
@@ -194,6 +193,7 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
             print(f"{row.institution + f' ({row.patients})':>20}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, B - A "
                   f"{row.difference:+.4f} ({interval}); better: {row.better}, worse: {row.worse}")
             continue
+        label = "raw" if row.postprocess == "none" else row.postprocess
         print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
               f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
               f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
 from evaluation import trained_patients
-from model import describe_weights, make_network, pretrained_weights
+from model import OutConv, describe_weights, make_network, pretrained_weights
 from reports import write_history
 
 
@@ -52,8 +52,7 @@ class DeepSupervision(nn.Module):
     def __init__(self, model: nn.Module, features: int) -> None:
         super().__init__()
         self.model = model
-        self.heads = nn.ModuleList([nn.Conv2d(2 * features, 1, kernel_size=1),  # H/2
-                                    nn.Conv2d(4 * features, 1, kernel_size=1)])  # H/4
+        self.heads = nn.ModuleList([OutConv(2 * features, 1), OutConv(4 * features, 1)])  # H/2, H/4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not self.training:
