@@ -149,9 +149,10 @@ class Config:
     threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
     # ---- evaluation ----
     postprocess: str = _opt("none", "per patient, keep every predicted voxel (none), the largest 3D component "
-                            "(lcc), the component of largest probability mass (mass), or the component of "
-                            "largest probability mass inside the brain, away from the scalp (brain); all are "
-                            "always reported", evaluation.POSTPROCESSING)
+                            "(lcc), the component of largest probability mass (mass), the component of largest "
+                            "probability mass inside the brain, away from the scalp (brain), or that component "
+                            "with the holes of each slice filled (brain-filled); all are always reported",
+                            evaluation.POSTPROCESSING)
     tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")
     # ---- hardware ----

@@ -47,6 +47,7 @@ from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
     brain_component_3d,
+    fill_slice_holes,
     hd95,
     heaviest_component_3d,
     largest_component_3d,
@@ -153,8 +154,9 @@ def predict_volumes(
 
 # Post-processing of a patient's predicted volume (all are always scored and reported):
 # none; lcc, the largest 3D component by voxels; mass, the component of largest probability
-# mass; brain, the heaviest component lying mostly in the brain rather than on the scalp rim.
-POSTPROCESSING = ("none", "lcc", "mass", "brain")
+# mass; brain, the heaviest component lying mostly in the brain rather than on the scalp rim;
+# brain-filled, brain's component with the holes of each slice filled.
+POSTPROCESSING = ("none", "lcc", "mass", "brain", "brain-filled")
 
 
 def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
@@ -167,6 +169,8 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
         return heaviest_component_3d(v.pred, v.prob)
     if method == "brain":
         return brain_component_3d(v.pred, v.prob, v.inside)
+    if method == "brain-filled":
+        return fill_slice_holes(brain_component_3d(v.pred, v.prob, v.inside))
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
 
 

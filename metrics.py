@@ -165,6 +165,17 @@ def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray) -
     return _keep_best_component(pred, score)
 
 
+def fill_slice_holes(volume: np.ndarray) -> np.ndarray:
+    """``volume`` (D, H, W bool) with the holes of each axial slice filled: background pixels that
+    the slice's mask encloses (4-connected background not reaching the slice's border).
+
+    A FLAIR abnormality is solid in the masks (17 of the 469 tumor slices of the 36 subset patients
+    have a hole), but a cystic lesion's center is dark on FLAIR and may be left out of the
+    prediction while its rim is found. Filling only adds pixels, so it never loses a tumor.
+    """
+    return np.stack([ndimage.binary_fill_holes(s) for s in volume]) if len(volume) else volume.astype(bool)
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with at least one 6-neighbour outside it (the object's border)."""
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
