@@ -7,7 +7,8 @@ Every function writes into a run (or evaluation) folder and returns the path it 
 - ``overlays/<patient>.png``: each validation patient's slices where the truth or the prediction
   has tumor, FLAIR with the truth outlined in green and the prediction in red, and the slice's
   Dice (or "false positive only", "tumor missed") in its title;
-- ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts;
+- ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts, the lesion's
+  FLAIR contrast against the brain (``metrics.lesion_contrast``);
 - ``summary.md``: config, metrics, timing, environment, links to the images, best and worst patients.
 
 ``compare_runs`` pairs the per-patient Dice of two runs (the ``compare`` command).
@@ -33,7 +34,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from data_loaders import institution
 from libraries import UserError
-from metrics import dice_from_counts
+from metrics import dice_from_counts, lesion_contrast
 
 TRUTH_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (255, 0, 0)  # red
@@ -90,9 +91,11 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     return path
 
 
-def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame | None = None) -> Path:
-    """per_patient.csv: one row per validation patient, joined with data.csv's clinical fields
-    (by patient ID, TCGA_XX_NNNN) when that table is given; missing cells stay empty."""
+def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame | None = None,
+                          contrast: dict[str, float | None] | None = None) -> Path:
+    """per_patient.csv: one row per validation patient, with ``contrast`` (``lesion_contrast`` by
+    patient name) as ``flair_contrast`` when given, joined with data.csv's clinical fields (by
+    patient ID, TCGA_XX_NNNN) when that table is given; missing cells stay empty."""
     frame = pd.DataFrame(metrics["per_patient"]).rename(
         columns={"tumor_pixels": "true_area_px", "predicted_pixels": "pred_area_px"}
     )
@@ -100,6 +103,8 @@ def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame |
                "slices", "tumor_slices"]
     frame = frame[[c for c in columns if c in frame]]
     frame.insert(1, "institution", frame["patient"].map(institution))
+    if contrast is not None:
+        frame["flair_contrast"] = frame["patient"].map(contrast)
     if clinical is not None:
         ids = frame["patient"].map(lambda name: "_".join(name.split("_")[:3]))
         frame = pd.concat([frame, clinical.reindex(ids).reset_index(drop=True)], axis=1)
@@ -269,7 +274,8 @@ def write_reports(
     images = [plot_curves(out_dir, history)] if history else []
     images.append(plot_dice_per_volume(out_dir, metrics))
     images += write_overlays(out_dir, volumes, flair, slice_numbers, [v.name for v in scans])
-    csv_path = write_per_patient_csv(out_dir, metrics, clinical)
+    contrast = {v.name: lesion_contrast(v.images[..., 1], v.masks > 0, v.interior()) for v in scans}
+    csv_path = write_per_patient_csv(out_dir, metrics, clinical, contrast)
     summary = write_summary(out_dir, metrics, title=title, config=config, environment=environment,
                             timing=timing, images=images)
     return [*images, csv_path, summary]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import SegmentationMeter, dice_from_counts, iou_from_counts, ratio
+from metrics import SegmentationMeter, dice_from_counts, iou_from_counts, lesion_contrast, ratio
 
 
 def masks(*rows):
@@ -78,3 +78,25 @@ def test_patient_never_seen_is_left_out():
     m = meter.compute()
     assert [p["patient"] for p in m["per_patient"]] == ["B"]
     assert m["dice_per_volume_mean"] == 1.0
+
+
+def test_lesion_contrast_by_hand():
+    """Brain around the lesion: seven pixels of 2 and seven of 4 (median 3, std 1); lesion: 10 and
+    12 (mean 11). Contrast (11 - 3) / 1 = 8. Pixels outside ``inside`` do not count, whatever they hold."""
+    flair = np.array([[2, 2, 2, 2, 2, 2, 2, 4],
+                      [4, 4, 4, 4, 4, 4, 10, 12],
+                      [250, 250, 250, 250, 250, 250, 250, 250]], np.uint8)[None]
+    truth = np.zeros_like(flair, bool)
+    truth[0, 1, 6:] = True
+    inside = np.ones_like(truth)
+    inside[0, 2] = False  # the scalp
+    assert lesion_contrast(flair, truth, inside) == pytest.approx(8.0)
+    # A darker lesion has a negative contrast; an affine rescaling of the scan changes nothing.
+    dark = flair.copy()
+    dark[0, 1, 6:] = 1
+    assert lesion_contrast(dark, truth, inside) == pytest.approx(-2.0)
+    assert lesion_contrast(flair.astype(np.float64) * 3 + 7, truth, inside) == pytest.approx(8.0)
+    # Undefined: no tumor, no brain left around it, or a uniform brain.
+    assert lesion_contrast(flair, np.zeros_like(truth), inside) is None
+    assert lesion_contrast(flair, truth, truth) is None
+    assert lesion_contrast(np.where(truth, 9, 5), truth, inside) is None

@@ -61,6 +61,8 @@ def test_run_writes_every_report(run):
         assert int(r["true_area_px"]) == m["tumor_pixels"] > 0 and int(r["pred_area_px"]) == m["predicted_pixels"]
         assert {"iou", "hd95_px", "tumor_slices"} <= r.keys()
     assert [r["institution"] for r in rows] == [institution(p) for p in val]
+    # The synthetic lesions are FLAIR-bright by construction: a clearly positive contrast.
+    assert all(float(r["flair_contrast"]) > 0.5 for r in rows), [r["flair_contrast"] for r in rows]
     summary = (run / "summary.md").read_text()
     # Each institution's row holds the mean raw Dice of its patients.
     raw = metrics["postprocessing"]["none"]["dice_per_patient"]
