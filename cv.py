@@ -97,7 +97,7 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     numeric = table.drop(columns=["fold"])
     patients = pd.concat(per_patient, ignore_index=True)
     scores = [c for c in patients.columns if c.startswith("dice")]  # dice, dice_lcc, ...: one per post-processing
-    patients = patients[["fold", "patient", *scores]]
+    patients = patients[["fold", "patient", *scores, *(c for c in ("flair_contrast",) if c in patients)]]
     patients.to_csv(base / "cv_patients.csv", index=False)
     pooled = {"fold": "all patients", "patients": len(patients),
               **{f"dice_per_volume_{stat}{c.removeprefix('dice')}": getattr(patients[c], stat)()

@@ -52,6 +52,7 @@ from data_preprocessing import (
     volume_stats,
 )
 from libraries import UserError, add_bool_flag, atomic_write, save_json
+from metrics import lesion_contrast
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
 DEFAULT_LOCATIONS = ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m")
@@ -451,6 +452,7 @@ class PatientVolume:
     box: tuple[int, int, int, int] | None = None
     mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
     _interior: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _contrast: tuple[float | None] | None = field(default=None, repr=False, compare=False)
 
     def interior(self) -> np.ndarray:
         """(N, H, W) bool: the brain away from the scalp (``brain_interior``), computed once: every
@@ -458,6 +460,13 @@ class PatientVolume:
         if self._interior is None:
             self._interior = brain_interior(self.images)
         return self._interior
+
+    def flair_contrast(self) -> float | None:
+        """How much brighter the true lesion is on FLAIR than the brain around it
+        (``metrics.lesion_contrast``), computed once; None without tumor."""
+        if self._contrast is None:
+            self._contrast = (lesion_contrast(self.images[..., FLAIR_CHANNEL], self.masks > 0, self.interior()),)
+        return self._contrast[0]
 
 
 NORMALIZATIONS = ("volume", "buda")

@@ -95,6 +95,7 @@ class PatientPrediction:
     pred: np.ndarray  # bool: prob > threshold, decided in float32 before the cast
     truth: np.ndarray  # bool
     inside: np.ndarray  # bool: the brain, away from the scalp (data_preprocessing.brain_interior)
+    contrast: float | None = None  # the true lesion's FLAIR contrast (PatientVolume.flair_contrast)
 
 
 @torch.inference_mode()
@@ -147,8 +148,10 @@ def predict_volumes(
         items.sort(key=lambda item: item[0])
         prob, pred, truth = (np.stack([i[k] for i in items]) for k in (1, 2, 3))
         volume = loader.dataset.volumes[p]  # its slices are in slice order too
-        inside = volume.interior() if len(volume.images) == len(items) else np.ones_like(pred)
-        volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth, inside=inside)
+        whole = len(volume.images) == len(items)
+        volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth,
+                                       inside=volume.interior() if whole else np.ones_like(pred),
+                                       contrast=volume.flair_contrast() if whole else None)
     return total, seen, volumes
 
 
@@ -204,8 +207,10 @@ def score_volumes(
         if (v.pred & v.truth).any() and not (pred & v.truth).any():
             lost.append(patients[p])
     metrics = meter.compute()
+    contrast = {patients[p]: v.contrast for p, v in volumes.items()}
     for row in metrics["per_patient"]:
         row["hd95_px"], row["hd95_mm"] = distances[row["patient"]]
+        row["flair_contrast"] = contrast[row["patient"]]
     defined = [d[0] for d in distances.values() if d[0] is not None]
     metrics["hd95_px_mean"] = float(np.mean(defined)) if defined else None
     metrics["hd95_undefined_patients"] = len(distances) - len(defined)

@@ -7,8 +7,8 @@ Every function writes into a run (or evaluation) folder and returns the path it 
 - ``overlays/<patient>.png``: each validation patient's slices where the truth or the prediction
   has tumor, FLAIR with the truth outlined in green and the prediction in red, and the slice's
   Dice (or "false positive only", "tumor missed") in its title;
-- ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts, the lesion's
-  FLAIR contrast against the brain (``metrics.lesion_contrast``);
+- ``per_patient.csv``: Dice, IoU, HD95, true and predicted tumor area, slice counts, and how much
+  brighter the true lesion is on FLAIR than the brain around it (``metrics.lesion_contrast``);
 - ``summary.md``: config, metrics, timing, environment, links to the images, best and worst patients.
 
 ``compare_runs`` pairs the per-patient Dice of two runs (the ``compare`` command).
@@ -34,7 +34,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from data_loaders import institution
 from libraries import UserError
-from metrics import dice_from_counts, lesion_contrast
+from metrics import dice_from_counts
 
 TRUTH_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (255, 0, 0)  # red
@@ -91,20 +91,16 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     return path
 
 
-def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame | None = None,
-                          contrast: dict[str, float | None] | None = None) -> Path:
-    """per_patient.csv: one row per validation patient, with ``contrast`` (``lesion_contrast`` by
-    patient name) as ``flair_contrast`` when given, joined with data.csv's clinical fields (by
-    patient ID, TCGA_XX_NNNN) when that table is given; missing cells stay empty."""
+def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame | None = None) -> Path:
+    """per_patient.csv: one row per validation patient, joined with data.csv's clinical fields
+    (by patient ID, TCGA_XX_NNNN) when that table is given; missing cells stay empty."""
     frame = pd.DataFrame(metrics["per_patient"]).rename(
         columns={"tumor_pixels": "true_area_px", "predicted_pixels": "pred_area_px"}
     )
     columns = ["patient", "dice", "iou", "hd95_px", "hd95_mm", "true_area_px", "pred_area_px",
-               "slices", "tumor_slices"]
+               "slices", "tumor_slices", "flair_contrast"]
     frame = frame[[c for c in columns if c in frame]]
     frame.insert(1, "institution", frame["patient"].map(institution))
-    if contrast is not None:
-        frame["flair_contrast"] = frame["patient"].map(contrast)
     if clinical is not None:
         ids = frame["patient"].map(lambda name: "_".join(name.split("_")[:3]))
         frame = pd.concat([frame, clinical.reindex(ids).reset_index(drop=True)], axis=1)
@@ -198,7 +194,7 @@ def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> list[str]
 
 
 def _fmt(value: object, digits: int = 4) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -231,7 +227,8 @@ def write_summary(
     if metrics.get("postprocessing"):
         sites = by_institution(dice_table(metrics))
         names = [c.removeprefix("dice_") if c != "dice" else "raw" for c in sites.columns[2:]]
-        lines += ["", "Mean Dice per volume by institution (the TCGA tissue source site in the patient's name):", ""]
+        lines += ["", "Mean Dice per volume by institution (the TCGA tissue source site in the patient's name), "
+                  "and the mean FLAIR contrast of its lesions (flair_contrast in per_patient.csv):", ""]
         lines += _table([(r[0], r[1], *(_fmt(v) for v in r[2:])) for r in sites.itertuples(index=False)],
                         ("institution", "patients", *names))
     lines += ["", "## Patients", "", "Worst and best by Dice per volume:", ""]
@@ -274,8 +271,7 @@ def write_reports(
     images = [plot_curves(out_dir, history)] if history else []
     images.append(plot_dice_per_volume(out_dir, metrics))
     images += write_overlays(out_dir, volumes, flair, slice_numbers, [v.name for v in scans])
-    contrast = {v.name: lesion_contrast(v.images[..., 1], v.masks > 0, v.interior()) for v in scans}
-    csv_path = write_per_patient_csv(out_dir, metrics, clinical, contrast)
+    csv_path = write_per_patient_csv(out_dir, metrics, clinical)
     summary = write_summary(out_dir, metrics, title=title, config=config, environment=environment,
                             timing=timing, images=images)
     return [*images, csv_path, summary]
@@ -301,21 +297,28 @@ def _scores_from_csv(path: Path) -> pd.DataFrame:
 
 
 def dice_table(metrics: dict) -> pd.DataFrame:
-    """Columns patient, dice, dice_lcc, ... (one per post-processing) of an evaluation's metrics."""
+    """Columns patient, dice, dice_lcc, ... (one per post-processing) of an evaluation's metrics, then
+    flair_contrast where its per-patient rows have it."""
     variants = metrics["postprocessing"]
     none = variants["none"]["dice_per_patient"]
-    return pd.DataFrame({"patient": list(none), **{
+    table = pd.DataFrame({"patient": list(none), **{
         score_column(name): [v["dice_per_patient"][p] for p in none] for name, v in variants.items()}})
+    contrast = {r["patient"]: r["flair_contrast"] for r in metrics.get("per_patient", []) if "flair_contrast" in r}
+    if contrast:
+        table["flair_contrast"] = table["patient"].map(contrast).astype(float)
+    return table
 
 
 def by_institution(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean Dice per volume of each institution's patients: columns institution, patients, and the
-    mean of each dice* column of ``scores`` (a ``patient_scores`` or ``dice_table`` frame), one row per
-    institution in alphabetical order, then one for all patients.
+    mean of each dice* column of ``scores`` (a ``patient_scores`` or ``dice_table`` frame) and of its
+    flair_contrast where it has one, one row per institution in alphabetical order, then one for all
+    patients.
 
     The dataset's patients come from five institutions (``data_loaders.institution``) whose scanners
-    and protocols differ; a model that generalizes poorly shows it as a gap between them."""
-    columns = [c for c in scores.columns if c.startswith("dice")]
+    and protocols differ; a model that generalizes poorly shows it as a gap between them. Fainter
+    lesions (a lower mean flair_contrast) scored lower too in our cross-validation (docs/results.md)."""
+    columns = [c for c in scores.columns if c.startswith("dice") or c == "flair_contrast"]
     grouped = scores.assign(institution=scores["patient"].map(institution)).groupby("institution", sort=True)
     table = grouped[columns].mean().reset_index()
     table.insert(1, "patients", grouped.size().to_numpy())

@@ -397,8 +397,16 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
         sites = list(csv.DictReader(f))
     assert [r["institution"] for r in sites] == sorted({institution(r["patient"]) for r in patients}) + ["all"]
     for site in sites:
-        mine = [float(r["dice_brain"]) for r in patients if site["institution"] in ("all", institution(r["patient"]))]
-        assert (int(site["patients"]), float(site["dice_brain"])) == (len(mine), pytest.approx(np.mean(mine)))
+        mine = [r for r in patients if site["institution"] in ("all", institution(r["patient"]))]
+        assert int(site["patients"]) == len(mine)
+        for column in ("dice_brain", "flair_contrast"):  # the lesions' contrast is averaged like the Dice
+            assert float(site[column]) == pytest.approx(np.mean([float(r[column]) for r in mine])), column
+    # Each patient's contrast is the one its fold's evaluation measured.
+    for i in (0, 1):
+        rows_i = json.loads((tmp_path / "cv" / f"fold-{i}" / "metrics.json").read_text())["per_patient"]
+        for row in rows_i:
+            mine = next(r for r in patients if r["patient"] == row["patient"])
+            assert float(mine["flair_contrast"]) == pytest.approx(row["flair_contrast"]) and row["flair_contrast"] > 0
     assert "by institution (cv_institutions.csv)" in printed
     assert float(rows[4]["dice_per_volume_mean"]) == pytest.approx(np.mean(list(fold_dice.values())))
     assert float(rows[4]["dice_per_volume_median"]) == pytest.approx(np.median(list(fold_dice.values())))

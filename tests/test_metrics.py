@@ -100,3 +100,26 @@ def test_lesion_contrast_by_hand():
     assert lesion_contrast(flair, np.zeros_like(truth), inside) is None
     assert lesion_contrast(flair, truth, truth) is None
     assert lesion_contrast(np.where(truth, 9, 5), truth, inside) is None
+
+
+def test_a_volume_measures_its_lesion_contrast_on_flair_once(monkeypatch):
+    """PatientVolume.flair_contrast is lesion_contrast of its FLAIR channel (1), its mask and its
+    brain interior: a lesion bright on FLAIR only, so another channel would give a contrast near 0."""
+    import data_loaders
+    from data_preprocessing import volume_stats
+
+    rng = np.random.default_rng(0)
+    images = np.zeros((2, 40, 40, 3), np.uint8)
+    images[:, 4:36, 4:36] = rng.integers(90, 110, (2, 32, 32, 3))  # the head
+    masks = np.zeros((2, 40, 40), np.uint8)
+    masks[1, 16:22, 16:22] = 1
+    images[1, 16:22, 16:22, 1] = 200  # FLAIR-bright lesion
+    volume = data_loaders.PatientVolume("P", images, masks, [1, 2], volume_stats(images))
+    expected = lesion_contrast(images[..., 1], masks > 0, volume.interior())
+    assert expected > 10 and volume.flair_contrast() == pytest.approx(expected)
+    empty = data_loaders.PatientVolume("Q", images, np.zeros_like(masks), [1, 2], volume_stats(images))
+    assert empty.flair_contrast() is None
+    calls = []
+    monkeypatch.setattr(data_loaders, "lesion_contrast", lambda *a: calls.append(a))
+    assert volume.flair_contrast() == pytest.approx(expected) and not calls  # cached
+    assert empty.flair_contrast() is None and not calls  # None is cached too
