@@ -315,9 +315,10 @@ def format_metrics(metrics: dict, title: str) -> str:
     if metrics.get("hd95_mm_mean") is not None:
         lines.append(f"  {'HD95 per volume, mean (mm)':<28} {metrics['hd95_mm_mean']:.2f}")
     lines.append("  Dice per volume mean / median, by post-processing (patients whose tumor it threw away):")
+    width = max(map(len, metrics["postprocessing"]))
     for name, v in metrics["postprocessing"].items():
         lost = v["tumor_lost_patients"]
-        lines.append(f"    {name:<6} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}"
+        lines.append(f"    {name:<{width}} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}"
                      + (f"  ({len(lost)}: {', '.join(lost)})" if lost else ""))
     return "\n".join(lines)
 

@@ -161,3 +161,17 @@ def test_an_ensemble_must_prepare_its_inputs_alike(tmp_path, capsys, other, says
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and says in err and "a.pt has" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_end_of_run_table_lines_up_every_rule_name():
+    from evaluation import POSTPROCESSING, format_metrics
+
+    values = {k: 0.5 for k in ("dice_per_volume_mean", "dice_per_volume_median", "iou_per_volume_mean", "dice_global",
+                               "iou_global", "dice_per_slice_tumor_mean", "precision", "recall")}
+    metrics = {"patients": 1, "slices": 2, "tumor_slices": 1, "postprocess": "brain", "tta": False, "threshold": 0.5,
+               "hd95_px_mean": 1.0, "hd95_undefined_patients": 0, **values,
+               "postprocessing": {name: {"dice_per_volume_mean": 0.25, "dice_per_volume_median": 0.75,
+                                         "tumor_lost_patients": []} for name in POSTPROCESSING}}
+    rows = format_metrics(metrics, "t").splitlines()[-len(POSTPROCESSING):]
+    assert [r.split()[0] for r in rows] == list(POSTPROCESSING)
+    assert len({r.index("0.2500") for r in rows}) == 1  # the numbers start in one column
