@@ -736,10 +736,10 @@ def report_issues(issues: DataIssues, out_dir: Path | None, shown: int = 5) -> N
 class LGGSlices(Dataset):
     """2D slices of several patient volumes.
 
-    Each item is a dict with ``image`` (3, S, S) uint8, ``mask`` (1, S, S) uint8 {0, 1},
-    ``stats`` (4, 3) float32, the volume's normalization statistics (``normalize`` applies them
-    on the device), ``patient`` (int index into ``self.patients``) and ``slice`` (slice number). With
-    ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the mask at the file's
+    Each item is a dict with ``image`` (C, S, S) uint8 (C = 3 + 2 * context), ``mask`` (1, S, S)
+    uint8 {0, 1}, ``stats`` (4, C) float32, the volume's normalization statistics (``normalize``
+    applies them on the device), ``patient`` (int index into ``self.patients``) and ``slice``
+    (slice number). With ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the mask at the file's
     own resolution, which evaluation scores against so that metrics do not depend on
     ``image_size``.
 
@@ -747,6 +747,12 @@ class LGGSlices(Dataset):
     chance p, replaced by the FLAIR channel together with its statistics: the item then looks
     exactly like a slice of a patient whose missing modality the dataset filled with FLAIR.
     This lives here rather than in albumentations because the statistics change with it.
+
+    With ``context`` k > 0 (2.5D input), the FLAIR channels of the k slices below and the k
+    above follow the slice's own three, nearest first (below, above, next below, ...): the image
+    has 3 + 2k channels, and the statistics give each added channel the volume's FLAIR column.
+    At the ends of a volume the missing neighbours repeat the end slice. They pass through the
+    same albumentations call as the slice, so every channel gets the same geometry.
     """
 
     def __init__(
@@ -756,10 +762,14 @@ class LGGSlices(Dataset):
         *,
         full_mask: bool = False,
         modality_dropout: float = 0.0,
+        context: int = 0,
     ) -> None:
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout is a probability in [0, 1], got {modality_dropout}")
+        if context < 0:
+            raise ValueError(f"context is a number of slices on each side, >= 0; got {context}")
         self.modality_dropout = modality_dropout
+        self.context = context
         self.rng = np.random.default_rng(0)
         self.volumes = list(volumes)
         self.patients = [v.name for v in self.volumes]
@@ -768,7 +778,8 @@ class LGGSlices(Dataset):
         # (volume index, position in volume) for every slice, patients in order.
         self.index = [(p, i) for p, v in enumerate(self.volumes) for i in range(len(v.images))]
         self.has_tumor = np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes else np.zeros(0, bool)
-        self.stats = [v.stats.as_tensor() for v in self.volumes]  # once per volume, not per item
+        # Once per volume, not per item: (4, 3 + 2 * context), the added columns FLAIR's.
+        self.stats = [with_context_columns(v.stats.as_tensor(), context) for v in self.volumes]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -777,6 +788,10 @@ class LGGSlices(Dataset):
         p, j = self.index[i]
         vol = self.volumes[p]
         image, mask = vol.images[j], vol.masks[j]
+        if self.context:
+            around = context_positions(j, len(vol.images), self.context)
+            flair = vol.images[around, ..., FLAIR_CHANNEL]  # (2k, H, W)
+            image = np.concatenate([image, flair.transpose(1, 2, 0)], axis=2)  # (H, W, 3 + 2k)
         item: dict[str, torch.Tensor | int] = {"patient": p, "slice": vol.slice_numbers[j]}
         if vol.box is not None:  # 'buda': float32 at the model's size, as their network saw it
             image, mask, (top, left, side) = buda_square(image, mask, vol.box, self.preprocess.image_size)
@@ -806,6 +821,18 @@ class LGGSlices(Dataset):
         """Seed the augmentation streams (albumentations keeps its own RNG, apart from numpy's)."""
         self.preprocess.transform.set_random_seed(seed)
         self.rng = np.random.default_rng(seed)
+
+
+def context_positions(j: int, n: int, context: int) -> list[int]:
+    """The positions of slice j's 2 * ``context`` neighbours in a volume of n slices, nearest first
+    (j-1, j+1, j-2, j+2, ...), clamped to the volume: the end slice stands in for missing ones."""
+    return [min(max(j + sign * d, 0), n - 1) for d in range(1, context + 1) for sign in (-1, 1)]
+
+
+def with_context_columns(stats: torch.Tensor, context: int) -> torch.Tensor:
+    """(4, 3) normalization statistics -> (4, 3 + 2 * context): the neighbours' FLAIR channels
+    are normalized with the volume's FLAIR statistics."""
+    return torch.cat([stats, stats[:, FLAIR_CHANNEL : FLAIR_CHANNEL + 1].expand(-1, 2 * context)], dim=1)
 
 
 def seed_worker(worker_id: int) -> None:

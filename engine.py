@@ -120,6 +120,8 @@ class Config:
                                 "zoom 0.7-1.4 and a rotation of +-30 degrees, each at p 0.2)", SPATIAL_AUGMENTS)
     intensity_augment: bool = _opt(False, "training: nnU-Net-style gamma, brightness, contrast, noise, blur and "
                                    "low-resolution steps, drawn per channel, after normalization")
+    context_slices: int = _opt(0, "2.5D input (unet): the FLAIR of this many slices above and below each slice "
+                               "joins its 3 channels as extra input channels; 0: 2D")
     # ---- model ----
     encoder: str = _opt("unet", "unet: the hand-written UNet; resnet34: a UNet on torchvision's ResNet-34",
                          ("unet", "resnet34"))
@@ -173,6 +175,9 @@ class Config:
     preset: str = _opt("none", "a tested recipe: cpu (128 px, 13-25 min on 2 cores for the 36-patient "
                        "subset) or full (256 px, for a GPU); flags you give still win", ("none", "cpu", "full"))
 
+
+# A volume has 20-88 slices; more context than this mostly repeats its end slices.
+MAX_CONTEXT = 4
 
 # Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -351,6 +356,12 @@ def check_config(cfg: Config) -> None:
     if cfg.deep_supervision and cfg.encoder != "unet":
         raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
                         f"(got --encoder {cfg.encoder})")
+    if not 0 <= cfg.context_slices <= MAX_CONTEXT:
+        raise UserError(f"--context-slices is a number of slices on each side, 0 to {MAX_CONTEXT}; "
+                        f"got {cfg.context_slices}")
+    if cfg.context_slices and cfg.encoder != "unet":
+        raise UserError(f"--context-slices needs the hand-written UNet, whose first layer takes any number of "
+                        f"channels; --encoder {cfg.encoder}'s stem takes 3: drop one of them")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
@@ -413,7 +424,7 @@ def make_loaders(
     """
     train_set = LGGSlices([data.volumes[n] for n in data.train_names],
                           train_preprocess(cfg.image_size, spatial=cfg.spatial_augment),
-                          modality_dropout=cfg.modality_dropout)
+                          modality_dropout=cfg.modality_dropout, context=cfg.context_slices)
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",
                                tumor_weight=cfg.tumor_weight, rank=ddp.rank, world=ddp.world)
@@ -421,7 +432,7 @@ def make_loaders(
         return train_set, train_loader, None
     val_loader = evaluation.scoring_loader(
         [data.volumes[n] for n in data.val_names[ddp.rank :: ddp.world]], image_size=cfg.image_size,
-        batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed, device=device)
+        context=cfg.context_slices, batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed, device=device)
     return train_set, train_loader, val_loader
 
 
@@ -513,7 +524,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         encoder_weights=cfg.encoder_weights,
         encoder_lr_scale=cfg.encoder_lr_scale, weights=weights, weights_source=cfg.pretrained,
         freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile,
-        deep_supervision=cfg.deep_supervision)
+        deep_supervision=cfg.deep_supervision, context_slices=cfg.context_slices)
     scheduler = make_scheduler(parts.optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     return parts, scheduler

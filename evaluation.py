@@ -391,7 +391,7 @@ def load_checkpoints(
         ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
     first_path, first = loaded[0]
     for path, ckpt in loaded[1:]:
-        for key, default in (("image_size", None), ("normalization", "volume")):
+        for key, default in (("image_size", None), ("normalization", "volume"), ("context_slices", 0)):
             a, b = first["config"].get(key, default), ckpt["config"].get(key, default)
             if a != b:
                 raise UserError(f"{path}: --{key.replace('_', '-')} {b}, but {first_path} has {a}; an ensemble's "
@@ -408,11 +408,12 @@ def ensemble_name(loaded: Sequence[tuple[Path, dict]]) -> str:
 
 def scoring_loader(
     volumes: list[PatientVolume], *, image_size: int, batch_size: int, num_workers: int, seed: int,
-    device: torch.device,
+    device: torch.device, context: int = 0,
 ) -> torch.utils.data.DataLoader:
     """The deterministic loader through which validation, ``evaluate`` and ``predict`` read volumes:
-    every slice once, in order, resized for the model, with its mask at the file's resolution."""
-    dataset = LGGSlices(volumes, eval_preprocess(image_size), full_mask=True)
+    every slice once, in order, resized for the model (with ``context`` neighbouring slices' FLAIR
+    on each side), with its mask at the file's resolution."""
+    dataset = LGGSlices(volumes, eval_preprocess(image_size), full_mask=True, context=context)
     workers = default_num_workers() if num_workers < 0 else num_workers
     return make_loader(dataset, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
                        pin_memory=device.type == "cuda")
@@ -509,7 +510,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     print(f"{root}: {len(volumes)} patients, {describe_masks(volumes)}")
     loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],
                             batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
-                            seed=record["seed"], device=device)
+                            seed=record["seed"], device=device, context=record.get("context_slices", 0))
     channels_last = record["channels_last"]
     models = [network_from_checkpoint(c).to(device, memory_format=memory_format(channels_last)) for _, c in loaded]
     loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"),

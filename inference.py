@@ -32,7 +32,7 @@ from evaluation import (
 )
 from libraries import UserError, memory_format, setup_device
 from metrics import parse_spacing
-from model import fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
+from model import fuse_conv_bn, input_channels, network_from_checkpoint, scoring_checkpoint
 from reports import overlay_slice
 
 
@@ -157,7 +157,7 @@ def predict_command(args: argparse.Namespace) -> Path:
                                              list(range(len(images)))), normalization, record["image_size"])
                for i, (group, _, images) in enumerate(inputs)]
     loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
-                            num_workers=0, seed=0, device=device)
+                            num_workers=0, seed=0, device=device, context=record.get("context_slices", 0))
     channels_last = record.get("channels_last", False)
     models = [fuse_conv_bn(network_from_checkpoint(c)).to(device, memory_format=memory_format(channels_last))
               for _, c in loaded]
@@ -241,9 +241,9 @@ def export_command(args: argparse.Namespace) -> float | Path:
     if args.format == "state_dict":
         return export_weights(ckpt, model, Path(args.output))
     deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
-    size = record["image_size"]
-    example = torch.randn(1, 3, size, size)
-    check = torch.randn(2, 3, size, size)  # another batch size than traced: the batch axis is dynamic
+    size, channels = record["image_size"], input_channels(record.get("context_slices", 0))
+    example = torch.randn(1, channels, size, size)
+    check = torch.randn(2, channels, size, size)  # another batch size than traced: the batch axis is dynamic
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():

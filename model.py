@@ -152,7 +152,8 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, image_size: int) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs of one image, counted on the meta device (no compute)."""
     meta = copy.deepcopy(model).to("meta")
-    x = torch.zeros(1, 3, image_size, image_size, device="meta")
+    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels  # the first layer's
+    x = torch.zeros(1, channels, image_size, image_size, device="meta")
     with FlopCounterMode(display=False) as forward:
         meta(x)
     with FlopCounterMode(display=False) as training:
@@ -239,7 +240,9 @@ def unet_to_buda(state_dict: dict) -> dict:
 def describe_weights(state_dict: dict) -> str:
     """The network a state_dict fits, in flags: '--encoder unet --features 32', or what is unknown."""
     if "inc.0.weight" in state_dict:
-        return f"--encoder unet --features {state_dict['inc.0.weight'].shape[0]}"
+        out_channels, in_channels = state_dict["inc.0.weight"].shape[:2]
+        context = f" --context-slices {(in_channels - 3) // 2}" if in_channels != 3 else ""
+        return f"--encoder unet --features {out_channels}{context}"
     if "stem.0.weight" in state_dict:
         return "--encoder resnet34"
     return "of an unknown layout"
@@ -377,11 +380,25 @@ class _SkipUp(nn.Module):
 ENCODERS = ("unet", "resnet34")
 
 
-def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str = "none") -> nn.Module:
-    """The segmentation network for a config: the hand-written UNet or the ResNet-34 UNet."""
+def input_channels(context_slices: int) -> int:
+    """The network's input channels: pre-contrast, FLAIR, post-contrast, and the FLAIR of
+    ``context_slices`` neighbouring slices on each side (``LGGSlices``' context)."""
+    return 3 + 2 * context_slices
+
+
+def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str = "none",
+                in_channels: int = 3) -> nn.Module:
+    """The segmentation network for a config: the hand-written UNet or the ResNet-34 UNet.
+
+    ``in_channels`` above 3 (2.5D input: neighbouring slices' FLAIR) is for the UNet only: the
+    ResNet's stem and its ImageNet weights take three channels.
+    """
     if encoder == "unet":
-        return UNet(in_channels=3, out_channels=1, features=features)
+        return UNet(in_channels=in_channels, out_channels=1, features=features)
     if encoder == "resnet34":
+        if in_channels != 3:
+            raise ValueError(f"--encoder resnet34 takes 3 input channels, not {in_channels}: use --encoder unet "
+                             "for --context-slices")
         return ResNetUNet(out_channels=1, weights=encoder_weights)
     raise ValueError(f"--encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
 
@@ -391,10 +408,12 @@ def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str 
 # ---------------------------------------------------------------------------------------------
 
 
-def make_network(encoder: str, features: int, encoder_weights: str = "none") -> nn.Module:
+def make_network(encoder: str, features: int, encoder_weights: str = "none", in_channels: int = 3) -> nn.Module:
     """build_model with a user-facing error when ImageNet weights cannot be downloaded."""
     try:
-        return build_model(encoder, features, encoder_weights)
+        return build_model(encoder, features, encoder_weights, in_channels)
+    except ValueError as exc:  # a setting the network cannot take
+        raise UserError(str(exc)) from None
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         raise UserError(f"--encoder-weights {encoder_weights}: torchvision could not fetch the ImageNet weights "
                         f"({type(exc).__name__}); put resnet34-b627a593.pth in {torch.hub.get_dir()}/checkpoints/ "
@@ -460,7 +479,9 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
         raise UserError(f"{spec}: a plain state_dict records neither the image size nor the normalization its "
                         "model was trained with; pass --image-size and --normalization")
     encoder = "resnet34" if "stem.0.weight" in state_dict else "unet"
+    context = (state_dict["inc.0.weight"].shape[1] - 3) // 2 if encoder == "unet" else 0
     record = {"encoder": encoder, "features": state_dict["inc.0.weight"].shape[0] if encoder == "unet" else 32,
+              "context_slices": context,
               "image_size": image_size, "normalization": normalization, "threshold": 0.5, "channels_last": True,
               "tta": False, "postprocess": "none", "batch_size": 16, "seed": 0, "dice_weight": 1.0,
               "bce_weight": 1.0, "dice_mode": "sample", "patients": {"train": [], "validation": []},
@@ -472,6 +493,7 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
 def network_from_checkpoint(ckpt: dict) -> nn.Module:
     """The network a checkpoint was trained with, holding its weights (on the CPU)."""
     record = ckpt["config"]
-    model = make_network(record.get("encoder", "unet"), record["features"])
+    model = make_network(record.get("encoder", "unet"), record["features"],
+                         in_channels=input_channels(record.get("context_slices", 0)))
     model.load_state_dict(ckpt["model"])
     return model

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
 from evaluation import trained_patients
-from model import OutConv, describe_weights, make_network, pretrained_weights
+from model import OutConv, describe_weights, input_channels, make_network, pretrained_weights
 from reports import write_history
 
 
@@ -92,6 +92,7 @@ def build_training(
     distributed: bool = False,
     compile_model: bool = False,
     deep_supervision: bool = False,
+    context_slices: int = 0,
 ) -> TrainingParts:
     """The network on ``device`` (optionally from ``weights``), its wrappers, loss, AdamW and scaler.
 
@@ -100,13 +101,16 @@ def build_training(
     ``deep_supervision`` (UNet only) the network is wrapped in ``DeepSupervision``, whose heads
     train with the decoder.
     """
-    model = make_network(encoder, features, encoder_weights).to(device, memory_format=memory_format(channels_last))
+    model = make_network(encoder, features, encoder_weights, input_channels(context_slices))
+    model = model.to(device, memory_format=memory_format(channels_last))
     if weights is not None:
         try:
             model.load_state_dict(weights)
         except RuntimeError:
+            asked = f"--encoder {encoder} --features {features}" + \
+                (f" --context-slices {context_slices}" if context_slices else "")
             raise UserError(f"--pretrained {weights_source}: these weights are {describe_weights(weights)}, but this "
-                            f"run asks for --encoder {encoder} --features {features}; pass the weights' values") from None
+                            f"run asks for {asked}; pass the weights' values") from None
     if freeze_encoder:
         model.freeze_encoder()
     if sync_bn:
