@@ -77,6 +77,14 @@ def test_pretrained_buda_weights_switch_normalization_and_freeze_encoder(tmp_pat
     assert not torch.equal(trained["up4.conv.0.weight"], start["up4.conv.0.weight"])  # decoder trained
 
 
+def test_pretrained_weights_of_another_input_width_are_one_line(tmp_path, buda_file, capsys):
+    path, _ = buda_file  # 3 input channels; --context-slices 1 asks for 5
+    run = tmp_path / "run"
+    assert main(tiny_run(tmp_path, "--pretrained", str(path), "--context-slices", "1", "--out-dir", str(run))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--context-slices 1" in err and "weights are --encoder unet --features 32, but" in err
+
+
 def test_pretrained_download_failure_is_one_line(tmp_path, capsys):
     assert main(tiny_run(tmp_path, "--pretrained", "http://127.0.0.1:9/unet.pt", "--out-dir", str(tmp_path / "r"))) == 2
     err = capsys.readouterr().err.strip()

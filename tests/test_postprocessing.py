@@ -143,16 +143,18 @@ def test_overlays_draw_a_slice_with_only_a_false_positive(tmp_path, monkeypatch)
     assert paths[0].is_file()
 
 
-def _checkpoint(path, image_size, normalization="volume"):
+def _checkpoint(path, image_size, normalization="volume", context_slices=0):
     torch.manual_seed(0)
     config = {"features": 4, "image_size": image_size, "channels_last": False, "threshold": 0.5,
-              "normalization": normalization, "tta": False}
-    torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, path)
+              "normalization": normalization, "tta": False, "context_slices": context_slices}
+    model = UNet(in_channels=3 + 2 * context_slices, features=4)
+    torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
     return str(path)
 
 
 @pytest.mark.parametrize("other, says", [((64, "volume"), "--image-size 64, but"),
-                                         ((32, "buda"), "--normalization buda, but")])
+                                         ((32, "buda"), "--normalization buda, but"),
+                                         ((32, "volume", 1), "--context-slices 1, but")])
 def test_an_ensemble_must_prepare_its_inputs_alike(tmp_path, capsys, other, says):
     a = _checkpoint(tmp_path / "a.pt", 32)
     b = _checkpoint(tmp_path / "b.pt", *other)
