@@ -156,8 +156,13 @@ def predict_command(args: argparse.Namespace) -> Path:
     volumes = [set_normalization(make_volume(f"{group}#{i}", images, np.zeros(images.shape[:3], np.uint8),
                                              list(range(len(images)))), normalization, record["image_size"])
                for i, (group, _, images) in enumerate(inputs)]
+    context = record.get("context_slices", 0)
+    for group, _, images in inputs:
+        if context and len(images) == 1:
+            print(f"note: {group}: a single slice, but this model also reads the {context} slice(s) on each side "
+                  f"(--context-slices {context}); the slice stands in for them, so give the whole series if you can")
     loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
-                            num_workers=0, seed=0, device=device, context=record.get("context_slices", 0))
+                            num_workers=0, seed=0, device=device, context=context)
     channels_last = record.get("channels_last", False)
     models = [fuse_conv_bn(network_from_checkpoint(c)).to(device, memory_format=memory_format(channels_last))
               for _, c in loaded]

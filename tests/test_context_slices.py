@@ -121,6 +121,14 @@ def test_evaluate_predict_and_export_read_the_context_from_the_checkpoint(contex
     assert main(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(patient),
                  "--output", str(context_run / "pred")]) == 0
     assert len(list((context_run / "pred" / "masks").rglob("*.png"))) == 6
+    assert "single slice" not in capsys.readouterr().out
+    one = context_run / "one"  # one slice alone has no neighbours to read: the user is told
+    one.mkdir()
+    for f in sorted(patient.glob("*_3*.tif")):
+        (one / f.name).write_bytes(f.read_bytes())
+    assert main(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(one),
+                 "--output", str(context_run / "pred-one")]) == 0
+    assert "a single slice, but this model also reads the 1 slice(s) on each side" in capsys.readouterr().out
 
     ts = context_run / "unet.ts"
     assert main(["export", "--checkpoint", str(run / "last.pt"), "--format", "torchscript", "--output", str(ts)]) == 0
