@@ -739,9 +739,9 @@ class LGGSlices(Dataset):
     Each item is a dict with ``image`` (C, S, S) uint8 (C = 3 + 2 * context), ``mask`` (1, S, S)
     uint8 {0, 1}, ``stats`` (4, C) float32, the volume's normalization statistics (``normalize``
     applies them on the device), ``patient`` (int index into ``self.patients``) and ``slice``
-    (slice number). With ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the mask at the file's
-    own resolution, which evaluation scores against so that metrics do not depend on
-    ``image_size``.
+    (slice number). With ``full_mask=True`` it also holds ``full_mask`` (1, H, W) float32: the
+    mask at the file's own resolution, which evaluation scores against so that metrics do not
+    depend on ``image_size``.
 
     With ``modality_dropout`` p > 0 (training), each non-FLAIR channel of an item is, with
     chance p, replaced by the FLAIR channel together with its statistics: the item then looks

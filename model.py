@@ -409,7 +409,8 @@ def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str 
 
 
 def make_network(encoder: str, features: int, encoder_weights: str = "none", in_channels: int = 3) -> nn.Module:
-    """build_model with a user-facing error when ImageNet weights cannot be downloaded."""
+    """build_model with user-facing errors: ImageNet weights that cannot be downloaded, or an input
+    width the encoder cannot take."""
     try:
         return build_model(encoder, features, encoder_weights, in_channels)
     except ValueError as exc:  # a setting the network cannot take
