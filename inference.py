@@ -204,8 +204,8 @@ def area_row(group: str, file: str, level: str, area: int, spacing: tuple[float,
 
 # What a released weights file records besides the weights: how to prepare inputs, how to read
 # the output, and which patients the model was trained and validated on.
-RELEASE_KEYS = ("encoder", "features", "image_size", "normalization", "threshold", "postprocess", "tta",
-                "channels_last", "batch_size", "seed", "dice_weight", "bce_weight", "dice_mode", "tversky_beta",
+RELEASE_KEYS = ("encoder", "features", "context_slices", "image_size", "normalization", "threshold", "postprocess",
+                "tta", "channels_last", "batch_size", "seed", "dice_weight", "bce_weight", "dice_mode", "tversky_beta",
                 "deep_supervision", "patients", "trained_on", "resolved_data_dir", "synthetic_data")
 
 
@@ -216,7 +216,8 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
     state = model.state_dict()
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     size, threshold = ckpt["config"]["image_size"], ckpt["config"].get("threshold", 0.5)
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    channels = input_channels(ckpt["config"].get("context_slices", 0))
+    x = torch.randn(4, channels, size, size, generator=torch.Generator().manual_seed(0))
     rounded = copy.deepcopy(model)
     rounded.load_state_dict(half)  # copied into the fp32 parameters, as loading it later will
     with torch.no_grad():

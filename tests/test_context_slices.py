@@ -136,6 +136,21 @@ def test_evaluate_predict_and_export_read_the_context_from_the_checkpoint(contex
     assert torch.jit.load(str(ts))(torch.randn(2, 5, 32, 32)).shape == (2, 1, 32, 32)
 
 
+def test_released_weights_keep_the_context_and_score_as_the_checkpoint(context_run, capsys):
+    run = context_run / "run"
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--format", "state_dict",
+                 "--output", str(context_run / "release")]) == 0
+    released = next((context_run / "release").glob("unet-*.pt"))
+    assert torch.load(released, weights_only=True)["config"]["context_slices"] == 1
+    scores = {}
+    for name, ckpt in (("checkpoint", run / "last.pt"), ("release", released)):
+        out = context_run / f"eval-{name}"
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(context_run / "syn"), "--patients",
+                     "SYN_01", "--device", "cpu", "--out-dir", str(out), "--no-progress", "--cache-dir", "off"]) == 0
+        scores[name] = json.loads((out / "metrics.json").read_text())["dice_per_volume_mean"]
+    assert scores["release"] == pytest.approx(scores["checkpoint"], abs=1e-3)
+
+
 def test_a_plain_state_dict_tells_its_context_by_its_first_layer(context_run, capsys):
     weights = context_run / "weights.pt"
     torch.save(torch.load(context_run / "run" / "last.pt", weights_only=True)["model"], weights)
