@@ -23,7 +23,7 @@ from torch import nn
 from data_loaders import DataIssues, LGGSlices, default_num_workers, load_dataset, locate_data, make_loader, resolve_cache_dir
 from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
 from libraries import autocast, environment_report, save_json, setup_device
-from model import count_flops, fuse_conv_bn, input_channels
+from model import check_context, count_flops, fuse_conv_bn, input_channels
 from training import TrainingParts, build_training, forward_loss, optimizer_step
 
 # The training settings the benchmark uses; the command line offers these and no others, so a
@@ -195,6 +195,7 @@ def benchmark_command(args: argparse.Namespace) -> dict:
 
     ``args`` holds the FIELDS settings and warmup, repeats, e2e_batches and out.
     """
+    check_context(args.context_slices, args.encoder)
     device, amp_dtype = setup_device(args.device, args.amp)
     common = {"encoder": args.encoder, "features": args.features, "image_size": args.image_size, "batch_size": args.batch_size,
               "device": device, "warmup": args.warmup, "repeats": args.repeats, "context_slices": args.context_slices}

@@ -70,7 +70,7 @@ from libraries import (
 )
 from loss_fun import DICE_MODES
 from metrics import parse_spacing
-from model import count_parameters, load_checkpoint
+from model import check_context, count_parameters, load_checkpoint
 from reports import epoch_line, validation_row, write_reports
 from training import (
     TrainingParts,
@@ -175,9 +175,6 @@ class Config:
     preset: str = _opt("none", "a tested recipe: cpu (128 px, 13-25 min on 2 cores for the 36-patient "
                        "subset) or full (256 px, for a GPU); flags you give still win", ("none", "cpu", "full"))
 
-
-# A volume has 20-88 slices; more context than this mostly repeats its end slices.
-MAX_CONTEXT = 4
 
 # Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -356,12 +353,7 @@ def check_config(cfg: Config) -> None:
     if cfg.deep_supervision and cfg.encoder != "unet":
         raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
                         f"(got --encoder {cfg.encoder})")
-    if not 0 <= cfg.context_slices <= MAX_CONTEXT:
-        raise UserError(f"--context-slices is a number of slices on each side, 0 to {MAX_CONTEXT}; "
-                        f"got {cfg.context_slices}")
-    if cfg.context_slices and cfg.encoder != "unet":
-        raise UserError(f"--context-slices needs the hand-written UNet, whose first layer takes any number of "
-                        f"channels; --encoder {cfg.encoder}'s stem takes 3: drop one of them")
+    check_context(cfg.context_slices, cfg.encoder)
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")

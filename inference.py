@@ -32,7 +32,7 @@ from evaluation import (
 )
 from libraries import UserError, memory_format, setup_device
 from metrics import parse_spacing
-from model import fuse_conv_bn, input_channels, network_from_checkpoint, scoring_checkpoint
+from model import fuse_conv_bn, input_width, network_from_checkpoint, scoring_checkpoint
 from reports import overlay_slice
 
 
@@ -216,8 +216,7 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
     state = model.state_dict()
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     size, threshold = ckpt["config"]["image_size"], ckpt["config"].get("threshold", 0.5)
-    channels = input_channels(ckpt["config"].get("context_slices", 0))
-    x = torch.randn(4, channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, input_width(model), size, size, generator=torch.Generator().manual_seed(0))
     rounded = copy.deepcopy(model)
     rounded.load_state_dict(half)  # copied into the fp32 parameters, as loading it later will
     with torch.no_grad():
@@ -247,7 +246,7 @@ def export_command(args: argparse.Namespace) -> float | Path:
     if args.format == "state_dict":
         return export_weights(ckpt, model, Path(args.output))
     deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
-    size, channels = record["image_size"], input_channels(record.get("context_slices", 0))
+    size, channels = record["image_size"], input_width(model)
     example = torch.randn(1, channels, size, size)
     check = torch.randn(2, channels, size, size)  # another batch size than traced: the batch axis is dynamic
     out = Path(args.output)

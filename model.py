@@ -152,8 +152,7 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, image_size: int) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs of one image, counted on the meta device (no compute)."""
     meta = copy.deepcopy(model).to("meta")
-    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels  # the first layer's
-    x = torch.zeros(1, channels, image_size, image_size, device="meta")
+    x = torch.zeros(1, input_width(model), image_size, image_size, device="meta")
     with FlopCounterMode(display=False) as forward:
         meta(x)
     with FlopCounterMode(display=False) as training:
@@ -380,10 +379,29 @@ class _SkipUp(nn.Module):
 ENCODERS = ("unet", "resnet34")
 
 
+# A volume has 20-88 slices; more context than this mostly repeats its end slices.
+MAX_CONTEXT = 4
+
+
 def input_channels(context_slices: int) -> int:
     """The network's input channels: pre-contrast, FLAIR, post-contrast, and the FLAIR of
     ``context_slices`` neighbouring slices on each side (``LGGSlices``' context)."""
     return 3 + 2 * context_slices
+
+
+def check_context(context_slices: int, encoder: str) -> None:
+    """Refuse a --context-slices the network cannot take (training and benchmark), in one line."""
+    if not 0 <= context_slices <= MAX_CONTEXT:
+        raise UserError(f"--context-slices is a number of slices on each side, 0 to {MAX_CONTEXT}; "
+                        f"got {context_slices}")
+    if context_slices and encoder != "unet":
+        raise UserError(f"--context-slices needs the hand-written UNet, whose first layer takes any number of "
+                        f"channels; --encoder {encoder}'s stem takes 3: drop one of them")
+
+
+def input_width(model: nn.Module) -> int:
+    """The channels a network takes: those of its first convolution."""
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
 def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str = "none",

@@ -19,6 +19,7 @@ from data_loaders import (
 )
 from data_preprocessing import eval_preprocess, train_preprocess
 from engine import main
+from test_engine import tiny_args
 
 
 def test_context_positions_are_nearest_first_and_clamped_to_the_volume():
@@ -86,17 +87,10 @@ def test_training_augmentation_moves_every_channel_alike():
     assert moved > 0  # the augmentation did act
 
 
-def _args(tmp_path, run, *extra):
-    return ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
-            "--synthetic-slices", "6", "--image-size", "32", "--features", "4", "--epochs", "1",
-            "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / run), "--no-progress",
-            "--cache-dir", str(tmp_path / "cache"), *extra]
-
-
 @pytest.fixture(scope="module")
 def context_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("context")
-    assert main(_args(tmp_path, "run", "--context-slices", "1")) == 0
+    assert main(tiny_args(tmp_path, "run", "--context-slices", "1", "--epochs", "1")) == 0
     return tmp_path
 
 
@@ -166,10 +160,16 @@ def test_a_plain_state_dict_tells_its_context_by_its_first_layer(context_run, ca
                                          (["--context-slices", "-1"], "0 to 4"),
                                          (["--context-slices", "1", "--encoder", "resnet34"], "--encoder resnet34")])
 def test_impossible_context_is_refused_before_a_run_folder_exists(tmp_path, capsys, extra, says):
-    assert main(_args(tmp_path, "run", *extra)) == 2
+    assert main(tiny_args(tmp_path, "run", *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--context-slices" in err and says in err
     assert not (tmp_path / "run").exists()
+    # The benchmark refuses it too, before it times or generates anything.
+    assert main(["benchmark", *extra, "--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--device", "cpu",
+                 "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "b.json").exists()
 
 
 def test_synthetic_volumes_give_each_slice_its_real_neighbours(tmp_path):
