@@ -153,7 +153,8 @@ class Config:
     postprocess: str = _opt("none", "per patient, keep every predicted voxel (none), the largest 3D component "
                             "(lcc), the component of largest probability mass (mass), the component of largest "
                             "probability mass inside the brain, away from the scalp (brain), or that component "
-                            "with the holes of each slice filled (brain-filled); all are always reported",
+                            "with the holes of each slice filled (brain-filled), or every component with at least half "
+                            "its mass inside the brain (brain-multi); all are always reported",
                             evaluation.POSTPROCESSING)
     tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")

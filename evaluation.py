@@ -47,6 +47,7 @@ from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
     brain_component_3d,
+    brain_components_3d,
     fill_slice_holes,
     hd95,
     heaviest_component_3d,
@@ -158,8 +159,9 @@ def predict_volumes(
 # Post-processing of a patient's predicted volume (all are always scored and reported):
 # none; lcc, the largest 3D component by voxels; mass, the component of largest probability
 # mass; brain, the heaviest component lying mostly in the brain rather than on the scalp rim;
-# brain-filled, brain's component with the holes of each slice filled.
-POSTPROCESSING = ("none", "lcc", "mass", "brain", "brain-filled")
+# brain-filled, brain's component with the holes of each slice filled; brain-multi, every
+# component with at least half the heaviest one's mass inside the brain.
+POSTPROCESSING = ("none", "lcc", "mass", "brain", "brain-filled", "brain-multi")
 
 
 def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
@@ -174,6 +176,8 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
         return brain_component_3d(v.pred, v.prob, v.inside)
     if method == "brain-filled":
         return fill_slice_holes(brain_component_3d(v.pred, v.prob, v.inside))
+    if method == "brain-multi":
+        return brain_components_3d(v.pred, v.prob, v.inside)
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
 
 

@@ -111,8 +111,11 @@ class SegmentationMeter:
 # ---------------------------------------------------------------------------------------------
 
 
-def _keep_best_component(pred: np.ndarray, score: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
-    """Keep the 3D connected component (6-connectivity) of ``pred`` whose ``score`` is highest.
+def _keep_best_component(
+    pred: np.ndarray, score: Callable[[np.ndarray, int], np.ndarray], fraction: float | None = None
+) -> np.ndarray:
+    """Keep the 3D connected component (6-connectivity) of ``pred`` whose ``score`` is highest, or
+    with ``fraction``, every component scoring at least ``fraction`` times the highest score.
 
     ``score(labels, n)`` returns one value per label 0..n (label 0, the background, is ignored).
     An empty volume stays empty; ties keep the component with the lowest label.
@@ -122,7 +125,9 @@ def _keep_best_component(pred: np.ndarray, score: Callable[[np.ndarray, int], np
         return pred.astype(bool)
     scores = np.asarray(score(labels, n), dtype=np.float64)
     scores[0] = -np.inf  # background
-    return labels == int(scores.argmax())
+    if fraction is None:
+        return labels == int(scores.argmax())
+    return (scores >= fraction * scores.max())[labels]
 
 
 def largest_component_3d(volume: np.ndarray) -> np.ndarray:
@@ -154,6 +159,25 @@ def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray) -
     positive: their merged component still weighs what the tumor does. The fallback means the
     rule never empties a prediction that had something to choose from.
     """
+    return _keep_best_component(pred, _mass_inside(prob, inside))
+
+
+def brain_components_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+    """Keep every 3D component whose probability mass inside the brain is at least ``fraction`` of
+    the heaviest one's (weighed as in ``brain_component_3d``, which keeps the heaviest alone).
+
+    A false component inside the brain that outweighs the tumor makes any one-component rule throw
+    the tumor away; a rival of comparable mass is kept beside it instead. Specks, and components on
+    the scalp rim (no mass inside), are still dropped.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return _keep_best_component(pred, _mass_inside(prob, inside), fraction)
+
+
+def _mass_inside(prob: np.ndarray, inside: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
+    """Component scores for the brain rules: probability mass inside the brain, or the whole
+    mass where no component reaches inside."""
     weights = prob.astype(np.float64).ravel()
     inside_weights = weights * inside.ravel()
 
@@ -162,7 +186,7 @@ def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray) -
         inner = np.bincount(flat, inside_weights, minlength=n + 1)
         return inner if inner[1:].max() > 0 else np.bincount(flat, weights, minlength=n + 1)
 
-    return _keep_best_component(pred, score)
+    return score
 
 
 def fill_slice_holes(volume: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import reports
 from data_preprocessing import brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from metrics import brain_component_3d, fill_slice_holes, heaviest_component_3d, largest_component_3d
+from metrics import brain_component_3d, brain_components_3d, fill_slice_holes, heaviest_component_3d, largest_component_3d
 from model import UNet
 
 
@@ -92,6 +92,48 @@ def test_scores_count_the_patients_whose_tumor_the_post_processing_threw_away():
     # Raw: TP 48, FP 300, FN 0 -> Dice 2 * 48 / (2 * 48 + 300).
     assert raw["dice_per_volume_mean"] == pytest.approx(96 / 396)
     assert not (kept[0] & truth).any()
+
+
+def tumor_and_inner_rivals() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tumor of ``tumor_and_rim`` (48 voxels at p 0.9: mass 43.2) and its rim arc, plus two false
+    components inside the brain: a rival of 60 voxels at p 0.9 (mass 54) and a speck of 20 (mass 18)."""
+    pred, truth, _ = tumor_and_rim()
+    pred[1:4, 40:44, 20:25] = True  # the rival: 3 x 4 x 5 = 60 voxels, 6 px from the tumor
+    pred[4, 20:24, 40:45] = True  # the speck: 4 x 5 = 20 voxels
+    return pred, truth, np.where(pred, 0.9, 0.0).astype(np.float16)
+
+
+def test_brain_multi_keeps_a_tumor_that_an_inner_false_positive_outweighs():
+    """Masses inside the brain: rival 54, tumor 43.2, speck 18, rim 0. brain keeps the rival alone;
+    brain-multi keeps every component of at least 0.5 x 54 = 27: the rival and the tumor."""
+    pred, truth, prob = tumor_and_inner_rivals()
+    inside = brain_interior(head_volume())
+    rival = np.zeros_like(pred)
+    rival[1:4, 40:44, 20:25] = True
+    assert np.array_equal(brain_component_3d(pred, prob, inside), rival)
+    assert np.array_equal(brain_components_3d(pred, prob, inside), truth | rival)
+    # 0.9 x 54 = 48.6 > 43.2: only the rival; 0.3 x 54 = 16.2 <= 18: the speck too. The rim never.
+    assert np.array_equal(brain_components_3d(pred, prob, inside, fraction=0.9), rival)
+    speck = np.zeros_like(pred)
+    speck[4, 20:24, 40:45] = True
+    assert np.array_equal(brain_components_3d(pred, prob, inside, fraction=0.3), truth | rival | speck)
+    with pytest.raises(ValueError, match="fraction"):
+        brain_components_3d(pred, prob, inside, fraction=0.0)
+
+
+def test_brain_multi_keeps_the_small_tumor_over_the_rim_and_counts_no_loss():
+    pred, truth, _ = tumor_and_rim()
+    v = PatientPrediction(prob=np.where(pred, 0.9, 0.0).astype(np.float16), pred=pred, truth=truth,
+                          inside=brain_interior(head_volume()))
+    multi, kept = score_volumes({0: v}, ["P"], postprocess="brain-multi", spacing=None)
+    assert np.array_equal(kept[0], truth) and multi["tumor_lost_patients"] == []
+    pred, truth, prob = tumor_and_inner_rivals()
+    v = PatientPrediction(prob=prob, pred=pred, truth=truth, inside=brain_interior(head_volume()))
+    brain, _ = score_volumes({0: v}, ["P"], postprocess="brain", spacing=None)
+    multi, _ = score_volumes({0: v}, ["P"], postprocess="brain-multi", spacing=None)
+    assert brain["tumor_lost_patients"] == ["P"] and brain["dice_per_volume_mean"] == 0.0
+    # TP 48, FP 60 (the rival), FN 0 -> Dice 96 / (96 + 60).
+    assert multi["tumor_lost_patients"] == [] and multi["dice_per_volume_mean"] == pytest.approx(96 / 156)
 
 
 def test_fill_slice_holes_fills_what_each_slice_encloses_and_nothing_else():
