@@ -452,6 +452,7 @@ class PatientVolume:
     box: tuple[int, int, int, int] | None = None
     mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
     _interior: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _shell_interior: np.ndarray | None = field(default=None, repr=False, compare=False)
     _contrast: tuple[float | None] | None = field(default=None, repr=False, compare=False)
 
     def interior(self) -> np.ndarray:
@@ -460,6 +461,13 @@ class PatientVolume:
         if self._interior is None:
             self._interior = brain_interior(self.images)
         return self._interior
+
+    def shell_interior(self) -> np.ndarray:
+        """(N, H, W) bool: the brain inside a shell of scalp and skull (``brain_interior(shell=True)``),
+        computed once."""
+        if self._shell_interior is None:
+            self._shell_interior = brain_interior(self.images, shell=True)
+        return self._shell_interior
 
     def flair_contrast(self) -> float | None:
         """How much brighter the true lesion is on FLAIR than the brain around it

@@ -154,7 +154,8 @@ class Config:
                             "(lcc), the component of largest probability mass (mass), the component of largest "
                             "probability mass inside the brain, away from the scalp (brain), or that component "
                             "with the holes of each slice filled (brain-filled), or every component with at least half "
-                            "its mass inside the brain (brain-multi); all are always reported",
+                            "its mass inside the brain (brain-multi), or brain's choice with the scalp and skull of the top and "
+                            "bottom slices of the head not counted as brain (brain-shell); all are always reported",
                             evaluation.POSTPROCESSING)
     tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")

@@ -97,6 +97,7 @@ class PatientPrediction:
     truth: np.ndarray  # bool
     inside: np.ndarray  # bool: the brain, away from the scalp (data_preprocessing.brain_interior)
     contrast: float | None = None  # the true lesion's FLAIR contrast (PatientVolume.flair_contrast)
+    shell: np.ndarray | None = None  # bool: the brain inside a shell of scalp and skull; None: ``inside``
 
 
 @torch.inference_mode()
@@ -152,6 +153,7 @@ def predict_volumes(
         whole = len(volume.images) == len(items)
         volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth,
                                        inside=volume.interior() if whole else np.ones_like(pred),
+                                       shell=volume.shell_interior() if whole else None,
                                        contrast=volume.flair_contrast() if whole else None)
     return total, seen, volumes
 
@@ -160,8 +162,9 @@ def predict_volumes(
 # none; lcc, the largest 3D component by voxels; mass, the component of largest probability
 # mass; brain, the heaviest component lying mostly in the brain rather than on the scalp rim;
 # brain-filled, brain's component with the holes of each slice filled; brain-multi, every
-# component with at least half the heaviest one's mass inside the brain.
-POSTPROCESSING = ("none", "lcc", "mass", "brain", "brain-filled", "brain-multi")
+# component with at least half the heaviest one's mass inside the brain; brain-shell, brain's
+# rule with the scalp and skull of the top and bottom slices of the head not counted as brain.
+POSTPROCESSING = ("none", "lcc", "mass", "brain", "brain-filled", "brain-multi", "brain-shell")
 
 
 def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
@@ -178,6 +181,8 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
         return fill_slice_holes(brain_component_3d(v.pred, v.prob, v.inside))
     if method == "brain-multi":
         return brain_components_3d(v.pred, v.prob, v.inside)
+    if method == "brain-shell":
+        return brain_component_3d(v.pred, v.prob, v.inside if v.shell is None else v.shell)
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
 
 

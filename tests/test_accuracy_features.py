@@ -368,7 +368,8 @@ def test_early_stopping(tmp_path):
                      "--out-dir", str(tmp_path / "run"))) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["best_epoch"] == 1
-    assert set(metrics["postprocessing"]) == {"none", "lcc", "mass", "brain", "brain-filled", "brain-multi"}
+    assert set(metrics["postprocessing"]) == {"none", "lcc", "mass", "brain", "brain-filled", "brain-multi",
+                                                   "brain-shell"}
     assert all("hd95_px" in p for p in metrics["per_patient"])
 
 
