@@ -150,12 +150,12 @@ class Config:
                                "beta (Tversky's index): 0.5 is Dice, above 0.5 favours recall")
     threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
     # ---- evaluation ----
-    postprocess: str = _opt("none", "per patient, keep every predicted voxel (none), the largest 3D component "
-                            "(lcc), the component of largest probability mass (mass), the component of largest "
-                            "probability mass inside the brain, away from the scalp (brain), or that component "
-                            "with the holes of each slice filled (brain-filled), or every component with at least half "
-                            "its mass inside the brain (brain-multi), or brain's choice with the scalp and skull of the top and "
-                            "bottom slices of the head not counted as brain (brain-shell); all are always reported",
+    postprocess: str = _opt("none", "per patient, keep: every predicted voxel (none); the largest 3D component "
+                            "(lcc); the component of largest probability mass (mass); the component of largest "
+                            "probability mass inside the brain, away from the scalp (brain); that component with "
+                            "the holes of each slice filled (brain-filled); every component whose mass inside the "
+                            "brain is at least half the heaviest one's (brain-multi); or brain's choice with the scalp and skull of the "
+                            "top and bottom slices not counted as brain (brain-shell). All are always reported",
                             evaluation.POSTPROCESSING)
     tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")

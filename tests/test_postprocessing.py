@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import reports
 from data_preprocessing import brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from scipy import ndimage
 from metrics import brain_component_3d, brain_components_3d, fill_slice_holes, heaviest_component_3d, largest_component_3d
 from model import UNet
 
