@@ -124,13 +124,25 @@ def buda_stats(volume: np.ndarray) -> VolumeStats:
                        std=(s * span).astype(np.float32))
 
 
-def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0.1, shell: bool = False) -> np.ndarray:
+def head_mask(volume: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """(D, H, W) bool: the head of each slice of a (D, H, W, C) uint8 volume: every pixel brighter
+    than ``fraction`` of the volume's 99th percentile (any channel), holes filled, per slice."""
+    brightest = volume.max(axis=-1) if volume.ndim == 4 else volume
+    nonzero = brightest[brightest > 0]
+    if nonzero.size == 0:
+        return np.zeros(brightest.shape, bool)
+    head = brightest > fraction * np.percentile(nonzero, 99)
+    return np.stack([ndimage.binary_fill_holes(s) for s in head])
+
+
+def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0.1, shell: bool = False,
+                   head: np.ndarray | None = None) -> np.ndarray:
     """(D, H, W) bool: the head of each slice of a (D, H, W, C) uint8 volume, shrunk by the scalp.
 
-    The head is every pixel brighter than ``fraction`` of the volume's 99th percentile (any
-    channel), holes filled, per slice; it is then eroded by ``margin`` of the slice width (13 px
-    at 256), about the thickness of scalp and skull. Post-processing uses it to tell components in
-    the brain from those on the outer rim of the head (``metrics.brain_component_3d``).
+    The head (``head_mask``, or ``head`` if given: it is most of the cost) is eroded by ``margin``
+    of the slice width (13 px at 256), about the thickness of scalp and skull. Post-processing uses
+    it to tell components in the brain from those on the outer rim of the head
+    (``metrics.brain_component_3d``).
 
     With ``shell``, the scalp and skull are a shell of that thickness t around a head whose widest
     slice has radius R (radii from each slice's head area): a slice of head radius r lies at
@@ -139,13 +151,8 @@ def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0
     more on slices that cut the shell obliquely near the top (or bottom) of the head, and the whole
     slice where r^2 < 2Rt - t^2: there the slice holds scalp and skull only.
     """
-    brightest = volume.max(axis=-1) if volume.ndim == 4 else volume
-    nonzero = brightest[brightest > 0]
-    if nonzero.size == 0:
-        return np.zeros(brightest.shape, bool)
-    head = brightest > fraction * np.percentile(nonzero, 99)
-    head = np.stack([ndimage.binary_fill_holes(s) for s in head])
-    steps = max(1, round(margin * brightest.shape[-1]))
+    head = head_mask(volume, fraction) if head is None else head
+    steps = max(1, round(margin * head.shape[-1]))
     in_plane = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)  # erode within each slice only
     if not shell:
         return ndimage.binary_erosion(head, structure=in_plane, iterations=steps, border_value=0)

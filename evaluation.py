@@ -153,7 +153,7 @@ def predict_volumes(
         whole = len(volume.images) == len(items)
         volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth,
                                        inside=volume.interior() if whole else np.ones_like(pred),
-                                       shell=volume.shell_interior() if whole else None,
+                                       shell=volume.interior(shell=True) if whole else None,
                                        contrast=volume.flair_contrast() if whole else None)
     return total, seen, volumes
 
