@@ -46,9 +46,9 @@ from data_preprocessing import (
     binarize_mask,
     brain_box,
     brain_interior,
-    head_mask,
     buda_square,
     buda_stats,
+    head_mask,
     mask_convention,
     volume_stats,
 )

@@ -154,8 +154,9 @@ class Config:
                             "(lcc); the component of largest probability mass (mass); the component of largest "
                             "probability mass inside the brain, away from the scalp (brain); that component with "
                             "the holes of each slice filled (brain-filled); every component whose mass inside the "
-                            "brain is at least half the heaviest one's (brain-multi); or brain's choice with the scalp and skull of the "
-                            "top and bottom slices not counted as brain (brain-shell). All are always reported",
+                            "brain is at least half the heaviest one's (brain-multi); or brain's choice with the "
+                            "scalp and skull of the top and bottom slices not counted as brain (brain-shell). All "
+                            "are always reported",
                             evaluation.POSTPROCESSING)
     tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")
