@@ -235,7 +235,7 @@ class Preprocess:
 
     Called as ``preprocess(image, mask)`` with an (H, W, C) uint8 image and an (H, W) {0, 1}
     mask; returns a uint8 (C, S, S) image tensor and a uint8 (1, S, S) mask tensor with values
-    in {0, 1}, S being ``image_size``. An image already resized to S by ``spline_resize`` (the
+    in {0, 1}, S being ``image_size`` (or the crop of a training pipeline that crops). An image already resized to S by ``spline_resize`` (the
     'buda' normalization) is float32 in [0, 1] and stays so.
     """
 
@@ -269,6 +269,7 @@ def train_preprocess(
     image_size: int,
     *,
     spatial: str = "light",
+    crop: int = 0,
     hflip_p: float = 0.5,
     affine_p: float = 0.5,
     scale: float = 0.1,
@@ -278,10 +279,14 @@ def train_preprocess(
     intensity_p: float = 0.3,
     intensity: float = 0.1,
 ) -> Preprocess:
-    """Training pipeline: resize, horizontal flip, scale/rotation/shift, light brightness/contrast.
+    """Training pipeline: resize, horizontal flip, scale/rotation/shift, a crop (``crop``),
+    light brightness/contrast.
 
     Args:
-        image_size: output height and width in pixels.
+        image_size: the slices are resized to this height and width in pixels.
+        crop: train on ``crop`` x ``crop`` patches of the resized slices (nnU-Net's patches): a
+            slice with tumor is cropped around a random tumor pixel, a slice without anywhere, so
+            every draw of a tumor slice still shows tumor. 0: whole slices.
         spatial: 'light': one affine step (p ``affine_p``) of zoom in [1 - scale, 1 + scale],
             rotation in [-rotate_deg, rotate_deg] and shift; 'wide': a zoom in [0.7, 1.4] (with the
             shift) and a rotation in [-30, 30] degrees, each its own step at p ``wide_p``.
@@ -302,6 +307,8 @@ def train_preprocess(
                      _affine(rotate=(-30.0, 30.0), p=wide_p)]
     else:
         raise ValueError(f"spatial must be one of {SPATIAL_AUGMENTS}, got {spatial!r}")
+    if crop and not 0 < crop <= image_size:
+        raise ValueError(f"crop must be in (0, image_size={image_size}], got {crop}")
     return Preprocess(
         image_size=image_size,
         transform=A.Compose(
@@ -309,6 +316,7 @@ def train_preprocess(
                 _resize(image_size),
                 A.HorizontalFlip(p=hflip_p),
                 *geometric,
+                *([A.CropNonEmptyMaskIfExists(crop, crop)] if crop else []),
                 A.RandomBrightnessContrast(
                     brightness_limit=intensity, contrast_limit=intensity, p=intensity_p
                 ),

@@ -111,6 +111,9 @@ class Config:
     folds: int = _opt(0, "patient-level K-fold cross-validation: number of folds (0: off)")
     fold: int = _opt(0, "which fold (0..folds-1) is the validation set")
     image_size: int = _opt(128, "slices are resized to this square size (multiple of 16)")
+    crop_size: int = _opt(0, "training: random square patches of this size (a multiple of 16, below --image-size) "
+                          "from the resized slices, around a random tumor pixel where the slice has tumor "
+                          "(nnU-Net's patches); validation and inference see whole slices; 0: whole slices")
     normalization: str = _opt("volume", "volume: per-patient percentile clip + z-score; buda: the "
                               "authors' crop, p10-p99 rescale, z-score", ("volume", "buda"))
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
@@ -353,6 +356,9 @@ def check_config(cfg: Config) -> None:
     if cfg.image_size % multiple or cfg.image_size < multiple:
         raise UserError(f"--image-size must be a positive multiple of {multiple} for --encoder {cfg.encoder}, "
                         f"got {cfg.image_size}")
+    if cfg.crop_size and (cfg.crop_size % multiple or not 0 < cfg.crop_size < cfg.image_size):
+        raise UserError(f"--crop-size must be a positive multiple of {multiple} below --image-size {cfg.image_size} "
+                        f"(0: whole slices), got {cfg.crop_size}")
     if cfg.deep_supervision and cfg.encoder != "unet":
         raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
                         f"(got --encoder {cfg.encoder})")
@@ -418,7 +424,7 @@ def make_loaders(
     so 3D metrics and post-processing need no cross-rank slices); ``evaluate`` gathers them.
     """
     train_set = LGGSlices([data.volumes[n] for n in data.train_names],
-                          train_preprocess(cfg.image_size, spatial=cfg.spatial_augment),
+                          train_preprocess(cfg.image_size, spatial=cfg.spatial_augment, crop=cfg.crop_size),
                           modality_dropout=cfg.modality_dropout, context=cfg.context_slices)
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",
@@ -624,8 +630,9 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"channels_last: {cfg.channels_last}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
-        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}), "
-        f"{val_slices} validation slices",
+        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g})"
+        + (f" as {cfg.crop_size} px patches of {cfg.image_size} px slices" if cfg.crop_size else "")
+        + f", {val_slices} validation slices",
     ])
 
 

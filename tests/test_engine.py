@@ -208,7 +208,10 @@ def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_p
 
 @pytest.mark.parametrize("flag, value, says", [("--tversky-beta", "0", "(0, 1)"), ("--tversky-beta", "1", "(0, 1)"),
                                                ("--threshold", "1", "between 0 and 1"),
-                                               ("--threshold", "0", "between 0 and 1")])
+                                               ("--threshold", "0", "between 0 and 1"),
+                                               ("--crop-size", "24", "multiple of 16"),
+                                               ("--crop-size", "32", "below --image-size 32"),
+                                               ("--crop-size", "-16", "positive multiple")])
 def test_out_of_range_loss_and_threshold_are_refused_before_a_run_folder_exists(tmp_path, capsys, flag, value, says):
     assert main(tiny_args(tmp_path, "run", flag, value)) == 2
     err = capsys.readouterr().err.strip()

@@ -121,3 +121,43 @@ def test_spatial_augment_zoom_stays_in_its_range(spatial):
 def test_spatial_augment_unknown_name_is_refused():
     with pytest.raises(ValueError, match="spatial"):
         train_preprocess(32, spatial="strong")
+
+
+def _position_image(size: int = 64) -> np.ndarray:
+    """(size, size, 3) uint8 whose channel 0 holds each pixel's row and channel 1 its column."""
+    rows, cols = np.indices((size, size))
+    return np.stack([rows, cols, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+
+
+def test_crop_keeps_the_tumor_in_view_and_the_mask_on_its_pixels():
+    """A one-pixel tumor near a corner: every 32 px patch of the 64 px slice contains it, at the image
+    pixel that was tumor, and the patch is a window of the slice (rows and columns consecutive)."""
+    image, mask = _position_image(), np.zeros((64, 64), np.uint8)
+    mask[5, 60] = 1
+    pre = train_preprocess(64, crop=32, affine_p=0.0, intensity_p=0.0)  # flips stay on
+    pre.transform.set_random_seed(0)
+    corners = set()
+    for _ in range(200):
+        x, y = pre(image, mask)
+        assert x.shape == (3, 32, 32) and y.shape == (1, 32, 32) and int(y.sum()) == 1
+        i, j = (int(v) for v in torch.nonzero(y[0])[0])
+        assert (int(x[0, i, j]), int(x[1, i, j])) == (5, 60)
+        rows, cols = x[0, :, 0].numpy().astype(int), x[1, 0, :].numpy().astype(int)
+        assert (np.diff(rows) == 1).all() and (np.abs(np.diff(cols)) == 1).all()
+        corners.add((rows[0], cols.min()))
+    # The tumor pixel sits anywhere in the patch: rows 0..5 and columns 29..32 can start one.
+    assert len(corners) > 10 and all(r <= 5 and 29 <= c <= 32 for r, c in corners)
+
+
+def test_crop_of_a_slice_without_tumor_lands_anywhere():
+    image, empty = _position_image(), np.zeros((64, 64), np.uint8)
+    pre = train_preprocess(64, crop=32, affine_p=0.0, intensity_p=0.0, hflip_p=0.0)
+    pre.transform.set_random_seed(0)
+    starts = np.array([[int(v) for v in pre(image, empty)[0][:2, 0, 0]] for _ in range(200)])
+    assert starts.min() == 0 and starts.max() > 28 and len({tuple(s) for s in starts}) > 100
+    assert (eval_preprocess(64)(image, empty)[0].shape) == (3, 64, 64)  # evaluation never crops
+
+
+def test_crop_larger_than_the_slice_is_refused():
+    with pytest.raises(ValueError, match="crop"):
+        train_preprocess(32, crop=48)
