@@ -145,6 +145,8 @@ class Config:
     schedule: str = _opt("cosine", "learning rate after warmup", ("cosine", "onecycle", "constant"))
     warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, in epochs")
     patience: int = _opt(0, "stop after this many epochs without a better validation Dice per volume (0: off)")
+    val_every: int = _opt(1, "validate after every this many epochs and after the last (best.pt and --patience "
+                          "see the validated epochs only); training is the same whatever it is")
     dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
     bce_weight: float = _opt(1.0, "weight of the binary cross-entropy loss")
     dice_mode: str = _opt("sample", "soft Dice per slice, averaged (sample); pooled over the batch (batch); "
@@ -363,6 +365,8 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
                         f"(got --encoder {cfg.encoder})")
     check_context(cfg.context_slices, cfg.encoder)
+    if cfg.val_every < 1:
+        raise UserError(f"--val-every must be at least 1 (validate after every N-th epoch), got {cfg.val_every}")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
@@ -486,7 +490,8 @@ def run_epoch(
     device: torch.device, amp_dtype: torch.dtype | None, augment: IntensityAugment | None, progress: bool,
     val_slices: int,
 ) -> tuple[dict[str, Any], dict | None, dict]:
-    """Train one epoch and validate; return its history row, the metrics and the predicted volumes."""
+    """Train one epoch and validate (unless ``validate`` is None); return its history row, the metrics
+    and the predicted volumes (None and {} without validation)."""
     # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
     # run repeats an interrupted epoch exactly.
     train_loader.generator.manual_seed(cfg.seed + epoch)
@@ -601,10 +606,11 @@ def fit(
     augment = IntensityAugment() if cfg.intensity_augment else None
     volumes: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        row, metrics, volumes = run_epoch(epoch, cfg, parts, scheduler, train_loader, validate, ddp=ddp,
-                                          device=device, amp_dtype=amp_dtype, augment=augment,
+        validated = validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs)
+        row, metrics, volumes = run_epoch(epoch, cfg, parts, scheduler, train_loader, validate if validated else None,
+                                          ddp=ddp, device=device, amp_dtype=amp_dtype, augment=augment,
                                           progress=progress, val_slices=val_slices)
-        if validate is not None:
+        if validated:
             state["metrics"] = metrics
             if row["val_dice_per_volume_mean"] > state["best_dice"]:
                 state["best_dice"], state["best_epoch"] = row["val_dice_per_volume_mean"], epoch
@@ -612,8 +618,8 @@ def fit(
         state["epoch"] = epoch
         if ddp.main:
             save_epoch(run_dir, parts, scheduler, state, config_record)
-        say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validate is not None))
-        if validate is not None and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
+        say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated))
+        if validated and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
             say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
             break
     return volumes
@@ -666,7 +672,8 @@ def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: 
              f"({'SYNTHETIC data: not a result on MRI' if data.synthetic else 'real data'})")
     timing = {"training minutes": elapsed / 60, "epochs": state["epoch"],
               "train images/s (mean)": float(np.mean([h["train_images_per_second"] for h in history])),
-              "validation images/s (mean)": float(np.mean([h["val_images_per_second"] for h in history]))}
+              "validation images/s (mean)": float(np.mean([h["val_images_per_second"] for h in history
+                                                           if "val_images_per_second" in h]))}
     write_reports(data.run_dir, final, volumes=volumes, scans=[data.volumes[n] for n in data.val_names],
                   title=f"Training run {data.run_dir.name}: {title}", config=config_record, environment=env,
                   timing=timing, history=history, clinical=read_clinical(data.root))

@@ -74,16 +74,17 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     loss alone for a run without validation patients (--split none)."""
     frame = pd.DataFrame(history)
     validated = "val_loss" in frame
+    val = frame.dropna(subset=["val_loss"]) if validated else frame  # --val-every skips epochs
     fig = Figure(figsize=(10 if validated else 5, 4), layout="constrained")
     loss_ax, dice_ax = fig.subplots(1, 2) if validated else (fig.subplots(1, 1), None)
     loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
     if validated:
-        loss_ax.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
+        loss_ax.plot(val["epoch"], val["val_loss"], "o-", label="validation")
     loss_ax.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
     loss_ax.legend()
     if validated:
-        dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_mean"], "o-", label="mean")
-        dice_ax.plot(frame["epoch"], frame["val_dice_per_volume_median"], "o-", label="median")
+        dice_ax.plot(val["epoch"], val["val_dice_per_volume_mean"], "o-", label="mean")
+        dice_ax.plot(val["epoch"], val["val_dice_per_volume_median"], "o-", label="median")
         dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per volume")
         dice_ax.legend()
     path = out_dir / "curves.png"

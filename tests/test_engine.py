@@ -6,6 +6,7 @@ import shutil
 from dataclasses import fields
 
 import matplotlib.image as plt
+import pandas as pd
 import pytest
 import torch
 
@@ -248,3 +249,26 @@ def test_contradictory_split_flags_are_refused_in_one_line(tmp_path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and says in err
     assert not out.exists() and not (tmp_path / "syn").exists()
+
+
+def test_val_every_skips_validation_but_not_training(tmp_path):
+    """--val-every 2 over 3 epochs validates after epochs 2 and 3 only, and trains the very same weights
+    as validating every epoch: the final scores and last.pt agree exactly."""
+    assert main(tiny_args(tmp_path, "every", "--epochs", "3", "--val-fraction", "0.4")) == 0
+    assert main(tiny_args(tmp_path, "second", "--epochs", "3", "--val-fraction", "0.4", "--val-every", "2")) == 0
+    every, second = tmp_path / "every", tmp_path / "second"
+    history = pd.read_csv(second / "history.csv")
+    assert history["val_loss"].isna().tolist() == [True, False, False]
+    assert pd.read_csv(every / "history.csv")["val_loss"].notna().all()
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in (every, second))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (every, second))
+    assert mb["dice_per_volume_mean"] == ma["dice_per_volume_mean"]
+    assert torch.load(second / "best.pt", weights_only=True)["epoch"] in (2, 3)
+
+
+def test_val_every_below_one_is_refused(tmp_path, capsys):
+    assert main(tiny_args(tmp_path, "run", "--val-every", "0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--val-every" in err
+    assert not (tmp_path / "run").exists()
