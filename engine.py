@@ -325,8 +325,9 @@ def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
 # Training
 # =============================================================================================
 
-# Settings that may differ when a run is resumed (where and how it runs, not what it computes).
-RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_dir", "strict")
+# Settings that may differ when a run is resumed (where and how it runs, not what it computes;
+# --val-every changes which epochs are scored, never the weights).
+RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_dir", "strict", "val_every")
 
 
 def resumable_overrides(cfg: Config) -> dict[str, Any]:

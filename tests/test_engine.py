@@ -272,3 +272,11 @@ def test_val_every_below_one_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--val-every" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_takes_a_new_val_every_and_keeps_its_other_settings(tmp_path):
+    from engine import resolve_resume
+
+    assert main(tiny_args(tmp_path, "run", "--epochs", "1", "--val-fraction", "0.4")) == 0
+    cfg, _ = resolve_resume(Config(resume=str(tmp_path / "run"), val_every=5, lr=0.5))
+    assert (cfg.val_every, cfg.lr, cfg.epochs) == (5, 1e-3, 1)
