@@ -235,8 +235,8 @@ class Preprocess:
 
     Called as ``preprocess(image, mask)`` with an (H, W, C) uint8 image and an (H, W) {0, 1}
     mask; returns a uint8 (C, S, S) image tensor and a uint8 (1, S, S) mask tensor with values
-    in {0, 1}, S being ``image_size`` (or the crop of a training pipeline that crops). An image already resized to S by ``spline_resize`` (the
-    'buda' normalization) is float32 in [0, 1] and stays so.
+    in {0, 1}, S being ``image_size`` (or the crop of a training pipeline that crops). An image
+    already resized by ``spline_resize`` (the 'buda' normalization) is float32 in [0, 1] and stays so.
     """
 
     def __init__(self, transform: A.Compose, image_size: int) -> None:

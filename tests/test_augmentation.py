@@ -85,13 +85,14 @@ def test_crop_size_trains_on_patches_and_validates_whole_slices(tmp_path, monkey
 
     trained, validated = set(), set()
     real_loss, real_forward = engine.forward_loss, evaluation.forward_with_mirror
-    monkeypatch.setattr(engine, "forward_loss",
-                        lambda model, image, *a: trained.add(tuple(image.shape[-2:])) or real_loss(model, image, *a))
-    monkeypatch.setattr(evaluation, "forward_with_mirror",
-                        lambda model, image, *a: validated.add(tuple(image.shape[-2:])) or real_forward(model, image, *a))
+    monkeypatch.setattr(engine, "forward_loss", lambda model, image, *a:
+                        trained.add(tuple(image.shape[-2:])) or real_loss(model, image, *a))
+    monkeypatch.setattr(evaluation, "forward_with_mirror", lambda model, image, *a:
+                        validated.add(tuple(image.shape[-2:])) or real_forward(model, image, *a))
     args = ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
-            "--synthetic-slices", "6", "--image-size", "32", "--crop-size", "16", "--epochs", "1", "--batch-size", "4",
-            "--val-fraction", "0.4", "--progress", "off", "--cache-dir", "off", "--out-dir", str(tmp_path / "run")]
+            "--synthetic-slices", "6", "--image-size", "32", "--crop-size", "16", "--epochs", "1",
+            "--batch-size", "4", "--val-fraction", "0.4", "--progress", "off", "--cache-dir", "off",
+            "--out-dir", str(tmp_path / "run")]
     assert main(args) == 0
     assert trained == {(16, 16)} and validated == {(32, 32)}
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
