@@ -50,6 +50,7 @@ from data_preprocessing import (
     buda_stats,
     head_mask,
     mask_convention,
+    paste_lesion,
     volume_stats,
 )
 from libraries import UserError, add_bool_flag, atomic_write, save_json
@@ -64,6 +65,17 @@ DATASET_URL = "https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"
 # modality, the dataset repeats FLAIR in its place (6 of the 110 patients carry FLAIR in all three).
 FLAIR_CHANNEL = 1
 OTHER_MODALITIES = {"pre-contrast": 0, "post-contrast": 2}
+
+# Lesion pasting (--lesion-paste): a slice takes a lesion only if it lies within this many slices
+# of its own patient's tumor (below a volume's tumor lie the skull base and face, whose tissue an
+# eroded head mask does not tell from brain); donor slices lie within this share of the volume's
+# height of the target slice's level, so that the brain around the lesion is of a like shape; up
+# to this many donors are tried for a slice; the tissue carved around a lesion is this many
+# pixels wide at 256 px (drawn uniformly, scaled with the slice width).
+PASTE_SLICES_BEYOND_TUMOR = 2
+PASTE_LEVEL_WINDOW = 0.15
+PASTE_TRIES = 4
+PASTE_MARGIN_PX = (2, 10)
 
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
@@ -756,6 +768,14 @@ class LGGSlices(Dataset):
     has 3 + 2k channels, and the statistics give each added channel the volume's FLAIR column.
     At the ends of a volume the missing neighbours repeat the end slice. They pass through the
     same albumentations call as the slice, so every channel gets the same geometry.
+
+    With ``lesion_paste`` p > 0 (training), an item gets, with chance p, the lesion of a tumor
+    slice of another patient pasted into its brain at the lesion's own place, maybe mirrored, with
+    some tissue around it, in this volume's intensity scale (``paste_lesion``; CarveMix in 2D).
+    The donor is a slice at a like level of a patient with three distinct modalities; a slice
+    far from its own patient's tumor, or whose brain has room for none of the donors tried,
+    stays as it is. The model sees each lesion
+    in other brains and scanners: 24 training patients show it 24 times more contexts.
     """
 
     def __init__(
@@ -766,12 +786,19 @@ class LGGSlices(Dataset):
         full_mask: bool = False,
         modality_dropout: float = 0.0,
         context: int = 0,
+        lesion_paste: float = 0.0,
     ) -> None:
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout is a probability in [0, 1], got {modality_dropout}")
         if context < 0:
             raise ValueError(f"context is a number of slices on each side, >= 0; got {context}")
+        if not 0.0 <= lesion_paste <= 1.0:
+            raise ValueError(f"lesion_paste is a probability in [0, 1], got {lesion_paste}")
+        if lesion_paste and (context or any(v.box is not None for v in volumes)):
+            raise ValueError("lesion_paste works on whole 2D slices of 'volume'-normalized patients: "
+                             "not with context slices or the 'buda' crop")
         self.modality_dropout = modality_dropout
+        self.lesion_paste = lesion_paste
         self.context = context
         self.rng = np.random.default_rng(0)
         self.volumes = list(volumes)
@@ -783,6 +810,26 @@ class LGGSlices(Dataset):
         self.has_tumor = np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes else np.zeros(0, bool)
         # Once per volume, not per item: (4, 3 + 2 * context), the added columns FLAIR's.
         self.stats = [with_context_columns(v.stats.as_tensor(), context) for v in self.volumes]
+        if lesion_paste:
+            self._prepare_donors()
+
+    def _prepare_donors(self) -> None:
+        """The donor slices of lesion pasting, and what pasting needs of every volume, computed
+        once here rather than in each loader worker."""
+        self.sources = [channel_sources(v.images) for v in self.volumes]
+        donors = [(p, j, (j + 0.5) / len(v.images)) for p, v in enumerate(self.volumes)
+                  if self.sources[p] == tuple(range(v.images.shape[-1]))
+                  for j in np.flatnonzero(v.masks.any(axis=(1, 2)))]
+        self.donor_volume = np.array([d[0] for d in donors], int)
+        self.donor_slice = np.array([d[1] for d in donors], int)
+        self.donor_level = np.array([d[2] for d in donors], float)
+        self.paste_range = []  # (first, last) slice position that may take a lesion, per volume
+        for v in self.volumes:
+            tumor = np.flatnonzero(v.masks.any(axis=(1, 2)))
+            self.paste_range.append((tumor[0] - PASTE_SLICES_BEYOND_TUMOR, tumor[-1] + PASTE_SLICES_BEYOND_TUMOR)
+                                    if len(tumor) else (0, -1))
+        for v in self.volumes:
+            v.interior()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -800,6 +847,8 @@ class LGGSlices(Dataset):
             image, mask, (top, left, side) = buda_square(image, mask, vol.box, self.preprocess.image_size)
             # Everything evaluation needs to paste a prediction back onto the original grid.
             item["box"] = torch.tensor([*vol.box, top, left, side])
+        if self.lesion_paste > 0 and self.rng.random() < self.lesion_paste:
+            image, mask = self._paste(p, j, image, mask)
         stats = self.stats[p]
         if self.modality_dropout > 0:
             image, stats = self._drop_modalities(image, stats)
@@ -808,6 +857,31 @@ class LGGSlices(Dataset):
         if self.full_mask:
             item["full_mask"] = torch.from_numpy(vol.masks[j]).float().unsqueeze(0)
         return item
+
+    def _paste(self, p: int, j: int, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slice j of volume p with another patient's lesion pasted into its brain, or as it is
+        when it is far from the patient's tumor or none of up to PASTE_TRIES donors fits."""
+        first, last = self.paste_range[p]
+        if not first <= j <= last:
+            return image, mask
+        vol = self.volumes[p]
+        level = (j + 0.5) / len(vol.images)
+        near = np.flatnonzero((self.donor_volume != p) & (np.abs(self.donor_level - level) <= PASTE_LEVEL_WINDOW))
+        if not len(near):
+            return image, mask
+        for k in self.rng.choice(near, size=min(PASTE_TRIES, len(near)), replace=False):
+            donor = self.volumes[self.donor_volume[k]]
+            d_image, d_mask = donor.images[self.donor_slice[k]], donor.masks[self.donor_slice[k]]
+            if d_image.shape != image.shape:
+                continue
+            if self.rng.random() < 0.5:  # the brain is roughly symmetric: the lesion may come mirrored
+                d_image, d_mask = np.ascontiguousarray(d_image[:, ::-1]), np.ascontiguousarray(d_mask[:, ::-1])
+            margin = round(self.rng.integers(PASTE_MARGIN_PX[0], PASTE_MARGIN_PX[1] + 1) * image.shape[1] / 256)
+            pasted = paste_lesion(image, mask, vol.stats, d_image, d_mask, donor.stats, allowed=vol.interior()[j],
+                                  margin=margin, sources=self.sources[p])
+            if pasted is not None:
+                return pasted
+        return image, mask
 
     def _drop_modalities(self, image: np.ndarray, stats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Copies of (H, W, C) ``image`` and (4, C) ``stats`` with some channels replaced by FLAIR."""
@@ -824,6 +898,14 @@ class LGGSlices(Dataset):
         """Seed the augmentation streams (albumentations keeps its own RNG, apart from numpy's)."""
         self.preprocess.transform.set_random_seed(seed)
         self.rng = np.random.default_rng(seed)
+
+
+def channel_sources(images: np.ndarray) -> tuple[int, ...]:
+    """For each channel of an (N, H, W, C) volume, the channel it carries: FLAIR_CHANNEL where the
+    channel repeats FLAIR in every voxel (the dataset's fill for a missing modality), else its own."""
+    flair = images[..., FLAIR_CHANNEL]
+    return tuple(FLAIR_CHANNEL if c != FLAIR_CHANNEL and np.array_equal(images[..., c], flair) else c
+                 for c in range(images.shape[-1]))
 
 
 def context_positions(j: int, n: int, context: int) -> list[int]:

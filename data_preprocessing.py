@@ -216,6 +216,58 @@ def normalize(image: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (image.float().clamp(low, high) - mean) / std
 
 
+def paste_lesion(
+    image: np.ndarray,
+    mask: np.ndarray,
+    stats: VolumeStats,
+    donor_image: np.ndarray,
+    donor_mask: np.ndarray,
+    donor_stats: VolumeStats,
+    *,
+    allowed: np.ndarray,
+    margin: int,
+    sources: tuple[int, ...] = (0, 1, 2),
+    feather: float = 2.0,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Carve a donor slice's lesion, with ``margin`` pixels of the tissue around it, and paste it
+    into a slice of another patient at the same place (CarveMix, Zhang et al., MICCAI 2021, in 2D).
+
+    The pasted pixels are carried into the target's intensity scale: a donor pixel whose
+    ``normalize``d value is z lands where the target volume's ``normalize`` gives z again (up to
+    the target's clip range and uint8 rounding), so the lesion keeps its contrast to the donor's
+    brain while sites and scanners differ. The edge of the carved region is blended over
+    ``feather`` pixels (Gaussian sigma) so that a seam does not mark the lesion; the lesion itself
+    is all donor.
+
+    Args:
+        image, mask: the target slice, (H, W, C) uint8 and (H, W) {0, 1}.
+        stats: the target volume's statistics.
+        donor_image, donor_mask, donor_stats: the same for the donor slice; the mask has tumor.
+        allowed: (H, W) bool, the target's brain (``brain_interior``); the carved region must
+            lie inside it.
+        margin: pixels of tissue carved around the lesion (a disk dilation), >= 0.
+        sources: for each target channel, the donor channel to take: a target channel that copies
+            FLAIR (a patient lacking that modality) takes the donor's FLAIR, so it stays a copy.
+    Returns the new (image, mask), or None when the region does not fit inside ``allowed``.
+    """
+    if margin < 0:
+        raise ValueError(f"margin is a number of pixels, >= 0; got {margin}")
+    lesion = donor_mask.astype(np.uint8)
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+    region = cv2.dilate(lesion, disk) > 0
+    if not region.any() or (region & ~allowed).any():
+        return None
+    alpha = cv2.GaussianBlur(region.astype(np.float32), (0, 0), feather) if feather > 0 else region.astype(np.float32)
+    alpha = np.maximum(alpha * region, lesion)[..., None]  # (H, W, 1): 1 on the lesion, 0 outside the region
+    ch = list(sources)
+    z = (np.clip(donor_image[..., ch].astype(np.float32), donor_stats.low[ch], donor_stats.high[ch])
+         - donor_stats.mean[ch]) / donor_stats.std[ch]
+    carried = z * stats.std + stats.mean  # (H, W, C), in the target's raw scale
+    out = alpha * carried + (1 - alpha) * image.astype(np.float32)
+    new_mask = np.where(alpha[..., 0] >= 0.5, lesion, mask).astype(mask.dtype)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), new_mask
+
+
 def batch_to_device(
     batch: dict, device: torch.device, channels_last: bool, augment: IntensityAugment | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
