@@ -72,11 +72,15 @@ class VolumeStats:
         return torch.from_numpy(np.stack([self.low, self.high, self.mean, self.std]).astype(np.float32))
 
 
-def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> VolumeStats:
-    """Per-channel statistics of a (N, H, W, C) uint8 volume, computed over voxels > 0.
+def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0,
+                 where: np.ndarray | None = None) -> VolumeStats:
+    """Per-channel statistics of a (N, H, W, C) uint8 volume, computed over voxels > 0, and only
+    those inside ``where`` ((N, H, W) bool) if given.
 
-    Background (value 0) is left out so that the share of air around the head does not move
-    the percentiles. A channel with no nonzero voxel gets low=high=mean=0 and std=1.
+    Background of value 0 is left out so that the share of air around the head does not move the
+    percentiles. Where the scanner's background is noise above 0, as in most of this dataset's
+    slices, only ``where`` (a head mask) keeps it out. A channel with no voxel left gets
+    low=high=mean=0 and std=1.
     """
     if volume.ndim != 4:
         raise ValueError(f"expected a (N, H, W, C) volume, got shape {volume.shape}")
@@ -84,7 +88,8 @@ def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.
     low, high, mean, std = (np.zeros(channels, np.float32) for _ in range(4))
     std[:] = 1.0
     for c in range(channels):
-        head = volume[..., c][volume[..., c] > 0].astype(np.float32)
+        inside = volume[..., c] > 0 if where is None else (volume[..., c] > 0) & where
+        head = volume[..., c][inside].astype(np.float32)
         if head.size == 0:
             continue
         low[c], high[c] = np.percentile(head, [low_pct, high_pct])

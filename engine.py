@@ -41,6 +41,7 @@ from data_loaders import (
     add_data_arguments,
     add_download_arguments,
     LGGSlices,
+    NORMALIZATIONS,
     PatientVolume,
     ShardedSampler,
     choose_split,
@@ -114,8 +115,9 @@ class Config:
     crop_size: int = _opt(0, "training: random square patches of this size (a multiple of 16, below --image-size) "
                           "from the resized slices, around a random tumor pixel where the slice has tumor "
                           "(nnU-Net's patches); validation and inference see whole slices; 0: whole slices")
-    normalization: str = _opt("volume", "volume: per-patient percentile clip + z-score; buda: the "
-                              "authors' crop, p10-p99 rescale, z-score", ("volume", "buda"))
+    normalization: str = _opt("volume", "volume: per-patient percentile clip + z-score over the voxels above 0; "
+                              "head: the same over the head only; buda: the authors' crop, p10-p99 rescale, "
+                              "z-score", NORMALIZATIONS)
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
     modality_dropout: float = _opt(0.0, "training: chance that the pre- or post-contrast channel is replaced "
                                    "by FLAIR, as the dataset does where a patient lacks that modality")

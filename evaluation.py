@@ -27,6 +27,7 @@ from data_loaders import (
     BUDA_VAL_PREFIXES,
     DataIssues,
     LGGSlices,
+    NORMALIZATIONS,
     PatientVolume,
     default_num_workers,
     describe_masks,
@@ -450,7 +451,7 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="the size the weights expect (default: as trained; 256 for Buda et al.'s weights; "
                              "needed for a plain state_dict)")
-    parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
                         help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_loaders import DatasetError, make_volume, read_image, set_normalization
+from data_loaders import NORMALIZATIONS, DatasetError, make_volume, read_image, set_normalization
 from evaluation import (
     add_scoring_flags,
     load_checkpoints,
@@ -56,7 +56,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="state_dict: a small weights file with its record, named unet-<sha256 prefix>.pt")
     parser.add_argument("--output", required=True, help="the file to write (a folder for --format state_dict)")
     parser.add_argument("--image-size", type=int, default=None, help="for a plain state_dict: the size it expects")
-    parser.add_argument("--normalization", choices=("volume", "buda"), default=None,
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
                         help="for a plain state_dict: the normalization it expects")
 
 

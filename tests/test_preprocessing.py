@@ -60,6 +60,46 @@ def test_volume_stats_by_hand():
     assert s.mean[0] == pytest.approx(clipped.mean()) and s.std[0] == pytest.approx(clipped.std())
 
 
+def test_volume_stats_inside_a_mask_by_hand():
+    # Values 1..100 inside the mask and 200 outside it (noise above 0 that only the mask leaves out).
+    values = np.concatenate([np.arange(1, 101), np.full(50, 200)]).astype(np.uint8)
+    volume = values.reshape(1, 10, 15, 1)
+    where = (values < 200).reshape(1, 10, 15)
+    s = volume_stats(volume, low_pct=0, high_pct=100, where=where)
+    assert (s.low[0], s.high[0]) == (1, 100)
+    assert s.mean[0] == pytest.approx(50.5) and s.std[0] == pytest.approx(np.arange(1, 101).std())
+    assert volume_stats(volume, low_pct=0, high_pct=100).high[0] == 200
+
+
+def _head_in_noise(pad: int, noise: int) -> tuple[np.ndarray, np.ndarray]:
+    """(3, 24 + 2 pad, 24 + 2 pad, 3): the same disk of 80-120 in ``pad`` more pixels of background
+    noise of 1..noise on each side; and the disk, (3, S, S) bool."""
+    yy, xx = np.mgrid[:24, :24]
+    disk = np.pad((yy - 12) ** 2 + (xx - 12) ** 2 < 10 ** 2, pad)
+    head = np.pad(np.random.default_rng(4).integers(80, 121, (3, 24, 24, 3)), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    noisy = np.random.default_rng(5).integers(1, noise + 1, head.shape)
+    disk = np.broadcast_to(disk, head.shape[:3])
+    return np.where(disk[..., None], head, noisy).astype(np.uint8), disk
+
+
+def test_head_normalization_does_not_depend_on_the_field_of_view_or_the_noise():
+    """The same head in a larger field of view with other noise: 'head' statistics are those of the
+    disk alone and do not move; the default's (every voxel above 0) do."""
+    from data_loaders import make_volume, set_normalization
+
+    stats = {}
+    for pad, noise in ((0, 3), (12, 6)):
+        images, disk = _head_in_noise(pad, noise)
+        vol = make_volume("P", images, np.zeros(images.shape[:3], np.uint8), [1, 2, 3])
+        default = vol.stats
+        head = set_normalization(vol, "head", 32).stats
+        expected = volume_stats(images, where=disk)
+        assert np.allclose(head.mean, expected.mean) and np.allclose(head.std, expected.std)
+        stats[pad] = (default, head)
+    assert np.allclose(stats[0][1].mean, stats[12][1].mean) and np.allclose(stats[0][1].std, stats[12][1].std)
+    assert not np.allclose(stats[0][0].mean, stats[12][0].mean, atol=5)  # the default moves by tens
+
+
 def test_normalize_gives_zero_mean_unit_std_on_the_head():
     rng = np.random.default_rng(2)
     volume = rng.integers(1, 200, (4, 16, 16, 3), dtype=np.uint8)
