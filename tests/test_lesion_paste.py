@@ -131,7 +131,8 @@ def test_lesion_paste_reaches_the_training_slices_only(tmp_path, monkeypatch):
     """At p = 1 every training item tries a paste, and no validation item does."""
     tried = []
     real = LGGSlices._paste
-    monkeypatch.setattr(LGGSlices, "_paste", lambda self, p, j, *a: tried.append(self.patients[p]) or real(self, p, j, *a))
+    monkeypatch.setattr(LGGSlices, "_paste",
+                        lambda self, p, j, *a: tried.append(self.patients[p]) or real(self, p, j, *a))
     args = ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
             "--synthetic-slices", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
             "--lesion-paste", "1", "--val-fraction", "0.4", "--progress", "off", "--cache-dir", "off",
@@ -141,9 +142,11 @@ def test_lesion_paste_reaches_the_training_slices_only(tmp_path, monkeypatch):
     assert len(tried) == 6 * len(patients["train"]) and set(tried) <= set(patients["train"])
 
 
-@pytest.mark.parametrize("extra, says", [(["--lesion-paste", "1.5"], "probability in [0, 1]"),
-                                         (["--lesion-paste", "0.5", "--context-slices", "1"], "--context-slices"),
-                                         (["--lesion-paste", "0.5", "--normalization", "buda"], "--normalization buda")])
+@pytest.mark.parametrize("extra, says", [
+    (["--lesion-paste", "1.5"], "probability in [0, 1]"),
+    (["--lesion-paste", "0.5", "--context-slices", "1"], "--context-slices"),
+    (["--lesion-paste", "0.5", "--normalization", "buda"], "--normalization buda"),
+])
 def test_bad_lesion_paste_is_refused_in_one_line(tmp_path, capsys, extra, says):
     out = tmp_path / "run"
     assert main(["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--out-dir", str(out), *extra]) == 2
