@@ -304,3 +304,24 @@ def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines[-1].startswith("error:") and "no readable slice" in lines[-1]
         assert not (tmp_path / f"o-{name}").exists()
+
+
+def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeypatch):
+    """A model trained with --normalization head gets its inputs normalized over the head in predict."""
+    import inference
+
+    seen = []
+    real = inference.set_normalization
+    monkeypatch.setattr(inference, "set_normalization",
+                        lambda v, method, size: seen.append(method) or real(v, method, size))
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["config"]["normalization"] = "head"
+    path = tmp_path / "head.pt"
+    torch.save(ckpt, path)
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        write_slice(folder, "P", i, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), np.zeros((32, 32), np.uint8))
+    assert main(["predict", "--checkpoint", str(path), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    assert seen == ["head"]
