@@ -390,7 +390,10 @@ def compare_runs(
     post-processing both tables hold, each against itself. ``per_institution`` adds, after each
     post-processing's row, one row per institution (``data_loaders.institution``) of its patients.
     """
-    paired = a.merge(b, on="patient", suffixes=("_a", "_b"))
+    # Every column but the patient gets its side's suffix, also one that only one run has
+    # (merge's suffixes mark only the columns both have: an older run lacks the newer rules).
+    paired = a.add_suffix("_a").rename(columns={"patient_a": "patient"}).merge(
+        b.add_suffix("_b").rename(columns={"patient_b": "patient"}), on="patient")
     if paired.empty:
         raise UserError("the two runs scored no patient in common; compare runs that held out the same patients")
     if pairs is None:

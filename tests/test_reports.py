@@ -108,6 +108,24 @@ def write_scores(folder, scores: dict) -> None:
         "lcc": {"dice_per_patient": {k: v[1] for k, v in scores.items()}}}}))
 
 
+def test_compare_a_rule_only_the_newer_run_reports(tmp_path, capsys):
+    """An older cv folder lacks the newer rules' columns: comparing its 'lcc' with the newer run's
+    'brain-shell' pairs them (a traceback before), and a rule A lacks is refused in one line."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    (old / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc\n0,P1,0.5,0.6\n0,P2,0.8,0.8\n")
+    (new / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc,dice_brain-shell\n0,P1,0.5,0.5,0.9\n"
+                                         "0,P2,0.7,0.7,0.9\n")
+    assert main(["compare", str(old), str(new), "--postprocess-a", "lcc", "--postprocess-b", "brain-shell"]) == 0
+    # P1 0.6 -> 0.9, P2 0.8 -> 0.9: mean 0.7 -> 0.9.
+    assert "lcc -> brain-shell: mean 0.7000 -> 0.9000, B - A +0.2000" in capsys.readouterr().out
+    assert main(["compare", str(new), str(old), "--postprocess-a", "brain-shell", "--postprocess-b",
+                 "brain-shell"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "run B has no Dice with post-processing 'brain-shell'" in err
+
+
 def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsys):
     cv = tmp_path / "cv"
     cv.mkdir()
