@@ -782,8 +782,7 @@ class LGGSlices(Dataset):
     some tissue around it, in this volume's intensity scale (``paste_lesion``; CarveMix in 2D).
     The donor is a slice at a like level of a patient with three distinct modalities; a slice
     far from its own patient's tumor, or whose brain has room for none of the donors tried,
-    stays as it is. The model sees each lesion
-    in other brains and scanners: 24 training patients show it 24 times more contexts.
+    stays as it is. The model then sees each lesion in other brains, in other scanners' scales.
     """
 
     def __init__(
@@ -803,8 +802,7 @@ class LGGSlices(Dataset):
         if not 0.0 <= lesion_paste <= 1.0:
             raise ValueError(f"lesion_paste is a probability in [0, 1], got {lesion_paste}")
         if lesion_paste and (context or any(v.box is not None for v in volumes)):
-            raise ValueError("lesion_paste works on whole 2D slices of 'volume'-normalized patients: "
-                             "not with context slices or the 'buda' crop")
+            raise ValueError("lesion_paste works on whole 2D slices: not with context slices or the 'buda' crop")
         self.modality_dropout = modality_dropout
         self.lesion_paste = lesion_paste
         self.context = context
