@@ -77,6 +77,16 @@ def test_pretrained_buda_weights_switch_normalization_and_freeze_encoder(tmp_pat
     assert not torch.equal(trained["up4.conv.0.weight"], start["up4.conv.0.weight"])  # decoder trained
 
 
+def test_buda_weights_with_lesion_paste_are_refused_in_one_line(tmp_path, buda_file, capsys):
+    """Their weights switch to the 'buda' crop, which lesion pasting cannot work on: one line, no run folder."""
+    path, _ = buda_file
+    run = tmp_path / "run"
+    assert main(tiny_run(tmp_path, "--pretrained", str(path), "--lesion-paste", "0.5", "--out-dir", str(run))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--lesion-paste" in err and "--normalization buda" in err
+    assert not run.exists()
+
+
 def test_pretrained_weights_of_another_input_width_are_one_line(tmp_path, buda_file, capsys):
     path, _ = buda_file  # 3 input channels; --context-slices 1 asks for 5
     run = tmp_path / "run"
