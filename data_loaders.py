@@ -823,17 +823,16 @@ class LGGSlices(Dataset):
         """The donor slices of lesion pasting, and what pasting needs of every volume, computed
         once here rather than in each loader worker."""
         self.sources = [channel_sources(v.images) for v in self.volumes]
-        donors = [(p, j, (j + 0.5) / len(v.images)) for p, v in enumerate(self.volumes)
-                  if self.sources[p] == tuple(range(v.images.shape[-1]))
-                  for j in np.flatnonzero(v.masks.any(axis=(1, 2)))]
-        self.donor_volume = np.array([d[0] for d in donors], int)
-        self.donor_slice = np.array([d[1] for d in donors], int)
-        self.donor_level = np.array([d[2] for d in donors], float)
-        self.paste_range = []  # (first, last) slice position that may take a lesion, per volume
-        for v in self.volumes:
-            tumor = np.flatnonzero(v.masks.any(axis=(1, 2)))
-            self.paste_range.append((tumor[0] - PASTE_SLICES_BEYOND_TUMOR, tumor[-1] + PASTE_SLICES_BEYOND_TUMOR)
-                                    if len(tumor) else (0, -1))
+        tumor = [np.flatnonzero(v.masks.any(axis=(1, 2))) for v in self.volumes]  # slice positions, per volume
+        donors = [(p, j) for p, v in enumerate(self.volumes) if self.sources[p] == tuple(range(v.images.shape[-1]))
+                  for j in tumor[p]]
+        self.donor_volume = np.array([p for p, _ in donors], int)
+        self.donor_slice = np.array([j for _, j in donors], int)
+        lengths = np.array([len(v.images) for v in self.volumes])
+        self.donor_level = (self.donor_slice + 0.5) / lengths[self.donor_volume] if donors else np.zeros(0)
+        # (first, last) slice position that may take a lesion, per volume
+        self.paste_range = [(t[0] - PASTE_SLICES_BEYOND_TUMOR, t[-1] + PASTE_SLICES_BEYOND_TUMOR) if len(t) else (0, -1)
+                            for t in tumor]
         for v in self.volumes:
             v.interior()
 
