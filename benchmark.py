@@ -23,13 +23,13 @@ from torch import nn
 from data_loaders import DataIssues, LGGSlices, default_num_workers, load_dataset, locate_data, make_loader, resolve_cache_dir
 from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
 from libraries import autocast, environment_report, save_json, setup_device
-from model import check_context, count_flops, fuse_conv_bn, input_channels
+from model import check_context, check_norm_layer, count_flops, fuse_conv_bn, input_channels
 from training import TrainingParts, build_training, forward_loss, optimizer_step
 
 # The training settings the benchmark uses; the command line offers these and no others, so a
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
 FIELDS = ("data_dir", "synthetic", "synthetic_dir", "synthetic_patients", "synthetic_slices", "seed",
-          "image_size", "batch_size", "encoder", "features", "context_slices", "normalization", "modality_dropout",
+          "image_size", "batch_size", "encoder", "features", "norm_layer", "context_slices", "normalization", "modality_dropout",
           "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile", "num_workers",
           "cache_dir", "strict", "progress", "out_dir")
 
@@ -71,16 +71,17 @@ class _TimedPath:
 
 
 def _parts(encoder: str, features: int, device: torch.device, amp_dtype: torch.dtype | None,
-           channels_last: bool, compile_model: bool, context_slices: int = 0) -> TrainingParts:
+           channels_last: bool, compile_model: bool, context_slices: int = 0, norm_layer: str = "batch") -> TrainingParts:
     """A training setup as ``engine.train`` builds it, with the default loss and learning rate."""
     return build_training(encoder=encoder, features=features, device=device, channels_last=channels_last,
                           amp_dtype=amp_dtype, lr=1e-4, weight_decay=1e-4, dice_weight=1.0, bce_weight=1.0,
-                          dice_mode="sample", compile_model=compile_model, context_slices=context_slices)
+                          dice_mode="sample", compile_model=compile_model, context_slices=context_slices,
+                          norm_layer=norm_layer)
 
 
 def time_paths(
     paths: dict[str, dict], *, encoder: str, features: int, image_size: int, batch_size: int,
-    device: torch.device, warmup: int, repeats: int, context_slices: int = 0,
+    device: torch.device, warmup: int, repeats: int, context_slices: int = 0, norm_layer: str = "batch",
 ) -> list[dict]:
     """Training-step and inference throughput of each execution path in ``paths``, on random inputs.
 
@@ -95,7 +96,7 @@ def time_paths(
     for options in paths.values():
         torch.manual_seed(0)
         parts = _parts(encoder, features, device, options["amp_dtype"], options["channels_last"], options["compile_model"],
-                       context_slices)
+                       context_slices, norm_layer)
         fmt = torch.channels_last if options["channels_last"] else torch.contiguous_format
         runs.append(_TimedPath(amp_dtype=options["amp_dtype"], parts=parts,
                                x=x.to(device).contiguous(memory_format=fmt), y=y.to(device)))
@@ -145,7 +146,8 @@ def time_end_to_end(
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
-    parts = _parts(args.encoder, args.features, device, amp_dtype, args.channels_last, args.compile, args.context_slices)
+    parts = _parts(args.encoder, args.features, device, amp_dtype, args.channels_last, args.compile, args.context_slices,
+                   args.norm_layer)
     parts.net.train()
     augment = IntensityAugment(args.seed) if args.intensity_augment else None
 
@@ -196,9 +198,11 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     ``args`` holds the FIELDS settings and warmup, repeats, e2e_batches and out.
     """
     check_context(args.context_slices, args.encoder)
+    check_norm_layer(args.norm_layer, args.encoder, args.features)
     device, amp_dtype = setup_device(args.device, args.amp)
     common = {"encoder": args.encoder, "features": args.features, "image_size": args.image_size, "batch_size": args.batch_size,
-              "device": device, "warmup": args.warmup, "repeats": args.repeats, "context_slices": args.context_slices}
+              "device": device, "warmup": args.warmup, "repeats": args.repeats, "context_slices": args.context_slices,
+              "norm_layer": args.norm_layer}
     paths = {
         "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False,
                                               fused=False),
@@ -212,7 +216,7 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     result = {
         "environment": environment_report(device), "image_size": args.image_size,
         "batch_size": args.batch_size, "encoder": args.encoder, "features": args.features,
-        "context_slices": args.context_slices, "paths": rows,
+        "context_slices": args.context_slices, "norm_layer": args.norm_layer, "paths": rows,
         "train_speedup": fast["train_img_s"] / ref["train_img_s"],
         "infer_speedup": fast["infer_img_s"] / ref["infer_img_s"],
         "end_to_end": e2e, "end_to_end_vs_fast_step": e2e["train_img_s"] / fast["train_img_s"],

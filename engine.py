@@ -71,7 +71,7 @@ from libraries import (
 )
 from loss_fun import DICE_MODES
 from metrics import parse_spacing
-from model import check_context, count_parameters, load_checkpoint
+from model import NORM_LAYERS, check_context, check_norm_layer, count_parameters, load_checkpoint
 from reports import epoch_line, validation_row, write_reports
 from training import (
     TrainingParts,
@@ -135,6 +135,9 @@ class Config:
     encoder_weights: str = _opt("none", "with --encoder resnet34: none, or imagenet (torchvision's weights, "
                                 "downloaded once)", ("none", "imagenet"))
     features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
+    norm_layer: str = _opt("batch", "after each conv (unet): batch (BatchNorm: the batch's statistics in training, the "
+                           "training set's in evaluation) or group (GroupNorm, 8 groups: each image's own, always)",
+                           NORM_LAYERS)
     deep_supervision: bool = _opt(False, "training (unet): also score the decoder's half- and quarter-size outputs, "
                                   "weights 4/7, 2/7, 1/7 (nnU-Net's scheme); the printed train loss is that mean")
     pretrained: str = _opt("", "start from weights: a checkpoint or state_dict path, a URL, or 'buda' "
@@ -370,6 +373,7 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
                         f"(got --encoder {cfg.encoder})")
     check_context(cfg.context_slices, cfg.encoder)
+    check_norm_layer(cfg.norm_layer, cfg.encoder, cfg.features, cfg.sync_bn)
     if cfg.val_every < 1:
         raise UserError(f"--val-every must be at least 1 (validate after every N-th epoch), got {cfg.val_every}")
     if cfg.epochs < 1:
@@ -541,7 +545,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         encoder_weights=cfg.encoder_weights,
         encoder_lr_scale=cfg.encoder_lr_scale, weights=weights, weights_source=cfg.pretrained,
         freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile,
-        deep_supervision=cfg.deep_supervision, context_slices=cfg.context_slices)
+        deep_supervision=cfg.deep_supervision, context_slices=cfg.context_slices, norm_layer=cfg.norm_layer)
     scheduler = make_scheduler(parts.optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     return parts, scheduler

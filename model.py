@@ -23,17 +23,31 @@ from torch.utils.flop_counter import FlopCounterMode
 from libraries import UserError
 
 
-class DoubleConv(nn.Sequential):
-    """Two 3x3 conv -> BatchNorm -> ReLU layers; spatial size is kept."""
+NORM_LAYERS = ("batch", "group")
+GROUPS = 8  # GroupNorm's groups (Wu and He 2018 use 32; 8 keeps 4 channels a group at 32 features)
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+
+def norm2d(kind: str, channels: int) -> nn.Module:
+    """The normalization layer after each conv: BatchNorm (statistics of the batch in training, of the
+    training set in evaluation) or GroupNorm (statistics of each image, the same in both)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(GROUPS, channels)
+    raise ValueError(f"--norm-layer must be one of {', '.join(NORM_LAYERS)}, got {kind!r}")
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 conv -> norm -> ReLU layers; spatial size is kept."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__(
-            # No conv bias: the BatchNorm that follows has its own shift.
+            # No conv bias: the normalization that follows has its own shift.
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm2d(norm, out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm2d(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -41,18 +55,18 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """2x2 max-pool that halves H and W, then a DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels, norm))
 
 
 class Up(nn.Module):
     """2x2 transposed conv that doubles H and W, concatenation with the skip, then a DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         # After concatenation the channels are out_channels (upsampled) + out_channels (skip).
-        self.conv = DoubleConv(2 * out_channels, out_channels)
+        self.conv = DoubleConv(2 * out_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
@@ -96,6 +110,7 @@ class UNet(FreezableEncoder):
         in_channels: input channels (3: pre-contrast, FLAIR, post-contrast).
         out_channels: output logit maps (1 for binary tumor segmentation).
         features: channels of the first level; each level down doubles them.
+        norm: the layer after each conv, ``"batch"`` or ``"group"`` (``norm2d``).
 
     Shape:
         input (N, in_channels, H, W) with H and W divisible by 16;
@@ -104,18 +119,21 @@ class UNet(FreezableEncoder):
 
     levels = 4
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32) -> None:
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32, norm: str = "batch") -> None:
         super().__init__()
         f = features
-        self.inc = DoubleConv(in_channels, f)
-        self.down1 = Down(f, 2 * f)
-        self.down2 = Down(2 * f, 4 * f)
-        self.down3 = Down(4 * f, 8 * f)
-        self.down4 = Down(8 * f, 16 * f)  # bottleneck at H/16
-        self.up1 = Up(16 * f, 8 * f)
-        self.up2 = Up(8 * f, 4 * f)
-        self.up3 = Up(4 * f, 2 * f)
-        self.up4 = Up(2 * f, f)
+        if norm == "group" and f % GROUPS:
+            raise ValueError(f"--norm-layer group splits the channels into {GROUPS} groups, so --features must be a "
+                             f"multiple of {GROUPS}, got {f}")
+        self.inc = DoubleConv(in_channels, f, norm)
+        self.down1 = Down(f, 2 * f, norm)
+        self.down2 = Down(2 * f, 4 * f, norm)
+        self.down3 = Down(4 * f, 8 * f, norm)
+        self.down4 = Down(8 * f, 16 * f, norm)  # bottleneck at H/16
+        self.up1 = Up(16 * f, 8 * f, norm)
+        self.up2 = Up(8 * f, 4 * f, norm)
+        self.up3 = Up(4 * f, 2 * f, norm)
+        self.up4 = Up(2 * f, f, norm)
         self.outc = OutConv(f, out_channels)
 
     def encoder(self) -> list[nn.Module]:
@@ -241,7 +259,8 @@ def describe_weights(state_dict: dict) -> str:
     if "inc.0.weight" in state_dict:
         out_channels, in_channels = state_dict["inc.0.weight"].shape[:2]
         context = f" --context-slices {(in_channels - 3) // 2}" if in_channels != 3 else ""
-        return f"--encoder unet --features {out_channels}{context}"
+        norm = "" if "inc.1.running_mean" in state_dict else " --norm-layer group"  # GroupNorm has no running stats
+        return f"--encoder unet --features {out_channels}{context}{norm}"
     if "stem.0.weight" in state_dict:
         return "--encoder resnet34"
     return "of an unknown layout"
@@ -399,24 +418,42 @@ def check_context(context_slices: int, encoder: str) -> None:
                         f"channels; --encoder {encoder}'s stem takes 3: drop one of them")
 
 
+def check_norm_layer(norm_layer: str, encoder: str, features: int, sync_bn: bool = False) -> None:
+    """Refuse a --norm-layer the network cannot take (training and benchmark), in one line."""
+    if norm_layer == "batch":
+        return
+    if encoder != "unet":
+        raise UserError(f"--norm-layer {norm_layer} needs the hand-written UNet; --encoder {encoder} comes with "
+                        "BatchNorm: drop one of them")
+    if features % GROUPS:
+        raise UserError(f"--norm-layer group splits the channels into {GROUPS} groups: --features must be a multiple "
+                        f"of {GROUPS}, got {features}")
+    if sync_bn:
+        raise UserError(f"--sync-bn synchronizes BatchNorm statistics, and --norm-layer {norm_layer} keeps none: "
+                        "drop --sync-bn")
+
+
 def input_width(model: nn.Module) -> int:
     """The channels a network takes: those of its first convolution."""
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
 def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str = "none",
-                in_channels: int = 3) -> nn.Module:
+                in_channels: int = 3, norm_layer: str = "batch") -> nn.Module:
     """The segmentation network for a config: the hand-written UNet or the ResNet-34 UNet.
 
-    ``in_channels`` above 3 (2.5D input: neighbouring slices' FLAIR) is for the UNet only: the
-    ResNet's stem and its ImageNet weights take three channels.
+    ``in_channels`` above 3 (2.5D input: neighbouring slices' FLAIR) and ``norm_layer`` other than
+    BatchNorm are for the UNet only: the ResNet's stem and its ImageNet weights take three channels
+    and come with BatchNorm.
     """
     if encoder == "unet":
-        return UNet(in_channels=in_channels, out_channels=1, features=features)
+        return UNet(in_channels=in_channels, out_channels=1, features=features, norm=norm_layer)
     if encoder == "resnet34":
         if in_channels != 3:
             raise ValueError(f"--encoder resnet34 takes 3 input channels, not {in_channels}: use --encoder unet "
                              "for --context-slices")
+        if norm_layer != "batch":
+            raise ValueError(f"--encoder resnet34 has BatchNorm; --norm-layer {norm_layer} is for --encoder unet")
         return ResNetUNet(out_channels=1, weights=encoder_weights)
     raise ValueError(f"--encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
 
@@ -426,11 +463,12 @@ def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str 
 # ---------------------------------------------------------------------------------------------
 
 
-def make_network(encoder: str, features: int, encoder_weights: str = "none", in_channels: int = 3) -> nn.Module:
+def make_network(encoder: str, features: int, encoder_weights: str = "none", in_channels: int = 3,
+                 norm_layer: str = "batch") -> nn.Module:
     """build_model with user-facing errors: ImageNet weights that cannot be downloaded, or an input
-    width the encoder cannot take."""
+    width or normalization layer the encoder cannot take."""
     try:
-        return build_model(encoder, features, encoder_weights, in_channels)
+        return build_model(encoder, features, encoder_weights, in_channels, norm_layer)
     except ValueError as exc:  # a setting the network cannot take
         raise UserError(str(exc)) from None
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
@@ -501,6 +539,8 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
     context = (state_dict["inc.0.weight"].shape[1] - 3) // 2 if encoder == "unet" else 0
     record = {"encoder": encoder, "features": state_dict["inc.0.weight"].shape[0] if encoder == "unet" else 32,
               "context_slices": context,
+              # GroupNorm keeps no running statistics; every BatchNorm does.
+              "norm_layer": "group" if encoder == "unet" and "inc.1.running_mean" not in state_dict else "batch",
               "image_size": image_size, "normalization": normalization, "threshold": 0.5, "channels_last": True,
               "tta": False, "postprocess": "none", "batch_size": 16, "seed": 0, "dice_weight": 1.0,
               "bce_weight": 1.0, "dice_mode": "sample", "patients": {"train": [], "validation": []},
@@ -513,6 +553,7 @@ def network_from_checkpoint(ckpt: dict) -> nn.Module:
     """The network a checkpoint was trained with, holding its weights (on the CPU)."""
     record = ckpt["config"]
     model = make_network(record.get("encoder", "unet"), record["features"],
-                         in_channels=input_channels(record.get("context_slices", 0)))
+                         in_channels=input_channels(record.get("context_slices", 0)),
+                         norm_layer=record.get("norm_layer", "batch"))  # checkpoints before --norm-layer: BatchNorm
     model.load_state_dict(ckpt["model"])
     return model

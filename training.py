@@ -93,6 +93,7 @@ def build_training(
     compile_model: bool = False,
     deep_supervision: bool = False,
     context_slices: int = 0,
+    norm_layer: str = "batch",
 ) -> TrainingParts:
     """The network on ``device`` (optionally from ``weights``), its wrappers, loss, AdamW and scaler.
 
@@ -101,14 +102,15 @@ def build_training(
     ``deep_supervision`` (UNet only) the network is wrapped in ``DeepSupervision``, whose heads
     train with the decoder.
     """
-    model = make_network(encoder, features, encoder_weights, input_channels(context_slices))
+    model = make_network(encoder, features, encoder_weights, input_channels(context_slices), norm_layer)
     model = model.to(device, memory_format=memory_format(channels_last))
     if weights is not None:
         try:
             model.load_state_dict(weights)
         except RuntimeError:
             asked = f"--encoder {encoder} --features {features}" + \
-                (f" --context-slices {context_slices}" if context_slices else "")
+                (f" --context-slices {context_slices}" if context_slices else "") + \
+                (f" --norm-layer {norm_layer}" if norm_layer != "batch" else "")
             raise UserError(f"--pretrained {weights_source}: these weights are {describe_weights(weights)}, but this "
                             f"run asks for {asked}; pass the weights' values") from None
     if freeze_encoder:
