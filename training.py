@@ -105,14 +105,8 @@ def build_training(
     model = make_network(encoder, features, encoder_weights, input_channels(context_slices), norm_layer)
     model = model.to(device, memory_format=memory_format(channels_last))
     if weights is not None:
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError:
-            asked = f"--encoder {encoder} --features {features}" + \
-                (f" --context-slices {context_slices}" if context_slices else "") + \
-                (f" --norm-layer {norm_layer}" if norm_layer != "batch" else "")
-            raise UserError(f"--pretrained {weights_source}: these weights are {describe_weights(weights)}, but this "
-                            f"run asks for {asked}; pass the weights' values") from None
+        load_weights_into(model, weights, weights_source, encoder=encoder, features=features,
+                          context_slices=context_slices, norm_layer=norm_layer)
     if freeze_encoder:
         model.freeze_encoder()
     if sync_bn:
@@ -234,15 +228,35 @@ def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_sc
     write_history(run_dir, state["history"])
 
 
+def load_weights_into(model: nn.Module, weights: dict, source: str, *, encoder: str, features: int,
+                      context_slices: int, norm_layer: str) -> None:
+    """``model.load_state_dict(weights)``, or a one-line error naming the flags each side has."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        asked = f"--encoder {encoder} --features {features}" + \
+            (f" --context-slices {context_slices}" if context_slices else "") + \
+            (f" --norm-layer {norm_layer}" if norm_layer != "batch" else "")
+        raise UserError(f"--pretrained {source}: these weights are {describe_weights(weights)}, but this "
+                        f"run asks for {asked}; pass the weights' values") from None
+
+
 def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | None, str]:
     """The --pretrained weights, ``cfg`` (a Config) with the normalization they expect, and their kind
-    ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package')."""
+    ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package').
+
+    The weights are tried on the network ``cfg`` asks for here, before any run folder exists, so a
+    mismatch leaves nothing behind."""
     if not cfg.pretrained:
         return cfg, None, ""
     weights, kind, expected = pretrained_weights(cfg.pretrained)
     if expected and expected != cfg.normalization:
         say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
         cfg = replace(cfg, normalization=expected)
+    network = make_network(cfg.encoder, cfg.features, in_channels=input_channels(cfg.context_slices),
+                           norm_layer=cfg.norm_layer)
+    load_weights_into(network, weights, cfg.pretrained, encoder=cfg.encoder, features=cfg.features,
+                      context_slices=cfg.context_slices, norm_layer=cfg.norm_layer)
     return cfg, weights, kind
 
 
