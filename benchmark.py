@@ -29,9 +29,9 @@ from training import TrainingParts, build_training, forward_loss, optimizer_step
 # The training settings the benchmark uses; the command line offers these and no others, so a
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
 FIELDS = ("data_dir", "synthetic", "synthetic_dir", "synthetic_patients", "synthetic_slices", "seed",
-          "image_size", "batch_size", "encoder", "features", "norm_layer", "context_slices", "normalization", "modality_dropout",
-          "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile", "num_workers",
-          "cache_dir", "strict", "progress", "out_dir")
+          "image_size", "batch_size", "encoder", "features", "norm_layer", "context_slices", "normalization",
+          "modality_dropout", "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile",
+          "num_workers", "cache_dir", "strict", "progress", "out_dir")
 
 
 def _sync(device: torch.device) -> None:
@@ -71,7 +71,8 @@ class _TimedPath:
 
 
 def _parts(encoder: str, features: int, device: torch.device, amp_dtype: torch.dtype | None,
-           channels_last: bool, compile_model: bool, context_slices: int = 0, norm_layer: str = "batch") -> TrainingParts:
+           channels_last: bool, compile_model: bool, context_slices: int = 0,
+           norm_layer: str = "batch") -> TrainingParts:
     """A training setup as ``engine.train`` builds it, with the default loss and learning rate."""
     return build_training(encoder=encoder, features=features, device=device, channels_last=channels_last,
                           amp_dtype=amp_dtype, lr=1e-4, weight_decay=1e-4, dice_weight=1.0, bce_weight=1.0,
@@ -146,8 +147,8 @@ def time_end_to_end(
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
-    parts = _parts(args.encoder, args.features, device, amp_dtype, args.channels_last, args.compile, args.context_slices,
-                   args.norm_layer)
+    parts = _parts(args.encoder, args.features, device, amp_dtype, args.channels_last, args.compile,
+                   args.context_slices, args.norm_layer)
     parts.net.train()
     augment = IntensityAugment(args.seed) if args.intensity_augment else None
 

@@ -204,9 +204,9 @@ def area_row(group: str, file: str, level: str, area: int, spacing: tuple[float,
 
 # What a released weights file records besides the weights: how to prepare inputs, how to read
 # the output, and which patients the model was trained and validated on.
-RELEASE_KEYS = ("encoder", "features", "norm_layer", "context_slices", "image_size", "normalization", "threshold", "postprocess",
-                "tta", "channels_last", "batch_size", "seed", "dice_weight", "bce_weight", "dice_mode", "tversky_beta",
-                "deep_supervision", "patients", "trained_on", "resolved_data_dir", "synthetic_data")
+RELEASE_KEYS = ("encoder", "features", "norm_layer", "context_slices", "image_size", "normalization", "threshold",
+                "postprocess", "tta", "channels_last", "batch_size", "seed", "dice_weight", "bce_weight", "dice_mode",
+                "tversky_beta", "deep_supervision", "patients", "trained_on", "resolved_data_dir", "synthetic_data")
 
 
 def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
