@@ -254,16 +254,29 @@ def unet_to_buda(state_dict: dict) -> dict:
     return out
 
 
-def describe_weights(state_dict: dict) -> str:
-    """The network a state_dict fits, in flags: '--encoder unet --features 32', or what is unknown."""
+def weights_layout(state_dict: dict) -> dict | None:
+    """The network a state_dict fits, told by its keys and shapes: its encoder, features,
+    context_slices and norm_layer; None if it fits neither network."""
     if "inc.0.weight" in state_dict:
         out_channels, in_channels = state_dict["inc.0.weight"].shape[:2]
-        context = f" --context-slices {(in_channels - 3) // 2}" if in_channels != 3 else ""
-        norm = "" if "inc.1.running_mean" in state_dict else " --norm-layer group"  # GroupNorm has no running stats
-        return f"--encoder unet --features {out_channels}{context}{norm}"
+        return {"encoder": "unet", "features": out_channels, "context_slices": (in_channels - 3) // 2,
+                # GroupNorm keeps no running statistics; every BatchNorm does.
+                "norm_layer": "batch" if "inc.1.running_mean" in state_dict else "group"}
     if "stem.0.weight" in state_dict:
-        return "--encoder resnet34"
-    return "of an unknown layout"
+        return {"encoder": "resnet34", "features": 32, "context_slices": 0, "norm_layer": "batch"}
+    return None
+
+
+def describe_weights(state_dict: dict) -> str:
+    """The network a state_dict fits, in flags: '--encoder unet --features 32', or what is unknown."""
+    layout = weights_layout(state_dict)
+    if layout is None:
+        return "of an unknown layout"
+    if layout["encoder"] != "unet":
+        return f"--encoder {layout['encoder']}"
+    context = f" --context-slices {layout['context_slices']}" if layout["context_slices"] else ""
+    norm = f" --norm-layer {layout['norm_layer']}" if layout["norm_layer"] != "batch" else ""
+    return f"--encoder unet --features {layout['features']}{context}{norm}"
 
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
@@ -535,15 +548,13 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
     elif image_size is None or normalization is None:
         raise UserError(f"{spec}: a plain state_dict records neither the image size nor the normalization its "
                         "model was trained with; pass --image-size and --normalization")
-    encoder = "resnet34" if "stem.0.weight" in state_dict else "unet"
-    context = (state_dict["inc.0.weight"].shape[1] - 3) // 2 if encoder == "unet" else 0
-    record = {"encoder": encoder, "features": state_dict["inc.0.weight"].shape[0] if encoder == "unet" else 32,
-              "context_slices": context,
-              # GroupNorm keeps no running statistics; every BatchNorm does.
-              "norm_layer": "group" if encoder == "unet" and "inc.1.running_mean" not in state_dict else "batch",
-              "image_size": image_size, "normalization": normalization, "threshold": 0.5, "channels_last": True,
-              "tta": False, "postprocess": "none", "batch_size": 16, "seed": 0, "dice_weight": 1.0,
-              "bce_weight": 1.0, "dice_mode": "sample", "patients": {"train": [], "validation": []},
+    layout = weights_layout(state_dict)
+    if layout is None:
+        raise UserError(f"{spec}: these weights are {describe_weights(state_dict)}, neither this package's UNet nor "
+                        "its ResNet-34 UNet; pass a checkpoint or state_dict written by engine.py, or Buda et al.'s")
+    record = {**layout, "image_size": image_size, "normalization": normalization, "threshold": 0.5,
+              "channels_last": True, "tta": False, "postprocess": "none", "batch_size": 16, "seed": 0,
+              "dice_weight": 1.0, "bce_weight": 1.0, "dice_mode": "sample", "patients": {"train": [], "validation": []},
               "trained_on": "buda" if kind == "buda" else "unknown", "synthetic_data": False,
               "resolved_data_dir": "", "weights": spec}
     return {"model": state_dict, "config": record, "epoch": None}

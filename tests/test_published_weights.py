@@ -106,6 +106,11 @@ def test_a_plain_state_dict_needs_its_size_and_normalization(tmp_path, tiny_tree
     assert err.count("\n") == 0 and "pass --image-size and --normalization" in err
     assert main([*run, "--output", str(tmp_path / "b"), "--image-size", "32", "--normalization", "volume"]) == 0
     assert len(list((tmp_path / "b" / "masks" / TRAINED).glob("*.png"))) == 3
+    # Weights of neither network: one line, not a KeyError.
+    torch.save({"head.weight": torch.zeros(2)}, path)
+    assert main([*run, "--output", str(tmp_path / "c"), "--image-size", "32", "--normalization", "volume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "of an unknown layout" in err and not (tmp_path / "c").exists()
 
 
 def test_epochs_zero_is_refused_with_a_pointer(tmp_path, capsys):
