@@ -983,22 +983,21 @@ def make_loader(
     num_workers: int,
     pin_memory: bool = False,
     tumor_weight: float = 1.0,
+    balance_patients: bool = False,
     rank: int = 0,
     world: int = 1,
 ) -> DataLoader:
     """A seeded DataLoader. Training shuffles and drops a last batch of 1 (BatchNorm needs 2);
     validation keeps every slice, in order.
 
-    With ``tumor_weight`` != 1, training draws slices with replacement, a slice with tumor
-    ``tumor_weight`` times as likely as one without (an epoch keeps ``len(dataset)`` draws).
+    With ``tumor_weight`` != 1 or ``balance_patients``, training draws slices with replacement
+    by ``draw_weights`` (an epoch keeps ``len(dataset)`` draws).
     """
     generator = torch.Generator().manual_seed(seed)
     dataset.reseed(seed)
     sampler, weights = None, None
-    if train and tumor_weight != 1.0:
-        if tumor_weight <= 0:
-            raise UserError(f"--tumor-weight must be > 0, got {tumor_weight}")
-        weights = torch.where(torch.from_numpy(dataset.has_tumor), tumor_weight, 1.0).double()
+    if train and (tumor_weight != 1.0 or balance_patients):
+        weights = draw_weights(dataset, tumor_weight=tumor_weight, balance_patients=balance_patients)
         sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
     if train and world > 1:
         sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights)
@@ -1013,6 +1012,24 @@ def make_loader(
     per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                       drop_last=per_rank % batch_size == 1, **common)  # see steps_per_epoch
+
+
+def draw_weights(dataset: LGGSlices, *, tumor_weight: float, balance_patients: bool) -> torch.Tensor:
+    """How likely training is to draw each slice of ``dataset``, up to a common factor.
+
+    A slice with tumor weighs ``tumor_weight`` times one without. With ``balance_patients`` each
+    patient's slices then share one equal total, so a patient of 20 thick slices is drawn as
+    often as one of 80 thin ones (nnU-Net samples cases uniformly): the per-volume Dice that
+    scores the model counts every patient once, whatever its slice count.
+    """
+    if tumor_weight <= 0:
+        raise UserError(f"--tumor-weight must be > 0, got {tumor_weight}")
+    weights = torch.where(torch.from_numpy(dataset.has_tumor), tumor_weight, 1.0).double()
+    if balance_patients:
+        patient = torch.tensor([p for p, _ in dataset.index], dtype=torch.long)
+        totals = torch.zeros(len(dataset.volumes), dtype=torch.double).index_add_(0, patient, weights)
+        weights = weights / totals[patient]
+    return weights
 
 
 def steps_per_epoch(slices: int, batch_size: int) -> int:

@@ -119,6 +119,8 @@ class Config:
                               "head: the same over the head only; buda: the authors' crop, p10-p99 rescale, "
                               "z-score", NORMALIZATIONS)
     tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
+    balance_patients: bool = _opt(False, "training: draw every patient's slices equally often in total, whatever "
+                                  "its slice count (nnU-Net samples cases uniformly); tumor weighting within each")
     modality_dropout: float = _opt(0.0, "training: chance that the pre- or post-contrast channel is replaced "
                                    "by FLAIR, as the dataset does where a patient lacks that modality")
     lesion_paste: float = _opt(0.0, "training: chance that a slice gets the lesion of another training patient's "
@@ -447,7 +449,8 @@ def make_loaders(
                           lesion_paste=cfg.lesion_paste)
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",
-                               tumor_weight=cfg.tumor_weight, rank=ddp.rank, world=ddp.world)
+                               tumor_weight=cfg.tumor_weight, balance_patients=cfg.balance_patients,
+                               rank=ddp.rank, world=ddp.world)
     if not data.val_names:
         return train_set, train_loader, None
     val_loader = evaluation.scoring_loader(
@@ -652,7 +655,8 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"channels_last: {cfg.channels_last}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
-        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g})"
+        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}"
+        + (", patients balanced)" if cfg.balance_patients else ")")
         + (f" as {cfg.crop_size} px patches of {cfg.image_size} px slices" if cfg.crop_size else "")
         + f", {val_slices} validation slices",
     ])

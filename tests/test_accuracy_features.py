@@ -15,6 +15,7 @@ from data_loaders import (
     LGGSlices,
     PatientVolume,
     choose_split,
+    draw_weights,
     group_by_patient,
     institution,
     kfold_split,
@@ -37,6 +38,7 @@ from cv import step_advice
 from engine import config_from_args, main, parse_args
 from evaluation import predict_volumes, to_full_resolution
 from training import make_scheduler
+from libraries import UserError
 from metrics import hd95, largest_component_3d
 
 # ---------------------------------------------------------------------------------------- splits
@@ -330,6 +332,46 @@ def test_tumor_weight_oversamples_tumor_slices(tmp_path):
     # P(tumor) = 4 * 2 / (4 * 2 + 8) = 0.5, against 0.2 with uniform sampling.
     assert drawn.float().mean().item() == pytest.approx(0.5, abs=0.03)
     assert len(drawn) == 2000
+
+
+def _two_patients(root, slices, tumor):
+    """Patients P_1 and P_2 with ``slices[k]`` slices, the first ``tumor[k]`` of them with tumor."""
+    rng = np.random.default_rng(0)
+    for k, (n, t) in enumerate(zip(slices, tumor)):
+        for i in range(n):
+            mask = np.zeros((8, 8), np.uint8)
+            mask[2:4, 2:4] = 255 if i < t else 0
+            name = f"P_{k + 1}"
+            write_slice(root / name, name, i + 1, rng.integers(1, 255, (8, 8, 3), dtype=np.uint8), mask)
+    return LGGSlices([load_volume(recs) for recs in group_by_patient(scan_dataset(root)).values()],
+                     eval_preprocess(16))
+
+
+def test_draw_weights_by_hand(tmp_path):
+    ds = _two_patients(tmp_path / "k", slices=(2, 4), tumor=(1, 1))
+    plain = draw_weights(ds, tumor_weight=2.0, balance_patients=False)
+    assert plain.tolist() == [2, 1, 2, 1, 1, 1]
+    # Balanced: P_1's 2 + 1 and P_2's 2 + 1 + 1 + 1 each become a total of 1.
+    balanced = draw_weights(ds, tumor_weight=2.0, balance_patients=True)
+    assert balanced.tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 5, 1 / 5, 1 / 5, 1 / 5])
+    assert draw_weights(ds, tumor_weight=1.0, balance_patients=True).tolist() == pytest.approx([1 / 2] * 2 + [1 / 4] * 4)
+    with pytest.raises(UserError, match="--tumor-weight"):
+        draw_weights(ds, tumor_weight=0.0, balance_patients=True)
+
+
+def test_balance_patients_draws_each_patient_equally(tmp_path):
+    ds = _two_patients(tmp_path / "k", slices=(2, 8), tumor=(0, 0))
+    patient_of = torch.tensor([p for p, _ in ds.index])
+
+    def share_of_first(**kw):
+        loader = make_loader(ds, batch_size=10, train=True, seed=0, num_workers=0, **kw)
+        drawn = torch.cat([b["patient"] for _ in range(200) for b in loader])
+        assert len(drawn) == 2000 and set(drawn.tolist()) == {0, 1}
+        return (drawn == 0).double().mean().item()
+
+    assert (patient_of == 0).double().mean().item() == pytest.approx(0.2)
+    assert share_of_first() == pytest.approx(0.2, abs=1e-9)  # a plain shuffle: each slice once an epoch
+    assert share_of_first(balance_patients=True) == pytest.approx(0.5, abs=0.03)
 
 
 def test_warmup_cosine_schedule_values():
