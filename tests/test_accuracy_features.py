@@ -354,7 +354,8 @@ def test_draw_weights_by_hand(tmp_path):
     # Balanced: P_1's 2 + 1 and P_2's 2 + 1 + 1 + 1 each become a total of 1.
     balanced = draw_weights(ds, tumor_weight=2.0, balance_patients=True)
     assert balanced.tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 5, 1 / 5, 1 / 5, 1 / 5])
-    assert draw_weights(ds, tumor_weight=1.0, balance_patients=True).tolist() == pytest.approx([1 / 2] * 2 + [1 / 4] * 4)
+    uniform = draw_weights(ds, tumor_weight=1.0, balance_patients=True)
+    assert uniform.tolist() == pytest.approx([1 / 2] * 2 + [1 / 4] * 4)
     with pytest.raises(UserError, match="--tumor-weight"):
         draw_weights(ds, tumor_weight=0.0, balance_patients=True)
 
