@@ -318,24 +318,8 @@ def test_an_ensemble_averages_its_models_probabilities(fake_tree):
 # ----------------------------------------------------------------------------- training recipe
 
 
-def test_tumor_weight_oversamples_tumor_slices(tmp_path):
-    root = tmp_path / "k"
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        mask = np.zeros((8, 8), np.uint8)
-        if i < 2:
-            mask[2:4, 2:4] = 255  # 2 of 10 slices have tumor
-        write_slice(root / "P_1", "P_1", i + 1, rng.integers(1, 255, (8, 8, 3), dtype=np.uint8), mask)
-    ds = LGGSlices([load_volume(scan_dataset(root))], eval_preprocess(16))
-    loader = make_loader(ds, batch_size=10, train=True, seed=0, num_workers=0, tumor_weight=4.0)
-    drawn = torch.cat([b["mask"].flatten(1).any(1) for _ in range(200) for b in loader])
-    # P(tumor) = 4 * 2 / (4 * 2 + 8) = 0.5, against 0.2 with uniform sampling.
-    assert drawn.float().mean().item() == pytest.approx(0.5, abs=0.03)
-    assert len(drawn) == 2000
-
-
-def _two_patients(root, slices, tumor):
-    """Patients P_1 and P_2 with ``slices[k]`` slices, the first ``tumor[k]`` of them with tumor."""
+def _patients(root, slices, tumor):
+    """Patients P_1, P_2, ... with ``slices[k]`` slices, the first ``tumor[k]`` of them with tumor."""
     rng = np.random.default_rng(0)
     for k, (n, t) in enumerate(zip(slices, tumor)):
         for i in range(n):
@@ -347,8 +331,17 @@ def _two_patients(root, slices, tumor):
                      eval_preprocess(16))
 
 
+def test_tumor_weight_oversamples_tumor_slices(tmp_path):
+    ds = _patients(tmp_path / "k", slices=(10,), tumor=(2,))  # 2 of 10 slices have tumor
+    loader = make_loader(ds, batch_size=10, train=True, seed=0, num_workers=0, tumor_weight=4.0)
+    drawn = torch.cat([b["mask"].flatten(1).any(1) for _ in range(200) for b in loader])
+    # P(tumor) = 4 * 2 / (4 * 2 + 8) = 0.5, against 0.2 with uniform sampling.
+    assert drawn.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert len(drawn) == 2000
+
+
 def test_draw_weights_by_hand(tmp_path):
-    ds = _two_patients(tmp_path / "k", slices=(2, 4), tumor=(1, 1))
+    ds = _patients(tmp_path / "k", slices=(2, 4), tumor=(1, 1))
     plain = draw_weights(ds, tumor_weight=2.0, balance_patients=False)
     assert plain.tolist() == [2, 1, 2, 1, 1, 1]
     # Balanced: P_1's 2 + 1 and P_2's 2 + 1 + 1 + 1 each become a total of 1.
@@ -361,7 +354,7 @@ def test_draw_weights_by_hand(tmp_path):
 
 
 def test_balance_patients_draws_each_patient_equally(tmp_path):
-    ds = _two_patients(tmp_path / "k", slices=(2, 8), tumor=(0, 0))
+    ds = _patients(tmp_path / "k", slices=(2, 8), tumor=(0, 0))
     patient_of = torch.tensor([p for p, _ in ds.index])
 
     def share_of_first(**kw):
