@@ -48,6 +48,7 @@ from data_preprocessing import (
     brain_interior,
     buda_square,
     buda_stats,
+    fade_lesion,
     head_mask,
     mask_convention,
     paste_lesion,
@@ -76,6 +77,10 @@ PASTE_SLICES_BEYOND_TUMOR = 2
 PASTE_LEVEL_WINDOW = 0.15
 PASTE_TRIES = 4
 PASTE_MARGIN_PX = (2, 10)
+# --lesion-fade: the range the lesion's FLAIR contrast is multiplied by. The fainter institutions'
+# lesions have about 0.76 of the brighter ones' contrast (docs/results.md), the faintest patients
+# well under half of the median.
+FADE_FACTOR = (0.5, 1.0)
 
 _SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
@@ -783,6 +788,10 @@ class LGGSlices(Dataset):
     The donor is a slice at a like level of a patient with three distinct modalities; a slice
     far from its own patient's tumor, or whose brain has room for none of the donors tried,
     stays as it is. The model then sees each lesion in other brains, in other scanners' scales.
+
+    With ``lesion_fade`` p > 0 (training), a slice with tumor has, with chance p, its lesion made
+    fainter on FLAIR (``fade_lesion``: its contrast to the brain around it times a factor drawn
+    from FADE_FACTOR), its mask unchanged: more examples of the faint lesions that the model misses.
     """
 
     def __init__(
@@ -794,6 +803,7 @@ class LGGSlices(Dataset):
         modality_dropout: float = 0.0,
         context: int = 0,
         lesion_paste: float = 0.0,
+        lesion_fade: float = 0.0,
     ) -> None:
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout is a probability in [0, 1], got {modality_dropout}")
@@ -801,10 +811,14 @@ class LGGSlices(Dataset):
             raise ValueError(f"context is a number of slices on each side, >= 0; got {context}")
         if not 0.0 <= lesion_paste <= 1.0:
             raise ValueError(f"lesion_paste is a probability in [0, 1], got {lesion_paste}")
-        if lesion_paste and (context or any(v.box is not None for v in volumes)):
-            raise ValueError("lesion_paste works on whole 2D slices: not with context slices or the 'buda' crop")
+        if not 0.0 <= lesion_fade <= 1.0:
+            raise ValueError(f"lesion_fade is a probability in [0, 1], got {lesion_fade}")
+        for name, p in (("lesion_paste", lesion_paste), ("lesion_fade", lesion_fade)):
+            if p and (context or any(v.box is not None for v in volumes)):
+                raise ValueError(f"{name} works on whole 2D slices: not with context slices or the 'buda' crop")
         self.modality_dropout = modality_dropout
         self.lesion_paste = lesion_paste
+        self.lesion_fade = lesion_fade
         self.context = context
         self.rng = np.random.default_rng(0)
         self.volumes = list(volumes)
@@ -816,13 +830,16 @@ class LGGSlices(Dataset):
         self.has_tumor = np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes else np.zeros(0, bool)
         # Once per volume, not per item: (4, 3 + 2 * context), the added columns FLAIR's.
         self.stats = [with_context_columns(v.stats.as_tensor(), context) for v in self.volumes]
+        if lesion_paste or lesion_fade:
+            # What pasting and fading need of every volume, once here rather than in each loader worker.
+            self.sources = [channel_sources(v.images) for v in self.volumes]
+            for v in self.volumes:
+                v.interior()
         if lesion_paste:
             self._prepare_donors()
 
     def _prepare_donors(self) -> None:
-        """The donor slices of lesion pasting, and what pasting needs of every volume, computed
-        once here rather than in each loader worker."""
-        self.sources = [channel_sources(v.images) for v in self.volumes]
+        """The donor slices of lesion pasting."""
         tumor = [np.flatnonzero(v.masks.any(axis=(1, 2))) for v in self.volumes]  # slice positions, per volume
         donors = [(p, j) for p, v in enumerate(self.volumes) if self.sources[p] == tuple(range(v.images.shape[-1]))
                   for j in tumor[p]]
@@ -833,8 +850,6 @@ class LGGSlices(Dataset):
         # (first, last) slice position that may take a lesion, per volume
         self.paste_range = [(t[0] - PASTE_SLICES_BEYOND_TUMOR, t[-1] + PASTE_SLICES_BEYOND_TUMOR) if len(t) else (0, -1)
                             for t in tumor]
-        for v in self.volumes:
-            v.interior()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -854,6 +869,9 @@ class LGGSlices(Dataset):
             item["box"] = torch.tensor([*vol.box, top, left, side])
         if self.lesion_paste > 0 and self.rng.random() < self.lesion_paste:
             image, mask = self._paste(p, j, image, mask)
+        if self.lesion_fade > 0 and mask.any() and self.rng.random() < self.lesion_fade:
+            image = fade_lesion(image, mask, vol.interior()[j], self.rng.uniform(*FADE_FACTOR), flair=FLAIR_CHANNEL,
+                                sources=self.sources[p])
         stats = self.stats[p]
         if self.modality_dropout > 0:
             image, stats = self._drop_modalities(image, stats)

@@ -273,6 +273,53 @@ def paste_lesion(
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), new_mask
 
 
+def fade_lesion(
+    image: np.ndarray,
+    mask: np.ndarray,
+    allowed: np.ndarray,
+    factor: float,
+    *,
+    flair: int = 1,
+    sources: tuple[int, ...] = (0, 1, 2),
+    feather: float = 2.0,
+) -> np.ndarray:
+    """A copy of ``image`` whose lesion is fainter on FLAIR: its contrast to the brain around it
+    times ``factor``, its texture kept.
+
+    The lesion's excess brightness on FLAIR, (mean over ``mask`` - median over the rest of
+    ``allowed``), is lowered by (1 - factor) of itself: every lesion pixel moves down by the same
+    amount, so the contrast that ``metrics.lesion_contrast`` measures scales by ``factor`` (up to
+    uint8 rounding), while the lesion keeps its texture and the other modalities are untouched.
+    The shift tapers off over ``feather`` pixels (Gaussian sigma) outside the lesion, so that no
+    edge marks it. A lesion no brighter than its brain, or a slice with no brain beside the
+    lesion, is returned as it is.
+
+    Args:
+        image: (H, W, C) uint8 slice; mask: (H, W) {0, 1} lesion; allowed: (H, W) bool brain
+            (``brain_interior``).
+        factor: in [0, 1]: 1 leaves the lesion as it is, 0 makes it as bright as its brain.
+        flair: the FLAIR channel; sources: for each channel, the channel it carries
+            (``data_loaders.channel_sources``): channels that copy FLAIR are faded alike.
+    """
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"factor is a share of the lesion's contrast, in [0, 1]; got {factor}")
+    lesion = mask > 0
+    rest = allowed & ~lesion
+    if not lesion.any() or not rest.any():
+        return image
+    excess = float(image[..., flair][lesion].mean()) - float(np.median(image[..., flair][rest]))
+    if excess <= 0:
+        return image
+    weight = lesion.astype(np.float32)
+    if feather > 0:
+        weight = np.maximum(cv2.GaussianBlur(weight, (0, 0), feather), weight)
+    out = image.copy()
+    channels = [c for c, source in enumerate(sources) if source == flair]
+    shifted = image[..., channels].astype(np.float32) - (weight * (1.0 - factor) * excess)[..., None]
+    out[..., channels] = np.clip(np.rint(shifted), 0, 255).astype(np.uint8)
+    return out
+
+
 def batch_to_device(
     batch: dict, device: torch.device, channels_last: bool, augment: IntensityAugment | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,6 +125,8 @@ class Config:
                                    "by FLAIR, as the dataset does where a patient lacks that modality")
     lesion_paste: float = _opt(0.0, "training: chance that a slice gets the lesion of another training patient's "
                                "slice at a like level pasted into its brain, in its intensity scale (CarveMix)")
+    lesion_fade: float = _opt(0.0, "training: chance that a slice's lesion is made fainter on FLAIR (its contrast to "
+                              "the brain around it times 0.5-1, its mask unchanged)")
     spatial_augment: str = _opt("light", "training: light (zoom 0.9-1.1, +-15 degrees, p 0.5) or wide (nnU-Net's "
                                 "zoom 0.7-1.4 and a rotation of +-30 degrees, each at p 0.2)", SPATIAL_AUGMENTS)
     intensity_augment: bool = _opt(False, "training: nnU-Net-style gamma, brightness, contrast, noise, blur and "
@@ -383,11 +385,12 @@ def check_config(cfg: Config) -> None:
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
-    if not 0.0 <= cfg.lesion_paste <= 1.0:
-        raise UserError(f"--lesion-paste is a probability in [0, 1], got {cfg.lesion_paste:g}")
-    if cfg.lesion_paste and (cfg.context_slices or cfg.normalization == "buda"):
-        raise UserError("--lesion-paste pastes into whole 2D slices normalized per volume; drop it, or drop "
-                        "--context-slices and --normalization buda")
+    for flag, p in (("--lesion-paste", cfg.lesion_paste), ("--lesion-fade", cfg.lesion_fade)):
+        if not 0.0 <= p <= 1.0:
+            raise UserError(f"{flag} is a probability in [0, 1], got {p:g}")
+        if p and (cfg.context_slices or cfg.normalization == "buda"):
+            raise UserError(f"{flag} works on whole 2D slices normalized per volume; drop it, or drop "
+                            "--context-slices and --normalization buda")
     evaluation.check_threshold(cfg.threshold)
     if not 0.0 < cfg.tversky_beta < 1.0:
         raise UserError(f"--tversky-beta weighs missed tumor against false positives and must be in (0, 1), "
@@ -446,7 +449,7 @@ def make_loaders(
     train_set = LGGSlices([data.volumes[n] for n in data.train_names],
                           train_preprocess(cfg.image_size, spatial=cfg.spatial_augment, crop=cfg.crop_size),
                           modality_dropout=cfg.modality_dropout, context=cfg.context_slices,
-                          lesion_paste=cfg.lesion_paste)
+                          lesion_paste=cfg.lesion_paste, lesion_fade=cfg.lesion_fade)
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",
                                tumor_weight=cfg.tumor_weight, balance_patients=cfg.balance_patients,
