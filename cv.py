@@ -22,6 +22,7 @@ from reports import by_institution, compare_runs, dice_table, patient_scores, sc
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
 
+
 def resolve_cv_resume(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, Path]:
     """For ``cv --resume DIR``: the cv run's own config (with the resumable ``overrides``) and DIR.
 
