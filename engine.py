@@ -74,6 +74,7 @@ from metrics import parse_spacing
 from model import NORM_LAYERS, check_context, check_norm_layer, count_parameters, load_checkpoint
 from reports import epoch_line, validation_row, write_reports
 from training import (
+    OPTIMIZERS,
     TrainingParts,
     build_training,
     forward_loss,
@@ -151,8 +152,10 @@ class Config:
     # ---- optimization ----
     epochs: int = _opt(5, "passes over the training patients")
     batch_size: int = _opt(16, "slices per step")
-    lr: float = _opt(1e-3, "peak AdamW learning rate")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    optimizer: str = _opt("adamw", "adamw, or sgd (Nesterov momentum 0.99, nnU-Net's; it wants a higher --lr, "
+                          "such as nnU-Net's 0.01)", OPTIMIZERS)
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(1e-4, "weight decay (AdamW's decoupled; SGD's added to the gradient)")
     schedule: str = _opt("cosine", "learning rate after warmup", ("cosine", "onecycle", "constant"))
     warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, in epochs")
     patience: int = _opt(0, "stop after this many epochs without a better validation Dice per volume (0: off)")
@@ -205,11 +208,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # it on the patients that lack a modality. The 'brain' rule keeps the largest component by
     # probability mass inside the brain: the same as LCC on the subset's CV, and it does not lose
     # the tumor to a larger false positive on the scalp, as LCC did on 3 of 74 held-back patients.
-    "cpu": dict(image_size=128, epochs=20, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
-                warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2, postprocess="brain"),
+    "cpu": dict(image_size=128, epochs=20, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
+                schedule="cosine", warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2, postprocess="brain"),
     # A GPU: full resolution, longer.
-    "full": dict(image_size=256, epochs=60, batch_size=16, lr=1e-3, weight_decay=1e-4, schedule="cosine",
-                 warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2, patience=20, postprocess="brain"),
+    "full": dict(image_size=256, epochs=60, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
+                 schedule="cosine", warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2, patience=20,
+                 postprocess="brain"),
 }
 
 
@@ -551,7 +555,8 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         encoder_weights=cfg.encoder_weights,
         encoder_lr_scale=cfg.encoder_lr_scale, weights=weights, weights_source=cfg.pretrained,
         freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile,
-        deep_supervision=cfg.deep_supervision, context_slices=cfg.context_slices, norm_layer=cfg.norm_layer)
+        deep_supervision=cfg.deep_supervision, context_slices=cfg.context_slices, norm_layer=cfg.norm_layer,
+        optimizer=cfg.optimizer)
     scheduler = make_scheduler(parts.optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     return parts, scheduler

@@ -94,8 +94,10 @@ def build_training(
     deep_supervision: bool = False,
     context_slices: int = 0,
     norm_layer: str = "batch",
+    optimizer: str = "adamw",
 ) -> TrainingParts:
-    """The network on ``device`` (optionally from ``weights``), its wrappers, loss, AdamW and scaler.
+    """The network on ``device`` (optionally from ``weights``), its wrappers, loss, optimizer
+    (``make_optimizer``) and scaler.
 
     The encoder's parameters form their own group at ``lr * encoder_lr_scale`` (fine-tuning);
     frozen parameters are left out of the optimizer. The scaler is active for fp16 only. With
@@ -124,10 +126,24 @@ def build_training(
                "lr": lr * encoder_lr_scale},
               {"params": [p for p in trained if p.requires_grad and id(p) not in encoder_params],
                "lr": lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     loss_fn = DiceBCELoss(dice_weight, bce_weight, mode=dice_mode, beta=tversky_beta)
-    return TrainingParts(model=model, net=net, loss_fn=loss_fn, optimizer=optimizer,
+    return TrainingParts(model=model, net=net, loss_fn=loss_fn,
+                         optimizer=make_optimizer([g for g in groups if g["params"]], optimizer, lr, weight_decay),
                          scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), heads=heads)
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SGD_MOMENTUM = 0.99  # nnU-Net's, with Nesterov's update
+
+
+def make_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay, or SGD with Nesterov momentum SGD_MOMENTUM and the
+    weight decay added to the gradient (nnU-Net's optimizer, which it runs at lr 0.01)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def forward_loss(

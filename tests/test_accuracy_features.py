@@ -37,7 +37,7 @@ from data_preprocessing import (
 from cv import step_advice
 from engine import config_from_args, main, parse_args
 from evaluation import predict_volumes, to_full_resolution
-from training import make_scheduler
+from training import make_optimizer, make_scheduler
 from libraries import UserError
 from metrics import hd95, largest_component_3d
 
@@ -381,6 +381,38 @@ def test_warmup_cosine_schedule_values():
     assert lrs[2] == pytest.approx(0.1)  # peak after warmup
     assert lrs[6] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 4 / 8)))
     assert lrs[9] < lrs[6] < lrs[2]
+
+
+def test_sgd_takes_nesterovs_step_with_the_weight_decay_in_the_gradient():
+    """p = 1, loss = 3 p (gradient 3), weight decay 0.1: g = 3 + 0.1 = 3.1. Nesterov's first step,
+    with buffer b = g: p - lr (g + 0.99 b) = 1 - 0.01 * 1.99 * 3.1. Its second (p' = 0.938310,
+    g' = 3 + 0.1 p', b' = 0.99 b + g'): p' - lr (g' + 0.99 b'). AdamW's first step is lr * sign(g)
+    after its decoupled decay: 1 * (1 - 0.01 * 0.1) - 0.01."""
+    p = torch.ones(1, requires_grad=True)
+    opt = make_optimizer([{"params": [p]}], "sgd", lr=0.01, weight_decay=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        (3 * p).sum().backward()
+        opt.step()
+    first = 1 - 0.01 * 1.99 * 3.1
+    g2 = 3 + 0.1 * first
+    assert p.item() == pytest.approx(first - 0.01 * (g2 + 0.99 * (0.99 * 3.1 + g2)), rel=1e-6)
+    q = torch.ones(1, requires_grad=True)
+    opt = make_optimizer([{"params": [q]}], "adamw", lr=0.01, weight_decay=0.1)
+    (3 * q).sum().backward()
+    opt.step()
+    assert q.item() == pytest.approx(1 * (1 - 0.01 * 0.1) - 0.01, rel=1e-5)
+    with pytest.raises(ValueError, match="adamw"):
+        make_optimizer([{"params": [q]}], "adam", lr=0.01, weight_decay=0.0)
+
+
+def test_a_run_trains_with_sgd_when_asked(tmp_path):
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, "--epochs", "1", "--optimizer", "sgd", "--lr", "0.01", "--out-dir", str(run))) == 0
+    saved = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["config"]["optimizer"] == "sgd"
+    group = saved["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["nesterov"]) == (0.99, True)
 
 
 def test_preset_fills_defaults_but_flags_win():

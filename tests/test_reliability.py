@@ -48,9 +48,11 @@ sys.exit(engine.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("extra", [[], ["--deep-supervision"]], ids=["plain", "deep-supervision"])
+@pytest.mark.parametrize("extra", [[], ["--deep-supervision"], ["--optimizer", "sgd", "--lr", "0.01"]],
+                         ids=["plain", "deep-supervision", "sgd"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn, extra):
-    # With deep supervision the checkpoint must also carry the heads, or the resumed run diverges.
+    # With deep supervision the checkpoint must also carry the heads, or the resumed run diverges;
+    # with SGD, the momentum buffers.
     reference = tmp_path / "reference"
     assert main(tiny(tmp_path, syn, reference, "--epochs", "3", *extra)) == 0
 
