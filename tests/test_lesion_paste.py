@@ -142,14 +142,15 @@ def test_lesion_paste_reaches_the_training_slices_only(tmp_path, monkeypatch):
     assert len(tried) == 6 * len(patients["train"]) and set(tried) <= set(patients["train"])
 
 
+@pytest.mark.parametrize("flag", ["--lesion-paste", "--lesion-fade"])  # both work on whole 2D slices
 @pytest.mark.parametrize("extra, says", [
-    (["--lesion-paste", "1.5"], "probability in [0, 1]"),
-    (["--lesion-paste", "0.5", "--context-slices", "1"], "--context-slices"),
-    (["--lesion-paste", "0.5", "--normalization", "buda"], "--normalization buda"),
+    (["1.5"], "probability in [0, 1]"),
+    (["0.5", "--context-slices", "1"], "--context-slices"),
+    (["0.5", "--normalization", "buda"], "--normalization buda"),
 ])
-def test_bad_lesion_paste_is_refused_in_one_line(tmp_path, capsys, extra, says):
+def test_bad_lesion_paste_or_fade_is_refused_in_one_line(tmp_path, capsys, flag, extra, says):
     out = tmp_path / "run"
-    assert main(["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--out-dir", str(out), *extra]) == 2
+    assert main(["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--out-dir", str(out), flag, *extra]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--lesion-paste" in err and says in err
+    assert err.count("\n") == 0 and flag in err and says in err
     assert not out.exists()
