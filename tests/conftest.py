@@ -12,11 +12,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_loaders import make_volume  # noqa: E402  (needs the root on sys.path)
+
 # The 36-patient real subset, beside the repository; absent on users' clones.
 REAL_DATA = ROOT.parent / "shared" / "data" / "lgg_subset" / "kaggle_3m"
 requires_real_data = pytest.mark.skipif(
     not REAL_DATA.is_dir(), reason=f"real LGG subset not found at {REAL_DATA}"
 )
+
+
+def lesion_volume(name: str, y: int, x: int, tumor_slices: tuple[int, ...], copies: bool = False, n: int = 8):
+    """An n-slice 48 px head (a disk of 90-110) with a 4 px square lesion of 200s at (y, x) on
+    ``tumor_slices``; with ``copies``, FLAIR in all three channels, as for a patient lacking both others."""
+    rng = np.random.default_rng(ord(name))
+    yy, xx = np.mgrid[:48, :48]
+    head = (yy - 24) ** 2 + (xx - 24) ** 2 < 22 ** 2
+    images = np.where(head[None, ..., None], rng.integers(90, 110, (n, 48, 48, 3)), 0).astype(np.uint8)
+    masks = np.zeros((n, 48, 48), np.uint8)
+    for j in tumor_slices:
+        masks[j, y:y + 4, x:x + 4] = 1
+    images[masks > 0] = 200
+    if copies:
+        images[..., 0] = images[..., 2] = images[..., 1]
+    return make_volume(name, images, masks, list(range(1, n + 1)))
 
 
 def write_slice(folder: Path, patient: str, index: int, rgb: np.ndarray, mask: np.ndarray) -> None:

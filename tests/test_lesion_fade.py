@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import data_loaders
-from data_loaders import LGGSlices, make_volume
+from conftest import lesion_volume
+from data_loaders import LGGSlices
 from data_preprocessing import eval_preprocess, fade_lesion
 from engine import main
 from metrics import lesion_contrast
@@ -79,20 +80,8 @@ def test_a_lesion_no_brighter_than_its_brain_or_without_brain_beside_it_is_left_
         fade_lesion(image, mask, mask > 0, 1.5)
 
 
-def _volume(name: str, n: int = 6) -> data_loaders.PatientVolume:
-    """A 48 px head (a disk of 90-110) with a 6 px lesion of 200 on slices 1-3."""
-    rng = np.random.default_rng(ord(name))
-    yy, xx = np.mgrid[:48, :48]
-    head = (yy - 24) ** 2 + (xx - 24) ** 2 < 22 ** 2
-    images = np.where(head[None, ..., None], rng.integers(90, 110, (n, 48, 48, 3)), 0).astype(np.uint8)
-    masks = np.zeros((n, 48, 48), np.uint8)
-    masks[1:4, 20:26, 22:28] = 1
-    images[masks > 0] = 200
-    return make_volume(name, images, masks, list(range(1, n + 1)))
-
-
 def test_the_dataset_fades_tumor_slices_only_keeps_masks_and_is_reproducible():
-    vols = [_volume("A"), _volume("B")]
+    vols = [lesion_volume("A", 20, 22, (1, 2, 3), n=6), lesion_volume("B", 14, 26, (1, 2, 3), n=6)]
     plain = list(LGGSlices(vols, eval_preprocess(48)))
     faded = LGGSlices(vols, eval_preprocess(48), lesion_fade=1.0)
     faded.reseed(7)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import lesion_volume
 from data_loaders import LGGSlices, channel_sources, make_volume
 from data_preprocessing import VolumeStats, eval_preprocess, paste_lesion
 from engine import main
@@ -79,21 +80,6 @@ def test_a_channel_that_copies_flair_takes_the_donors_flair():
     assert not np.array_equal(out[..., 1], target[..., 1])
 
 
-def _patient(name: str, y: int, x: int, tumor_slices: tuple[int, ...], copies: bool = False, n: int = 8):
-    """An 8-slice 48 px head (a disk of 100s with noise) with a 4 px square lesion of 200s at (y, x)."""
-    rng = np.random.default_rng(ord(name))
-    yy, xx = np.mgrid[:48, :48]
-    head = (yy - 24) ** 2 + (xx - 24) ** 2 < 22 ** 2
-    images = np.where(head[None, ..., None], rng.integers(90, 110, (n, 48, 48, 3)), 0).astype(np.uint8)
-    masks = np.zeros((n, 48, 48), np.uint8)
-    for j in tumor_slices:
-        masks[j, y:y + 4, x:x + 4] = 1
-    images[masks > 0] = 200
-    if copies:
-        images[..., 0] = images[..., 2] = images[..., 1]
-    return make_volume(name, images, masks, list(range(1, n + 1)))
-
-
 def _lesion_places(vol, mirrored: bool) -> set[tuple[int, int]]:
     """Where the volume's lesion lies, as it is or mirrored left-right."""
     ys, xs = np.nonzero(vol.masks.any(axis=0))
@@ -101,7 +87,7 @@ def _lesion_places(vol, mirrored: bool) -> set[tuple[int, int]]:
 
 
 def test_the_dataset_pastes_other_patients_lesions_near_the_tumor_only_and_reproducibly():
-    vols = [_patient("A", 20, 14, (0, 1)), _patient("B", 22, 26, (0, 1, 2)), _patient("C", 16, 20, (0,), copies=True)]
+    vols = [lesion_volume("A", 20, 14, (0, 1)), lesion_volume("B", 22, 26, (0, 1, 2)), lesion_volume("C", 16, 20, (0,), copies=True)]
     plain = LGGSlices(vols, eval_preprocess(48))
     pasted = LGGSlices(vols, eval_preprocess(48), lesion_paste=1.0)
     pasted.reseed(7)
