@@ -805,14 +805,12 @@ class LGGSlices(Dataset):
         lesion_paste: float = 0.0,
         lesion_fade: float = 0.0,
     ) -> None:
-        if not 0.0 <= modality_dropout <= 1.0:
-            raise ValueError(f"modality_dropout is a probability in [0, 1], got {modality_dropout}")
         if context < 0:
             raise ValueError(f"context is a number of slices on each side, >= 0; got {context}")
-        if not 0.0 <= lesion_paste <= 1.0:
-            raise ValueError(f"lesion_paste is a probability in [0, 1], got {lesion_paste}")
-        if not 0.0 <= lesion_fade <= 1.0:
-            raise ValueError(f"lesion_fade is a probability in [0, 1], got {lesion_fade}")
+        for name, p in (("modality_dropout", modality_dropout), ("lesion_paste", lesion_paste),
+                        ("lesion_fade", lesion_fade)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {p}")
         for name, p in (("lesion_paste", lesion_paste), ("lesion_fade", lesion_fade)):
             if p and (context or any(v.box is not None for v in volumes)):
                 raise ValueError(f"{name} works on whole 2D slices: not with context slices or the 'buda' crop")
