@@ -87,7 +87,8 @@ def _lesion_places(vol, mirrored: bool) -> set[tuple[int, int]]:
 
 
 def test_the_dataset_pastes_other_patients_lesions_near_the_tumor_only_and_reproducibly():
-    vols = [lesion_volume("A", 20, 14, (0, 1)), lesion_volume("B", 22, 26, (0, 1, 2)), lesion_volume("C", 16, 20, (0,), copies=True)]
+    vols = [lesion_volume("A", 20, 14, (0, 1)), lesion_volume("B", 22, 26, (0, 1, 2)),
+            lesion_volume("C", 16, 20, (0,), copies=True)]
     plain = LGGSlices(vols, eval_preprocess(48))
     pasted = LGGSlices(vols, eval_preprocess(48), lesion_paste=1.0)
     pasted.reseed(7)
