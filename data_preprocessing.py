@@ -129,10 +129,20 @@ def buda_stats(volume: np.ndarray) -> VolumeStats:
                        std=(s * span).astype(np.float32))
 
 
+def background_level(volume: np.ndarray) -> np.ndarray:
+    """(C,) the air's level in each channel of a (D, H, W, C) volume ((D, H, W): one value): the
+    median of the outermost pixel frame of every slice. 0 for most scans; some FG scans carry a
+    constant offset in one channel (76 and 103 on pre-contrast), where air is as bright as tissue."""
+    frame = np.concatenate([volume[:, 0], volume[:, -1], volume[:, 1:-1, 0], volume[:, 1:-1, -1]], axis=1)
+    return np.median(frame.reshape(-1, volume.shape[-1]) if volume.ndim == 4 else frame, axis=0)
+
+
 def head_mask(volume: np.ndarray, fraction: float = 0.1) -> np.ndarray:
-    """(D, H, W) bool: the head of each slice of a (D, H, W, C) uint8 volume: every pixel brighter
-    than ``fraction`` of the volume's 99th percentile (any channel), holes filled, per slice."""
-    brightest = volume.max(axis=-1) if volume.ndim == 4 else volume
+    """(D, H, W) bool: the head of each slice of a (D, H, W, C) volume: every pixel brighter than
+    ``fraction`` of the volume's 99th percentile (any channel, each measured above its background
+    level), holes filled, per slice."""
+    above = np.clip(volume.astype(np.float32) - background_level(volume), 0, None)
+    brightest = above.max(axis=-1) if volume.ndim == 4 else above
     nonzero = brightest[brightest > 0]
     if nonzero.size == 0:
         return np.zeros(brightest.shape, bool)

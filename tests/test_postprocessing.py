@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 import reports
-from data_preprocessing import brain_interior
+from data_preprocessing import background_level, brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
 from metrics import brain_component_3d, brain_components_3d, fill_slice_holes, heaviest_component_3d, largest_component_3d
@@ -44,6 +44,18 @@ def test_brain_interior_is_the_head_without_its_rim():
     assert not inside[:, 32, 1].any()  # outside the head
     # Eroded by round(0.05 * 64) = 3 px: radius 28 -> 25 along the axes.
     assert inside[0, 32, 32 + 25] and not inside[0, 32, 32 + 26]
+
+
+def test_brain_interior_ignores_a_constant_background_offset_in_one_channel():
+    # Some FG scans store air at 76 or 103 in the pre-contrast channel: air brighter than a tenth
+    # of the brightest tissue made the whole slice 'head'. Measured above each channel's own
+    # background, the head is the same disc as on a black background.
+    volume = head_volume()
+    offset = volume.copy()
+    offset[..., 0] = np.where(volume[..., 0] > 0, 180, 76)
+    assert list(background_level(offset)) == [76, 0, 0]
+    assert np.array_equal(brain_interior(offset), brain_interior(volume))
+    assert brain_interior(offset).mean() < 0.5
 
 
 def test_brain_rule_keeps_the_small_tumor_that_lcc_throws_away_for_the_rim():

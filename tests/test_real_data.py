@@ -1,4 +1,4 @@
-"""Reading the real TIFFs of the shared 36-patient subset; skipped where it is absent."""
+"""Reading the real TIFFs of the shared subset (66 patients); skipped where it is absent."""
 
 import json
 
@@ -67,7 +67,8 @@ def test_engine_trains_on_real_slices(tmp_path):
 def test_real_tumors_lie_inside_the_brain_interior():
     """The 'brain' post-processing counts probability mass inside brain_interior; on real patients
     the true tumor must be there, or the rule would weigh the tumor as scalp. Every third patient
-    of the subset (all 36 measured: at least 99.7% of each tumor is inside)."""
+    of the subset (all 66 measured: at least 99.3% of each tumor is inside, and at most half of
+    each volume, FG scans with an offset background included)."""
     from data_loaders import DataIssues, load_volume
     from data_preprocessing import brain_interior
 
