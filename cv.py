@@ -122,25 +122,26 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     print(sites.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("For the final model, train once more with the same settings on every patient (--split none) "
           "and score it on other patients with 'evaluate --patients unseen'.")
-    advice = step_advice(folds, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    advice = step_advice(folds, epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps_per_epoch)
     if advice:
         print(advice)
     return summary
 
 
-def step_advice(folds: list[dict], *, epochs: int, batch_size: int) -> str | None:
+def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int = 0) -> str | None:
     """How many epochs of the final model (every patient, --split none) the folds' optimizer steps
     amount to, and the --epochs that would match a final model of ``epochs`` (None for folds written
     before steps were recorded).
 
     Each fold trains on (K-1)/K of the slices, so in the same epochs it takes fewer steps than
     the final model; a CV whose models are trained less estimates a different model (the loss
-    of this task changes regime after enough steps: docs/results.md).
+    of this task changes regime after enough steps: docs/results.md). With ``steps`` per epoch
+    fixed (the presets), folds and final model take the same steps and nothing needs matching.
     """
     if not folds or any(m.get("train_slices") is None for m in folds):
         return None
     slices = folds[0]["train_slices"] + folds[0]["slices"]  # every patient: one fold's train + validation
-    final = steps_per_epoch(slices, batch_size)
+    final = steps or steps_per_epoch(slices, batch_size)  # --steps-per-epoch: the same for every fold and the final model
     per_epoch = sum(m["steps_per_epoch"] for m in folds) / len(folds)
     trained = sum(m["optimizer_steps"] for m in folds) / len(folds)
     matched = max(1, round(epochs * final / per_epoch))

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from data_preprocessing import (
@@ -970,23 +970,26 @@ class ShardedSampler(Sampler[int]):
     and takes every ``world``-th index from ``rank``: the ranks share one epoch without overlap.
     """
 
-    def __init__(self, n: int, *, rank: int, world: int, seed: int, weights: torch.Tensor | None = None) -> None:
+    def __init__(self, n: int, *, rank: int, world: int, seed: int, weights: torch.Tensor | None = None,
+                 draws: int | None = None) -> None:
         self.n, self.rank, self.world, self.seed, self.weights = n, rank, world, seed, weights
+        self.draws = n if draws is None else draws  # the whole job's draws per epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world)
+        return math.ceil(self.draws / self.world)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        if self.weights is None:
-            order = torch.randperm(self.n, generator=g).tolist()
+        if self.weights is None:  # as many permutations as the draws need, one after another
+            order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(math.ceil(self.draws / self.n))])
+            order = order[: self.draws].tolist()
         else:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
-        order += order[: len(self) * self.world - self.n]  # pad so every rank gets len(self)
+            order = torch.multinomial(self.weights, self.draws, replacement=True, generator=g).tolist()
+        order += order[: len(self) * self.world - self.draws]  # pad so every rank gets len(self)
         return iter(order[self.rank :: self.world])
 
 
@@ -1000,23 +1003,29 @@ def make_loader(
     pin_memory: bool = False,
     tumor_weight: float = 1.0,
     balance_patients: bool = False,
+    steps: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> DataLoader:
     """A seeded DataLoader. Training shuffles and drops a last batch of 1 (BatchNorm needs 2);
     validation keeps every slice, in order.
 
-    With ``tumor_weight`` != 1 or ``balance_patients``, training draws slices with replacement
-    by ``draw_weights`` (an epoch keeps ``len(dataset)`` draws).
+    A training epoch is one pass over ``dataset``, or with ``steps`` > 0 exactly ``steps`` batches
+    on each process, whatever the dataset's size (nnU-Net's fixed iterations per epoch): then
+    training takes as long on 110 patients as on 36. With ``tumor_weight`` != 1 or
+    ``balance_patients``, training draws slices with replacement by ``draw_weights``.
     """
     generator = torch.Generator().manual_seed(seed)
     dataset.reseed(seed)
     sampler, weights = None, None
+    draws = steps * batch_size * world if steps > 0 else len(dataset)
     if train and (tumor_weight != 1.0 or balance_patients):
         weights = draw_weights(dataset, tumor_weight=tumor_weight, balance_patients=balance_patients)
-        sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(weights, num_samples=draws, replacement=True, generator=generator)
+    elif train and steps > 0:
+        sampler = RandomSampler(dataset, num_samples=draws, generator=generator)
     if train and world > 1:
-        sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights)
+        sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights, draws=draws)
     common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=seed_worker, generator=generator,
                   # Fresh workers each epoch draw their seeds from ``generator``: reseeding it per epoch
                   # makes every epoch reproducible on its own, which resuming a run relies on.

@@ -150,7 +150,10 @@ class Config:
     freeze_encoder: bool = _opt(False, "fine-tuning: train the decoder only (encoder weights and BatchNorm fixed)")
     encoder_lr_scale: float = _opt(1.0, "fine-tuning: the encoder's learning rate is --lr times this")
     # ---- optimization ----
-    epochs: int = _opt(5, "passes over the training patients")
+    epochs: int = _opt(5, "training epochs")
+    steps_per_epoch: int = _opt(0, "optimizer steps per epoch, whatever the number of patients (nnU-Net's fixed "
+                                "iterations), so training time does not grow with the data; 0: one pass over "
+                                "the training slices")
     batch_size: int = _opt(16, "slices per step")
     optimizer: str = _opt("adamw", "adamw, or sgd (Nesterov momentum 0.99, nnU-Net's; it wants a higher --lr, "
                           "such as nnU-Net's 0.01)", OPTIMIZERS)
@@ -201,19 +204,16 @@ class Config:
 # Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
-    # 2 CPU cores (bf16): 128 px, 20 epochs of 1,303 slices: 13 minutes on the maintainers' idle
-    # 2-core EPYC, 25.2 on ours (timed alone); 30 epochs gave -0.006 under 3-fold CV. Under 6-fold
-    # patient CV of the 36-patient subset (both in docs/results.md): the largest 3D component gave
-    # +0.016 mean Dice per volume; modality dropout 0.2 then +0.031 more (0.760 -> 0.791), most of
-    # it on the patients that lack a modality. The 'brain' rule keeps the largest component by
-    # probability mass inside the brain: the same as LCC on the subset's CV, and it does not lose
-    # the tumor to a larger false positive on the scalp, as LCC did on 3 of 74 held-back patients.
-    "cpu": dict(image_size=128, epochs=20, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                schedule="cosine", warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2, postprocess="brain"),
-    # A GPU: full resolution, longer.
-    "full": dict(image_size=256, epochs=60, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                 schedule="cosine", warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2, patience=20,
-                 postprocess="brain"),
+    # 2 CPU cores (bf16): 128 px, 20 epochs of 150 steps (3,000 steps, 48,000 slices) whatever the
+    # number of patients: 20 epochs over the 66-patient subset are 2,940 steps. Measurements behind
+    # each setting: docs/results.md.
+    "cpu": dict(image_size=128, epochs=20, steps_per_epoch=150, batch_size=16, optimizer="adamw", lr=1e-3,
+                weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2,
+                postprocess="brain"),
+    # A GPU: full resolution, longer; 250 steps an epoch, about one pass over all 110 patients.
+    "full": dict(image_size=256, epochs=60, steps_per_epoch=250, batch_size=16, optimizer="adamw", lr=1e-3,
+                 weight_decay=1e-4, schedule="cosine", warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2,
+                 patience=20, postprocess="brain"),
 }
 
 
@@ -384,6 +384,8 @@ def check_config(cfg: Config) -> None:
     check_norm_layer(cfg.norm_layer, cfg.encoder, cfg.features, cfg.sync_bn)
     if cfg.val_every < 1:
         raise UserError(f"--val-every must be at least 1 (validate after every N-th epoch), got {cfg.val_every}")
+    if cfg.steps_per_epoch < 0:
+        raise UserError(f"--steps-per-epoch must be >= 0 (0: one pass over the training slices), got {cfg.steps_per_epoch}")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
@@ -457,7 +459,7 @@ def make_loaders(
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",
                                tumor_weight=cfg.tumor_weight, balance_patients=cfg.balance_patients,
-                               rank=ddp.rank, world=ddp.world)
+                               steps=cfg.steps_per_epoch, rank=ddp.rank, world=ddp.world)
     if not data.val_names:
         return train_set, train_loader, None
     val_loader = evaluation.scoring_loader(

@@ -280,3 +280,41 @@ def test_a_resumed_run_takes_a_new_val_every_and_keeps_its_other_settings(tmp_pa
     assert main(tiny_args(tmp_path, "run", "--epochs", "1", "--val-fraction", "0.4")) == 0
     cfg, _ = resolve_resume(Config(resume=str(tmp_path / "run"), val_every=5, lr=0.5))
     assert (cfg.val_every, cfg.lr, cfg.epochs) == (5, 1e-3, 1)
+
+
+@pytest.mark.parametrize("tumor_weight", ["1", "2"])  # a shuffled pass, and weighted draws with replacement
+def test_steps_per_epoch_fixes_the_training_length_whatever_the_number_of_patients(tmp_path, tumor_weight):
+    """The presets' budget: --steps-per-epoch S trains exactly S steps an epoch on 5 patients and on
+    10 (more slices than one pass of S batches holds on the first, fewer on the second); without
+    it an epoch is one pass, so the steps follow the data."""
+    steps = {}
+    for patients in ("5", "10"):
+        for fixed in ("0", "7"):
+            run = f"p{patients}-s{fixed}"
+            args = tiny_args(tmp_path, run, "--synthetic-patients", patients, "--synthetic-dir",
+                             str(tmp_path / f"syn{patients}"), "--split", "none", "--epochs", "2",
+                             "--steps-per-epoch", fixed, "--tumor-weight", tumor_weight)
+            assert main(args) == 0
+            metrics = json.loads((tmp_path / run / "metrics.json").read_text())
+            steps[patients, fixed] = (metrics["steps_per_epoch"], metrics["optimizer_steps"])
+            assert len(pd.read_csv(tmp_path / run / "history.csv")) == 2
+    assert steps["5", "7"] == steps["10", "7"] == (7, 14)
+    # One pass: 5 x 6 = 30 slices in batches of 4 (the last batch of 2 kept) -> 8; 60 slices -> 15.
+    assert steps["5", "0"] == (8, 16) and steps["10", "0"] == (15, 30)
+
+
+def test_cpu_preset_loader_has_the_same_length_for_3_and_30_patients():
+    from conftest import lesion_volume
+    from data_loaders import LGGSlices, make_loader
+    from data_preprocessing import train_preprocess
+    from engine import PRESETS
+
+    cpu = PRESETS["cpu"]
+    lengths = []
+    for patients in (3, 30):
+        volumes = [lesion_volume(chr(65 + i), 10, 10, (3, 4)) for i in range(patients)]
+        dataset = LGGSlices(volumes, train_preprocess(32))
+        loader = make_loader(dataset, batch_size=cpu["batch_size"], train=True, seed=0, num_workers=0,
+                             tumor_weight=cpu["tumor_weight"], steps=cpu["steps_per_epoch"])
+        lengths.append((len(loader), len(loader.sampler)))
+    assert lengths[0] == lengths[1] == (cpu["steps_per_epoch"], cpu["steps_per_epoch"] * cpu["batch_size"])
