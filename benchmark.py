@@ -20,17 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_loaders import DataIssues, LGGSlices, default_num_workers, load_dataset, locate_data, make_loader, resolve_cache_dir
+from data_cache import load_dataset, resolve_cache_dir
+from data_files import DataIssues
+from data_loaders import LGGSlices, default_num_workers, locate_data, make_loader
 from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
 from libraries import autocast, environment_report, save_json, setup_device
-from model import check_context, check_norm_layer, count_flops, fuse_conv_bn, input_channels
-from training import TrainingParts, build_training, forward_loss, optimizer_step
+from model import count_flops, fuse_conv_bn
+from training import NetworkSpec, TrainingParts, build_training, forward_loss, optimizer_step
 
 # The training settings the benchmark uses; the command line offers these and no others, so a
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
 FIELDS = ("data_dir", "synthetic", "synthetic_dir", "synthetic_patients", "synthetic_slices", "seed",
-          "image_size", "batch_size", "encoder", "features", "norm_layer", "context_slices", "normalization",
-          "modality_dropout", "spatial_augment", "intensity_augment", "device", "amp", "channels_last", "compile",
+          "image_size", "batch_size", "features", "normalization", "modality_dropout", "intensity_augment", "device", "amp", "channels_last", "compile",
           "num_workers", "cache_dir", "strict", "progress", "out_dir")
 
 
@@ -70,19 +71,16 @@ class _TimedPath:
     infer_net: nn.Module | None = None
 
 
-def _parts(encoder: str, features: int, device: torch.device, amp_dtype: torch.dtype | None,
-           channels_last: bool, compile_model: bool, context_slices: int = 0,
-           norm_layer: str = "batch") -> TrainingParts:
+def _parts(features: int, device: torch.device, amp_dtype: torch.dtype | None,
+           channels_last: bool, compile_model: bool) -> TrainingParts:
     """A training setup as ``engine.train`` builds it, with the default loss and learning rate."""
-    return build_training(encoder=encoder, features=features, device=device, channels_last=channels_last,
-                          amp_dtype=amp_dtype, lr=1e-4, weight_decay=1e-4, dice_weight=1.0, bce_weight=1.0,
-                          dice_mode="sample", compile_model=compile_model, context_slices=context_slices,
-                          norm_layer=norm_layer)
+    return build_training(NetworkSpec(features=features, compile=compile_model), device=device,
+                          channels_last=channels_last, amp_dtype=amp_dtype)
 
 
 def time_paths(
-    paths: dict[str, dict], *, encoder: str, features: int, image_size: int, batch_size: int,
-    device: torch.device, warmup: int, repeats: int, context_slices: int = 0, norm_layer: str = "batch",
+    paths: dict[str, dict], *, features: int, image_size: int, batch_size: int,
+    device: torch.device, warmup: int, repeats: int,
 ) -> list[dict]:
     """Training-step and inference throughput of each execution path in ``paths``, on random inputs.
 
@@ -90,14 +88,13 @@ def time_paths(
     (infer with BatchNorm folded into the convs, as evaluate does). Every path starts from the
     same weights and sees the same batch; the paths are timed in turns.
     """
-    x = torch.randn(batch_size, input_channels(context_slices), image_size, image_size,
+    x = torch.randn(batch_size, 3, image_size, image_size,
                     generator=torch.Generator().manual_seed(0))
     y = (torch.rand(batch_size, 1, image_size, image_size, generator=torch.Generator().manual_seed(1)) > 0.95).float()
     runs = []
     for options in paths.values():
         torch.manual_seed(0)
-        parts = _parts(encoder, features, device, options["amp_dtype"], options["channels_last"], options["compile_model"],
-                       context_slices, norm_layer)
+        parts = _parts(features, device, options["amp_dtype"], options["channels_last"], options["compile_model"])
         fmt = torch.channels_last if options["channels_last"] else torch.contiguous_format
         runs.append(_TimedPath(amp_dtype=options["amp_dtype"], parts=parts,
                                x=x.to(device).contiguous(memory_format=fmt), y=y.to(device)))
@@ -142,13 +139,12 @@ def time_end_to_end(
     load_dataset(root, None, **load)  # fills the cache if it is cold
     t0 = time.perf_counter()  # from here on: a warm cache, as every run after the first sees it
     volumes = load_dataset(root, None, **load)
-    dataset = LGGSlices(list(volumes.values()), train_preprocess(args.image_size, spatial=args.spatial_augment),
-                        modality_dropout=args.modality_dropout, context=args.context_slices)
+    dataset = LGGSlices(list(volumes.values()), train_preprocess(args.image_size),
+                        modality_dropout=args.modality_dropout)
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
-    parts = _parts(args.encoder, args.features, device, amp_dtype, args.channels_last, args.compile,
-                   args.context_slices, args.norm_layer)
+    parts = _parts(args.features, device, amp_dtype, args.channels_last, args.compile)
     parts.net.train()
     augment = IntensityAugment(args.seed) if args.intensity_augment else None
 
@@ -198,12 +194,9 @@ def benchmark_command(args: argparse.Namespace) -> dict:
 
     ``args`` holds the FIELDS settings and warmup, repeats, e2e_batches and out.
     """
-    check_context(args.context_slices, args.encoder)
-    check_norm_layer(args.norm_layer, args.encoder, args.features)
     device, amp_dtype = setup_device(args.device, args.amp)
-    common = {"encoder": args.encoder, "features": args.features, "image_size": args.image_size, "batch_size": args.batch_size,
-              "device": device, "warmup": args.warmup, "repeats": args.repeats, "context_slices": args.context_slices,
-              "norm_layer": args.norm_layer}
+    common = {"features": args.features, "image_size": args.image_size, "batch_size": args.batch_size,
+              "device": device, "warmup": args.warmup, "repeats": args.repeats}
     paths = {
         "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False,
                                               fused=False),
@@ -216,8 +209,7 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     e2e = time_end_to_end(args, device, amp_dtype, args.e2e_batches)
     result = {
         "environment": environment_report(device), "image_size": args.image_size,
-        "batch_size": args.batch_size, "encoder": args.encoder, "features": args.features,
-        "context_slices": args.context_slices, "norm_layer": args.norm_layer, "paths": rows,
+        "batch_size": args.batch_size, "features": args.features, "paths": rows,
         "train_speedup": fast["train_img_s"] / ref["train_img_s"],
         "infer_speedup": fast["infer_img_s"] / ref["infer_img_s"],
         "end_to_end": e2e, "end_to_end_vs_fast_step": e2e["train_img_s"] / fast["train_img_s"],
@@ -226,10 +218,7 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, result)
     env = result["environment"]
-    name = "UNet" if args.encoder == "unet" else "ResNet-34 UNet"
-    k = args.context_slices
-    context = f", context {k} slice{'s' if k > 1 else ''} on each side" if k else ""
-    print(f"\n{name} ({args.features} features{context}), {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+    print(f"\nUNet ({args.features} features), {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{env.get('gpu', env['device'])}, torch {env['torch']}")
     print(f"{'path':<58} {'train img/s':>12} {'infer img/s':>12} {'train TFLOP/s':>14} {'infer TFLOP/s':>14}")
     for r in rows:

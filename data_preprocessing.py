@@ -231,105 +231,6 @@ def normalize(image: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (image.float().clamp(low, high) - mean) / std
 
 
-def paste_lesion(
-    image: np.ndarray,
-    mask: np.ndarray,
-    stats: VolumeStats,
-    donor_image: np.ndarray,
-    donor_mask: np.ndarray,
-    donor_stats: VolumeStats,
-    *,
-    allowed: np.ndarray,
-    margin: int,
-    sources: tuple[int, ...] = (0, 1, 2),
-    feather: float = 2.0,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Carve a donor slice's lesion, with ``margin`` pixels of the tissue around it, and paste it
-    into a slice of another patient at the same place (CarveMix, Zhang et al., MICCAI 2021, in 2D).
-
-    The pasted pixels are carried into the target's intensity scale: a donor pixel whose
-    ``normalize``d value is z lands where the target volume's ``normalize`` gives z again (up to
-    the target's clip range and uint8 rounding), so the lesion keeps its contrast to the donor's
-    brain while sites and scanners differ. The edge of the carved region is blended over
-    ``feather`` pixels (Gaussian sigma) so that a seam does not mark the lesion; the lesion itself
-    is all donor.
-
-    Args:
-        image, mask: the target slice, (H, W, C) uint8 and (H, W) {0, 1}.
-        stats: the target volume's statistics.
-        donor_image, donor_mask, donor_stats: the same for the donor slice; the mask has tumor.
-        allowed: (H, W) bool, the target's brain (``brain_interior``); the carved region must
-            lie inside it.
-        margin: pixels of tissue carved around the lesion (a disk dilation), >= 0.
-        sources: for each target channel, the donor channel to take: a target channel that copies
-            FLAIR (a patient lacking that modality) takes the donor's FLAIR, so it stays a copy.
-    Returns the new (image, mask), or None when the region does not fit inside ``allowed``.
-    """
-    if margin < 0:
-        raise ValueError(f"margin is a number of pixels, >= 0; got {margin}")
-    lesion = donor_mask.astype(np.uint8)
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
-    region = cv2.dilate(lesion, disk) > 0
-    if not region.any() or (region & ~allowed).any():
-        return None
-    alpha = cv2.GaussianBlur(region.astype(np.float32), (0, 0), feather) if feather > 0 else region.astype(np.float32)
-    alpha = np.maximum(alpha * region, lesion)[..., None]  # (H, W, 1): 1 on the lesion, 0 outside the region
-    ch = list(sources)
-    z = (np.clip(donor_image[..., ch].astype(np.float32), donor_stats.low[ch], donor_stats.high[ch])
-         - donor_stats.mean[ch]) / donor_stats.std[ch]
-    carried = z * stats.std + stats.mean  # (H, W, C), in the target's raw scale
-    out = alpha * carried + (1 - alpha) * image.astype(np.float32)
-    new_mask = np.where(alpha[..., 0] >= 0.5, lesion, mask).astype(mask.dtype)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8), new_mask
-
-
-def fade_lesion(
-    image: np.ndarray,
-    mask: np.ndarray,
-    allowed: np.ndarray,
-    factor: float,
-    *,
-    flair: int = 1,
-    sources: tuple[int, ...] = (0, 1, 2),
-    feather: float = 2.0,
-) -> np.ndarray:
-    """A copy of ``image`` whose lesion is fainter on FLAIR: its contrast to the brain around it
-    times ``factor``, its texture kept.
-
-    The lesion's excess brightness on FLAIR, (mean over ``mask`` - median over the rest of
-    ``allowed``), is lowered by (1 - factor) of itself: every lesion pixel moves down by the same
-    amount, so the contrast that ``metrics.lesion_contrast`` measures scales by ``factor`` (up to
-    uint8 rounding), while the lesion keeps its texture and the other modalities are untouched.
-    The shift tapers off over ``feather`` pixels (Gaussian sigma) outside the lesion, so that no
-    edge marks it. A lesion no brighter than its brain, or a slice with no brain beside the
-    lesion, is returned as it is.
-
-    Args:
-        image: (H, W, C) uint8 slice; mask: (H, W) {0, 1} lesion; allowed: (H, W) bool brain
-            (``brain_interior``).
-        factor: in [0, 1]: 1 leaves the lesion as it is, 0 makes it as bright as its brain.
-        flair: the FLAIR channel; sources: for each channel, the channel it carries
-            (``data_loaders.channel_sources``): channels that copy FLAIR are faded alike.
-    """
-    if not 0.0 <= factor <= 1.0:
-        raise ValueError(f"factor is a share of the lesion's contrast, in [0, 1]; got {factor}")
-    lesion = mask > 0
-    rest = allowed & ~lesion
-    if not lesion.any() or not rest.any():
-        return image
-    excess = float(image[..., flair][lesion].mean()) - float(np.median(image[..., flair][rest]))
-    if excess <= 0:
-        return image
-    weight = lesion.astype(np.float32)
-    if feather > 0:
-        weight = np.maximum(cv2.GaussianBlur(weight, (0, 0), feather), weight)
-    out = image.copy()
-    channels = [c for c, source in enumerate(sources) if source == flair]
-    shifted = image[..., channels].astype(np.float32) - (weight * (1.0 - factor) * excess)[..., None]
-    out[..., channels] = np.clip(np.rint(shifted), 0, 255).astype(np.uint8)
-    return out
-
-
 def batch_to_device(
     batch: dict, device: torch.device, channels_last: bool, augment: IntensityAugment | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,7 +250,7 @@ class Preprocess:
 
     Called as ``preprocess(image, mask)`` with an (H, W, C) uint8 image and an (H, W) {0, 1}
     mask; returns a uint8 (C, S, S) image tensor and a uint8 (1, S, S) mask tensor with values
-    in {0, 1}, S being ``image_size`` (or the crop of a training pipeline that crops). An image
+    in {0, 1}, S being ``image_size``. An image
     already resized by ``spline_resize`` (the 'buda' normalization) is float32 in [0, 1] and stays so.
     """
 
@@ -372,65 +273,38 @@ def _resize(image_size: int) -> A.Resize:
     )
 
 
-# Geometric augmentation of training slices (--spatial-augment). 'light' is what every earlier
-# result used; 'wide' takes nnU-Net's scale range and probabilities (scale 0.7-1.4 and rotation,
-# each its own step at p 0.2), with rotation kept to +-30 degrees because every slice of this
-# dataset is axial and upright (nnU-Net turns square 2D patches by up to 180).
-SPATIAL_AUGMENTS = ("light", "wide")
-
-
 def train_preprocess(
     image_size: int,
     *,
-    spatial: str = "light",
-    crop: int = 0,
     hflip_p: float = 0.5,
     affine_p: float = 0.5,
     scale: float = 0.1,
     rotate_deg: float = 15.0,
     shift: float = 0.05,
-    wide_p: float = 0.2,
     intensity_p: float = 0.3,
     intensity: float = 0.1,
 ) -> Preprocess:
-    """Training pipeline: resize, horizontal flip, scale/rotation/shift, a crop (``crop``),
-    light brightness/contrast.
+    """Training pipeline: resize, horizontal flip, scale/rotation/shift, light brightness/contrast.
 
     Args:
         image_size: the slices are resized to this height and width in pixels.
-        crop: train on ``crop`` x ``crop`` patches of the resized slices (nnU-Net's patches): a
-            slice with tumor is cropped around a random tumor pixel, a slice without anywhere, so
-            every draw of a tumor slice still shows tumor. 0: whole slices.
-        spatial: 'light': one affine step (p ``affine_p``) of zoom in [1 - scale, 1 + scale],
-            rotation in [-rotate_deg, rotate_deg] and shift; 'wide': a zoom in [0.7, 1.4] (with the
-            shift) and a rotation in [-30, 30] degrees, each its own step at p ``wide_p``.
         hflip_p: probability of a left-right flip (the brain is roughly symmetric; up-down is not).
-        affine_p: probability of the 'light' affine step.
-        scale: relative zoom range of the 'light' step.
-        rotate_deg: rotation range of the 'light' step, in degrees.
+        affine_p: probability of the affine step: zoom in [1 - scale, 1 + scale], rotation in
+            [-rotate_deg, rotate_deg] and a shift.
+        scale: relative zoom range of the affine step.
+        rotate_deg: rotation range of the affine step, in degrees.
         shift: translation range as a fraction of the image size.
-        wide_p: probability of each 'wide' step.
         intensity_p: probability of the brightness/contrast step.
         intensity: brightness and contrast limit (fraction of the uint8 range).
     """
-    if spatial == "light":
-        geometric = [_affine(scale=(1 - scale, 1 + scale), rotate=(-rotate_deg, rotate_deg),
-                             translate_percent=(-shift, shift), p=affine_p)]
-    elif spatial == "wide":
-        geometric = [_affine(scale=(0.7, 1.4), translate_percent=(-shift, shift), p=wide_p),
-                     _affine(rotate=(-30.0, 30.0), p=wide_p)]
-    else:
-        raise ValueError(f"spatial must be one of {SPATIAL_AUGMENTS}, got {spatial!r}")
-    if crop and not 0 < crop <= image_size:
-        raise ValueError(f"crop must be in (0, image_size={image_size}], got {crop}")
     return Preprocess(
         image_size=image_size,
         transform=A.Compose(
             [
                 _resize(image_size),
                 A.HorizontalFlip(p=hflip_p),
-                *geometric,
-                *([A.CropNonEmptyMaskIfExists(crop, crop)] if crop else []),
+                _affine(scale=(1 - scale, 1 + scale), rotate=(-rotate_deg, rotate_deg),
+                        translate_percent=(-shift, shift), p=affine_p),
                 A.RandomBrightnessContrast(
                     brightness_limit=intensity, contrast_limit=intensity, p=intensity_p
                 ),

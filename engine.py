@@ -35,28 +35,26 @@ import benchmark
 import cv
 import evaluation
 import inference
-from data_loaders import (
+from data_cache import load_dataset, resolve_cache_dir
+from data_commands import add_data_arguments, add_download_arguments, download_dataset, data_command
+from data_files import (
     DATA_ENV_VAR,
     DataIssues,
-    add_data_arguments,
-    add_download_arguments,
-    LGGSlices,
     NORMALIZATIONS,
     PatientVolume,
+    describe_masks,
+    read_clinical,
+    report_issues,
+)
+from data_loaders import (
+    LGGSlices,
     ShardedSampler,
     choose_split,
     default_num_workers,
-    describe_masks,
-    download_dataset,
-    load_dataset,
     locate_data,
     make_loader,
-    read_clinical,
-    report_dataset,
-    report_issues,
-    resolve_cache_dir,
 )
-from data_preprocessing import SPATIAL_AUGMENTS, IntensityAugment, batch_to_device, train_preprocess
+from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
 from libraries import (
     add_bool_flag,
     Distributed,
@@ -69,12 +67,11 @@ from libraries import (
     seed_everything,
     setup_device,
 )
-from loss_fun import DICE_MODES
 from metrics import parse_spacing
-from model import NORM_LAYERS, check_context, check_norm_layer, count_parameters, load_checkpoint
+from model import count_parameters, load_checkpoint
 from reports import epoch_line, validation_row, write_reports
 from training import (
-    OPTIMIZERS,
+    NetworkSpec,
     TrainingParts,
     build_training,
     forward_loss,
@@ -88,6 +85,10 @@ from training import (
 )
 
 
+SPLITS = ("random", "buda", "none")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A Config field whose help text (and choices) become the flag's."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -98,107 +99,57 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 # =============================================================================================
 @dataclass
 class Config:
-    # ---- data ----
-    data_dir: str = _opt("", "kaggle_3m folder; empty: $LGG_DATA_DIR, ./kaggle_3m, "
-                         "./lgg-mri-segmentation/kaggle_3m, else synthetic data")
+    # ---- data: where it is, which patients validate ----
+    data_dir: str = _opt("", "kaggle_3m folder; empty: $LGG_DATA_DIR, ./kaggle_3m, ./lgg-mri-segmentation/kaggle_3m")
     synthetic: bool = _opt(False, "train on generated synthetic data even if a dataset is found")
     synthetic_dir: str = _opt("data/synthetic/kaggle_3m", "where synthetic data is generated")
     synthetic_patients: int = _opt(20, "synthetic patients to generate")
     synthetic_slices: int = _opt(24, "slices per synthetic patient")
-    split: str = _opt("random", "validation patients: random (seeded, --val-fraction), buda (the 10 of "
-                      "Buda et al.) or none (train on every patient; score later with 'evaluate "
-                      "--patients unseen')", ("random", "buda", "none"))
-    val_fraction: float = _opt(0.2, "share of patients held out for validation (split by patient)")
-    val_patients: str = _opt("", "validation patients: comma list or a file of names/prefixes (overrides --split)")
-    folds: int = _opt(0, "patient-level K-fold cross-validation: number of folds (0: off)")
-    fold: int = _opt(0, "which fold (0..folds-1) is the validation set")
-    image_size: int = _opt(128, "slices are resized to this square size (multiple of 16)")
-    crop_size: int = _opt(0, "training: random square patches of this size (a multiple of 16, below --image-size) "
-                          "from the resized slices, around a random tumor pixel where the slice has tumor "
-                          "(nnU-Net's patches); validation and inference see whole slices; 0: whole slices")
-    normalization: str = _opt("volume", "volume: per-patient percentile clip + z-score over the voxels above 0; "
-                              "head: the same over the head only; buda: the authors' crop, p10-p99 rescale, "
-                              "z-score", NORMALIZATIONS)
-    tumor_weight: float = _opt(1.0, "sample training slices with tumor this many times as often")
-    balance_patients: bool = _opt(False, "training: draw every patient's slices equally often in total, whatever "
-                                  "its slice count (nnU-Net samples cases uniformly); tumor weighting within each")
-    modality_dropout: float = _opt(0.0, "training: chance that the pre- or post-contrast channel is replaced "
-                                   "by FLAIR, as the dataset does where a patient lacks that modality")
-    lesion_paste: float = _opt(0.0, "training: chance that a slice gets the lesion of another training patient's "
-                               "slice at a like level pasted into its brain, in its intensity scale (CarveMix)")
-    lesion_fade: float = _opt(0.0, "training: chance that a slice's lesion is made fainter on FLAIR (its contrast to "
-                              "the brain around it times 0.5-1, its mask unchanged)")
-    spatial_augment: str = _opt("light", "training: light (zoom 0.9-1.1, +-15 degrees, p 0.5) or wide (nnU-Net's "
-                                "zoom 0.7-1.4 and a rotation of +-30 degrees, each at p 0.2)", SPATIAL_AUGMENTS)
-    intensity_augment: bool = _opt(False, "training: nnU-Net-style gamma, brightness, contrast, noise, blur and "
-                                   "low-resolution steps, drawn per channel, after normalization")
-    context_slices: int = _opt(0, "2.5D input (unet): the FLAIR of this many slices above and below each slice "
-                               "joins its 3 channels as extra input channels; 0: 2D")
+    split: str = _opt("random", "validation patients: random, buda (the authors' 10), none", SPLITS)
+    val_fraction: float = _opt(0.2, "--split random: share of patients held out")
+    val_patients: str = _opt("", "validation patients: a comma list or a file of names (instead of --split)")
+    folds: int = _opt(0, "patient-level K-fold split: K (0: off)")
+    fold: int = _opt(0, "with --folds: which fold (0..K-1) validates")
+    # ---- slices -> tensors ----
+    image_size: int = _opt(128, "slices are resized to this square size (a multiple of 16)")
+    normalization: str = _opt("volume", "volume: per patient; buda: the authors' (their weights)", NORMALIZATIONS)
+    tumor_weight: float = _opt(1.0, "training draws slices with tumor this many times as often")
+    modality_dropout: float = _opt(0.0, "training: chance a contrast channel is replaced by FLAIR")
+    intensity_augment: bool = _opt(False, "training: nnU-Net-style intensity augmentation per channel")
     # ---- model ----
-    encoder: str = _opt("unet", "unet: the hand-written UNet; resnet34: a UNet on torchvision's ResNet-34",
-                         ("unet", "resnet34"))
-    encoder_weights: str = _opt("none", "with --encoder resnet34: none, or imagenet (torchvision's weights, "
-                                "downloaded once)", ("none", "imagenet"))
-    features: int = _opt(32, "UNet channels at the first level, doubled per level (32: 7.76M params)")
-    norm_layer: str = _opt("batch", "after each conv (unet): batch (BatchNorm: the batch's statistics in training, the "
-                           "training set's in evaluation) or group (GroupNorm, 8 groups: each image's own, always)",
-                           NORM_LAYERS)
-    deep_supervision: bool = _opt(False, "training (unet): also score the decoder's half- and quarter-size outputs, "
-                                  "weights 4/7, 2/7, 1/7 (nnU-Net's scheme); the printed train loss is that mean")
-    pretrained: str = _opt("", "start from weights: a checkpoint or state_dict path, a URL, or 'buda' "
-                           "(Buda et al.'s release; selects --normalization buda)")
-    freeze_encoder: bool = _opt(False, "fine-tuning: train the decoder only (encoder weights and BatchNorm fixed)")
+    features: int = _opt(32, "UNet channels at the first level (32: 7.76M parameters)")
+    deep_supervision: bool = _opt(False, "training: also score the decoder at 1/2 and 1/4 size")
+    pretrained: str = _opt("", "start from weights: a checkpoint, a state_dict, a URL or 'buda'")
+    freeze_encoder: bool = _opt(False, "fine-tuning: train the decoder only")
     encoder_lr_scale: float = _opt(1.0, "fine-tuning: the encoder's learning rate is --lr times this")
-    # ---- optimization ----
+    # ---- optimization: AdamW, Dice + BCE, warmup then cosine ----
     epochs: int = _opt(5, "training epochs")
-    steps_per_epoch: int = _opt(0, "optimizer steps per epoch, whatever the number of patients (nnU-Net's fixed "
-                                "iterations), so training time does not grow with the data; 0: one pass over "
-                                "the training slices")
+    steps_per_epoch: int = _opt(0, "optimizer steps an epoch, whatever the data's size; 0: one pass over it")
     batch_size: int = _opt(16, "slices per step")
-    optimizer: str = _opt("adamw", "adamw, or sgd (Nesterov momentum 0.99, nnU-Net's; it wants a higher --lr, "
-                          "such as nnU-Net's 0.01)", OPTIMIZERS)
     lr: float = _opt(1e-3, "peak learning rate")
-    weight_decay: float = _opt(1e-4, "weight decay (AdamW's decoupled; SGD's added to the gradient)")
-    schedule: str = _opt("cosine", "learning rate after warmup", ("cosine", "onecycle", "constant"))
+    weight_decay: float = _opt(1e-4, "AdamW's decoupled weight decay")
     warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, in epochs")
-    patience: int = _opt(0, "stop after this many epochs without a better validation Dice per volume (0: off)")
-    val_every: int = _opt(1, "validate after every this many epochs and after the last (best.pt and --patience "
-                          "see the validated epochs only); training is the same whatever it is")
-    dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
-    bce_weight: float = _opt(1.0, "weight of the binary cross-entropy loss")
-    dice_mode: str = _opt("sample", "soft Dice per slice, averaged (sample); pooled over the batch (batch); "
-                          "or averaged over the slices with tumor only, the rest left to BCE (tumor)", DICE_MODES)
-    tversky_beta: float = _opt(0.5, "weight of missed tumor pixels in the soft Dice, false positives weighing 1 - "
-                               "beta (Tversky's index): 0.5 is Dice, above 0.5 favours recall")
-    threshold: float = _opt(0.5, "probability above which a pixel is called tumor")
+    patience: int = _opt(0, "stop after this many validations without a better Dice (0: off)")
+    val_every: int = _opt(1, "validate every N epochs and after the last; training is unchanged")
     # ---- evaluation ----
-    postprocess: str = _opt("none", "per patient, keep: every predicted voxel (none); the largest 3D component "
-                            "(lcc); the component of largest probability mass (mass); the component of largest "
-                            "probability mass inside the brain, away from the scalp (brain); that component with "
-                            "the holes of each slice filled (brain-filled); every component whose mass inside the "
-                            "brain is at least half the heaviest one's (brain-multi); or brain's choice with the "
-                            "scalp and skull of the top and bottom slices not counted as brain (brain-shell). All "
-                            "are always reported",
-                            evaluation.POSTPROCESSING)
-    tta: bool = _opt(False, "test-time augmentation: average with the left-right mirrored prediction")
-    spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, to report HD95 in mm as well as pixels")
+    threshold: float = _opt(0.5, "probability above which a pixel is tumor")
+    postprocess: str = _opt("none", "per patient: none, lcc or brain (docs/method.md)", evaluation.POSTPROCESSING)
+    spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, for HD95 and volumes in mm")
     # ---- hardware ----
     device: str = _opt("auto", "auto: CUDA if available, else CPU", ("auto", "cpu", "cuda"))
-    amp: str = _opt("auto", "mixed precision; auto: bf16 on capable GPUs/CPUs, fp16 on older GPUs",
-                    ("auto", "off", "bf16", "fp16"))
-    channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
-    num_workers: int = _opt(-1, "DataLoader worker processes; -1: 0 on <=2 cores, else up to 4")
-    sync_bn: bool = _opt(False, "under torchrun on GPUs: synchronize BatchNorm statistics across processes")
-    compile: bool = _opt(False, "torch.compile the model (opt-in: measure it with 'engine.py benchmark --compile')")
-    strict: bool = _opt(False, "make every data problem an error instead of skipping or fixing it")
-    cache_dir: str = _opt("", "cache of decoded slices; empty: ~/.cache/lgg-unet; 'off': decode TIFFs each run")
+    amp: str = _opt("auto", "mixed precision; auto: bf16 where fast, else fp16 on GPUs", AMP_MODES)
+    channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions)")
+    num_workers: int = _opt(-1, "DataLoader workers; -1: 0 on <=2 cores, else up to 4")
+    sync_bn: bool = _opt(False, "under torchrun on GPUs: synchronize BatchNorm across processes")
+    compile: bool = _opt(False, "torch.compile the model (measure it first: benchmark --compile)")
     # ---- run ----
-    out_dir: str = _opt("", "run folder for checkpoints and metrics; empty: runs/<date-time>")
-    resume: str = _opt("", "continue a run from its folder (last.pt) or a checkpoint, with its own settings")
-    seed: int = _opt(42, "one seed for the split, initialization, augmentation and shuffling")
-    progress: bool = _opt(True, "show tqdm progress bars")
-    preset: str = _opt("none", "a tested recipe: cpu (128 px, 13-25 min on 2 cores for the 36-patient "
-                       "subset) or full (256 px, for a GPU); flags you give still win", ("none", "cpu", "full"))
+    strict: bool = _opt(False, "make every data problem an error instead of skipping or fixing it")
+    cache_dir: str = _opt("", "decoded-slice cache; empty: ~/.cache/lgg-unet; off: none")
+    out_dir: str = _opt("", "run folder; empty: runs/<date-time>")
+    resume: str = _opt("", "continue a run from its folder or last.pt")
+    seed: int = _opt(42, "one seed for the split, initialization, augmentation and order")
+    progress: bool = _opt(True, "show progress bars")
+    preset: str = _opt("none", "a tested recipe: cpu (2 CPU cores), full (a GPU); flags win", ("none", "cpu", "full"))
 
 
 # Recipes selected with --preset. Each replaces the defaults above, not the flags you pass.
@@ -207,12 +158,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores (bf16): 128 px, 20 epochs of 150 steps (3,000 steps, 48,000 slices) whatever the
     # number of patients: 20 epochs over the 66-patient subset are 2,940 steps. Measurements behind
     # each setting: docs/results.md.
-    "cpu": dict(image_size=128, epochs=20, steps_per_epoch=150, batch_size=16, optimizer="adamw", lr=1e-3,
-                weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2,
+    "cpu": dict(image_size=128, epochs=20, steps_per_epoch=150, batch_size=16, lr=1e-3,
+                weight_decay=1e-4, warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2,
                 postprocess="brain"),
     # A GPU: full resolution, longer; 250 steps an epoch, about one pass over all 110 patients.
-    "full": dict(image_size=256, epochs=60, steps_per_epoch=250, batch_size=16, optimizer="adamw", lr=1e-3,
-                 weight_decay=1e-4, schedule="cosine", warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2,
+    "full": dict(image_size=256, epochs=60, steps_per_epoch=250, batch_size=16, lr=1e-3,
+                 weight_decay=1e-4, warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2,
                  patience=20, postprocess="brain"),
 }
 
@@ -370,37 +321,18 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
 
 def check_config(cfg: Config) -> None:
     """Refuse settings that cannot train, before any data is read or folder made."""
-    multiple = 32 if cfg.encoder == "resnet34" else 16
-    if cfg.image_size % multiple or cfg.image_size < multiple:
-        raise UserError(f"--image-size must be a positive multiple of {multiple} for --encoder {cfg.encoder}, "
-                        f"got {cfg.image_size}")
-    if cfg.crop_size and (cfg.crop_size % multiple or not 0 < cfg.crop_size < cfg.image_size):
-        raise UserError(f"--crop-size must be a positive multiple of {multiple} below --image-size {cfg.image_size} "
-                        f"(0: whole slices), got {cfg.crop_size}")
-    if cfg.deep_supervision and cfg.encoder != "unet":
-        raise UserError(f"--deep-supervision needs the hand-written UNet's decoder; drop it or use --encoder unet "
-                        f"(got --encoder {cfg.encoder})")
-    check_context(cfg.context_slices, cfg.encoder)
-    check_norm_layer(cfg.norm_layer, cfg.encoder, cfg.features, cfg.sync_bn)
+    if cfg.image_size % 16 or cfg.image_size < 16:
+        raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
     if cfg.val_every < 1:
         raise UserError(f"--val-every must be at least 1 (validate after every N-th epoch), got {cfg.val_every}")
     if cfg.steps_per_epoch < 0:
-        raise UserError(f"--steps-per-epoch must be >= 0 (0: one pass over the training slices), got {cfg.steps_per_epoch}")
+        raise UserError(f"--steps-per-epoch must be >= 0 (0: one pass over the data), got {cfg.steps_per_epoch}")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
-    for flag, p in (("--lesion-paste", cfg.lesion_paste), ("--lesion-fade", cfg.lesion_fade)):
-        if not 0.0 <= p <= 1.0:
-            raise UserError(f"{flag} is a probability in [0, 1], got {p:g}")
-        if p and (cfg.context_slices or cfg.normalization == "buda"):
-            raise UserError(f"{flag} works on whole 2D slices normalized per volume; drop it, or drop "
-                            "--context-slices and --normalization buda")
     evaluation.check_threshold(cfg.threshold)
-    if not 0.0 < cfg.tversky_beta < 1.0:
-        raise UserError(f"--tversky-beta weighs missed tumor against false positives and must be in (0, 1), "
-                        f"got {cfg.tversky_beta:g}")
     if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
         raise UserError("--patience stops on validation Dice, and --split none has no validation patients; "
                         "drop --patience (choose the epochs by cross-validation first)")
@@ -453,18 +385,16 @@ def make_loaders(
     so 3D metrics and post-processing need no cross-rank slices); ``evaluate`` gathers them.
     """
     train_set = LGGSlices([data.volumes[n] for n in data.train_names],
-                          train_preprocess(cfg.image_size, spatial=cfg.spatial_augment, crop=cfg.crop_size),
-                          modality_dropout=cfg.modality_dropout, context=cfg.context_slices,
-                          lesion_paste=cfg.lesion_paste, lesion_fade=cfg.lesion_fade)
+                          train_preprocess(cfg.image_size), modality_dropout=cfg.modality_dropout)
     train_loader = make_loader(train_set, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                num_workers=workers, pin_memory=device.type == "cuda",
-                               tumor_weight=cfg.tumor_weight, balance_patients=cfg.balance_patients,
+                               tumor_weight=cfg.tumor_weight,
                                steps=cfg.steps_per_epoch, rank=ddp.rank, world=ddp.world)
     if not data.val_names:
         return train_set, train_loader, None
     val_loader = evaluation.scoring_loader(
         [data.volumes[n] for n in data.val_names[ddp.rank :: ddp.world]], image_size=cfg.image_size,
-        context=cfg.context_slices, batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed, device=device)
+        batch_size=cfg.batch_size, num_workers=workers, seed=cfg.seed, device=device)
     return train_set, train_loader, val_loader
 
 
@@ -550,16 +480,9 @@ def run_epoch(
 def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, weights: dict | None, *,
                 distributed: bool, steps_per_epoch: int) -> tuple[TrainingParts, torch.optim.lr_scheduler.LRScheduler]:
     """The model, loss, optimizer and scaler of ``cfg`` (``training.build_training``), and its schedule."""
-    parts = build_training(
-        encoder=cfg.encoder, features=cfg.features, device=device, channels_last=cfg.channels_last,
-        amp_dtype=amp_dtype, lr=cfg.lr, weight_decay=cfg.weight_decay, dice_weight=cfg.dice_weight,
-        bce_weight=cfg.bce_weight, dice_mode=cfg.dice_mode, tversky_beta=cfg.tversky_beta,
-        encoder_weights=cfg.encoder_weights,
-        encoder_lr_scale=cfg.encoder_lr_scale, weights=weights, weights_source=cfg.pretrained,
-        freeze_encoder=cfg.freeze_encoder, sync_bn=cfg.sync_bn, distributed=distributed, compile_model=cfg.compile,
-        deep_supervision=cfg.deep_supervision, context_slices=cfg.context_slices, norm_layer=cfg.norm_layer,
-        optimizer=cfg.optimizer)
-    scheduler = make_scheduler(parts.optimizer, cfg.schedule, lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+    parts = build_training(NetworkSpec.of(cfg), device=device, channels_last=cfg.channels_last, amp_dtype=amp_dtype,
+                           distributed=distributed, weights=weights, weights_source=cfg.pretrained)
+    scheduler = make_scheduler(parts.optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     return parts, scheduler
 
@@ -604,7 +527,7 @@ def train(cfg: Config) -> dict:
     validate = functools.partial(
         evaluation.evaluate, parts.model, val_loader, device, loss_fn=parts.loss_fn, threshold=cfg.threshold,
         amp_dtype=amp_dtype, channels_last=cfg.channels_last, progress=progress, postprocess=cfg.postprocess,
-        tta=cfg.tta, spacing=spacing, patients=data.val_names,
+        spacing=spacing, patients=data.val_names,
         gather=evaluation.gather_across_ranks if ddp.enabled else None,
     ) if val_loader is not None else None
     start = time.perf_counter()
@@ -666,8 +589,7 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         + (f", {env['distributed']}" if "distributed" in env else ""),
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
         f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}"
-        + (", patients balanced)" if cfg.balance_patients else ")")
-        + (f" as {cfg.crop_size} px patches of {cfg.image_size} px slices" if cfg.crop_size else "")
+        + ")"
         + f", {val_slices} validation slices",
     ])
 
@@ -739,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dataset ready in {target}\nthe loader finds it from this folder; elsewhere run:\n"
                   f"  export {DATA_ENV_VAR}={target.resolve()}")
         elif args.command == "data":
-            report_dataset(args.data_dir, args.out, args.strict)
+            data_command(args.data_dir, args.out, args.strict)
         elif args.command == "predict":
             inference.predict_command(args)
         elif args.command == "export":

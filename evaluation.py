@@ -23,24 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data_loaders import (
-    BUDA_VAL_PREFIXES,
+from data_cache import load_dataset, resolve_cache_dir
+from data_files import (
     DataIssues,
-    LGGSlices,
     NORMALIZATIONS,
     PatientVolume,
-    default_num_workers,
     describe_masks,
     group_by_patient,
     find_data_dir,
-    load_dataset,
+    read_clinical,
+    report_issues,
+    scan_dataset,
+)
+from data_loaders import (
+    BUDA_VAL_PREFIXES,
+    LGGSlices,
+    default_num_workers,
     make_loader,
     match_patients,
-    read_clinical,
     read_patient_list,
-    report_issues,
-    resolve_cache_dir,
-    scan_dataset,
 )
 from data_preprocessing import batch_to_device, eval_preprocess
 from libraries import UserError, add_bool_flag, autocast, environment_report, memory_format, save_json, setup_device
@@ -51,11 +52,10 @@ from metrics import (
     brain_components_3d,
     fill_slice_holes,
     hd95,
-    heaviest_component_3d,
     largest_component_3d,
     parse_spacing,
 )
-from model import fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
+from model import check_network_settings, fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
 from reports import write_reports
 
 
@@ -79,21 +79,11 @@ def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.T
     return out
 
 
-def forward_with_mirror(
-    model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None, tta: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits of ``x`` and, with ``tta``, of its left-right mirror, flipped back into place."""
-    with autocast(x.device, amp_dtype):
-        logits = model(x).float()
-        mirrored = torch.flip(model(torch.flip(x, dims=[-1])).float(), dims=[-1]) if tta else None
-    return logits, mirrored
-
-
 @dataclass
 class PatientPrediction:
     """One patient's prediction at the masks' own resolution, (D, H, W) each, in slice order."""
 
-    prob: np.ndarray  # float16: the probability, averaged over the models (and the mirror with TTA)
+    prob: np.ndarray  # float16: the probability, averaged over the models
     pred: np.ndarray  # bool: prob > threshold, decided in float32 before the cast
     truth: np.ndarray  # bool
     inside: np.ndarray  # bool: the brain, away from the scalp (data_preprocessing.brain_interior)
@@ -111,16 +101,14 @@ def predict_volumes(
     threshold: float,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
-    tta: bool,
     progress: bool,
     desc: str = "validate",
 ) -> tuple[float, int, dict[int, PatientPrediction]]:
     """Predict every slice of the loader; return the summed loss, the slice count and, per patient
     index of the loader's dataset, its PatientPrediction.
 
-    With several ``models`` (an ensemble) their probabilities are averaged, as with ``tta`` the
-    probabilities of the slice and of its left-right mirror are. The loss (of the first model's
-    un-augmented logits, at model resolution) is summed per sample.
+    With several ``models`` (an ensemble) their probabilities are averaged. The loss (of the first
+    model's logits, at model resolution) is summed per sample.
     """
     models = [models] if isinstance(models, nn.Module) else list(models)
     for model in models:
@@ -132,13 +120,12 @@ def predict_volumes(
         size, box = batch["full_mask"].shape[-2:], batch.get("box")
         prob = None
         for k, model in enumerate(models):
-            logits, mirrored = forward_with_mirror(model, image, amp_dtype, tta)
+            with autocast(image.device, amp_dtype):
+                logits = model(image).float()
             if k == 0 and loss_fn is not None:
                 total += loss_fn(logits, mask).item() * len(image)
                 seen += len(image)
             p = torch.sigmoid(to_full_resolution(logits, size, box))
-            if mirrored is not None:
-                p = (p + torch.sigmoid(to_full_resolution(mirrored, size, box))) / 2
             prob = p if prob is None else prob + p
         prob = prob / len(models)
         pred = (prob > threshold).cpu().numpy()[:, 0]
@@ -159,13 +146,14 @@ def predict_volumes(
     return total, seen, volumes
 
 
-# Post-processing of a patient's predicted volume (all are always scored and reported):
-# none; lcc, the largest 3D component by voxels; mass, the component of largest probability
-# mass; brain, the heaviest component lying mostly in the brain rather than on the scalp rim;
+# Post-processing of a patient's predicted volume (runs report the raw prediction beside the
+# chosen rule; evaluate --all-rules reports every one): none; lcc, the largest 3D component by
+# voxels (the published reference); brain, the component of largest probability mass inside the
+# brain rather than on the scalp rim;
 # brain-filled, brain's component with the holes of each slice filled; brain-multi, every
 # component with at least half the heaviest one's mass inside the brain; brain-shell, brain's
 # rule with the scalp and skull of the top and bottom slices of the head not counted as brain.
-POSTPROCESSING = ("none", "lcc", "mass", "brain", "brain-filled", "brain-multi", "brain-shell")
+POSTPROCESSING = ("none", "lcc", "brain", "brain-filled", "brain-multi", "brain-shell")
 
 
 def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
@@ -174,8 +162,6 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
         return v.pred
     if method == "lcc":
         return largest_component_3d(v.pred)
-    if method == "mass":
-        return heaviest_component_3d(v.pred, v.prob)
     if method == "brain":
         return brain_component_3d(v.pred, v.prob, v.inside)
     if method == "brain-filled":
@@ -245,7 +231,7 @@ def evaluate(
     channels_last: bool,
     progress: bool,
     postprocess: str = "none",
-    tta: bool = False,
+    rules: Sequence[str] = (),
     spacing: tuple[float, float, float] | None = None,
     desc: str = "validate",
     patients: list[str] | None = None,
@@ -255,7 +241,7 @@ def evaluate(
     resolution. ``model`` may be several models, whose probabilities are averaged.
 
     The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
-    holds the headline numbers of every post-processing option, so all are always reported.
+    holds the headline numbers of the raw prediction, of ``postprocess`` and of the other ``rules``.
     In a distributed job each rank predicts its own patients and ``gather`` merges the predicted
     volumes (by patient name) and loss sums of all ranks, so every rank scores the whole set;
     ``patients`` is then the full list, whose indices key the returned volumes.
@@ -265,7 +251,7 @@ def evaluate(
     inference_models = [fuse_conv_bn(getattr(m, "_orig_mod", m)) for m in models]
     loss_sum, count, local = predict_volumes(
         inference_models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
-        channels_last=channels_last, tta=tta, progress=progress, desc=desc,
+        channels_last=channels_last, progress=progress, desc=desc,
     )
     named = {loader.dataset.patients[p]: v for p, v in local.items()}
     if gather is not None:
@@ -274,7 +260,7 @@ def evaluate(
     volumes = {patients.index(name): v for name, v in named.items()}
     scored: dict = {}  # HD95 is measured once per distinct prediction, whichever rules give it
     variants = {name: score_volumes(volumes, patients, postprocess=name, spacing=spacing, scored=scored)
-                for name in POSTPROCESSING}
+                for name in dict.fromkeys(("none", postprocess, *rules))}
     metrics, kept = variants[postprocess]
     metrics["postprocessing"] = {
         name: {**{k: v[k] for k in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global",
@@ -282,7 +268,7 @@ def evaluate(
                "dice_per_patient": {row["patient"]: row["dice"] for row in v["per_patient"]}}
         for name, (v, _) in variants.items()
     }
-    metrics["postprocess"], metrics["tta"], metrics["models"] = postprocess, tta, len(models)
+    metrics["postprocess"], metrics["models"] = postprocess, len(models)
     metrics["threshold"] = threshold
     loss = loss_sum / count if loss_fn is not None and count else None
     return loss, metrics, {p: (kept[p], v.truth) for p, v in volumes.items()}
@@ -312,10 +298,10 @@ METRIC_LABELS = (
 
 
 def format_metrics(metrics: dict, title: str) -> str:
-    """The end-of-run table: every metric of the chosen post-processing, then every variant's Dice."""
+    """The end-of-run table: every metric of the chosen post-processing, then each reported rule's Dice."""
     lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
              f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
-             f"mirror TTA: {'on' if metrics['tta'] else 'off'}, threshold: {metrics['threshold']:g}"]
+             f"threshold: {metrics['threshold']:g}"]
     for key, label in METRIC_LABELS:
         value = metrics[key]
         lines.append(f"  {label:<28} {'n/a' if value is None else f'{value:.4f}'}")
@@ -398,10 +384,11 @@ def load_checkpoints(
         paths += [str(f) for f in folds] or [spec]
     loaded = [(Path(p), scoring_checkpoint(p, image_size=image_size, normalization=normalization)) for p in paths]
     for path, ckpt in loaded:  # a given --image-size/--normalization applies to our checkpoints too
+        check_network_settings(ckpt["config"], str(path))
         ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
     first_path, first = loaded[0]
     for path, ckpt in loaded[1:]:
-        for key, default in (("image_size", None), ("normalization", "volume"), ("context_slices", 0)):
+        for key, default in (("image_size", None), ("normalization", "volume")):
             a, b = first["config"].get(key, default), ckpt["config"].get(key, default)
             if a != b:
                 raise UserError(f"{path}: --{key.replace('_', '-')} {b}, but {first_path} has {a}; an ensemble's "
@@ -418,12 +405,11 @@ def ensemble_name(loaded: Sequence[tuple[Path, dict]]) -> str:
 
 def scoring_loader(
     volumes: list[PatientVolume], *, image_size: int, batch_size: int, num_workers: int, seed: int,
-    device: torch.device, context: int = 0,
+    device: torch.device,
 ) -> torch.utils.data.DataLoader:
     """The deterministic loader through which validation, ``evaluate`` and ``predict`` read volumes:
-    every slice once, in order, resized for the model (with ``context`` neighbouring slices' FLAIR
-    on each side), with its mask at the file's resolution."""
-    dataset = LGGSlices(volumes, eval_preprocess(image_size), full_mask=True, context=context)
+    every slice once, in order, resized for the model, with its mask at the file's resolution."""
+    dataset = LGGSlices(volumes, eval_preprocess(image_size), full_mask=True)
     workers = default_num_workers() if num_workers < 0 else num_workers
     return make_loader(dataset, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
                        pin_memory=device.type == "cuda")
@@ -444,8 +430,8 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of where and how a model is run on scans (evaluate, predict)."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
-    add_bool_flag(parser, "tta", None, "mirror test-time augmentation (default: as trained)")
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default=None, help="default: as trained")
+    add_bool_flag(parser, "all_rules", False, "report every post-processing rule, not only raw and --postprocess")
     parser.add_argument("--threshold", type=float, default=None,
                         help="probability above which a pixel is called tumor (default: as trained)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -461,13 +447,13 @@ def check_threshold(threshold: float) -> None:
         raise UserError(f"--threshold {threshold:g}: a probability strictly between 0 and 1 is needed")
 
 
-def scoring_settings(args: argparse.Namespace, record: dict) -> tuple[float, bool, str]:
-    """The threshold, mirror TTA and post-processing that evaluate and predict use: the flags given,
-    else the checkpoint's own settings."""
+def scoring_settings(args: argparse.Namespace, record: dict) -> tuple[float, str]:
+    """The threshold and post-processing that evaluate and predict use: the flags given, else the
+    checkpoint's own settings (a rule this version no longer has falls back to 'brain')."""
     threshold = record.get("threshold", 0.5) if args.threshold is None else args.threshold
     check_threshold(threshold)
-    tta = record.get("tta", False) if args.tta is None else args.tta
-    return threshold, tta, args.postprocess or record.get("postprocess", "none")
+    trained = record.get("postprocess", "none")
+    return threshold, args.postprocess or (trained if trained in POSTPROCESSING else "brain")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -497,7 +483,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     ckpt_path, ckpt = loaded[0]
     record = ckpt["config"]
-    threshold, tta, postprocess = scoring_settings(args, record)
+    threshold, postprocess = scoring_settings(args, record)
     device, amp_dtype = setup_device(args.device, args.amp)
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
@@ -520,16 +506,16 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     print(f"{root}: {len(volumes)} patients, {describe_masks(volumes)}")
     loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],
                             batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
-                            seed=record["seed"], device=device, context=record.get("context_slices", 0))
+                            seed=record["seed"], device=device)
     channels_last = record["channels_last"]
-    models = [network_from_checkpoint(c).to(device, memory_format=memory_format(channels_last)) for _, c in loaded]
-    loss_fn = DiceBCELoss(record["dice_weight"], record["bce_weight"], mode=record.get("dice_mode", "sample"),
-                          beta=record.get("tversky_beta", 0.5))
+    models = [network_from_checkpoint(c, str(path)).to(device, memory_format=memory_format(channels_last))
+              for path, c in loaded]
+    loss_fn = DiceBCELoss()
     start = time.perf_counter()
     val_loss, metrics, volumes = evaluate(
         models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
-        tta=tta, spacing=parse_spacing(args.spacing or record.get("spacing", "")),
+        rules=POSTPROCESSING if args.all_rules else (), spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )
     seconds = time.perf_counter() - start
     result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],

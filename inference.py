@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_loaders import NORMALIZATIONS, DatasetError, make_volume, read_image, set_normalization
+from data_files import NORMALIZATIONS, DatasetError, make_volume, read_image, set_normalization
 from evaluation import (
     add_scoring_flags,
     load_checkpoints,
@@ -137,7 +137,7 @@ def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
     loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = loaded[0][1]["config"]
-    threshold, tta, postprocess = scoring_settings(args, record)
+    threshold, postprocess = scoring_settings(args, record)
     device, amp_dtype = setup_device(args.device, args.amp)
     spacing = parse_spacing(args.spacing)
     out = Path(args.output)
@@ -156,18 +156,13 @@ def predict_command(args: argparse.Namespace) -> Path:
     volumes = [set_normalization(make_volume(f"{group}#{i}", images, np.zeros(images.shape[:3], np.uint8),
                                              list(range(len(images)))), normalization, record["image_size"])
                for i, (group, _, images) in enumerate(inputs)]
-    context = record.get("context_slices", 0)
-    for group, _, images in inputs:
-        if context and len(images) == 1:
-            print(f"note: {group}: a single slice, but this model also reads the {context} slice(s) on each side "
-                  f"(--context-slices {context}); the slice stands in for them, so give the whole series if you can")
     loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
-                            num_workers=0, seed=0, device=device, context=context)
+                            num_workers=0, seed=0, device=device)
     channels_last = record.get("channels_last", False)
-    models = [fuse_conv_bn(network_from_checkpoint(c)).to(device, memory_format=memory_format(channels_last))
-              for _, c in loaded]
+    models = [fuse_conv_bn(network_from_checkpoint(c, str(path))).to(device, memory_format=memory_format(channels_last))
+              for path, c in loaded]
     _, _, predicted = predict_volumes(models, loader, device, loss_fn=None, threshold=threshold,
-                                      amp_dtype=amp_dtype, channels_last=channels_last, tta=tta, progress=False,
+                                      amp_dtype=amp_dtype, channels_last=channels_last, progress=False,
                                       desc="predict")
     rows = []
     for p, (group, files, images) in enumerate(inputs):
@@ -204,9 +199,8 @@ def area_row(group: str, file: str, level: str, area: int, spacing: tuple[float,
 
 # What a released weights file records besides the weights: how to prepare inputs, how to read
 # the output, and which patients the model was trained and validated on.
-RELEASE_KEYS = ("encoder", "features", "norm_layer", "context_slices", "image_size", "normalization", "threshold",
-                "postprocess", "tta", "channels_last", "batch_size", "seed", "dice_weight", "bce_weight", "dice_mode",
-                "tversky_beta", "deep_supervision", "patients", "trained_on", "resolved_data_dir", "synthetic_data")
+RELEASE_KEYS = ("features", "image_size", "normalization", "threshold", "postprocess", "channels_last", "batch_size",
+                "seed", "patients", "trained_on", "resolved_data_dir", "synthetic_data")
 
 
 def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:

@@ -3,8 +3,8 @@
 A hand-written UNet (Ronneberger et al. 2015) sized like the published LGG model: at the
 defaults (3 input channels, 1 output channel, 32 base features) it has 7,763,041 parameters,
 the same as the UNet of Buda et al. (2019) for this dataset. The model returns logits; apply a
-sigmoid (or threshold at 0) to get a mask. Also: a UNet on torchvision's ResNet-34, the mapping
-of Buda et al.'s published weights onto ours, and the loading of this package's checkpoints.
+sigmoid (or threshold at 0) to get a mask. Also: the mapping of Buda et al.'s published weights
+onto ours, and the loading of this package's checkpoints.
 """
 
 from __future__ import annotations
@@ -23,31 +23,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from libraries import UserError
 
 
-NORM_LAYERS = ("batch", "group")
-GROUPS = 8  # GroupNorm's groups (Wu and He 2018 use 32; 8 keeps 4 channels a group at 32 features)
-
-
-def norm2d(kind: str, channels: int) -> nn.Module:
-    """The normalization layer after each conv: BatchNorm (statistics of the batch in training, of the
-    training set in evaluation) or GroupNorm (statistics of each image, the same in both)."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(GROUPS, channels)
-    raise ValueError(f"--norm-layer must be one of {', '.join(NORM_LAYERS)}, got {kind!r}")
-
-
 class DoubleConv(nn.Sequential):
-    """Two 3x3 conv -> norm -> ReLU layers; spatial size is kept."""
+    """Two 3x3 conv -> BatchNorm -> ReLU layers; spatial size is kept."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
-            # No conv bias: the normalization that follows has its own shift.
+            # No conv bias: the BatchNorm that follows has its own shift.
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            norm2d(norm, out_channels),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            norm2d(norm, out_channels),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -55,18 +41,18 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """2x2 max-pool that halves H and W, then a DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
-        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels, norm))
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
 
 
 class Up(nn.Module):
     """2x2 transposed conv that doubles H and W, concatenation with the skip, then a DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         # After concatenation the channels are out_channels (upsampled) + out_channels (skip).
-        self.conv = DoubleConv(2 * out_channels, out_channels, norm)
+        self.conv = DoubleConv(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
@@ -80,13 +66,39 @@ class OutConv(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
 
-class FreezableEncoder(nn.Module):
-    """A network whose ``encoder()`` modules can be frozen for fine-tuning."""
+class UNet(nn.Module):
+    """Encoder-decoder with 4 down levels and skip connections by concatenation.
 
+    Args:
+        in_channels: input channels (3: pre-contrast, FLAIR, post-contrast).
+        out_channels: output logit maps (1 for binary tumor segmentation).
+        features: channels of the first level; each level down doubles them.
+
+    Shape:
+        input (N, in_channels, H, W) with H and W divisible by 16;
+        output (N, out_channels, H, W) logits.
+    """
+
+    levels = 4
     frozen_encoder = False
 
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32) -> None:
+        super().__init__()
+        f = features
+        self.inc = DoubleConv(in_channels, f)
+        self.down1 = Down(f, 2 * f)
+        self.down2 = Down(2 * f, 4 * f)
+        self.down3 = Down(4 * f, 8 * f)
+        self.down4 = Down(8 * f, 16 * f)  # bottleneck at H/16
+        self.up1 = Up(16 * f, 8 * f)
+        self.up2 = Up(8 * f, 4 * f)
+        self.up3 = Up(4 * f, 2 * f)
+        self.up4 = Up(2 * f, f)
+        self.outc = OutConv(f, out_channels)
+
     def encoder(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The contracting path, bottleneck included."""
+        return [self.inc, self.down1, self.down2, self.down3, self.down4]
 
     def freeze_encoder(self) -> None:
         """Fine-tuning: no gradient for the encoder, and its BatchNorm statistics stay fixed."""
@@ -95,50 +107,12 @@ class FreezableEncoder(nn.Module):
             module.requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> FreezableEncoder:
+    def train(self, mode: bool = True) -> UNet:
         super().train(mode)
         if self.frozen_encoder:
             for module in self.encoder():
                 module.eval()
         return self
-
-
-class UNet(FreezableEncoder):
-    """Encoder-decoder with 4 down levels and skip connections by concatenation.
-
-    Args:
-        in_channels: input channels (3: pre-contrast, FLAIR, post-contrast).
-        out_channels: output logit maps (1 for binary tumor segmentation).
-        features: channels of the first level; each level down doubles them.
-        norm: the layer after each conv, ``"batch"`` or ``"group"`` (``norm2d``).
-
-    Shape:
-        input (N, in_channels, H, W) with H and W divisible by 16;
-        output (N, out_channels, H, W) logits.
-    """
-
-    levels = 4
-
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32, norm: str = "batch") -> None:
-        super().__init__()
-        f = features
-        if norm == "group" and f % GROUPS:
-            raise ValueError(f"--norm-layer group splits the channels into {GROUPS} groups, so --features must be a "
-                             f"multiple of {GROUPS}, got {f}")
-        self.inc = DoubleConv(in_channels, f, norm)
-        self.down1 = Down(f, 2 * f, norm)
-        self.down2 = Down(2 * f, 4 * f, norm)
-        self.down3 = Down(4 * f, 8 * f, norm)
-        self.down4 = Down(8 * f, 16 * f, norm)  # bottleneck at H/16
-        self.up1 = Up(16 * f, 8 * f, norm)
-        self.up2 = Up(8 * f, 4 * f, norm)
-        self.up3 = Up(4 * f, 2 * f, norm)
-        self.up4 = Up(2 * f, f, norm)
-        self.outc = OutConv(f, out_channels)
-
-    def encoder(self) -> list[nn.Module]:
-        """The contracting path, bottleneck included."""
-        return [self.inc, self.down1, self.down2, self.down3, self.down4]
 
     def forward(self, x: torch.Tensor, decoder_outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
         """Logits; with ``decoder_outputs``, also the decoder's features at H/2 (2f channels) and
@@ -244,39 +218,19 @@ def buda_to_unet(state_dict: dict) -> dict:
     return out
 
 
-def unet_to_buda(state_dict: dict) -> dict:
-    """The inverse of buda_to_unet (for export to their code, and for tests)."""
-    inverse = {ours: theirs for theirs, ours in _buda_key_map().items()}
-    out = {}
-    for key, value in state_dict.items():
-        prefix, _, leaf = key.rpartition(".")
-        out[f"{inverse[prefix]}.{leaf}"] = value
-    return out
-
-
 def weights_layout(state_dict: dict) -> dict | None:
-    """The network a state_dict fits, told by its keys and shapes: its encoder, features,
-    context_slices and norm_layer; None if it fits neither network."""
-    if "inc.0.weight" in state_dict:
-        out_channels, in_channels = state_dict["inc.0.weight"].shape[:2]
-        return {"encoder": "unet", "features": out_channels, "context_slices": (in_channels - 3) // 2,
-                # GroupNorm keeps no running statistics; every BatchNorm does.
-                "norm_layer": "batch" if "inc.1.running_mean" in state_dict else "group"}
-    if "stem.0.weight" in state_dict:
-        return {"encoder": "resnet34", "features": 32, "context_slices": 0, "norm_layer": "batch"}
-    return None
+    """The UNet a state_dict fits, told by its keys and shapes ({'features': f}); None if it does
+    not fit this UNet (another network, or one of the removed variants: docs/results.md)."""
+    if "inc.0.weight" not in state_dict or "inc.1.running_mean" not in state_dict:
+        return None
+    out_channels, in_channels = state_dict["inc.0.weight"].shape[:2]
+    return {"features": out_channels} if in_channels == 3 else None
 
 
 def describe_weights(state_dict: dict) -> str:
-    """The network a state_dict fits, in flags: '--encoder unet --features 32', or what is unknown."""
+    """The network a state_dict fits, in flags ('--features 32'), or 'of an unknown layout'."""
     layout = weights_layout(state_dict)
-    if layout is None:
-        return "of an unknown layout"
-    if layout["encoder"] != "unet":
-        return f"--encoder {layout['encoder']}"
-    context = f" --context-slices {layout['context_slices']}" if layout["context_slices"] else ""
-    norm = f" --norm-layer {layout['norm_layer']}" if layout["norm_layer"] != "batch" else ""
-    return f"--encoder unet --features {layout['features']}{context}{norm}"
+    return "of an unknown layout" if layout is None else f"--features {layout['features']}"
 
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
@@ -348,146 +302,23 @@ def fetch_weights(spec: str) -> object:
     return read_torch_file(Path(spec))
 
 
-# ---------------------------------------------------------------------------------------------
-# A UNet with a torchvision ResNet-34 encoder
-# ---------------------------------------------------------------------------------------------
-
-
-class ResNetUNet(FreezableEncoder):
-    """UNet decoder on torchvision's ResNet-34 encoder (optionally ImageNet-pretrained).
-
-    Skips come from the stem (H/2), layer1 (H/4), layer2 (H/8) and layer3 (H/16); the bottleneck
-    is layer4 (H/32). Returns logits.
-
-    Shape:
-        input (N, 3, H, W) with H and W divisible by 32; output (N, out_channels, H, W).
-    """
-
-    def __init__(self, out_channels: int = 1, weights: str = "none") -> None:
-        super().__init__()
-        from torchvision.models import ResNet34_Weights, resnet34
-
-        backbone = resnet34(weights=ResNet34_Weights.IMAGENET1K_V1 if weights == "imagenet" else None)
-        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu)  # 64 @ H/2
-        self.pool = backbone.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = (
-            backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4  # 64, 128, 256, 512
-        )
-        self.up1 = _SkipUp(512, 256, 256)  # H/16
-        self.up2 = _SkipUp(256, 128, 128)  # H/8
-        self.up3 = _SkipUp(128, 64, 64)  # H/4
-        self.up4 = _SkipUp(64, 64, 64)  # H/2
-        self.final = nn.Sequential(nn.ConvTranspose2d(64, 32, kernel_size=2, stride=2), DoubleConv(32, 32))
-        self.outc = OutConv(32, out_channels)
-
-    def encoder(self) -> list[nn.Module]:
-        return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise ValueError(f"ResNet-34 UNet input height and width must be divisible by 32, got "
-                             f"{tuple(x.shape[-2:])}; choose an --image-size that is a multiple of 32")
-        s0 = self.stem(x)  # (N, 64, H/2, W/2)
-        s1 = self.layer1(self.pool(s0))  # (N, 64, H/4, W/4)
-        s2 = self.layer2(s1)  # (N, 128, H/8, W/8)
-        s3 = self.layer3(s2)  # (N, 256, H/16, W/16)
-        x = self.layer4(s3)  # (N, 512, H/32, W/32)
-        x = self.up4(self.up3(self.up2(self.up1(x, s3), s2), s1), s0)  # (N, 64, H/2, W/2)
-        return self.outc(self.final(x))  # (N, out_channels, H, W)
-
-
-class _SkipUp(nn.Module):
-    """2x transposed-conv upsampling, concatenation with a skip of ``skip_channels``, DoubleConv."""
-
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.conv = DoubleConv(out_channels + skip_channels, out_channels)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([self.up(x), skip], dim=1))
-
-
-ENCODERS = ("unet", "resnet34")
-
-
-# A volume has 20-88 slices; more context than this mostly repeats its end slices.
-MAX_CONTEXT = 4
-
-
-def input_channels(context_slices: int) -> int:
-    """The network's input channels: pre-contrast, FLAIR, post-contrast, and the FLAIR of
-    ``context_slices`` neighbouring slices on each side (``LGGSlices``' context)."""
-    return 3 + 2 * context_slices
-
-
-def check_context(context_slices: int, encoder: str) -> None:
-    """Refuse a --context-slices the network cannot take (training and benchmark), in one line."""
-    if not 0 <= context_slices <= MAX_CONTEXT:
-        raise UserError(f"--context-slices is a number of slices on each side, 0 to {MAX_CONTEXT}; "
-                        f"got {context_slices}")
-    if context_slices and encoder != "unet":
-        raise UserError(f"--context-slices needs the hand-written UNet, whose first layer takes any number of "
-                        f"channels; --encoder {encoder}'s stem takes 3: drop one of them")
-
-
-def check_norm_layer(norm_layer: str, encoder: str, features: int, sync_bn: bool = False) -> None:
-    """Refuse a --norm-layer the network cannot take (training and benchmark), in one line."""
-    if norm_layer == "batch":
-        return
-    if encoder != "unet":
-        raise UserError(f"--norm-layer {norm_layer} needs the hand-written UNet; --encoder {encoder} comes with "
-                        "BatchNorm: drop one of them")
-    if features % GROUPS:
-        raise UserError(f"--norm-layer group splits the channels into {GROUPS} groups: --features must be a multiple "
-                        f"of {GROUPS}, got {features}")
-    if sync_bn:
-        raise UserError(f"--sync-bn synchronizes BatchNorm statistics, and --norm-layer {norm_layer} keeps none: "
-                        "drop --sync-bn")
-
-
 def input_width(model: nn.Module) -> int:
     """The channels a network takes: those of its first convolution."""
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
-def build_model(encoder: str = "unet", features: int = 32, encoder_weights: str = "none",
-                in_channels: int = 3, norm_layer: str = "batch") -> nn.Module:
-    """The segmentation network for a config: the hand-written UNet or the ResNet-34 UNet.
-
-    ``in_channels`` above 3 (2.5D input: neighbouring slices' FLAIR) and ``norm_layer`` other than
-    BatchNorm are for the UNet only: the ResNet's stem and its ImageNet weights take three channels
-    and come with BatchNorm.
-    """
-    if encoder == "unet":
-        return UNet(in_channels=in_channels, out_channels=1, features=features, norm=norm_layer)
-    if encoder == "resnet34":
-        if in_channels != 3:
-            raise ValueError(f"--encoder resnet34 takes 3 input channels, not {in_channels}: use --encoder unet "
-                             "for --context-slices")
-        if norm_layer != "batch":
-            raise ValueError(f"--encoder resnet34 has BatchNorm; --norm-layer {norm_layer} is for --encoder unet")
-        return ResNetUNet(out_channels=1, weights=encoder_weights)
-    raise ValueError(f"--encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+# The last commit with the variants that lost their experiments (docs/results.md): a checkpoint
+# trained with one of them is refused with this commit's name, where it still loads.
+REMOVED_IN = "6af5688"
+REMOVED_SETTINGS = {"encoder": "unet", "context_slices": 0, "norm_layer": "batch"}
 
 
-# ---------------------------------------------------------------------------------------------
-# Building a network for a config or a checkpoint, with user-facing errors
-# ---------------------------------------------------------------------------------------------
-
-
-def make_network(encoder: str, features: int, encoder_weights: str = "none", in_channels: int = 3,
-                 norm_layer: str = "batch") -> nn.Module:
-    """build_model with user-facing errors: ImageNet weights that cannot be downloaded, or an input
-    width or normalization layer the encoder cannot take."""
-    try:
-        return build_model(encoder, features, encoder_weights, in_channels, norm_layer)
-    except ValueError as exc:  # a setting the network cannot take
-        raise UserError(str(exc)) from None
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError
-        raise UserError(f"--encoder-weights {encoder_weights}: torchvision could not fetch the ImageNet weights "
-                        f"({type(exc).__name__}); put resnet34-b627a593.pth in {torch.hub.get_dir()}/checkpoints/ "
-                        "or use --encoder-weights none") from None
+def check_network_settings(record: dict, source: str) -> None:
+    """Refuse, in one line, a checkpoint made with a network variant this package no longer builds."""
+    for key, default in REMOVED_SETTINGS.items():
+        if record.get(key, default) != default:
+            raise UserError(f"{source}: trained with --{key.replace('_', '-')} {record[key]}, which this version "
+                            f"no longer builds; use commit {REMOVED_IN} of this package to load it")
 
 
 def pretrained_weights(spec: str) -> tuple[dict, str, str | None]:
@@ -560,11 +391,10 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
     return {"model": state_dict, "config": record, "epoch": None}
 
 
-def network_from_checkpoint(ckpt: dict) -> nn.Module:
+def network_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
     """The network a checkpoint was trained with, holding its weights (on the CPU)."""
     record = ckpt["config"]
-    model = make_network(record.get("encoder", "unet"), record["features"],
-                         in_channels=input_channels(record.get("context_slices", 0)),
-                         norm_layer=record.get("norm_layer", "batch"))  # checkpoints before --norm-layer: BatchNorm
+    check_network_settings(record, source)
+    model = UNet(features=record["features"])
     model.load_state_dict(ckpt["model"])
     return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
 from evaluation import trained_patients
-from model import OutConv, describe_weights, input_channels, make_network, pretrained_weights
+from model import OutConv, UNet, describe_weights, pretrained_weights
 from reports import write_history
 
 
@@ -70,80 +70,60 @@ def supervised_loss(outputs: torch.Tensor | list[torch.Tensor], mask: torch.Tens
                for w, out in zip(DEEP_SUPERVISION_WEIGHTS, outputs, strict=True))
 
 
+@dataclass(frozen=True)
+class NetworkSpec:
+    """The settings ``build_training`` turns into a network, its wrappers and its optimizer."""
+
+    features: int = 32  # UNet channels at the first level
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    deep_supervision: bool = False
+    freeze_encoder: bool = False  # fine-tuning: the decoder alone trains
+    encoder_lr_scale: float = 1.0  # fine-tuning: the encoder's lr is lr times this
+    sync_bn: bool = False
+    compile: bool = False
+
+    @classmethod
+    def of(cls, settings: Any) -> NetworkSpec:
+        """The spec of an object with these fields under the same names (a Config, an argparse Namespace)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
 def build_training(
-    *,
-    encoder: str,
-    features: int,
-    device: torch.device,
-    channels_last: bool,
-    amp_dtype: torch.dtype | None,
-    lr: float,
-    weight_decay: float,
-    dice_weight: float,
-    bce_weight: float,
-    dice_mode: str,
-    tversky_beta: float = 0.5,
-    encoder_weights: str = "none",
-    encoder_lr_scale: float = 1.0,
-    weights: dict | None = None,
-    weights_source: str = "",
-    freeze_encoder: bool = False,
-    sync_bn: bool = False,
-    distributed: bool = False,
-    compile_model: bool = False,
-    deep_supervision: bool = False,
-    context_slices: int = 0,
-    norm_layer: str = "batch",
-    optimizer: str = "adamw",
+    spec: NetworkSpec, *, device: torch.device, channels_last: bool, amp_dtype: torch.dtype | None,
+    distributed: bool = False, weights: dict | None = None, weights_source: str = "",
 ) -> TrainingParts:
-    """The network on ``device`` (optionally from ``weights``), its wrappers, loss, optimizer
-    (``make_optimizer``) and scaler.
+    """The network of ``spec`` on ``device`` (optionally from ``weights``), its wrappers, the
+    Dice + BCE loss, AdamW and the scaler.
 
     The encoder's parameters form their own group at ``lr * encoder_lr_scale`` (fine-tuning);
     frozen parameters are left out of the optimizer. The scaler is active for fp16 only. With
-    ``deep_supervision`` (UNet only) the network is wrapped in ``DeepSupervision``, whose heads
-    train with the decoder.
+    ``deep_supervision`` the network is wrapped in ``DeepSupervision``, whose heads train with
+    the decoder.
     """
-    model = make_network(encoder, features, encoder_weights, input_channels(context_slices), norm_layer)
-    model = model.to(device, memory_format=memory_format(channels_last))
+    model = UNet(features=spec.features).to(device, memory_format=memory_format(channels_last))
     if weights is not None:
-        load_weights_into(model, weights, weights_source, encoder=encoder, features=features,
-                          context_slices=context_slices, norm_layer=norm_layer)
-    if freeze_encoder:
+        load_weights_into(model, weights, weights_source, features=spec.features)
+    if spec.freeze_encoder:
         model.freeze_encoder()
-    if sync_bn:
+    if spec.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net, heads = model, None
-    if deep_supervision:
-        net = DeepSupervision(model, features).to(device, memory_format=memory_format(channels_last))
+    if spec.deep_supervision:
+        net = DeepSupervision(model, spec.features).to(device, memory_format=memory_format(channels_last))
         heads = net.heads
     net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed else net
-    net = torch.compile(net) if compile_model else net
+    net = torch.compile(net) if spec.compile else net
     trained = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
     encoder_params = {id(p) for m in model.encoder() for p in m.parameters()}
     groups = [{"params": [p for p in trained if p.requires_grad and id(p) in encoder_params],
-               "lr": lr * encoder_lr_scale},
+               "lr": spec.lr * spec.encoder_lr_scale},
               {"params": [p for p in trained if p.requires_grad and id(p) not in encoder_params],
-               "lr": lr}]
-    loss_fn = DiceBCELoss(dice_weight, bce_weight, mode=dice_mode, beta=tversky_beta)
-    return TrainingParts(model=model, net=net, loss_fn=loss_fn,
-                         optimizer=make_optimizer([g for g in groups if g["params"]], optimizer, lr, weight_decay),
+               "lr": spec.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
+    return TrainingParts(model=model, net=net, loss_fn=DiceBCELoss(), optimizer=optimizer,
                          scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), heads=heads)
-
-
-OPTIMIZERS = ("adamw", "sgd")
-SGD_MOMENTUM = 0.99  # nnU-Net's, with Nesterov's update
-
-
-def make_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay, or SGD with Nesterov momentum SGD_MOMENTUM and the
-    weight decay added to the gradient (nnU-Net's optimizer, which it runs at lr 0.01)."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 def forward_loss(
@@ -165,30 +145,18 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, *, lr: float, total_steps: int, warmup_steps: int
+    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate schedule.
-
-    'cosine': linear warmup from lr/100 to lr over ``warmup_steps``, then cosine decay to 0.
-    'onecycle': torch's OneCycleLR, rising over the same warmup share, then annealing.
-    'constant': the same warmup, then lr throughout.
-    """
+    """Per-step learning rate: linear warmup from lr/100 to lr over ``warmup_steps``, then cosine
+    decay to 0 at ``total_steps`` (each parameter group from its own lr)."""
     total_steps, warmup_steps = max(1, total_steps), min(max(0, warmup_steps), max(0, total_steps - 1))
-    if schedule == "onecycle":
-        pct = max(warmup_steps / total_steps, 1 / total_steps)
-        peaks = [group["lr"] for group in optimizer.param_groups]  # per group (--encoder-lr-scale)
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return 0.01 + 0.99 * step / warmup_steps
-        if schedule == "constant":
-            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    if schedule not in ("cosine", "constant"):
-        raise UserError(f"--schedule must be cosine, onecycle or constant, got {schedule!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -244,17 +212,13 @@ def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_sc
     write_history(run_dir, state["history"])
 
 
-def load_weights_into(model: nn.Module, weights: dict, source: str, *, encoder: str, features: int,
-                      context_slices: int, norm_layer: str) -> None:
+def load_weights_into(model: nn.Module, weights: dict, source: str, *, features: int) -> None:
     """``model.load_state_dict(weights)``, or a one-line error naming the flags each side has."""
     try:
         model.load_state_dict(weights)
     except RuntimeError:
-        asked = f"--encoder {encoder} --features {features}" + \
-            (f" --context-slices {context_slices}" if context_slices else "") + \
-            (f" --norm-layer {norm_layer}" if norm_layer != "batch" else "")
         raise UserError(f"--pretrained {source}: these weights are {describe_weights(weights)}, but this "
-                        f"run asks for {asked}; pass the weights' values") from None
+                        f"run asks for --features {features}; pass the weights' value") from None
 
 
 def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | None, str]:
@@ -269,10 +233,7 @@ def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | Non
     if expected and expected != cfg.normalization:
         say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
         cfg = replace(cfg, normalization=expected)
-    network = make_network(cfg.encoder, cfg.features, in_channels=input_channels(cfg.context_slices),
-                           norm_layer=cfg.norm_layer)
-    load_weights_into(network, weights, cfg.pretrained, encoder=cfg.encoder, features=cfg.features,
-                      context_slices=cfg.context_slices, norm_layer=cfg.norm_layer)
+    load_weights_into(UNet(features=cfg.features), weights, cfg.pretrained, features=cfg.features)
     return cfg, weights, kind
 
 

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_loaders import make_volume  # noqa: E402  (needs the root on sys.path)
+from data_files import make_volume  # noqa: E402  (needs the root on sys.path)
 
 # The 36-patient real subset, beside the repository; absent on users' clones.
 REAL_DATA = ROOT.parent / "shared" / "data" / "lgg_subset" / "kaggle_3m"
@@ -67,3 +67,20 @@ def fake_tree(tmp_path: Path) -> Path:
 def private_cache_home(tmp_path, monkeypatch):
     """Keep the default decoded-slice cache of every test inside its tmp_path, never in ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def read_mask(path: Path, issues=None) -> np.ndarray:
+    """One mask file as (H, W) uint8 {0, 1}, by the convention its own values show (the package
+    reads whole patients at once: ``read_patient_masks``)."""
+    from data_files import read_patient_masks
+
+    return read_patient_masks([path], issues)[0][0]
+
+
+def unet_to_buda(state_dict: dict) -> dict:
+    """Our UNet's state_dict in Buda et al.'s key names: the inverse of ``model.buda_to_unet``, to
+    write files in their layout."""
+    from model import _buda_key_map
+
+    inverse = {ours: theirs for theirs, ours in _buda_key_map().items()}
+    return {f"{inverse[key.rpartition('.')[0]]}.{key.rpartition('.')[2]}": value for key, value in state_dict.items()}

@@ -8,22 +8,20 @@ import pytest
 import torch
 from conftest import write_slice
 
-from data_loaders import (
+from conftest import read_mask
+from data_cache import load_volume
+from data_files import (
     DATA_ENV_VAR,
     FLAIR_CHANNEL,
     DataIssues,
     DatasetError,
-    LGGSlices,
     find_data_dir,
     group_by_patient,
-    load_volume,
-    make_loader,
-    make_synthetic_dataset,
     read_image,
-    read_mask,
     scan_dataset,
-    split_patients,
 )
+from data_loaders import LGGSlices, make_loader, split_patients
+from synthetic_data import make_synthetic_dataset
 from data_preprocessing import eval_preprocess, normalize, train_preprocess
 
 
@@ -221,11 +219,11 @@ def test_modality_dropout_rate_is_per_channel_and_seeded(fake_tree):
 
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(fake_tree, tmp_path, monkeypatch):
-    import data_loaders
+    import data_cache
 
     decoded = []
-    real_read = data_loaders.read_image
-    monkeypatch.setattr(data_loaders, "read_image", lambda p, *rest: decoded.append(p) or real_read(p, *rest))
+    real_read = data_cache.read_image
+    monkeypatch.setattr(data_cache, "read_image", lambda p, *rest: decoded.append(p) or real_read(p, *rest))
     cache = tmp_path / "cache"
     recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0001_20000101"]
 

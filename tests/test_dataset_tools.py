@@ -11,7 +11,8 @@ import pytest
 from conftest import REAL_DATA, requires_real_data, write_slice
 from PIL import Image
 
-from data_loaders import dataset_report, find_data_dir
+from data_commands import summarize_dataset
+from data_files import find_data_dir
 from engine import main
 from reports import write_per_patient_csv
 
@@ -64,7 +65,7 @@ def test_report_on_a_tree_with_planted_problems(tmp_path):
         write_slice(root / "TCGA_CC_0003_2000", "TCGA_CC_0003_2000", i, no_post, tumor)
     (root / "TCGA_AA_0001_2000" / "TCGA_AA_0001_2000_3_mask.tif").unlink()  # image without mask
     (root / "TCGA_BB_0002_2000" / "TCGA_BB_0002_2000_2.tif").write_bytes(b"")  # unreadable
-    report = dataset_report(root)
+    report = summarize_dataset(root)
     assert (report["patients"], report["slices"], report["tumor_slices"]) == (3, 8, 4)
     assert report["institutions"] == {"TCGA_AA": 1, "TCGA_BB": 1, "TCGA_CC": 1}
     assert report["patients_without_tumor"] == ["TCGA_BB_0002_2000"]
@@ -84,7 +85,7 @@ def test_full_copy_with_missing_patients_says_what_is_missing(tmp_path):
     for pid in ids[:3]:
         write_slice(root / f"{pid}_2000", f"{pid}_2000", 1, np.ones((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
     pd.DataFrame({"Patient": ids, "age": [40] * 110}).to_csv(root / "data.csv", index=False)
-    completeness = dataset_report(root)["completeness"]
+    completeness = summarize_dataset(root)["completeness"]
     assert completeness["status"] == "incomplete"
     assert completeness["missing_patients"] == ids[3:]
     assert "107 patient folder(s) missing" in completeness["message"] and "TCGA_XX_0003" in completeness["message"]

@@ -59,11 +59,3 @@ def test_deep_supervision_run_saves_a_plain_model_that_evaluate_reproduces(tmp_p
     run = json.loads((tmp_path / "run" / "metrics.json").read_text())
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["dice_per_volume_mean"] == pytest.approx(run["dice_per_volume_mean"], abs=1e-6)
-
-
-def test_deep_supervision_needs_the_unet(tmp_path, capsys):
-    assert main(["--synthetic", "--encoder", "resnet34", "--deep-supervision",
-                 "--out-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--deep-supervision" in err and "--encoder unet" in err
-    assert not (tmp_path / "run").exists()

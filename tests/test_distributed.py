@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_loaders import ShardedSampler, make_synthetic_dataset
+from data_loaders import ShardedSampler
+from synthetic_data import make_synthetic_dataset
 from engine import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import evaluation
-from data_loaders import make_synthetic_dataset
-from data_loaders import scan_dataset as scan
+from synthetic_data import make_synthetic_dataset
+from data_files import scan_dataset as scan
 from engine import Config, config_from_args, main, parse_args
 
 
@@ -207,12 +207,11 @@ def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag, value, says", [("--tversky-beta", "0", "(0, 1)"), ("--tversky-beta", "1", "(0, 1)"),
-                                               ("--threshold", "1", "between 0 and 1"),
+@pytest.mark.parametrize("flag, value, says", [("--threshold", "1", "between 0 and 1"),
                                                ("--threshold", "0", "between 0 and 1"),
-                                               ("--crop-size", "24", "multiple of 16"),
-                                               ("--crop-size", "32", "below --image-size 32"),
-                                               ("--crop-size", "-16", "positive multiple")])
+                                               ("--image-size", "24", "multiple of 16"),
+                                               ("--steps-per-epoch", "-1", ">= 0"),
+                                               ("--modality-dropout", "1.5", "[0, 1]")])
 def test_out_of_range_loss_and_threshold_are_refused_before_a_run_folder_exists(tmp_path, capsys, flag, value, says):
     assert main(tiny_args(tmp_path, "run", flag, value)) == 2
     err = capsys.readouterr().err.strip()

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_loaders import DatasetError, read_image, read_mask
+from conftest import read_mask
+from data_files import DatasetError, read_image
 from libraries import quiet_opencv
 
 FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])

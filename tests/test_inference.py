@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import REAL_DATA, requires_real_data, write_slice
 
-from data_loaders import make_synthetic_dataset
+from synthetic_data import make_synthetic_dataset
 from engine import main
-from model import UNet, load_weights, unet_to_buda
+from conftest import unet_to_buda
+from model import UNet, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,22 +78,20 @@ def test_pretrained_buda_weights_switch_normalization_and_freeze_encoder(tmp_pat
     assert not torch.equal(trained["up4.conv.0.weight"], start["up4.conv.0.weight"])  # decoder trained
 
 
-def test_buda_weights_with_lesion_paste_are_refused_in_one_line(tmp_path, buda_file, capsys):
-    """Their weights switch to the 'buda' crop, which lesion pasting cannot work on: one line, no run folder."""
-    path, _ = buda_file
-    run = tmp_path / "run"
-    assert main(tiny_run(tmp_path, "--pretrained", str(path), "--lesion-paste", "0.5", "--out-dir", str(run))) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--lesion-paste" in err and "--normalization buda" in err
-    assert not run.exists()
+def test_a_checkpoint_of_a_removed_network_variant_is_refused_in_one_line(tmp_path, checkpoint, capsys):
+    """A checkpoint trained with --encoder resnet34, --context-slices or --norm-layer group (levers
+    removed after losing their experiments) names the commit that still loads it."""
+    from model import REMOVED_IN
 
-
-def test_pretrained_weights_of_another_input_width_are_one_line(tmp_path, buda_file, capsys):
-    path, _ = buda_file  # 3 input channels; --context-slices 1 asks for 5
-    run = tmp_path / "run"
-    assert main(tiny_run(tmp_path, "--pretrained", str(path), "--context-slices", "1", "--out-dir", str(run))) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--context-slices 1" in err and "weights are --encoder unet --features 32, but" in err
+    for key, value in (("encoder", "resnet34"), ("context_slices", 1), ("norm_layer", "group")):
+        ckpt = torch.load(checkpoint, weights_only=False)
+        ckpt["config"][key] = value
+        path = tmp_path / f"{key}.pt"
+        torch.save(ckpt, path)
+        assert main(["evaluate", "--checkpoint", str(path), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        flag = "--" + key.replace("_", "-")
+        assert err.count("\n") == 0 and str(path) in err and f"{flag} {value}" in err and REMOVED_IN in err
 
 
 def test_pretrained_download_failure_is_one_line(tmp_path, capsys):
@@ -106,7 +105,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     config = {"features": 4, "image_size": 32, "channels_last": True, "threshold": 0.5,
-              "normalization": "volume", "tta": False}
+              "normalization": "volume", "resolved_data_dir": "", "seed": 0, "batch_size": 4,
+              "patients": {"train": [], "validation": []}, "synthetic_data": True}
     torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, path)
     return path
 
@@ -203,54 +203,10 @@ def test_onnx_missing_gives_install_advice(tmp_path, checkpoint, capsys, monkeyp
     assert "pip install onnx onnxruntime" in capsys.readouterr().err
 
 
-def test_resnet34_unet_shape_gradients_and_freezing():
-    from model import ResNetUNet
-
-    torch.manual_seed(0)
-    model = ResNetUNet(weights="none")  # no download in tests
-    x, target = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
-    out = model(x)
-    assert out.shape == (2, 1, 64, 64)
-    torch.nn.functional.binary_cross_entropy_with_logits(out, target).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    model.freeze_encoder()
-    model.train()
-    assert not model.stem[1].training and model.up1.conv[1].training
-    assert not any(p.requires_grad for m in model.encoder() for p in m.parameters())
-    with pytest.raises(ValueError, match="multiple of 32"):
-        model(torch.randn(1, 3, 48, 48))
-
-
-def test_resnet34_encoder_trains_and_evaluates(tmp_path):
-    run = tmp_path / "run"
-    assert main(tiny_run(tmp_path, "--encoder", "resnet34", "--out-dir", str(run))) == 0
-    out = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--out-dir", str(out),
-                 "--no-progress", "--cache-dir", "off"]) == 0
-    trained = json.loads((run / "metrics.json").read_text())
-    evaluated = json.loads((out / "metrics.json").read_text())
-    assert evaluated["dice_global"] == pytest.approx(trained["dice_global"], abs=1e-9)
-
-
-def test_imagenet_weights_unavailable_is_one_line(tmp_path, monkeypatch, capsys):
-    import urllib.error
-
-    import model
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(model, "build_model", offline)
-    assert main(tiny_run(tmp_path, "--encoder", "resnet34", "--encoder-weights", "imagenet",
-                         "--out-dir", str(tmp_path / "r"))) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--encoder-weights none" in err
-
-
 def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypatch, capsys):
     """Bug 5: with --normalization buda a folder of mixed sizes skipped the brain crop without a word.
     Now each size is a volume of its own, cropped and normalized as if it were alone."""
-    import data_loaders
+    import data_files
 
     torch.manual_seed(0)
     config = {"features": 4, "image_size": 32, "channels_last": False, "threshold": 0.5,
@@ -266,8 +222,8 @@ def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypa
             for folder in (tmp_path / "mixed", tmp_path / name):
                 write_slice(folder, name, i, image, np.zeros((h, w), np.uint8))
     boxes = []
-    real_box = data_loaders.brain_box
-    monkeypatch.setattr(data_loaders, "brain_box", lambda v, *a, **k: boxes.append(v.shape) or real_box(v, *a, **k))
+    real_box = data_files.brain_box
+    monkeypatch.setattr(data_files, "brain_box", lambda v, *a, **k: boxes.append(v.shape) or real_box(v, *a, **k))
     run = ["predict", "--checkpoint", str(ckpt), "--device", "cpu", "--amp", "off"]
     assert main([*run, "--input", str(tmp_path / "mixed"), "--output", str(tmp_path / "out")]) == 0
     assert sorted(b[1:3] for b in boxes) == sorted(sizes.values())  # one crop per size
@@ -317,7 +273,7 @@ def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
 
 
 def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeypatch):
-    """A model trained with --normalization head gets its inputs normalized over the head in predict."""
+    """A model trained with --normalization buda gets its inputs normalized by the authors' pipeline in predict."""
     import inference
 
     seen = []
@@ -325,8 +281,8 @@ def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeyp
     monkeypatch.setattr(inference, "set_normalization",
                         lambda v, method, size: seen.append(method) or real(v, method, size))
     ckpt = torch.load(checkpoint, weights_only=False)
-    ckpt["config"]["normalization"] = "head"
-    path = tmp_path / "head.pt"
+    ckpt["config"]["normalization"] = "buda"
+    path = tmp_path / "buda.pt"
     torch.save(ckpt, path)
     folder = tmp_path / "in"
     rng = np.random.default_rng(0)
@@ -334,4 +290,4 @@ def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeyp
         write_slice(folder, "P", i, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), np.zeros((32, 32), np.uint8))
     assert main(["predict", "--checkpoint", str(path), "--input", str(folder), "--output", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0
-    assert seen == ["head"]
+    assert seen == ["buda"]

@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data_loaders import DataIssues, make_synthetic_dataset, read_mask, read_patient_masks
+from conftest import read_mask
+from data_files import DataIssues, read_patient_masks
+from synthetic_data import make_synthetic_dataset
 from data_preprocessing import mask_convention
 from engine import main
 

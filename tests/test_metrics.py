@@ -105,7 +105,7 @@ def test_lesion_contrast_by_hand():
 def test_a_volume_measures_its_lesion_contrast_on_flair_once(monkeypatch):
     """PatientVolume.flair_contrast is lesion_contrast of its FLAIR channel (1), its mask and its
     brain interior: a lesion bright on FLAIR only, so another channel would give a contrast near 0."""
-    import data_loaders
+    import data_files
     from data_preprocessing import volume_stats
 
     rng = np.random.default_rng(0)
@@ -114,12 +114,12 @@ def test_a_volume_measures_its_lesion_contrast_on_flair_once(monkeypatch):
     masks = np.zeros((2, 40, 40), np.uint8)
     masks[1, 16:22, 16:22] = 1
     images[1, 16:22, 16:22, 1] = 200  # FLAIR-bright lesion
-    volume = data_loaders.PatientVolume("P", images, masks, [1, 2], volume_stats(images))
+    volume = data_files.PatientVolume("P", images, masks, [1, 2], volume_stats(images))
     expected = lesion_contrast(images[..., 1], masks > 0, volume.interior())
     assert expected > 10 and volume.flair_contrast() == pytest.approx(expected)
-    empty = data_loaders.PatientVolume("Q", images, np.zeros_like(masks), [1, 2], volume_stats(images))
+    empty = data_files.PatientVolume("Q", images, np.zeros_like(masks), [1, 2], volume_stats(images))
     assert empty.flair_contrast() is None
     calls = []
-    monkeypatch.setattr(data_loaders, "lesion_contrast", lambda *a: calls.append(a))
+    monkeypatch.setattr(data_files, "lesion_contrast", lambda *a: calls.append(a))
     assert volume.flair_contrast() == pytest.approx(expected) and not calls  # cached
     assert empty.flair_contrast() is None and not calls  # None is cached too

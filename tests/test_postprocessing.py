@@ -246,18 +246,17 @@ def test_overlays_draw_a_slice_with_only_a_false_positive(tmp_path, monkeypatch)
     assert paths[0].is_file()
 
 
-def _checkpoint(path, image_size, normalization="volume", context_slices=0):
+def _checkpoint(path, image_size, normalization="volume"):
     torch.manual_seed(0)
     config = {"features": 4, "image_size": image_size, "channels_last": False, "threshold": 0.5,
-              "normalization": normalization, "tta": False, "context_slices": context_slices}
-    model = UNet(in_channels=3 + 2 * context_slices, features=4)
+              "normalization": normalization}
+    model = UNet(features=4)
     torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
     return str(path)
 
 
 @pytest.mark.parametrize("other, says", [((64, "volume"), "--image-size 64, but"),
-                                         ((32, "buda"), "--normalization buda, but"),
-                                         ((32, "volume", 1), "--context-slices 1, but")])
+                                         ((32, "buda"), "--normalization buda, but")])
 def test_an_ensemble_must_prepare_its_inputs_alike(tmp_path, capsys, other, says):
     a = _checkpoint(tmp_path / "a.pt", 32)
     b = _checkpoint(tmp_path / "b.pt", *other)
@@ -273,7 +272,7 @@ def test_the_end_of_run_table_lines_up_every_rule_name():
 
     values = {k: 0.5 for k in ("dice_per_volume_mean", "dice_per_volume_median", "iou_per_volume_mean", "dice_global",
                                "iou_global", "dice_per_slice_tumor_mean", "precision", "recall")}
-    metrics = {"patients": 1, "slices": 2, "tumor_slices": 1, "postprocess": "brain", "tta": False, "threshold": 0.5,
+    metrics = {"patients": 1, "slices": 2, "tumor_slices": 1, "postprocess": "brain", "threshold": 0.5,
                "hd95_px_mean": 1.0, "hd95_undefined_patients": 0, **values,
                "postprocessing": {name: {"dice_per_volume_mean": 0.25, "dice_per_volume_median": 0.75,
                                          "tumor_lost_patients": []} for name in POSTPROCESSING}}

@@ -13,7 +13,8 @@ import torch
 from conftest import write_slice
 
 from engine import main
-from model import UNet, unet_to_buda
+from conftest import unet_to_buda
+from model import UNet
 
 HELD_OUT = "TCGA_HT_7616_19940304"  # one of the 10 patients Buda et al. validated on (--split buda)
 TRAINED = "TCGA_CS_4941_19960909"  # one of the 100 they trained on

@@ -7,7 +7,8 @@ import pytest
 from conftest import REAL_DATA, requires_real_data
 from PIL import Image
 
-from data_loaders import group_by_patient, read_image, read_mask, scan_dataset
+from conftest import read_mask
+from data_files import group_by_patient, read_image, scan_dataset
 from engine import main
 
 pytestmark = requires_real_data
@@ -69,7 +70,8 @@ def test_real_tumors_lie_inside_the_brain_interior():
     the true tumor must be there, or the rule would weigh the tumor as scalp. Every third patient
     of the subset (all 66 measured: at least 99.3% of each tumor is inside, and at most half of
     each volume, FG scans with an offset background included)."""
-    from data_loaders import DataIssues, load_volume
+    from data_cache import load_volume
+    from data_files import DataIssues
     from data_preprocessing import brain_interior
 
     groups = group_by_patient(scan_dataset(REAL_DATA))

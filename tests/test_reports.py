@@ -10,7 +10,7 @@ import pytest
 from engine import main
 import pandas as pd
 
-from data_loaders import institution
+from data_files import institution
 from reports import PRED_COLOR, TRUTH_COLOR, by_institution, overlay_slice, paired_difference
 
 

@@ -93,24 +93,20 @@ def test_count_flops_feeds_the_first_layer_its_own_channels():
 
 
 def test_benchmark_times_the_network_asked_for_and_refuses_flags_it_does_not_use(tmp_path, capsys, monkeypatch):
-    """Bug 4: the step timing used the plain UNet whatever --encoder said, and --epochs etc. were accepted."""
+    """Bug 4: the step timing used the default UNet whatever the flags said, and --epochs etc. were accepted."""
     import benchmark
 
     built = []
     real = benchmark.build_training
     monkeypatch.setattr(benchmark, "build_training",
-                        lambda **kw: built.append((kw["encoder"], kw.get("context_slices", 0))) or real(**kw))
+                        lambda spec, **kw: built.append(spec.features) or real(spec, **kw))
     common = ["--image-size", "32", "--batch-size", "2", "--device", "cpu",
               "--warmup", "0", "--repeats", "1", "--e2e-batches", "1", "--synthetic",
               "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "2", "--synthetic-slices", "4",
               "--cache-dir", "off", "--no-progress"]
-    assert main(["benchmark", "--encoder", "resnet34", *common, "--out", str(tmp_path / "b.json")]) == 0
-    assert built == [("resnet34", 0)] * 3  # reference, fast, end to end
-    assert json.loads((tmp_path / "b.json").read_text())["encoder"] == "resnet34"
-    built.clear()  # 2.5D input: every timed network takes 5 channels, and the loader gives them
-    assert main(["benchmark", "--features", "4", "--context-slices", "1", *common, "--out", str(tmp_path / "c.json")]) == 0
-    assert built == [("unet", 1)] * 3
-    assert json.loads((tmp_path / "c.json").read_text())["context_slices"] == 1
+    assert main(["benchmark", "--features", "4", *common, "--out", str(tmp_path / "b.json")]) == 0
+    assert built == [4] * 3  # reference, fast, end to end
+    assert json.loads((tmp_path / "b.json").read_text())["features"] == 4
     capsys.readouterr()
     for flag in (["--epochs", "3"], ["--lr", "0.1"], ["--folds", "3"]):
         with pytest.raises(SystemExit):
