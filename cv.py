@@ -82,21 +82,30 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
             raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
         base = new_run_dir(cfg.out_dir)
         save_json(base / CV_CONFIG, asdict(cfg))
-    rows, per_patient, folds = [], [], []
+    folds = []
     for fold in range(cfg.folds):
         print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
-        m = run_fold(cfg, fold, base / f"fold-{fold}", train)
-        folds.append(m)
-        raw = m["postprocessing"]["none"]
-        rows.append({"fold": fold, "patients": m["patients"],
-                     **{f"dice_per_volume_{stat}{'' if name == 'none' else '_' + name}": v[f"dice_per_volume_{stat}"]
-                        for name, v in m["postprocessing"].items() for stat in ("mean", "median")},
-                     "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"],
-                     "optimizer_steps": m.get("optimizer_steps", float("nan"))})
-        per_patient.append(dice_table(m).assign(fold=fold))
-    table = pd.DataFrame(rows)
+        folds.append(run_fold(cfg, fold, base / f"fold-{fold}", train))
+    summary, patients = summarize_folds(folds, base)
+    print_summary(cfg, folds, summary, patients, base)
+    return summary
+
+
+def fold_row(fold: int, m: dict) -> dict:
+    """One fold's row of cv_summary.csv: Dice per volume by post-processing, pooled Dice, HD95, steps."""
+    raw = m["postprocessing"]["none"]
+    return {"fold": fold, "patients": m["patients"],
+            **{f"dice_per_volume_{stat}{'' if name == 'none' else '_' + name}": v[f"dice_per_volume_{stat}"]
+               for name, v in m["postprocessing"].items() for stat in ("mean", "median")},
+            "dice_global": raw["dice_global"], "hd95_px_mean": raw["hd95_px_mean"],
+            "optimizer_steps": m.get("optimizer_steps", float("nan"))}
+
+
+def summarize_folds(folds: list[dict], base: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """cv_summary.csv (per fold, mean and std over folds, all patients pooled) and cv_patients.csv."""
+    table = pd.DataFrame([fold_row(fold, m) for fold, m in enumerate(folds)])
     numeric = table.drop(columns=["fold"])
-    patients = pd.concat(per_patient, ignore_index=True)
+    patients = pd.concat([dice_table(m).assign(fold=fold) for fold, m in enumerate(folds)], ignore_index=True)
     scores = [c for c in patients.columns if c.startswith("dice")]  # dice, dice_lcc, ...: one per post-processing
     patients = patients[["fold", "patient", *scores, *(c for c in ("flair_contrast",) if c in patients)]]
     patients.to_csv(base / "cv_patients.csv", index=False)
@@ -107,14 +116,22 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
                          numeric.std(ddof=1).to_frame().T.assign(fold="std"), pd.DataFrame([pooled])],
                         ignore_index=True)
     summary.to_csv(base / "cv_summary.csv", index=False)
-    print(f"\n{cfg.folds}-fold patient-level cross-validation ({'SYNTHETIC data' if cfg.synthetic else cfg.data_dir or 'auto data'}):")
+    return summary, patients
+
+
+def print_summary(cfg: Any, folds: list[dict], summary: pd.DataFrame, patients: pd.DataFrame, base: Path) -> None:
+    """The table, the headline with the configured post-processing, institutions and step advice."""
+    data = "SYNTHETIC data" if any(m.get("synthetic_data") for m in folds) else cfg.data_dir or "auto data"
+    print(f"\n{cfg.folds}-fold patient-level cross-validation ({data}):")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
     # The headline is scored as the runs are configured to post-process, as each epoch's line is.
     chosen = score_column(cfg.postprocess).removeprefix("dice")
-    mean, std = numeric[f"dice_per_volume_mean{chosen}"].mean(), numeric[f"dice_per_volume_mean{chosen}"].std(ddof=1)
-    print(f"Dice per volume with --postprocess {cfg.postprocess}: {mean:.4f} ± {std:.4f} (mean ± std over folds); "
-          f"over all {len(patients)} patients mean {pooled[f'dice_per_volume_mean{chosen}']:.4f}, median "
-          f"{pooled[f'dice_per_volume_median{chosen}']:.4f} (raw {pooled['dice_per_volume_mean']:.4f} / "
+    per_fold = summary.loc[summary["fold"].isin(range(cfg.folds)), f"dice_per_volume_mean{chosen}"].astype(float)
+    pooled = summary.iloc[-1]
+    print(f"Dice per volume with --postprocess {cfg.postprocess}: "
+          f"{per_fold.mean():.4f} ± {per_fold.std(ddof=1):.4f} (mean ± std over folds); "
+          f"over all {len(patients)} patients mean {pooled[f'dice_per_volume_mean{chosen}']:.4f}, "
+          f"median {pooled[f'dice_per_volume_median{chosen}']:.4f} (raw {pooled['dice_per_volume_mean']:.4f} / "
           f"{pooled['dice_per_volume_median']:.4f}); wrote {base / 'cv_summary.csv'} and cv_patients.csv")
     sites = by_institution(patients.drop(columns=["fold"]))
     sites.to_csv(base / "cv_institutions.csv", index=False)
@@ -125,7 +142,6 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     advice = step_advice(folds, epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps_per_epoch)
     if advice:
         print(advice)
-    return summary
 
 
 def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int = 0) -> str | None:
@@ -141,7 +157,7 @@ def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int =
     if not folds or any(m.get("train_slices") is None for m in folds):
         return None
     slices = folds[0]["train_slices"] + folds[0]["slices"]  # every patient: one fold's train + validation
-    final = steps or steps_per_epoch(slices, batch_size)  # --steps-per-epoch: the same for every fold and the final model
+    final = steps or steps_per_epoch(slices, batch_size)  # fixed steps: the same for folds and final model
     per_epoch = sum(m["steps_per_epoch"] for m in folds) / len(folds)
     trained = sum(m["optimizer_steps"] for m in folds) / len(folds)
     matched = max(1, round(epochs * final / per_epoch))

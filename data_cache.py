@@ -143,11 +143,15 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
     return volume
 
 
-def resolve_cache_dir(cache_dir: str) -> Path | None:
-    """--cache-dir: '' -> the default cache folder, 'off' -> no cache."""
-    if cache_dir == "off":
+CACHE_ENV_VAR = "LGG_CACHE_DIR"
+
+
+def resolve_cache_dir() -> Path | None:
+    """The decoded-slice cache: $LGG_CACHE_DIR if set ('off': no cache), else ``default_cache_dir``."""
+    chosen = os.environ.get(CACHE_ENV_VAR, "")
+    if chosen == "off":
         return None
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return Path(chosen).expanduser() if chosen else default_cache_dir()
 
 
 def load_dataset(

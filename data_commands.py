@@ -90,6 +90,37 @@ def download_dataset(to: Path) -> Path:
     return target
 
 
+def _read_patient(
+    recs: Sequence, issues: DataIssues, sizes: dict[str, int], mask_values: np.ndarray
+) -> tuple[list[np.ndarray], str, dict[str, bool]]:
+    """One patient's masks as training reads them and their convention, and for each non-FLAIR
+    modality whether every readable slice repeats FLAIR in its place. Counts each image size into
+    ``sizes`` and each raw mask value into ``mask_values``; unreadable slices are reported and skipped."""
+    flair = 2 - FLAIR_CHANNEL  # imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
+    mask_paths, raw_masks = [], []
+    repeats_flair = {modality: True for modality in OTHER_MODALITIES}
+    for r in recs:
+        try:
+            raw = imread(r.image_path)
+            mask_raw = read_raw_mask(r.mask_path, issues)
+        except DatasetError as exc:
+            issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
+            continue
+        mask_paths.append(r.mask_path)
+        raw_masks.append(mask_raw)
+        key = "x".join(map(str, raw.shape))
+        sizes[key] = sizes.get(key, 0) + 1
+        if raw.ndim == 3 and raw.shape[2] >= 3:
+            for modality, c in OTHER_MODALITIES.items():
+                repeats_flair[modality] &= bool((raw[..., 2 - c] == raw[..., flair]).all())
+        mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
+    if not mask_paths:
+        return [], "none readable", repeats_flair
+    # Tumor is counted by the convention the patient's masks are read with in training.
+    masks, convention = read_patient_masks(mask_paths, issues, raw=raw_masks)
+    return masks, convention, repeats_flair
+
+
 def summarize_dataset(root: Path, strict: bool = False) -> dict:
     """Everything a user should know about a copy of the dataset before training on it."""
     issues = DataIssues(strict=strict)
@@ -99,29 +130,10 @@ def summarize_dataset(root: Path, strict: bool = False) -> dict:
     mask_values = np.zeros(256, np.int64)
     areas, tumor_slices, per_patient, identical = [], 0, {}, []
     flair_in_place = {modality: [] for modality in OTHER_MODALITIES}
-    flair = 2 - FLAIR_CHANNEL  # imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
     conventions: dict[str, list[str]] = {}
     for name, recs in groups.items():
-        mask_paths, raw_masks = [], []
-        repeats_flair = {modality: True for modality in OTHER_MODALITIES}
-        for r in recs:
-            try:
-                raw = imread(r.image_path)
-                mask_raw = read_raw_mask(r.mask_path, issues)
-            except DatasetError as exc:
-                issues.report("skipped: unreadable file", f"{exc}; the slice is skipped")
-                continue
-            mask_paths.append(r.mask_path)
-            raw_masks.append(mask_raw)
-            key = "x".join(map(str, raw.shape))
-            sizes[key] = sizes.get(key, 0) + 1
-            if raw.ndim == 3 and raw.shape[2] >= 3:
-                for modality, c in OTHER_MODALITIES.items():
-                    repeats_flair[modality] &= bool((raw[..., 2 - c] == raw[..., flair]).all())
-            mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
-        readable = len(mask_paths)
-        # Tumor is counted by the convention the patient's masks are read with in training.
-        masks, convention = read_patient_masks(mask_paths, issues, raw=raw_masks) if mask_paths else ([], "none readable")
+        masks, convention, repeats_flair = _read_patient(recs, issues, sizes, mask_values)
+        readable = len(masks) > 0
         conventions.setdefault(convention, []).append(name)
         patient_areas = [int(m.sum()) for m in masks if m.any()]
         areas += patient_areas

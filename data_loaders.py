@@ -32,7 +32,7 @@ from data_files import (
     PatientVolume,
     find_data_dir,
 )
-from synthetic_data import make_synthetic_dataset
+from synthetic_data import SYNTHETIC_DIR, is_synthetic, make_synthetic_dataset
 
 def split_patients(
     patients: Sequence[str], val_fraction: float, seed: int
@@ -144,20 +144,18 @@ def choose_split(
     return train, val
 
 
-def locate_data(
-    data_dir: str, *, synthetic: bool, synthetic_dir: str, synthetic_patients: int, synthetic_slices: int, seed: int
-) -> tuple[Path, bool]:
-    """The dataset root and whether it is synthetic; generates synthetic data when none is found."""
-    if not synthetic:
+def locate_data(data_dir: str, *, seed: int) -> tuple[Path, bool]:
+    """The dataset root and whether it is synthetic. ``data_dir`` 'synthetic', or no dataset found,
+    generates the synthetic dataset (SYNTHETIC_DIR); a folder generated earlier is synthetic too."""
+    if data_dir != "synthetic":
         root = find_data_dir(data_dir or None)
         if root is not None:
-            return root, False
+            return root, is_synthetic(root)
         print(
             f"No LGG dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m). Training on SYNTHETIC data "
             f"instead; for the real data download {DATASET_URL} and pass --data-dir .../kaggle_3m"
         )
-    root = make_synthetic_dataset(Path(synthetic_dir), patients=synthetic_patients, slices=synthetic_slices, seed=seed)
-    return root, True
+    return make_synthetic_dataset(Path(SYNTHETIC_DIR), seed=seed), True
 
 
 class LGGSlices(Dataset):
@@ -194,7 +192,8 @@ class LGGSlices(Dataset):
         self.full_mask = full_mask
         # (volume index, position in volume) for every slice, patients in order.
         self.index = [(p, i) for p, v in enumerate(self.volumes) for i in range(len(v.images))]
-        self.has_tumor = np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes else np.zeros(0, bool)
+        self.has_tumor = (np.concatenate([v.masks.any(axis=(1, 2)) for v in self.volumes]) if volumes
+                          else np.zeros(0, bool))
         self.stats = [v.stats.as_tensor() for v in self.volumes]  # (4, 3) once per volume, not per item
 
     def __len__(self) -> int:

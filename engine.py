@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import benchmark
 import cv
@@ -48,13 +46,12 @@ from data_files import (
 )
 from data_loaders import (
     LGGSlices,
-    ShardedSampler,
     choose_split,
     default_num_workers,
     locate_data,
     make_loader,
 )
-from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
+from data_preprocessing import IntensityAugment, train_preprocess
 from libraries import (
     add_bool_flag,
     Distributed,
@@ -69,23 +66,23 @@ from libraries import (
 )
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
-from reports import epoch_line, validation_row, write_reports
+from reports import epoch_line, write_reports
 from training import (
     NetworkSpec,
     TrainingParts,
     build_training,
-    forward_loss,
     make_scheduler,
     load_pretrained,
-    optimizer_step,
     pretrained_overlap,
     restore,
+    run_epoch,
     save_epoch,
-    sync_across_ranks,
 )
 
 
 SPLITS = ("random", "buda", "none")
+# NHWC memory layout: faster convolutions on CPUs and GPUs (benchmark measures it against NCHW).
+CHANNELS_LAST = True
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
@@ -100,11 +97,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 @dataclass
 class Config:
     # ---- data: where it is, which patients validate ----
-    data_dir: str = _opt("", "kaggle_3m folder; empty: $LGG_DATA_DIR, ./kaggle_3m, ./lgg-mri-segmentation/kaggle_3m")
-    synthetic: bool = _opt(False, "train on generated synthetic data even if a dataset is found")
-    synthetic_dir: str = _opt("data/synthetic/kaggle_3m", "where synthetic data is generated")
-    synthetic_patients: int = _opt(20, "synthetic patients to generate")
-    synthetic_slices: int = _opt(24, "slices per synthetic patient")
+    data_dir: str = _opt("", "kaggle_3m folder, or 'synthetic'; empty: $LGG_DATA_DIR, ./kaggle_3m, ...")
     split: str = _opt("random", "validation patients: random, buda (the authors' 10), none", SPLITS)
     val_fraction: float = _opt(0.2, "--split random: share of patients held out")
     val_patients: str = _opt("", "validation patients: a comma list or a file of names (instead of --split)")
@@ -120,8 +113,7 @@ class Config:
     features: int = _opt(32, "UNet channels at the first level (32: 7.76M parameters)")
     deep_supervision: bool = _opt(False, "training: also score the decoder at 1/2 and 1/4 size")
     pretrained: str = _opt("", "start from weights: a checkpoint, a state_dict, a URL or 'buda'")
-    freeze_encoder: bool = _opt(False, "fine-tuning: train the decoder only")
-    encoder_lr_scale: float = _opt(1.0, "fine-tuning: the encoder's learning rate is --lr times this")
+    encoder_lr_scale: float = _opt(1.0, "fine-tuning: the encoder's lr is --lr times this; 0 freezes it")
     # ---- optimization: AdamW, Dice + BCE, warmup then cosine ----
     epochs: int = _opt(5, "training epochs")
     steps_per_epoch: int = _opt(0, "optimizer steps an epoch, whatever the data's size; 0: one pass over it")
@@ -132,23 +124,19 @@ class Config:
     patience: int = _opt(0, "stop after this many validations without a better Dice (0: off)")
     val_every: int = _opt(1, "validate every N epochs and after the last; training is unchanged")
     # ---- evaluation ----
-    threshold: float = _opt(0.5, "probability above which a pixel is tumor")
     postprocess: str = _opt("none", "per patient: none, lcc or brain (docs/method.md)", evaluation.POSTPROCESSING)
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, for HD95 and volumes in mm")
     # ---- hardware ----
     device: str = _opt("auto", "auto: CUDA if available, else CPU", ("auto", "cpu", "cuda"))
     amp: str = _opt("auto", "mixed precision; auto: bf16 where fast, else fp16 on GPUs", AMP_MODES)
-    channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions)")
     num_workers: int = _opt(-1, "DataLoader workers; -1: 0 on <=2 cores, else up to 4")
     sync_bn: bool = _opt(False, "under torchrun on GPUs: synchronize BatchNorm across processes")
     compile: bool = _opt(False, "torch.compile the model (measure it first: benchmark --compile)")
     # ---- run ----
     strict: bool = _opt(False, "make every data problem an error instead of skipping or fixing it")
-    cache_dir: str = _opt("", "decoded-slice cache; empty: ~/.cache/lgg-unet; off: none")
     out_dir: str = _opt("", "run folder; empty: runs/<date-time>")
     resume: str = _opt("", "continue a run from its folder or last.pt")
     seed: int = _opt(42, "one seed for the split, initialization, augmentation and order")
-    progress: bool = _opt(True, "show progress bars")
     preset: str = _opt("none", "a tested recipe: cpu (2 CPU cores), full (a GPU); flags win", ("none", "cpu", "full"))
 
 
@@ -269,7 +257,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 
 
 def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
-    """Refuse, in one line, the flag combinations that choose validation patients in two ways."""
+    """Refuse, in one line, the flag combinations that choose validation patients in two ways, and
+    the split flags that the chosen split would ignore."""
     if command == "cv":
         if cfg.val_patients:
             raise UserError("cv chooses each fold's validation patients itself; drop --val-patients "
@@ -285,6 +274,13 @@ def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
     if "split" in given and (cfg.val_patients or cfg.folds):
         raise UserError(f"--split {cfg.split} and {'--val-patients' if cfg.val_patients else '--folds'} both "
                         "choose the validation patients; give one of them")
+    chooser = "--val-patients" if cfg.val_patients else "--folds" if cfg.folds else f"--split {cfg.split}"
+    if "val_fraction" in given and chooser != "--split random":
+        raise UserError(f"--val-fraction is the share --split random holds out; {chooser} chooses the validation "
+                        "patients instead: drop --val-fraction")
+    if "val_every" in given and chooser == "--split none":
+        raise UserError("--val-every sets how often validation runs, and --split none has no validation patients: "
+                        "drop --val-every")
 
 
 # =============================================================================================
@@ -293,13 +289,13 @@ def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
 
 # Settings that may differ when a run is resumed (where and how it runs, not what it computes;
 # --val-every changes which epochs are scored, never the weights).
-RESUMABLE_OVERRIDES = ("device", "num_workers", "progress", "cache_dir", "data_dir", "strict", "val_every")
+RESUMABLE_OVERRIDES = ("device", "num_workers", "data_dir", "strict", "val_every")
 
 
 def resumable_overrides(cfg: Config) -> dict[str, Any]:
-    """The RESUMABLE_OVERRIDES given on the resuming command line (progress always follows it)."""
+    """The RESUMABLE_OVERRIDES given on the resuming command line."""
     return {name: getattr(cfg, name) for name in RESUMABLE_OVERRIDES
-            if getattr(cfg, name) != getattr(Config(), name) or name == "progress"}
+            if getattr(cfg, name) != getattr(Config(), name)}
 
 
 def resolve_resume(cfg: Config) -> tuple[Config, dict]:
@@ -332,7 +328,8 @@ def check_config(cfg: Config) -> None:
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
-    evaluation.check_threshold(cfg.threshold)
+    if cfg.encoder_lr_scale < 0:
+        raise UserError(f"--encoder-lr-scale must be >= 0 (0 freezes the encoder), got {cfg.encoder_lr_scale:g}")
     if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
         raise UserError("--patience stops on validation Dice, and --split none has no validation patients; "
                         "drop --patience (choose the epochs by cross-validation first)")
@@ -354,9 +351,7 @@ def setup_data(cfg: Config, ddp: Distributed, *, resumed: bool, progress: bool) 
     """Find (or generate) the data, make the run folder on rank 0, load every patient, split them."""
     if ddp.enabled and not ddp.main:
         dist.barrier()  # rank 0 generates synthetic data (if needed) first
-    root, synthetic = locate_data(cfg.data_dir, synthetic=cfg.synthetic, synthetic_dir=cfg.synthetic_dir,
-                                  synthetic_patients=cfg.synthetic_patients,
-                                  synthetic_slices=cfg.synthetic_slices, seed=cfg.seed)
+    root, synthetic = locate_data(cfg.data_dir, seed=cfg.seed)
     run_dir = Path(cfg.out_dir) if resumed else (new_run_dir(cfg.out_dir) if ddp.main else None)
     if ddp.enabled:
         if ddp.main:
@@ -365,7 +360,7 @@ def setup_data(cfg: Config, ddp: Distributed, *, resumed: bool, progress: bool) 
         dist.broadcast_object_list(shared, src=0)  # every rank learns the run folder rank 0 made
         run_dir = shared[0]
     issues = DataIssues(strict=cfg.strict)
-    volumes = load_dataset(root, None, progress=progress, cache_dir=resolve_cache_dir(cfg.cache_dir),
+    volumes = load_dataset(root, None, progress=progress, cache_dir=resolve_cache_dir(),
                            normalization=cfg.normalization, image_size=cfg.image_size, issues=issues)
     if ddp.main:
         report_issues(issues, run_dir)
@@ -398,39 +393,6 @@ def make_loaders(
     return train_set, train_loader, val_loader
 
 
-def train_one_epoch(
-    parts: TrainingParts,
-    loader: torch.utils.data.DataLoader,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    *,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    epoch: int,
-    progress: bool,
-    augment: IntensityAugment | None = None,
-) -> tuple[float, int]:
-    """One pass over the training loader; returns the summed per-sample loss and the sample count."""
-    parts.net.train()
-    total, seen = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
-    for step, batch in enumerate(bar):
-        image, mask = batch_to_device(batch, device, channels_last, augment)
-        loss = forward_loss(parts.net, image, mask, parts.loss_fn, amp_dtype)
-        value = loss.item()
-        if not math.isfinite(value):  # checked before the update, so the weights stay finite
-            raise FloatingPointError(
-                f"loss is {value} at epoch {epoch}, step {step}; "
-                "lower --lr or use --amp off (the last good checkpoint is kept)"
-            )
-        optimizer_step(loss, parts.optimizer, parts.scaler)
-        scheduler.step()
-        total += value * len(image)
-        seen += len(image)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total, seen
-
-
 def training_device(cfg: Config, ddp: Distributed) -> tuple[torch.device, torch.dtype | None]:
     """The device this process trains on (its own GPU under torchrun) and the autocast dtype."""
     device, amp_dtype = setup_device(cfg.device, cfg.amp)
@@ -441,46 +403,10 @@ def training_device(cfg: Config, ddp: Distributed) -> tuple[torch.device, torch.
     return device, amp_dtype
 
 
-def run_epoch(
-    epoch: int, cfg: Config, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: torch.utils.data.DataLoader, validate: Callable[[], tuple] | None, *, ddp: Distributed,
-    device: torch.device, amp_dtype: torch.dtype | None, augment: IntensityAugment | None, progress: bool,
-    val_slices: int,
-) -> tuple[dict[str, Any], dict | None, dict]:
-    """Train one epoch and validate (unless ``validate`` is None); return its history row, the metrics
-    and the predicted volumes (None and {} without validation)."""
-    # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
-    # run repeats an interrupted epoch exactly.
-    train_loader.generator.manual_seed(cfg.seed + epoch)
-    stream = cfg.seed * 1_000_003 + epoch + 7919 * ddp.rank
-    train_loader.dataset.reseed(stream)
-    if augment is not None:
-        augment.reseed(stream)
-    if isinstance(train_loader.sampler, ShardedSampler):
-        train_loader.sampler.set_epoch(epoch)
-    t0 = time.perf_counter()
-    loss_sum, seen = train_one_epoch(parts, train_loader, scheduler, device, amp_dtype=amp_dtype,
-                                     channels_last=cfg.channels_last, epoch=epoch, progress=progress,
-                                     augment=augment)
-    if ddp.enabled:
-        loss_sum, seen = sync_across_ranks(parts.model, loss_sum, seen, device)
-    t1 = time.perf_counter()
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1)}
-    metrics, volumes = None, {}
-    if validate is not None:
-        val_loss, metrics, volumes = validate()
-        row.update(validation_row(val_loss, metrics))
-    t2 = time.perf_counter()
-    row.update(lr=scheduler.get_last_lr()[0], seconds=t2 - t0, train_images_per_second=seen / (t1 - t0))
-    if validate is not None:
-        row["val_images_per_second"] = val_slices / (t2 - t1)
-    return row, metrics, volumes
-
-
 def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, weights: dict | None, *,
                 distributed: bool, steps_per_epoch: int) -> tuple[TrainingParts, torch.optim.lr_scheduler.LRScheduler]:
     """The model, loss, optimizer and scaler of ``cfg`` (``training.build_training``), and its schedule."""
-    parts = build_training(NetworkSpec.of(cfg), device=device, channels_last=cfg.channels_last, amp_dtype=amp_dtype,
+    parts = build_training(NetworkSpec.of(cfg), device=device, channels_last=CHANNELS_LAST, amp_dtype=amp_dtype,
                            distributed=distributed, weights=weights, weights_source=cfg.pretrained)
     scheduler = make_scheduler(parts.optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
@@ -498,7 +424,7 @@ def train(cfg: Config) -> dict:
     say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
     cfg, weights, weights_kind = load_pretrained(cfg, say) if not resumed else (cfg, None, "")
     check_config(cfg)  # again: Buda et al.'s weights switch to their normalization
-    progress = cfg.progress and ddp.main
+    progress = ddp.main and sys.stderr.isatty()  # bars on a terminal, not in logs
     seed_everything(cfg.seed)
     device, amp_dtype = training_device(cfg, ddp)
 
@@ -514,7 +440,8 @@ def train(cfg: Config) -> dict:
     say(describe_run(cfg, data, env, parts, train_set, device=device, amp_dtype=amp_dtype, workers=workers,
                      val_slices=val_slices))
 
-    config_record = {**asdict(cfg), "resolved_data_dir": str(data.root), "synthetic_data": data.synthetic,
+    config_record = {**asdict(cfg), "channels_last": CHANNELS_LAST, "threshold": evaluation.THRESHOLD,
+                     "resolved_data_dir": str(data.root), "synthetic_data": data.synthetic,
                      "patients": {"train": data.train_names, "validation": data.val_names}, "environment": env,
                      "scored_patients_trained_on": pretrained_overlap(weights_kind, data.val_names, say)}
     state = {"history": [], "best_dice": -1.0, "best_epoch": 0, "epoch": 0, "metrics": None}
@@ -525,8 +452,9 @@ def train(cfg: Config) -> dict:
     if ddp.main:
         save_json(data.run_dir / "config.json", config_record)
     validate = functools.partial(
-        evaluation.evaluate, parts.model, val_loader, device, loss_fn=parts.loss_fn, threshold=cfg.threshold,
-        amp_dtype=amp_dtype, channels_last=cfg.channels_last, progress=progress, postprocess=cfg.postprocess,
+        evaluation.evaluate, parts.model, val_loader, device, loss_fn=parts.loss_fn,
+        threshold=evaluation.THRESHOLD, amp_dtype=amp_dtype, channels_last=CHANNELS_LAST, progress=progress,
+        postprocess=cfg.postprocess,
         spacing=spacing, patients=data.val_names,
         gather=evaluation.gather_across_ranks if ddp.enabled else None,
     ) if val_loader is not None else None
@@ -559,9 +487,10 @@ def fit(
     volumes: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         validated = validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs)
-        row, metrics, volumes = run_epoch(epoch, cfg, parts, scheduler, train_loader, validate if validated else None,
-                                          ddp=ddp, device=device, amp_dtype=amp_dtype, augment=augment,
-                                          progress=progress, val_slices=val_slices)
+        row, metrics, volumes = run_epoch(epoch, parts, scheduler, train_loader, validate if validated else None,
+                                          seed=cfg.seed, ddp=ddp, device=device, amp_dtype=amp_dtype,
+                                          channels_last=CHANNELS_LAST, augment=augment, progress=progress,
+                                          val_slices=val_slices)
         if validated:
             state["metrics"] = metrics
             if row["val_dice_per_volume_mean"] > state["best_dice"]:
@@ -585,7 +514,7 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"{len(data.val_names)} validation patients, normalization: {cfg.normalization}, "
         f"{describe_masks(data.volumes)}",
         f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, amp: {amp_dtype or 'off'}, "
-        f"channels_last: {cfg.channels_last}, workers: {workers}, run: {data.run_dir}"
+        f"channels_last: {CHANNELS_LAST}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
         f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}"

@@ -441,6 +441,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: as trained; buda for Buda et al.'s weights; needed for a plain state_dict")
 
 
+THRESHOLD = 0.5  # probability above which a pixel is tumor in training; evaluate and predict take --threshold
+
+
 def check_threshold(threshold: float) -> None:
     """Refuse a threshold that would call every pixel tumor, or none (training, evaluate, predict)."""
     if not 0 < threshold < 1:
@@ -470,8 +473,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None, help="where metrics.json goes (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the training batch size")
     parser.add_argument("--num-workers", type=int, default=-1)
-    parser.add_argument("--cache-dir", default="", help="as for training; 'off' disables the cache")
-    add_bool_flag(parser, "progress", True, "show tqdm progress bars")
     parser.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
     add_bool_flag(parser, "strict", False, "make every data problem an error instead of skipping or fixing it")
     add_scoring_flags(parser)
@@ -499,7 +500,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     out_dir = Path(args.out_dir) if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = warn_trained_on(loaded, names)
-    volumes = load_dataset(root, names, progress=args.progress, cache_dir=resolve_cache_dir(args.cache_dir),
+    progress = sys.stderr.isatty()
+    volumes = load_dataset(root, names, progress=progress, cache_dir=resolve_cache_dir(),
                            normalization=record.get("normalization", "volume"), image_size=record["image_size"],
                            issues=issues, groups=groups)
     report_issues(issues, out_dir)
@@ -507,15 +509,16 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],
                             batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
                             seed=record["seed"], device=device)
-    channels_last = record["channels_last"]
+    channels_last = record.get("channels_last", True)
     models = [network_from_checkpoint(c, str(path)).to(device, memory_format=memory_format(channels_last))
               for path, c in loaded]
     loss_fn = DiceBCELoss()
     start = time.perf_counter()
     val_loss, metrics, volumes = evaluate(
         models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
-        channels_last=channels_last, progress=args.progress, desc="evaluate", postprocess=postprocess,
-        rules=POSTPROCESSING if args.all_rules else (), spacing=parse_spacing(args.spacing or record.get("spacing", "")),
+        channels_last=channels_last, progress=progress, desc="evaluate", postprocess=postprocess,
+        rules=POSTPROCESSING if args.all_rules else (),
+        spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )
     seconds = time.perf_counter() - start
     result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],

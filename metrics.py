@@ -139,16 +139,6 @@ def largest_component_3d(volume: np.ndarray) -> np.ndarray:
     return _keep_best_component(volume, lambda labels, n: np.bincount(labels.ravel(), minlength=n + 1))
 
 
-def heaviest_component_3d(pred: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """Keep the 3D component of ``pred`` with the largest probability mass (the sum of ``prob`` over it).
-
-    A large but hesitant false positive (a bright scalp rim at p ~ 0.6) weighs less than a smaller
-    lesion the model is sure of (p ~ 1), where the largest component by voxel count would keep the rim.
-    """
-    weights = prob.astype(np.float64).ravel()
-    return _keep_best_component(pred, lambda labels, n: np.bincount(labels.ravel(), weights, minlength=n + 1))
-
-
 def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """Keep the 3D component whose probability mass inside the brain (``inside``: away from the
     scalp) is largest; if no component reaches inside, the heaviest of all.

@@ -381,11 +381,11 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
                         "model was trained with; pass --image-size and --normalization")
     layout = weights_layout(state_dict)
     if layout is None:
-        raise UserError(f"{spec}: these weights are {describe_weights(state_dict)}, neither this package's UNet nor "
-                        "its ResNet-34 UNet; pass a checkpoint or state_dict written by engine.py, or Buda et al.'s")
+        raise UserError(f"{spec}: these weights are {describe_weights(state_dict)}, not this package's UNet; "
+                        "pass a checkpoint or state_dict written by engine.py, or Buda et al.'s")
     record = {**layout, "image_size": image_size, "normalization": normalization, "threshold": 0.5,
-              "channels_last": True, "tta": False, "postprocess": "none", "batch_size": 16, "seed": 0,
-              "dice_weight": 1.0, "bce_weight": 1.0, "dice_mode": "sample", "patients": {"train": [], "validation": []},
+              "channels_last": True, "postprocess": "none", "batch_size": 16, "seed": 0,
+              "patients": {"train": [], "validation": []},
               "trained_on": "buda" if kind == "buda" else "unknown", "synthetic_data": False,
               "resolved_data_dir": "", "weights": spec}
     return {"model": state_dict, "config": record, "epoch": None}

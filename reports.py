@@ -219,7 +219,8 @@ def write_summary(
         lines += ["**Synthetic data**: these numbers show that the code works, not how it does on MRI.", ""]
     lines += ["## Metrics", "",
               f"{metrics['patients']} patients, {metrics['slices']} slices ({metrics['tumor_slices']} with tumor); "
-              f"post-processing `{metrics.get('postprocess', 'none')}`, threshold {metrics.get('threshold', 0.5):g}.", ""]
+              f"post-processing `{metrics.get('postprocess', 'none')}`, "
+              f"threshold {metrics.get('threshold', 0.5):g}.", ""]
     lines += _table([(k, _fmt(metrics.get(k))) for k in keys], ("metric", "value"))
     lines += ["", "Dice per volume by post-processing:", ""]
     lines += _table([(name, _fmt(v["dice_per_volume_mean"]), _fmt(v["dice_per_volume_median"]))

@@ -1,5 +1,6 @@
-"""One training step and what it needs: the model with its loss, optimizer and scaler, the
-learning-rate schedule, the checkpoint that lets a run resume exactly, and --pretrained weights.
+"""Training steps and what they need: the model with its loss, optimizer and scaler, the
+learning-rate schedule, an epoch of steps, the checkpoint that lets a run resume exactly, and
+--pretrained weights.
 
 ``engine.train`` runs these steps epoch after epoch; ``benchmark`` times the very same ones,
 so a speed measured there is the speed of training.
@@ -8,6 +9,7 @@ so a speed measured there is the speed of training.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,11 +20,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from libraries import UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
-from loss_fun import DiceBCELoss
+from tqdm import tqdm
+
+from data_loaders import ShardedSampler
+from data_preprocessing import IntensityAugment, batch_to_device
 from evaluation import trained_patients
+from libraries import Distributed, UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
+from loss_fun import DiceBCELoss
 from model import OutConv, UNet, describe_weights, pretrained_weights
-from reports import write_history
+from reports import validation_row, write_history
 
 
 @dataclass
@@ -78,8 +84,7 @@ class NetworkSpec:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     deep_supervision: bool = False
-    freeze_encoder: bool = False  # fine-tuning: the decoder alone trains
-    encoder_lr_scale: float = 1.0  # fine-tuning: the encoder's lr is lr times this
+    encoder_lr_scale: float = 1.0  # fine-tuning: the encoder's lr is lr times this; 0 freezes it
     sync_bn: bool = False
     compile: bool = False
 
@@ -96,15 +101,15 @@ def build_training(
     """The network of ``spec`` on ``device`` (optionally from ``weights``), its wrappers, the
     Dice + BCE loss, AdamW and the scaler.
 
-    The encoder's parameters form their own group at ``lr * encoder_lr_scale`` (fine-tuning);
-    frozen parameters are left out of the optimizer. The scaler is active for fp16 only. With
+    The encoder's parameters form their own group at ``lr * encoder_lr_scale`` (fine-tuning); at 0
+    the encoder is frozen and its parameters are left out of the optimizer. The scaler is active for fp16 only. With
     ``deep_supervision`` the network is wrapped in ``DeepSupervision``, whose heads train with
     the decoder.
     """
     model = UNet(features=spec.features).to(device, memory_format=memory_format(channels_last))
     if weights is not None:
         load_weights_into(model, weights, weights_source, features=spec.features)
-    if spec.freeze_encoder:
+    if spec.encoder_lr_scale == 0:  # frozen: no gradient, and its BatchNorm statistics stay fixed
         model.freeze_encoder()
     if spec.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -158,6 +163,75 @@ def make_scheduler(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    parts: TrainingParts,
+    loader: torch.utils.data.DataLoader,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    epoch: int,
+    progress: bool,
+    augment: IntensityAugment | None = None,
+) -> tuple[float, int]:
+    """One pass over the training loader; returns the summed per-sample loss and the sample count."""
+    parts.net.train()
+    total, seen = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        image, mask = batch_to_device(batch, device, channels_last, augment)
+        loss = forward_loss(parts.net, image, mask, parts.loss_fn, amp_dtype)
+        value = loss.item()
+        if not math.isfinite(value):  # checked before the update, so the weights stay finite
+            raise FloatingPointError(
+                f"loss is {value} at epoch {epoch}, step {step}; "
+                "lower --lr or use --amp off (the last good checkpoint is kept)"
+            )
+        optimizer_step(loss, parts.optimizer, parts.scaler)
+        scheduler.step()
+        total += value * len(image)
+        seen += len(image)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total, seen
+
+
+def run_epoch(
+    epoch: int, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_loader: torch.utils.data.DataLoader, validate: Callable[[], tuple] | None, *, seed: int,
+    ddp: Distributed, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+    augment: IntensityAugment | None, progress: bool, val_slices: int,
+) -> tuple[dict[str, Any], dict | None, dict]:
+    """Train one epoch and validate (unless ``validate`` is None); return its history row, the metrics
+    and the predicted volumes (None and {} without validation)."""
+    # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
+    # run repeats an interrupted epoch exactly.
+    train_loader.generator.manual_seed(seed + epoch)
+    stream = seed * 1_000_003 + epoch + 7919 * ddp.rank
+    train_loader.dataset.reseed(stream)
+    if augment is not None:
+        augment.reseed(stream)
+    if isinstance(train_loader.sampler, ShardedSampler):
+        train_loader.sampler.set_epoch(epoch)
+    t0 = time.perf_counter()
+    loss_sum, seen = train_one_epoch(parts, train_loader, scheduler, device, amp_dtype=amp_dtype,
+                                     channels_last=channels_last, epoch=epoch, progress=progress,
+                                     augment=augment)
+    if ddp.enabled:
+        loss_sum, seen = sync_across_ranks(parts.model, loss_sum, seen, device)
+    t1 = time.perf_counter()
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1)}
+    metrics, volumes = None, {}
+    if validate is not None:
+        val_loss, metrics, volumes = validate()
+        row.update(validation_row(val_loss, metrics))
+    t2 = time.perf_counter()
+    row.update(lr=scheduler.get_last_lr()[0], seconds=t2 - t0, train_images_per_second=seen / (t1 - t0))
+    if validate is not None:
+        row["val_images_per_second"] = val_slices / (t2 - t1)
+    return row, metrics, volumes
 
 
 def sync_across_ranks(model: torch.nn.Module, loss_sum: float, seen: int, device: torch.device) -> tuple[float, int]:

@@ -84,3 +84,10 @@ def unet_to_buda(state_dict: dict) -> dict:
 
     inverse = {ours: theirs for theirs, ours in _buda_key_map().items()}
     return {f"{inverse[key.rpartition('.')[0]]}.{key.rpartition('.')[2]}": value for key, value in state_dict.items()}
+
+
+def synthetic_tree(folder, patients: int, slices: int) -> str:
+    """A synthetic kaggle_3m tree in ``folder`` (generated once, then reused), for --data-dir."""
+    from synthetic_data import make_synthetic_dataset
+
+    return str(make_synthetic_dataset(Path(folder), patients=patients, slices=slices, seed=42))

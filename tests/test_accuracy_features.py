@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from conftest import write_slice
+from conftest import synthetic_tree, write_slice
 
 from data_cache import load_volume
 from data_files import (
@@ -351,18 +351,17 @@ def test_warmup_cosine_schedule_values():
 
 
 def test_preset_fills_defaults_but_flags_win():
-    argv = ["--preset", "cpu", "--epochs", "3", "--no-progress"]
+    argv = ["--preset", "cpu", "--epochs", "3"]
     cfg = config_from_args(parse_args(argv), argv)
     assert (cfg.image_size, cfg.tumor_weight, cfg.warmup_epochs) == (128, 2.0, 1.0)
-    assert cfg.epochs == 3 and cfg.progress is False
+    assert cfg.epochs == 3 and cfg.steps_per_epoch == 150
     argv = ["--preset", "full", "--image-size=64"]
     assert config_from_args(parse_args(argv), argv).image_size == 64
 
 
 def tiny(tmp_path, *extra):
-    return ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "4",
-            "--synthetic-slices", "5", "--image-size", "32", "--features", "4", "--batch-size", "4",
-            "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *extra]
+    return ["--data-dir", synthetic_tree(tmp_path / "syn", 4, 5), "--image-size", "32", "--features", "4",
+            "--batch-size", "4", "--device", "cpu", *extra]
 
 
 def test_early_stopping(tmp_path):
@@ -469,18 +468,18 @@ def test_step_advice_matches_the_final_models_steps():
 CV_KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import engine
+import engine, training
 real_train, fold = engine.train, None
 def train(cfg):
     global fold
     fold = cfg.fold
     return real_train(cfg)
-real_step = engine.optimizer_step
+real_step = training.optimizer_step
 def step(*args, **kwargs):
     if fold == 1 and os.path.exists(os.path.join({base!r}, "fold-1", "last.pt")):
         os.kill(os.getpid(), signal.SIGKILL)  # fold 1, epoch 2: fold 0 finished, fold 1 checkpointed
     return real_step(*args, **kwargs)
-engine.train, engine.optimizer_step = train, step
+engine.train, training.optimizer_step = train, step
 sys.exit(engine.main(sys.argv[1:]))
 """
 
@@ -506,7 +505,7 @@ def test_cv_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path
 
     # Flags other than the resumable ones are ignored: the run keeps its own settings.
     capsys.readouterr()
-    assert main(["cv", "--resume", str(cut), "--epochs", "9", "--no-progress"]) == 0
+    assert main(["cv", "--resume", str(cut), "--epochs", "9"]) == 0
     out = capsys.readouterr().out
     assert f"resuming {cut / 'fold-1'} after epoch 1" in out and "fold 0: finished earlier" in out
     assert (cut / "fold-0" / "metrics.json").stat().st_mtime_ns == finished  # read, not retrained

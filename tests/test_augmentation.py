@@ -8,6 +8,7 @@ import torch
 
 from data_preprocessing import IntensityAugment
 from data_preprocessing import batch_to_device as _to_device
+from conftest import synthetic_tree
 from engine import main
 
 
@@ -52,9 +53,9 @@ def test_only_training_batches_are_augmented(tmp_path, monkeypatch):
     seen = []
     real = IntensityAugment.__call__
     monkeypatch.setattr(IntensityAugment, "__call__", lambda self, x: seen.append(len(x)) or real(self, x))
-    args = ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
-            "--synthetic-slices", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
-            "--intensity-augment", "--val-fraction", "0.4", "--progress", "off", "--cache-dir", "off",
+    args = ["--data-dir", synthetic_tree(tmp_path / "syn", 5, 6), "--image-size", "32", "--epochs", "1",
+            "--batch-size", "4",
+            "--intensity-augment", "--val-fraction", "0.4",
             "--out-dir", str(tmp_path / "run")]
     assert main(args) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())

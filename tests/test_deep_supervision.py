@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import synthetic_tree
 import torch
 
 from engine import main
@@ -46,16 +47,14 @@ def test_heads_speak_in_training_only():
 
 
 def test_deep_supervision_run_saves_a_plain_model_that_evaluate_reproduces(tmp_path):
-    args = ["--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
-            "--synthetic-slices", "6", "--image-size", "32", "--features", "4", "--epochs", "2",
-            "--batch-size", "4", "--deep-supervision", "--val-fraction", "0.4", "--progress", "off",
-            "--cache-dir", "off", "--out-dir", str(tmp_path / "run")]
+    args = ["--data-dir", synthetic_tree(tmp_path / "syn", 5, 6), "--image-size", "32", "--features", "4",
+            "--epochs", "2", "--batch-size", "4", "--deep-supervision", "--val-fraction", "0.4",
+            "--out-dir", str(tmp_path / "run")]
     assert main(args) == 0
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert set(ckpt["heads"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     network_from_checkpoint(ckpt)  # the model's weights load into a plain UNet (strict)
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--no-progress", "--cache-dir",
-                 "off", "--out-dir", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--out-dir", str(tmp_path / "eval")]) == 0
     run = json.loads((tmp_path / "run" / "metrics.json").read_text())
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["dice_per_volume_mean"] == pytest.approx(run["dice_per_volume_mean"], abs=1e-6)

@@ -38,7 +38,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(tmp_path):
     run = tmp_path / "run"
     args = ["--data-dir", str(data), "--image-size", "32", "--epochs", "2",
             "--batch-size", "4", "--device", "cpu", "--amp", "off", "--val-fraction", "0.4",
-            "--tumor-weight", "2", "--out-dir", str(run), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+            "--tumor-weight", "2", "--out-dir", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -56,7 +56,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(tmp_path):
 
     out = tmp_path / "single"
     assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--amp", "off",
-                 "--out-dir", str(out), "--no-progress", "--cache-dir", "off"]) == 0
+                 "--out-dir", str(out)]) == 0
     single = json.loads((out / "metrics.json").read_text())
     for key in ("dice_per_volume_mean", "dice_per_volume_median", "dice_global", "iou_global",
                 "precision", "recall", "hd95_px_mean"):

@@ -8,6 +8,7 @@ from dataclasses import fields
 import matplotlib.image as plt
 import pandas as pd
 import pytest
+from conftest import synthetic_tree
 import torch
 
 import evaluation
@@ -20,12 +21,12 @@ def test_every_config_field_is_a_flag_with_the_same_default():
     args = parse_args([])
     assert args.command == "train"
     assert config_from_args(args) == Config()
-    flags = parse_args(["--image-size", "64", "--no-channels-last", "--synthetic", "--lr", "0.01"])
+    flags = parse_args(["--image-size", "64", "--no-intensity-augment", "--data-dir", "synthetic", "--lr", "0.01"])
     cfg = config_from_args(flags)
-    assert (cfg.image_size, cfg.channels_last, cfg.synthetic, cfg.lr) == (64, False, True, 0.01)
-    assert len(fields(Config)) >= 20
-    off = config_from_args(parse_args(["--channels-last", "off", "--progress", "on", "--synthetic"]))
-    assert (off.channels_last, off.progress, off.synthetic) == (False, True, True)
+    assert (cfg.image_size, cfg.intensity_augment, cfg.data_dir, cfg.lr) == (64, False, "synthetic", 0.01)
+    assert 20 <= len(fields(Config)) <= 35  # a config that reads at a glance (issue 38)
+    on = config_from_args(parse_args(["--deep-supervision", "on", "--intensity-augment"]))
+    assert (on.deep_supervision, on.intensity_augment, on.sync_bn) == (True, True, False)
 
 
 def test_bad_choice_is_refused(capsys):
@@ -36,10 +37,8 @@ def test_bad_choice_is_refused(capsys):
 
 def tiny_args(tmp_path, run="run", *extra):
     return [
-        "--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "5",
-        "--synthetic-slices", "6", "--image-size", "32", "--features", "4", "--epochs", "2",
-        "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / run), "--no-progress",
-        "--cache-dir", str(tmp_path / "cache"), *extra,
+        "--data-dir", synthetic_tree(tmp_path / "syn", 5, 6), "--image-size", "32", "--features", "4",
+        "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / run), *extra,
     ]
 
 
@@ -82,8 +81,7 @@ def test_evaluate_reproduces_the_training_metrics(smoke_run, capsys):
     run = smoke_run / "run"
     out = smoke_run / "eval"
     assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu",
-                 "--out-dir", str(out), "--batch-size", "3", "--no-progress",
-                 "--cache-dir", "off"]) == 0
+                 "--out-dir", str(out), "--batch-size", "3"]) == 0
     trained = json.loads((run / "metrics.json").read_text())
     evaluated = json.loads((out / "metrics.json").read_text())
     for key in ("dice_per_volume_mean", "dice_global", "iou_global", "precision", "recall"):
@@ -97,7 +95,7 @@ def test_evaluate_threshold_flag_overrides_the_trained_one(smoke_run, capsys):
     for t in (0.2, 0.8):
         out = smoke_run / f"eval-t{t}"
         assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu", "--out-dir", str(out),
-                     "--no-progress", "--cache-dir", "off", "--postprocess", "none", "--threshold", str(t)]) == 0
+                     "--postprocess", "none", "--threshold", str(t)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["threshold"] == t and f"threshold: {t:g}" in capsys.readouterr().out
         predicted[t] = {p["patient"]: p["predicted_pixels"] for p in metrics["per_patient"]}
@@ -156,8 +154,7 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     shutil.copytree(full, four)
     for name in names[4:]:
         shutil.rmtree(four / name)
-    common = ["--image-size", "32", "--features", "4", "--batch-size", "4", "--device", "cpu",
-              "--no-progress", "--cache-dir", "off"]
+    common = ["--image-size", "32", "--features", "4", "--batch-size", "4", "--device", "cpu"]
     run = tmp_path / "run"
     assert main(["--data-dir", str(four), "--split", "none", "--epochs", "2", "--out-dir", str(run), *common]) == 0
     assert "--patients unseen" in capsys.readouterr().out  # the run says how to score it
@@ -173,8 +170,7 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     assert [int(r["epoch"]) for r in rows] == [1, 2] and not any(k.startswith("val_") for k in rows[0])
     assert plt.imread(run / "curves.png").std() > 0.01
 
-    evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(full), "--device", "cpu",
-                "--no-progress", "--cache-dir", "off"]
+    evaluate = ["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(full), "--device", "cpu"]
     listed = []  # choosing the unseen patients and loading them share one listing of the folder
     monkeypatch.setattr(evaluation, "scan_dataset",
                         lambda root, issues=None: listed.append(root) or scan(root, issues))
@@ -192,7 +188,7 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     assert {p["patient"]: p["dice"] for p in unseen["per_patient"]} == {n: dice_all[n] for n in names[4:]}
 
     # A run without validation patients has none to score, and its own data has no unseen ones.
-    assert main([*evaluate[:3], "--no-progress"]) == 2
+    assert main([*evaluate[:3]]) == 2
     assert "--patients unseen" in capsys.readouterr().err
     assert main([*evaluate[:3], "--data-dir", str(four), "--patients", "unseen"]) == 2
     err = capsys.readouterr().err.strip()
@@ -207,12 +203,11 @@ def test_patience_without_validation_is_refused_before_a_run_folder_exists(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag, value, says", [("--threshold", "1", "between 0 and 1"),
-                                               ("--threshold", "0", "between 0 and 1"),
-                                               ("--image-size", "24", "multiple of 16"),
+@pytest.mark.parametrize("flag, value, says", [("--image-size", "24", "multiple of 16"),
+                                               ("--encoder-lr-scale", "-1", ">= 0"),
                                                ("--steps-per-epoch", "-1", ">= 0"),
                                                ("--modality-dropout", "1.5", "[0, 1]")])
-def test_out_of_range_loss_and_threshold_are_refused_before_a_run_folder_exists(tmp_path, capsys, flag, value, says):
+def test_out_of_range_settings_are_refused_before_a_run_folder_exists(tmp_path, capsys, flag, value, says):
     assert main(tiny_args(tmp_path, "run", flag, value)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and flag in err and says in err
@@ -227,9 +222,9 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "cpu", "--epoch", "3"])
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
-    argv = ["--preset", "cpu", "--epochs", "3", "--no-channels-last", "--lr=0.01"]
+    argv = ["--preset", "cpu", "--epochs", "3", "--intensity-augment", "--lr=0.01"]
     cfg = config_from_args(parse_args(argv), argv)
-    assert (cfg.epochs, cfg.channels_last, cfg.lr) == (3, False, 0.01)
+    assert (cfg.epochs, cfg.intensity_augment, cfg.lr) == (3, True, 0.01)
     assert (cfg.image_size, cfg.modality_dropout) == (128, 0.2)  # the preset's, where nothing was given
 
 
@@ -240,11 +235,15 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     (["--fold", "1"], "add --folds"),
     (["--folds", "3", "--val-patients", "TCGA_A"], "give one of them"),
     (["--folds", "3", "--split", "buda"], "give one of them"),
+    (["--split", "buda", "--val-fraction", "0.3"], "drop --val-fraction"),
+    (["--split", "none", "--val-fraction", "0.3"], "drop --val-fraction"),
+    (["--folds", "3", "--val-fraction", "0.3"], "drop --val-fraction"),
+    (["--split", "none", "--val-every", "2"], "drop --val-every"),
 ])
 def test_contradictory_split_flags_are_refused_in_one_line(tmp_path, capsys, argv, says):
     """Bug 3: these combinations silently ignored one of the flags; nothing may be made before refusing."""
     out = tmp_path / "out"
-    assert main([*argv, "--synthetic", "--synthetic-dir", str(tmp_path / "syn"), "--out-dir", str(out)]) == 2
+    assert main([*argv, "--data-dir", str(tmp_path / "syn"), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and says in err
     assert not out.exists() and not (tmp_path / "syn").exists()
@@ -290,8 +289,8 @@ def test_steps_per_epoch_fixes_the_training_length_whatever_the_number_of_patien
     for patients in ("5", "10"):
         for fixed in ("0", "7"):
             run = f"p{patients}-s{fixed}"
-            args = tiny_args(tmp_path, run, "--synthetic-patients", patients, "--synthetic-dir",
-                             str(tmp_path / f"syn{patients}"), "--split", "none", "--epochs", "2",
+            data = synthetic_tree(tmp_path / f"syn{patients}", int(patients), 6)
+            args = tiny_args(tmp_path, run, "--data-dir", data, "--split", "none", "--epochs", "2",
                              "--steps-per-epoch", fixed, "--tumor-weight", tumor_weight)
             assert main(args) == 0
             metrics = json.loads((tmp_path / run / "metrics.json").read_text())

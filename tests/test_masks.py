@@ -60,10 +60,9 @@ def _zero_one_copy(source, target, patients=None):
     return target
 
 
-def _tiny(data, out):
+def _tiny(data, out, split=("--val-fraction", "0.4")):
     return ["--data-dir", str(data), "--image-size", "32", "--features", "4", "--epochs", "1",
-            "--batch-size", "4", "--device", "cpu", "--amp", "off", "--val-fraction", "0.4", "--no-progress",
-            "--cache-dir", "off", "--out-dir", str(out)]
+            "--batch-size", "4", "--device", "cpu", "--amp", "off", *split, "--out-dir", str(out)]
 
 
 def test_a_zero_one_copy_trains_and_scores_as_the_original(tmp_path, capsys):
@@ -91,7 +90,7 @@ def test_no_tumor_anywhere_is_an_error_and_one_patient_without_is_a_warning(tmp_
     first = sorted(p for p in data.iterdir() if p.is_dir())[0]
     for mask in first.glob("*_mask.tif"):
         _write_mask(mask, np.zeros((64, 64)))
-    assert main([*_tiny(data, tmp_path / "r1"), "--val-patients", first.name]) == 0
+    assert main(_tiny(data, tmp_path / "r1", ("--val-patients", first.name))) == 0
     err = capsys.readouterr().err
     assert f"1 patient(s) without tumor in any mask: {first.name}" in err
     for mask in data.glob("*/*_mask.tif"):

@@ -12,7 +12,7 @@ import reports
 from data_preprocessing import background_level, brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from metrics import brain_component_3d, brain_components_3d, fill_slice_holes, heaviest_component_3d, largest_component_3d
+from metrics import brain_component_3d, brain_components_3d, fill_slice_holes, largest_component_3d
 from model import UNet
 
 
@@ -82,14 +82,6 @@ def test_brain_rule_keeps_a_tumor_that_touches_the_rim_false_positive():
     prob = np.where(pred, 0.9, 0.0).astype(np.float16)
     kept = brain_component_3d(pred, prob, inside)
     assert (kept & truth).sum() == 48 and not kept[1, 40:42, 40:44].any()
-
-
-def test_mass_rule_prefers_a_confident_small_component():
-    pred, truth, _ = tumor_and_rim()
-    prob = np.where(truth, 1.0, np.where(pred, 0.15, 0.0)).astype(np.float16)  # 48 x 1.0 > 300 x 0.15
-    assert np.array_equal(heaviest_component_3d(pred, prob), truth)
-    prob = np.where(truth, 1.0, np.where(pred, 0.2, 0.0)).astype(np.float16)  # 48 < 300 x 0.2: the rim wins
-    assert not (heaviest_component_3d(pred, prob) & truth).any()
 
 
 def test_scores_count_the_patients_whose_tumor_the_post_processing_threw_away():

@@ -56,7 +56,7 @@ def test_predict_with_their_weights_writes_one_mask_per_slice(tmp_path, buda_wei
 
 def test_evaluate_their_weights_warns_about_the_patients_they_trained_on(tmp_path, buda_weights, tiny_tree, capsys):
     run = ["evaluate", "--checkpoint", str(buda_weights), "--data-dir", str(tiny_tree), "--device", "cpu",
-           "--amp", "off", "--no-progress", "--cache-dir", "off"]
+           "--amp", "off"]
     assert main([*run, "--patients", "all", "--out-dir", str(tmp_path / "all")]) == 0
     err = capsys.readouterr().err
     assert f"1 of the 2 patients scored were used to train this model ({TRAINED})" in err
@@ -115,7 +115,7 @@ def test_a_plain_state_dict_needs_its_size_and_normalization(tmp_path, tiny_tree
 
 
 def test_epochs_zero_is_refused_with_a_pointer(tmp_path, capsys):
-    assert main(["--synthetic", "--synthetic-dir", str(tmp_path / "s"), "--epochs", "0",
+    assert main(["--data-dir", str(tmp_path / "s"), "--epochs", "0",
                  "--out-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "evaluate --checkpoint" in err and not (tmp_path / "r").exists()
@@ -124,7 +124,7 @@ def test_epochs_zero_is_refused_with_a_pointer(tmp_path, capsys):
 def test_fine_tuning_their_weights_warns_when_it_validates_on_their_training_patients(
         tmp_path, buda_weights, tiny_tree, capsys):
     args = ["--data-dir", str(tiny_tree), "--pretrained", str(buda_weights), "--image-size", "32", "--epochs", "1",
-            "--batch-size", "2", "--device", "cpu", "--amp", "off", "--no-progress", "--cache-dir", "off"]
+            "--batch-size", "2", "--device", "cpu", "--amp", "off"]
     assert main([*args, "--val-patients", "TCGA_CS_4941", "--out-dir", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert out.count("warning: Buda et al.'s weights were trained on 1 of the 1 validation patients") == 1

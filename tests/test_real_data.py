@@ -54,7 +54,7 @@ def test_engine_trains_on_real_slices(tmp_path):
     run = tmp_path / "run"
     assert main(["--data-dir", str(root), "--image-size", "32", "--features", "4", "--epochs", "1",
                  "--batch-size", "16", "--device", "cpu", "--val-fraction", "0.34",
-                 "--out-dir", str(run), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+                 "--out-dir", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["synthetic_data"] is False and metrics["patients"] == 1
     (val,) = metrics["per_patient"]

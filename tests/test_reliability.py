@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+import training
 from synthetic_data import make_synthetic_dataset
 from engine import main
 
@@ -20,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(tmp_path, data, run, *extra):
+    """A tiny run; a quarter of the patients validate unless ``extra`` chooses them otherwise."""
+    chooses = {"--val-patients", "--split", "--folds"} & set(extra)
     return ["--data-dir", str(data), "--image-size", "32", "--features", "4", "--batch-size", "4",
-            "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
-            "--out-dir", str(run), "--val-fraction", "0.25", *extra]
+            "--device", "cpu", "--out-dir", str(run), *([] if chooses else ["--val-fraction", "0.25"]), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +36,16 @@ def syn(tmp_path_factory):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import engine
+import engine, training
 calls = 0
-real_step = engine.optimizer_step
+real_step = training.optimizer_step
 def step(*args, **kwargs):
     global calls
     calls += 1
     if calls == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # mid-epoch, no chance to clean up
     return real_step(*args, **kwargs)
-engine.optimizer_step = step
+training.optimizer_step = step
 sys.exit(engine.main(sys.argv[1:]))
 """
 
@@ -63,7 +65,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn, 
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1  # the last complete epoch
     assert not list(run.glob("*.tmp"))  # no half-written file left behind
 
-    assert main(["--resume", str(run), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(["--resume", str(run)]) == 0
     assert (run / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 4  # header + epochs 1, 2, 3
@@ -94,14 +96,14 @@ def test_damaged_checkpoint_is_named(tmp_path, capsys):
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, syn, monkeypatch, capsys):
     calls = {"n": 0}
-    real = engine.forward_loss
+    real = training.forward_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 + 2 else loss  # step 1 of epoch 2
 
-    monkeypatch.setattr(engine, "forward_loss", poisoned)
+    monkeypatch.setattr(training, "forward_loss", poisoned)
     run = tmp_path / "run"
     assert main(tiny(tmp_path, syn, run, "--epochs", "3")) == 2
     err = capsys.readouterr().err
@@ -115,7 +117,7 @@ def test_out_of_memory_gets_advice(tmp_path, syn, monkeypatch, capsys):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine, "forward_loss", oom)
+    monkeypatch.setattr(training, "forward_loss", oom)
     assert main(tiny(tmp_path, syn, tmp_path / "run", "--epochs", "1")) == 2
     err = capsys.readouterr().err
     assert "--batch-size" in err and "Traceback" not in err

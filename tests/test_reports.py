@@ -6,6 +6,7 @@ import json
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from conftest import synthetic_tree
 
 from engine import main
 import pandas as pd
@@ -31,9 +32,8 @@ def test_overlay_slice_draws_both_outlines_exactly():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reports")
-    argv = ["--synthetic", "--synthetic-dir", str(tmp / "syn"), "--synthetic-patients", "5",
-            "--synthetic-slices", "8", "--image-size", "32", "--features", "4", "--epochs", "2",
-            "--batch-size", "4", "--device", "cpu", "--no-progress", "--cache-dir", str(tmp / "cache"),
+    argv = ["--data-dir", synthetic_tree(tmp / "syn", 5, 8), "--image-size", "32", "--features", "4",
+            "--epochs", "2", "--batch-size", "4", "--device", "cpu",
             "--out-dir", str(tmp / "run")]
     assert main(argv) == 0
     return tmp / "run"
@@ -77,8 +77,7 @@ def test_run_writes_every_report(run):
 
 def test_evaluate_writes_the_same_reports(run, tmp_path):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--no-progress",
-                 "--cache-dir", "off", "--out-dir", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--out-dir", str(out)]) == 0
     for name in ("metrics.json", "per_patient.csv", "dice_per_volume.png", "summary.md"):
         assert (out / name).is_file(), name
     assert len(list((out / "overlays").glob("*.png"))) == len(json.loads((out / "metrics.json").read_text())["per_patient"])

@@ -4,6 +4,7 @@ and the benchmark command measures both. No absolute speeds are asserted here.""
 import json
 
 import pytest
+from conftest import synthetic_tree
 import torch
 from torch import nn
 
@@ -53,9 +54,8 @@ def test_benchmark_command_writes_valid_json(tmp_path, capsys, where):
     target = tmp_path / ("bench.json" if where == "--out" else "benchmarks")
     assert main([
         "benchmark", "--image-size", "32", "--batch-size", "2", "--features", "4", "--device", "cpu",
-        "--warmup", "1", "--repeats", "2", "--e2e-batches", "2", "--synthetic",
-        "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "2", "--synthetic-slices", "4",
-        "--cache-dir", str(tmp_path / "cache"), "--no-progress", where, str(target),
+        "--warmup", "1", "--repeats", "2", "--e2e-batches", "2", "--data-dir", synthetic_tree(tmp_path / "syn", 2, 4),
+        where, str(target),
     ]) == 0
     out = target if where == "--out" else next(target.glob("benchmark-*.json"))
     result = json.loads(out.read_text())
@@ -101,9 +101,8 @@ def test_benchmark_times_the_network_asked_for_and_refuses_flags_it_does_not_use
     monkeypatch.setattr(benchmark, "build_training",
                         lambda spec, **kw: built.append(spec.features) or real(spec, **kw))
     common = ["--image-size", "32", "--batch-size", "2", "--device", "cpu",
-              "--warmup", "0", "--repeats", "1", "--e2e-batches", "1", "--synthetic",
-              "--synthetic-dir", str(tmp_path / "syn"), "--synthetic-patients", "2", "--synthetic-slices", "4",
-              "--cache-dir", "off", "--no-progress"]
+              "--warmup", "0", "--repeats", "1", "--e2e-batches", "1",
+              "--data-dir", synthetic_tree(tmp_path / "syn", 2, 4)]
     assert main(["benchmark", "--features", "4", *common, "--out", str(tmp_path / "b.json")]) == 0
     assert built == [4] * 3  # reference, fast, end to end
     assert json.loads((tmp_path / "b.json").read_text())["features"] == 4
