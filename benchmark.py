@@ -187,6 +187,14 @@ def _timed_batches(
     return first_at, images / (time.perf_counter() - timed_from)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``benchmark`` command's own flags (its training settings are Config's FIELDS)."""
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps; the median is reported")
+    parser.add_argument("--e2e-batches", type=int, default=20, help="batches timed through the DataLoader")
+    parser.add_argument("--out", default="", help="JSON file (default: <out-dir or runs>/benchmark-<date-time>.json)")
+
+
 def benchmark_command(args: argparse.Namespace) -> dict:
     """The ``benchmark`` command: reference vs fast path, then end to end; prints a table, writes JSON.
 

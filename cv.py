@@ -172,6 +172,17 @@ def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int =
 SITE_CI_MIN = 5  # compare --by-institution gives an interval for institutions of at least this many patients
 
 
+CV_DESCRIPTION = (
+    "Runs training once per fold (--folds K, default 5) into <out-dir>/fold-<i>, then writes cv_summary.csv (per "
+    "fold, mean and std over folds, and mean and median over all patients pooled) and cv_patients.csv (each "
+    "patient's Dice). --resume DIR continues an interrupted cv run from where it stopped.")
+COMPARE_DESCRIPTION = (
+    "Pairs the held-out Dice per patient of run A and run B (cv folders, run or evaluation folders, or their "
+    "cv_patients.csv / metrics.json) by patient name and prints, for each post-processing, the mean and median "
+    "of each and the mean of B - A with a 95%% bootstrap interval over patients. Patients scored by only one run "
+    "are left out and counted.")
+
+
 def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple[str, ...]) -> None:
     """The ``compare`` command's flags; ``postprocessing`` names the rules a run is scored with."""
     parser.add_argument("run_a", help="the baseline")

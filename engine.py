@@ -7,12 +7,10 @@
 Edit the defaults in ``Config`` or pass them as flags: every field below is also a command-line
 flag with the same default (``image_size`` -> ``--image-size``), generated from the dataclass.
 
-This file holds the settings, the command line, the training loop and the dispatch to the other
+This file holds the settings, the command line, the training run and the dispatch to the other
 commands, each of which lives in a module of its own: evaluation.py (evaluate), inference.py
-(predict, export), benchmark.py, cv.py (cv, compare) and data_loaders.py (data, download).
+(predict, export), benchmark.py, cv.py (cv, compare) and data_commands.py (data, download).
 """
-
-
 
 from __future__ import annotations
 
@@ -35,49 +33,17 @@ import evaluation
 import inference
 from data_cache import load_dataset, resolve_cache_dir
 from data_commands import add_data_arguments, add_download_arguments, download_dataset, data_command
-from data_files import (
-    DATA_ENV_VAR,
-    DataIssues,
-    NORMALIZATIONS,
-    PatientVolume,
-    describe_masks,
-    read_clinical,
-    report_issues,
-)
-from data_loaders import (
-    LGGSlices,
-    choose_split,
-    default_num_workers,
-    locate_data,
-    make_loader,
-)
+from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume, describe_masks, read_clinical,
+                        report_issues)
+from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import IntensityAugment, train_preprocess
-from libraries import (
-    add_bool_flag,
-    Distributed,
-    UserError,
-    environment_report,
-    init_distributed,
-    new_run_dir,
-    quiet_opencv,
-    save_json,
-    seed_everything,
-    setup_device,
-)
+from libraries import (Distributed, UserError, add_bool_flag, environment_report, init_distributed, new_run_dir,
+                       quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
-from reports import epoch_line, write_reports
-from training import (
-    NetworkSpec,
-    TrainingParts,
-    build_training,
-    make_scheduler,
-    load_pretrained,
-    pretrained_overlap,
-    restore,
-    run_epoch,
-    save_epoch,
-)
+from reports import epoch_line, format_metrics, write_reports
+from training import (NetworkSpec, TrainingParts, build_training, load_pretrained, make_scheduler, pretrained_overlap,
+                      restore, run_epoch, save_epoch)
 
 
 SPLITS = ("random", "buda", "none")
@@ -202,18 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     """cv, compare and benchmark: commands that measure recipes and speed (cv's flags are Config's)."""
-    cvp = command("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
-                  description="Runs training once per fold (--folds K, default 5) into "
-                  "<out-dir>/fold-<i>, then writes cv_summary.csv (per fold, mean and std over folds, and "
-                  "mean and median over all patients pooled) and cv_patients.csv (each patient's Dice). "
-                  "--resume DIR continues an interrupted cv run from where it stopped.")
-    add_config_flags(cvp, Config(folds=5))
-    cv.add_compare_arguments(command(
-        "compare", help="paired per-patient comparison of two runs' held-out Dice, with a bootstrap interval",
-        description="Pairs the held-out Dice per patient of run A and run B (cv folders, run or evaluation "
-        "folders, or their cv_patients.csv / metrics.json) by patient name and prints, for each "
-        "post-processing, the mean and median of each and the mean of B - A with a 95%% bootstrap interval "
-        "over patients. Patients scored by only one run are left out and counted."), evaluation.POSTPROCESSING)
+    add_config_flags(command("cv", help="patient-level K-fold cross-validation: train every fold, summarize",
+                             description=cv.CV_DESCRIPTION), Config(folds=5))
+    cv.add_compare_arguments(command("compare", help="paired per-patient comparison of two runs' held-out Dice, "
+                                     "with a bootstrap interval", description=cv.COMPARE_DESCRIPTION),
+                             evaluation.POSTPROCESSING)
     bench = command(
         "benchmark", help="time the reference fp32 path against the fast default path",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "
@@ -221,10 +180,7 @@ def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         "end-to-end training throughput through the real DataLoader, all with the network asked for.",
     )
     add_config_flags(bench, only=benchmark.FIELDS)
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    bench.add_argument("--repeats", type=int, default=7, help="timed steps; the median is reported")
-    bench.add_argument("--e2e-batches", type=int, default=20, help="batches timed through the DataLoader")
-    bench.add_argument("--out", default="", help="JSON file (default: <out-dir or runs>/benchmark-<date-time>.json)")
+    benchmark.add_arguments(bench)
 
 
 COMMANDS = ("train", "evaluate", "predict", "export", "benchmark", "cv", "compare", "download", "data")
@@ -517,9 +473,8 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"channels_last: {CHANNELS_LAST}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
-        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}"
-        + ")"
-        + f", {val_slices} validation slices",
+        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}), "
+        f"{val_slices} validation slices",
     ])
 
 
@@ -558,7 +513,7 @@ def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: 
     write_reports(data.run_dir, final, volumes=volumes, scans=[data.volumes[n] for n in data.val_names],
                   title=f"Training run {data.run_dir.name}: {title}", config=config_record, environment=env,
                   timing=timing, history=history, clinical=read_clinical(data.root))
-    print(evaluation.format_metrics(final, title))
+    print(format_metrics(final, title))
     print(f"best epoch {state['best_epoch']} (Dice per volume {state['best_dice']:.4f}); {elapsed / 60:.1f} min; "
           f"wrote {data.run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, "
           "overlays/, best.pt, last.pt, history.csv")

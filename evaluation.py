@@ -56,7 +56,7 @@ from metrics import (
     parse_spacing,
 )
 from model import check_network_settings, fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
-from reports import write_reports
+from reports import format_metrics, write_reports
 
 
 def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,41 +282,6 @@ def gather_across_ranks(named: dict, loss_sum: float, count: int) -> tuple[dict,
     for part, _, _ in parts:
         merged.update(part)
     return merged, sum(p[1] for p in parts), sum(p[2] for p in parts)
-
-
-
-METRIC_LABELS = (
-    ("dice_per_volume_mean", "Dice per volume, mean"),
-    ("dice_per_volume_median", "Dice per volume, median"),
-    ("iou_per_volume_mean", "IoU per volume, mean"),
-    ("dice_global", "Dice, all pixels"),
-    ("iou_global", "IoU, all pixels"),
-    ("dice_per_slice_tumor_mean", "Dice per tumor slice, mean"),
-    ("precision", "Precision (pixels)"),
-    ("recall", "Recall (pixels)"),
-)
-
-
-def format_metrics(metrics: dict, title: str) -> str:
-    """The end-of-run table: every metric of the chosen post-processing, then each reported rule's Dice."""
-    lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
-             f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
-             f"threshold: {metrics['threshold']:g}"]
-    for key, label in METRIC_LABELS:
-        value = metrics[key]
-        lines.append(f"  {label:<28} {'n/a' if value is None else f'{value:.4f}'}")
-    hd = metrics["hd95_px_mean"]
-    lines.append(f"  {'HD95 per volume, mean (px)':<28} {'n/a' if hd is None else f'{hd:.2f}'}"
-                 + (f"  ({metrics['hd95_undefined_patients']} undefined)" if metrics["hd95_undefined_patients"] else ""))
-    if metrics.get("hd95_mm_mean") is not None:
-        lines.append(f"  {'HD95 per volume, mean (mm)':<28} {metrics['hd95_mm_mean']:.2f}")
-    lines.append("  Dice per volume mean / median, by post-processing (patients whose tumor it threw away):")
-    width = max(map(len, metrics["postprocessing"]))
-    for name, v in metrics["postprocessing"].items():
-        lost = v["tumor_lost_patients"]
-        lines.append(f"    {name:<{width}} {v['dice_per_volume_mean']:.4f} / {v['dice_per_volume_median']:.4f}"
-                     + (f"  ({len(lost)}: {', '.join(lost)})" if lost else ""))
-    return "\n".join(lines)
 
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_files import make_volume  # noqa: E402  (needs the root on sys.path)
 
-# The 36-patient real subset, beside the repository; absent on users' clones.
+# The real subset (66 patients since 2026-12-05), beside the repository; absent on users' clones.
 REAL_DATA = ROOT.parent / "shared" / "data" / "lgg_subset" / "kaggle_3m"
 requires_real_data = pytest.mark.skipif(
     not REAL_DATA.is_dir(), reason=f"real LGG subset not found at {REAL_DATA}"

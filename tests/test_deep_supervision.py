@@ -58,3 +58,10 @@ def test_deep_supervision_run_saves_a_plain_model_that_evaluate_reproduces(tmp_p
     run = json.loads((tmp_path / "run" / "metrics.json").read_text())
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["dice_per_volume_mean"] == pytest.approx(run["dice_per_volume_mean"], abs=1e-6)
+    # Released weights record what inference reads, not how they were trained: no deep_supervision,
+    # which nothing downstream would read.
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--format", "state_dict",
+                 "--output", str(tmp_path / "release")]) == 0
+    [released] = (tmp_path / "release").glob("unet-*.pt")
+    record = torch.load(released, weights_only=True)["config"]
+    assert "deep_supervision" not in record and record["features"] == 4 and record["image_size"] == 32
