@@ -30,7 +30,6 @@ from data_preprocessing import (
     brain_interior,
     buda_square,
     buda_stats,
-    head_mask,
     mask_convention,
     volume_stats,
 )
@@ -315,17 +314,15 @@ class PatientVolume:
     # (y0, y1, x0, x1) crop applied before resizing ('buda' normalization); None: whole slice.
     box: tuple[int, int, int, int] | None = None
     mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
-    _interiors: dict[bool, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    _interior: np.ndarray | None = field(default=None, repr=False, compare=False)
     _contrast: tuple[float | None] | None = field(default=None, repr=False, compare=False)
 
-    def interior(self, shell: bool = False) -> np.ndarray:
-        """(N, H, W) bool: the brain away from the scalp (``brain_interior``; with ``shell``, inside a
-        shell of scalp and skull). Both are computed once, from one head mask: every epoch's
-        validation post-processes the same volumes with every rule."""
-        if not self._interiors:
-            head = head_mask(self.images)
-            self._interiors = {s: brain_interior(self.images, shell=s, head=head) for s in (False, True)}
-        return self._interiors[shell]
+    def interior(self) -> np.ndarray:
+        """(N, H, W) bool: the brain away from the scalp (``brain_interior``), computed once: every
+        epoch's validation post-processes the same volumes."""
+        if self._interior is None:
+            self._interior = brain_interior(self.images)
+        return self._interior
 
     def flair_contrast(self) -> float | None:
         """How much brighter the true lesion is on FLAIR than the brain around it
@@ -360,7 +357,7 @@ def set_normalization(volume: PatientVolume, method: str, image_size: int) -> Pa
     images = volume.images
     theirs = slice(1, -1) if len(images) > 2 else slice(None)  # their volume lacks the first and last slice
     volume.images = np.where(images < 0.1 * float(images[theirs].max()), 0, images).astype(np.uint8)
-    volume._interiors = {}  # of the images before zeroing
+    volume._interior = None  # of the images before zeroing
     kept = volume.images[theirs]
     filled = np.flatnonzero(kept.reshape(len(kept), -1).any(axis=1))
     if len(filled):

@@ -150,32 +150,17 @@ def head_mask(volume: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(s) for s in head])
 
 
-def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0.1, shell: bool = False,
-                   head: np.ndarray | None = None) -> np.ndarray:
-    """(D, H, W) bool: the head of each slice of a (D, H, W, C) uint8 volume, shrunk by the scalp.
+def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0.1) -> np.ndarray:
+    """(D, H, W) bool: the head of each slice of a (D, H, W, C) volume (``head_mask``), shrunk by the scalp.
 
-    The head (``head_mask``, or ``head`` if given: it is most of the cost) is eroded by ``margin``
-    of the slice width (13 px at 256), about the thickness of scalp and skull. Post-processing uses
-    it to tell components in the brain from those on the outer rim of the head
-    (``metrics.brain_component_3d``).
-
-    With ``shell``, the scalp and skull are a shell of that thickness t around a head whose widest
-    slice has radius R (radii from each slice's head area): a slice of head radius r lies at
-    sqrt(R^2 - r^2) from the centre of such a sphere, where the shell's inner surface has radius
-    sqrt(r^2 - 2Rt + t^2), so the slice is eroded by r minus that. That is t on the widest slices,
-    more on slices that cut the shell obliquely near the top (or bottom) of the head, and the whole
-    slice where r^2 < 2Rt - t^2: there the slice holds scalp and skull only.
+    The head is eroded by ``margin`` of the slice width (13 px at 256), about the thickness of
+    scalp and skull. Post-processing uses it to tell components in the brain from those on the
+    outer rim of the head (``metrics.brain_component_3d``).
     """
-    head = head_mask(volume, fraction) if head is None else head
+    head = head_mask(volume, fraction)
     steps = max(1, round(margin * head.shape[-1]))
     in_plane = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)  # erode within each slice only
-    if not shell:
-        return ndimage.binary_erosion(head, structure=in_plane, iterations=steps, border_value=0)
-    radius = np.sqrt(head.sum(axis=(1, 2)) / np.pi)
-    inner = np.sqrt(np.clip(radius**2 - 2 * radius.max() * steps + steps**2, 0, None))
-    depths = np.maximum(steps, np.round(radius - inner)).astype(int)  # >= 1: 0 iterations would mean 'until stable'
-    return np.stack([ndimage.binary_erosion(s, structure=in_plane[0], iterations=int(d), border_value=0) if rest > 0
-                     else np.zeros_like(s) for s, d, rest in zip(head, depths, inner)])
+    return ndimage.binary_erosion(head, structure=in_plane, iterations=steps, border_value=0)
 
 
 def crop_pad_square(

@@ -90,7 +90,8 @@ class Config:
     patience: int = _opt(0, "stop after this many validations without a better Dice (0: off)")
     val_every: int = _opt(1, "validate every N epochs and after the last; training is unchanged")
     # ---- evaluation ----
-    postprocess: str = _opt("none", "per patient: none, lcc or brain (docs/method.md)", evaluation.POSTPROCESSING)
+    postprocess: str = _opt("none", "per patient: none, lcc, brain, brain-multi (docs/method.md)",
+                            evaluation.POSTPROCESSING)
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, for HD95 and volumes in mm")
     # ---- hardware ----
     device: str = _opt("auto", "auto: CUDA if available, else CPU", ("auto", "cpu", "cuda"))
@@ -114,11 +115,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # each setting: docs/results.md.
     "cpu": dict(image_size=128, epochs=20, steps_per_epoch=150, batch_size=16, lr=1e-3,
                 weight_decay=1e-4, warmup_epochs=1.0, tumor_weight=2.0, modality_dropout=0.2,
-                postprocess="brain"),
+                postprocess="brain-multi"),
     # A GPU: full resolution, longer; 250 steps an epoch, about one pass over all 110 patients.
     "full": dict(image_size=256, epochs=60, steps_per_epoch=250, batch_size=16, lr=1e-3,
                  weight_decay=1e-4, warmup_epochs=2.0, tumor_weight=2.0, modality_dropout=0.2,
-                 patience=20, postprocess="brain"),
+                 patience=20, postprocess="brain-multi"),
 }
 
 

@@ -50,7 +50,6 @@ from metrics import (
     SegmentationMeter,
     brain_component_3d,
     brain_components_3d,
-    fill_slice_holes,
     hd95,
     largest_component_3d,
     parse_spacing,
@@ -88,7 +87,6 @@ class PatientPrediction:
     truth: np.ndarray  # bool
     inside: np.ndarray  # bool: the brain, away from the scalp (data_preprocessing.brain_interior)
     contrast: float | None = None  # the true lesion's FLAIR contrast (PatientVolume.flair_contrast)
-    shell: np.ndarray | None = None  # bool: the brain inside a shell of scalp and skull; None: ``inside``
 
 
 @torch.inference_mode()
@@ -141,7 +139,6 @@ def predict_volumes(
         whole = len(volume.images) == len(items)
         volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth,
                                        inside=volume.interior() if whole else np.ones_like(pred),
-                                       shell=volume.interior(shell=True) if whole else None,
                                        contrast=volume.flair_contrast() if whole else None)
     return total, seen, volumes
 
@@ -149,11 +146,10 @@ def predict_volumes(
 # Post-processing of a patient's predicted volume (runs report the raw prediction beside the
 # chosen rule; evaluate --all-rules reports every one): none; lcc, the largest 3D component by
 # voxels (the published reference); brain, the component of largest probability mass inside the
-# brain rather than on the scalp rim;
-# brain-filled, brain's component with the holes of each slice filled; brain-multi, every
-# component with at least half the heaviest one's mass inside the brain; brain-shell, brain's
-# rule with the scalp and skull of the top and bottom slices of the head not counted as brain.
-POSTPROCESSING = ("none", "lcc", "brain", "brain-filled", "brain-multi", "brain-shell")
+# brain rather than on the scalp rim; brain-multi (the presets'), every component whose mass
+# inside the brain is at least half the heaviest one's, so a rival inside the brain does not
+# throw a comparable tumor away.
+POSTPROCESSING = ("none", "lcc", "brain", "brain-multi")
 
 
 def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
@@ -164,12 +160,8 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
         return largest_component_3d(v.pred)
     if method == "brain":
         return brain_component_3d(v.pred, v.prob, v.inside)
-    if method == "brain-filled":
-        return fill_slice_holes(brain_component_3d(v.pred, v.prob, v.inside))
     if method == "brain-multi":
         return brain_components_3d(v.pred, v.prob, v.inside)
-    if method == "brain-shell":
-        return brain_component_3d(v.pred, v.prob, v.inside if v.shell is None else v.shell)
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
 
 
@@ -417,11 +409,11 @@ def check_threshold(threshold: float) -> None:
 
 def scoring_settings(args: argparse.Namespace, record: dict) -> tuple[float, str]:
     """The threshold and post-processing that evaluate and predict use: the flags given, else the
-    checkpoint's own settings (a rule this version no longer has falls back to 'brain')."""
+    checkpoint's own settings (a rule this version no longer has falls back to the presets' 'brain-multi')."""
     threshold = record.get("threshold", 0.5) if args.threshold is None else args.threshold
     check_threshold(threshold)
     trained = record.get("postprocess", "none")
-    return threshold, args.postprocess or (trained if trained in POSTPROCESSING else "brain")
+    return threshold, args.postprocess or (trained if trained in POSTPROCESSING else "brain-multi")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -179,17 +179,6 @@ def _mass_inside(prob: np.ndarray, inside: np.ndarray) -> Callable[[np.ndarray, 
     return score
 
 
-def fill_slice_holes(volume: np.ndarray) -> np.ndarray:
-    """``volume`` (D, H, W bool) with the holes of each axial slice filled: background pixels that
-    the slice's mask encloses (4-connected background not reaching the slice's border).
-
-    A FLAIR abnormality is solid in the masks (17 of the 469 tumor slices of the 36 subset patients
-    have a hole), but a cystic lesion's center is dark on FLAIR and may be left out of the
-    prediction while its rim is found. Filling only adds pixels, so it never loses a tumor.
-    """
-    return np.stack([ndimage.binary_fill_holes(s) for s in volume]) if len(volume) else volume.astype(bool)
-
-
 def lesion_contrast(flair: np.ndarray, truth: np.ndarray, inside: np.ndarray) -> float | None:
     """How much brighter the true lesion is on FLAIR than the brain around it, in that brain's
     standard deviations: (mean over ``truth`` - median over the rest of ``inside``) / its std.

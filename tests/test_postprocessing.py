@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
 import reports
 from data_preprocessing import background_level, brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from metrics import brain_component_3d, brain_components_3d, fill_slice_holes, largest_component_3d
+from metrics import brain_component_3d, brain_components_3d, largest_component_3d
 from model import UNet
 
 
@@ -148,79 +147,6 @@ def dome_volume() -> np.ndarray:
     radii = (28, 28, 28, 28, 20, 10)
     heads = np.stack([(yy - 32) ** 2 + (xx - 32) ** 2 <= r**2 for r in radii])
     return np.where(heads, 120, 0).astype(np.uint8)[..., None].repeat(3, -1)
-
-
-def test_shell_interior_erodes_the_top_slices_more():
-    """t = round(0.05 * 64) = 3 px, R = 28. Widest slices: eroded by t, as without the shell. Radius
-    20: by 20 - sqrt(20^2 - 2 * 28 * 3 + 3^2) = 4.48 -> 4 px. Radius 10: 10^2 < 2 * 28 * 3 - 3^2 = 159, so
-    the slice is scalp and skull only."""
-    volume = dome_volume()
-    old, shell = brain_interior(volume), brain_interior(volume, shell=True)
-    assert np.array_equal(shell[:4], old[:4])
-    cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
-    head4 = volume[4, ..., 0] > 0
-    assert np.array_equal(shell[4], ndimage.binary_erosion(head4, cross, iterations=4, border_value=0))
-    assert not np.array_equal(shell[4], old[4])
-    assert old[5].any() and not shell[5].any()
-    # A volume that stops below the top of the head (every slice as wide): the same as before.
-    flat = head_volume()
-    assert np.array_equal(brain_interior(flat, shell=True), brain_interior(flat))
-
-
-def test_brain_shell_keeps_the_tumor_over_a_heavier_false_positive_on_the_top_slice():
-    """A tumor of 48 voxels at p 0.9 in slices 1-3 (mass 43.2), and a false component that fills the
-    in-plane interior of the top slice: 60 voxels at p 0.9 (mass 54), in the brain for 'brain' (radius 10,
-    eroded by 3 px) but outside it for 'brain-shell' (the top slice is all shell)."""
-    volume = dome_volume()
-    pred = np.zeros((6, 64, 64), bool)
-    pred[1:4, 30:34, 30:34] = True
-    truth = pred.copy()
-    pred[5, 28:34, 27:37] = True  # 6 x 10 = 60 voxels, within 7 px of the centre
-    prob = np.where(pred, 0.9, 0.0).astype(np.float16)
-    inside, shell = brain_interior(volume), brain_interior(volume, shell=True)
-    assert inside[5][pred[5]].all()  # the false component lies wholly 'inside' by the in-plane rule
-    v = PatientPrediction(prob=prob, pred=pred, truth=truth, inside=inside, shell=shell)
-    brain, _ = score_volumes({0: v}, ["P"], postprocess="brain", spacing=None)
-    kept_shell, kept = score_volumes({0: v}, ["P"], postprocess="brain-shell", spacing=None)
-    assert brain["tumor_lost_patients"] == ["P"]
-    assert kept_shell["tumor_lost_patients"] == [] and np.array_equal(kept[0], truth)
-    # Without a shell interior (a partial volume), brain-shell is brain.
-    v.shell = None
-    assert score_volumes({0: v}, ["P"], postprocess="brain-shell", spacing=None)[0]["tumor_lost_patients"] == ["P"]
-
-
-def test_fill_slice_holes_fills_what_each_slice_encloses_and_nothing_else():
-    volume = np.zeros((3, 8, 8), bool)
-    volume[0, 1:6, 1:6] = True
-    volume[0, 2:5, 2:5] = False  # a ring: its 3x3 hole is enclosed
-    volume[1, 0:4, 0:4] = True
-    volume[1, 0, 1:3] = False  # a notch open to the image border: not a hole
-    volume[1, 1:3, 1:3] = False  # ...and the pocket the notch reaches: open too
-    volume[2, 2:5, 2:5] = True  # a hole only in 3D: slice 2 is solid, slices 0 and 1 are not above it
-    filled = fill_slice_holes(volume)
-    expected = volume.copy()
-    expected[0, 2:5, 2:5] = True  # 9 pixels
-    assert np.array_equal(filled, expected)
-    assert int(filled.sum() - volume.sum()) == 9
-    assert fill_slice_holes(np.zeros((0, 4, 4), bool)).shape == (0, 4, 4)
-
-
-def test_brain_filled_scores_the_filled_component_and_keeps_brains_choice():
-    """The rim false positive is dropped as by 'brain'; the tumor, a 6x6 square per slice of which
-    the model missed the 2x2 center, is completed: raw Dice 2*32*3 / (32*3 + 36*3 + 300)."""
-    pred, truth, arc = tumor_and_rim()
-    pred[2:5, 30:34, 30:34] = False
-    pred[2:5, 29:35, 29:35] = True
-    pred[2:5, 31:33, 31:33] = False  # the dark center, missed
-    truth = np.zeros_like(pred)
-    truth[2:5, 29:35, 29:35] = True
-    v = PatientPrediction(prob=np.where(pred, 0.9, 0.0).astype(np.float16), pred=pred, truth=truth,
-                          inside=brain_interior(head_volume()))
-    scores = {name: score_volumes({0: v}, ["P"], postprocess=name, spacing=None)[0]["dice_per_volume_mean"]
-              for name in ("none", "brain", "brain-filled")}
-    assert scores["none"] == pytest.approx(2 * 96 / (96 + 108 + 300))
-    assert scores["brain"] == pytest.approx(2 * 96 / (96 + 108))
-    assert scores["brain-filled"] == 1.0
 
 
 def test_overlays_draw_a_slice_with_only_a_false_positive(tmp_path, monkeypatch):

@@ -109,20 +109,20 @@ def write_scores(folder, scores: dict) -> None:
 
 def test_compare_a_rule_only_the_newer_run_reports(tmp_path, capsys):
     """An older cv folder lacks the newer rules' columns: comparing its 'lcc' with the newer run's
-    'brain-shell' pairs them (a traceback before), and a rule A lacks is refused in one line."""
+    'brain-multi' pairs them (a traceback before), and a rule A lacks is refused in one line."""
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
     (old / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc\n0,P1,0.5,0.6\n0,P2,0.8,0.8\n")
-    (new / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc,dice_brain-shell\n0,P1,0.5,0.5,0.9\n"
+    (new / "cv_patients.csv").write_text("fold,patient,dice,dice_lcc,dice_brain-multi\n0,P1,0.5,0.5,0.9\n"
                                          "0,P2,0.7,0.7,0.9\n")
-    assert main(["compare", str(old), str(new), "--postprocess-a", "lcc", "--postprocess-b", "brain-shell"]) == 0
+    assert main(["compare", str(old), str(new), "--postprocess-a", "lcc", "--postprocess-b", "brain-multi"]) == 0
     # P1 0.6 -> 0.9, P2 0.8 -> 0.9: mean 0.7 -> 0.9.
-    assert "lcc -> brain-shell: mean 0.7000 -> 0.9000, B - A +0.2000" in capsys.readouterr().out
-    assert main(["compare", str(new), str(old), "--postprocess-a", "brain-shell", "--postprocess-b",
-                 "brain-shell"]) == 2
+    assert "lcc -> brain-multi: mean 0.7000 -> 0.9000, B - A +0.2000" in capsys.readouterr().out
+    assert main(["compare", str(new), str(old), "--postprocess-a", "brain-multi", "--postprocess-b",
+                 "brain-multi"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "run B has no Dice with post-processing 'brain-shell'" in err
+    assert err.count("\n") == 0 and "run B has no Dice with post-processing 'brain-multi'" in err
 
 
 def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsys):
