@@ -3,7 +3,7 @@
 ``predict`` reads slices as they come (one file, a folder, a patient folder or a dataset root),
 builds each folder's slices into a volume and runs it through the very pipeline that ``evaluate``
 scores (``evaluation.scoring_loader`` and ``predict_volumes``): the same normalization, crop,
-resize, mirror averaging, paste-back, threshold and post-processing.
+resize, ensemble averaging, paste-back, threshold and post-processing.
 """
 
 from __future__ import annotations
