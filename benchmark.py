@@ -25,7 +25,7 @@ from data_cache import load_dataset, resolve_cache_dir
 from data_files import DataIssues
 from data_loaders import LGGSlices, default_num_workers, locate_data, make_loader
 from data_preprocessing import IntensityAugment, batch_to_device, train_preprocess
-from libraries import autocast, environment_report, save_json, setup_device
+from libraries import CHANNELS_LAST, autocast, environment_report, save_json, setup_device
 from model import count_flops, fuse_conv_bn
 from training import NetworkSpec, TrainingParts, build_training, forward_loss, optimizer_step
 
@@ -142,17 +142,17 @@ def time_end_to_end(
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
-    parts = _parts(args.features, device, amp_dtype, True, args.compile)
+    parts = _parts(args.features, device, amp_dtype, CHANNELS_LAST, args.compile)
     parts.net.train()
     augment = IntensityAugment(args.seed) if args.intensity_augment else None
 
     def train_step(batch: dict) -> int:
-        image, mask = batch_to_device(batch, device, True, augment)
+        image, mask = batch_to_device(batch, device, CHANNELS_LAST, augment)
         optimizer_step(forward_loss(parts.net, image, mask, parts.loss_fn, amp_dtype), parts.optimizer, parts.scaler)
         return len(image)
 
     def load_only(batch: dict) -> int:
-        return len(batch_to_device(batch, device, True, augment)[0])
+        return len(batch_to_device(batch, device, CHANNELS_LAST, augment)[0])
 
     first_at, train_img_s = _timed_batches(loader, device, batches, train_step)
     return {"data": str(root), "synthetic_data": synthetic, "slices": len(dataset), "workers": workers,
@@ -206,8 +206,8 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     paths = {
         "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False,
                                               fused=False),
-        f"fast (amp {amp_dtype or 'off'}, channels_last {True}, compile {args.compile})": dict(
-            amp_dtype=amp_dtype, channels_last=True, compile_model=args.compile, fused=True),
+        f"fast (amp {amp_dtype or 'off'}, channels_last {CHANNELS_LAST}, compile {args.compile})": dict(
+            amp_dtype=amp_dtype, channels_last=CHANNELS_LAST, compile_model=args.compile, fused=True),
     }
     print(f"timing {len(paths)} paths in turns ...", flush=True)
     rows = time_paths(paths, **common)

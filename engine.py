@@ -37,8 +37,8 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
                         report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import IntensityAugment, train_preprocess
-from libraries import (Distributed, UserError, add_bool_flag, environment_report, init_distributed, new_run_dir,
-                       quiet_opencv, save_json, seed_everything, setup_device)
+from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, environment_report, init_distributed,
+                       new_run_dir, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, write_reports
@@ -47,8 +47,6 @@ from training import (NetworkSpec, TrainingParts, build_training, load_pretraine
 
 
 SPLITS = ("random", "buda", "none")
-# NHWC memory layout: faster convolutions on CPUs and GPUs (benchmark measures it against NCHW).
-CHANNELS_LAST = True
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
