@@ -66,7 +66,7 @@ def load_volume(
 
 
 # Bump when the cached arrays or the statistics change meaning: old entries are then ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: statistics over the voxels above each channel's minimum (was: above 0)
 
 
 def default_cache_dir() -> Path:

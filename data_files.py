@@ -307,13 +307,14 @@ class PatientVolume:
     """All slices of one patient in memory, in slice order."""
 
     name: str
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8, or float32 from scanner files (model_intensities)
     masks: np.ndarray  # (N, H, W) uint8 {0, 1}
     slice_numbers: list[int]
     stats: VolumeStats
     # (y0, y1, x0, x1) crop applied before resizing ('buda' normalization); None: whole slice.
     box: tuple[int, int, int, int] | None = None
     mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
+    spacing: tuple[float, float, float] | None = None  # (dz, dy, dx) mm from a file header; None: --spacing
     _interior: np.ndarray | None = field(default=None, repr=False, compare=False)
     _contrast: tuple[float | None] | None = field(default=None, repr=False, compare=False)
 
@@ -340,7 +341,7 @@ def set_normalization(volume: PatientVolume, method: str, image_size: int) -> Pa
     (see data_preprocessing and docs/reference.md).
 
     'volume' (the default): per-channel 1-99th percentile clipping and z-scoring over the voxels
-    above 0. In this dataset that is most of each volume (42-99% of the FLAIR voxels of the 36-patient
+    above the channel's minimum (0 in the TIFFs; any floor in scanner files). In this dataset that is most of each volume (42-99% of the FLAIR voxels of the 36-patient
     subset, median 95%), because the background is scanner noise of a few units, not 0: the
     statistics then depend on the share of the field of view the head fills (28-69%) and the noise.
     'buda': Buda et al.'s pipeline (their dataset.py and utils.py), in their order. They leave out
@@ -368,6 +369,27 @@ def set_normalization(volume: PatientVolume, method: str, image_size: int) -> Pa
     # scikit-image clips the resized volume to the range of its input.
     volume.stats = buda_stats(np.clip(squares, 0.0, float(kept.max()) / 255))
     return volume
+
+
+def model_intensities(images: np.ndarray, normalization: str) -> np.ndarray:
+    """(N, H, W, 3) slices of any scale as the pipeline takes them.
+
+    8-bit values (integers in 0..255, whatever the array's type) pass as uint8: the dataset's own
+    TIFFs, read the same way whatever file they came through. Anything else (12- to 16-bit
+    scanner values, floats) passes as float32 under the 'volume' normalization, whose per-volume
+    statistics remove scale and offset, with no 8-bit rounding. The 'buda' pipeline was built
+    for the authors' 0-255 TIFFs: each channel is rescaled from its minimum..maximum to 0..255.
+    """
+    if images.dtype == np.uint8:
+        return images
+    values = images.astype(np.float32)
+    if values.min() >= 0 and values.max() <= 255 and np.array_equal(values, np.round(values)):
+        return values.astype(np.uint8)
+    if normalization != "buda":
+        return values
+    low = values.min(axis=(0, 1, 2))
+    span = np.maximum(values.max(axis=(0, 1, 2)) - low, 1e-6)
+    return np.round((values - low) / span * 255).astype(np.uint8)
 
 
 def make_volume(name: str, images: np.ndarray, masks: np.ndarray, slice_numbers: list[int]) -> PatientVolume:

@@ -72,15 +72,15 @@ class VolumeStats:
         return torch.from_numpy(np.stack([self.low, self.high, self.mean, self.std]).astype(np.float32))
 
 
-def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0,
-                 where: np.ndarray | None = None) -> VolumeStats:
-    """Per-channel statistics of a (N, H, W, C) uint8 volume, computed over voxels > 0, and only
-    those inside ``where`` ((N, H, W) bool) if given.
+def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> VolumeStats:
+    """Per-channel statistics of a (N, H, W, C) volume of any scale, over the voxels above each
+    channel's minimum.
 
-    Background of value 0 is left out so that the share of air around the head does not move the
-    percentiles. Where the scanner's background is noise above 0, as in most of this dataset's
-    slices, only ``where`` (a head mask) keeps it out. A channel with no voxel left gets
-    low=high=mean=0 and std=1.
+    The floor (0 in the dataset's TIFFs, an offset or a negative value in scanner files) is the
+    air that fills much of the field of view; leaving it out keeps the share of air from moving
+    the percentiles, and makes the statistics follow any scale and offset of the intensities, so
+    the normalized volume does not change with them. A channel with no voxel above its floor gets
+    low=high=mean=its floor and std=1.
     """
     if volume.ndim != 4:
         raise ValueError(f"expected a (N, H, W, C) volume, got shape {volume.shape}")
@@ -88,9 +88,11 @@ def volume_stats(volume: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.
     low, high, mean, std = (np.zeros(channels, np.float32) for _ in range(4))
     std[:] = 1.0
     for c in range(channels):
-        inside = volume[..., c] > 0 if where is None else (volume[..., c] > 0) & where
-        head = volume[..., c][inside].astype(np.float32)
+        values = volume[..., c]
+        floor = values.min() if values.size else 0
+        head = values[values > floor].astype(np.float32)
         if head.size == 0:
+            low[c] = high[c] = mean[c] = floor
             continue
         low[c], high[c] = np.percentile(head, [low_pct, high_pct])
         clipped = np.clip(head, low[c], high[c])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,9 +32,12 @@ from data_files import (
     describe_masks,
     group_by_patient,
     find_data_dir,
+    make_volume,
+    model_intensities,
     read_clinical,
     report_issues,
     scan_dataset,
+    set_normalization,
 )
 from data_loaders import (
     BUDA_VAL_PREFIXES,
@@ -56,6 +60,7 @@ from metrics import (
 )
 from model import check_network_settings, fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
 from reports import format_metrics, write_reports
+from scans import find_cases, load_case, parse_labels, warn_filled
 
 
 def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +92,7 @@ class PatientPrediction:
     truth: np.ndarray  # bool
     inside: np.ndarray  # bool: the brain, away from the scalp (data_preprocessing.brain_interior)
     contrast: float | None = None  # the true lesion's FLAIR contrast (PatientVolume.flair_contrast)
+    spacing: tuple[float, float, float] | None = None  # (dz, dy, dx) mm from the scan's header (PatientVolume)
 
 
 @torch.inference_mode()
@@ -139,7 +145,8 @@ def predict_volumes(
         whole = len(volume.images) == len(items)
         volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth,
                                        inside=volume.interior() if whole else np.ones_like(pred),
-                                       contrast=volume.flair_contrast() if whole else None)
+                                       contrast=volume.flair_contrast() if whole else None,
+                                       spacing=volume.spacing)
     return total, seen, volumes
 
 
@@ -189,8 +196,9 @@ def score_volumes(
         meter.update(torch.from_numpy(pred)[:, None], torch.from_numpy(v.truth)[:, None],
                      torch.full((len(pred),), p, dtype=torch.long))
         earlier = [d for other, d in scored.get(p, []) if np.array_equal(other, pred)]
+        mm = v.spacing or spacing  # a header's spacing, else --spacing
         distances[patients[p]] = earlier[0] if earlier else (
-            hd95(pred, v.truth), hd95(pred, v.truth, spacing) if spacing else None)
+            hd95(pred, v.truth), hd95(pred, v.truth, mm) if mm else None)
         scored.setdefault(p, []).append((pred, distances[patients[p]]))
         if (v.pred & v.truth).any() and not (pred & v.truth).any():
             lost.append(patients[p])
@@ -203,7 +211,7 @@ def score_volumes(
     metrics["hd95_px_mean"] = float(np.mean(defined)) if defined else None
     metrics["hd95_undefined_patients"] = len(distances) - len(defined)
     metrics["tumor_lost_patients"] = sorted(lost)
-    if spacing:
+    if spacing or any(v.spacing for v in volumes.values()):
         mm = [d[1] for d in distances.values() if d[1] is not None]
         metrics["hd95_mm_mean"] = float(np.mean(mm)) if mm else None
     return metrics, kept
@@ -423,6 +431,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "state_dict; several (or a cv folder, for its folds' last.pt) are an ensemble "
                              "whose probabilities are averaged")
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
+    parser.add_argument("--input", default="",
+                        help="instead of --data-dir: NIfTI or DICOM cases, a case folder or a folder of them, each "
+                             "with its mask (a file or folder named seg, mask or label); HD95 in mm from the header")
+    parser.add_argument("--labels", default="nonzero",
+                        help="with --input: the mask values that are tumor, a comma list (1,2,4: BraTS' whole "
+                             "tumor); default: every value above 0")
     parser.add_argument("--patients", default="validation",
                         help="which patients of --data-dir to score: validation (the run's own; default), unseen "
                              "(every patient it did not train on: for a --split none model or another dataset), "
@@ -436,62 +450,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:
-    """The ``evaluate`` command: score a checkpoint (or an ensemble) on its validation patients, or on
-    those --patients picks."""
+    """The ``evaluate`` command: score a checkpoint (or an ensemble) on its validation patients, on
+    those --patients picks, or on NIfTI/DICOM cases (--input)."""
     loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     ckpt_path, ckpt = loaded[0]
     record = ckpt["config"]
     threshold, postprocess = scoring_settings(args, record)
     device, amp_dtype = setup_device(args.device, args.amp)
+    default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}" if len(loaded) == 1 else \
+        Path(args.checkpoint[0]) / "evaluate-ensemble"
+    if args.input:
+        default_dir = default_dir.with_name(f"{default_dir.name}-{Path(args.input).resolve().name}")
+    out_dir = Path(args.out_dir) if args.out_dir else default_dir
+    if args.input:
+        volumes, source, trained, clinical = case_volumes(args, record), args.input, [], None
+    else:
+        volumes, source, trained, clinical = dataset_volumes(args, loaded, out_dir)
+    loader = scoring_loader(volumes, image_size=record["image_size"],
+                            batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
+                            seed=record["seed"], device=device)
+    channels_last = record.get("channels_last", True)
+    models = [network_from_checkpoint(c, str(path)).to(device, memory_format=memory_format(channels_last))
+              for path, c in loaded]
+    progress = sys.stderr.isatty()
+    start = time.perf_counter()
+    val_loss, metrics, predicted = evaluate(
+        models, loader, device, loss_fn=DiceBCELoss(), threshold=threshold, amp_dtype=amp_dtype,
+        channels_last=channels_last, progress=progress, desc="evaluate", postprocess=postprocess,
+        rules=POSTPROCESSING if args.all_rules else (),
+        spacing=parse_spacing(args.spacing or record.get("spacing", "")),
+    )
+    seconds = time.perf_counter() - start
+    scored = "cases" if args.input else args.patients
+    result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],
+              "data_dir": str(source), "patients_scored": scored, "scored_patients_trained_on": len(trained),
+              "scored_patients_trained_on_names": trained,
+              "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
+              "images_per_second": metrics["slices"] / seconds}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(out_dir / "metrics.json", result)
+    kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] and not args.input else "real data"
+    epoch = f"epoch {ckpt['epoch']}, " if ckpt["epoch"] is not None else ""
+    title = f"Evaluation of {ensemble_name(loaded)} ({epoch}{kind}; patients: {scored})"
+    write_reports(out_dir, result, volumes=predicted, scans=loader.dataset.volumes, title=title, config=record,
+                  environment=environment_report(device),
+                  timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},
+                  clinical=clinical)
+    print(format_metrics(result, title))
+    print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/: metrics.json, summary.md, "
+          "per_patient.csv, dice_per_volume.png, overlays/")
+    return result
+
+
+def dataset_volumes(args: argparse.Namespace, loaded: list[tuple[Path, dict]],
+                    out_dir: Path) -> tuple[list[PatientVolume], Path, list[str], pd.DataFrame | None]:
+    """The patients of a dataset folder that ``--patients`` picks, read as in training; also the
+    folder, the scored patients a model trained on and the clinical table."""
+    ckpt_path, ckpt = loaded[0]
+    record = ckpt["config"]
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
-        raise UserError("no dataset found; pass --data-dir")
+        raise UserError("no dataset found; pass --data-dir (the kaggle_3m layout) or --input (NIfTI or DICOM cases)")
     issues = DataIssues(strict=args.strict)
     groups = group_by_patient(scan_dataset(root, issues))
     if args.patients == "validation" and len({tuple(c["config"]["patients"]["validation"]) for _, c in loaded}) > 1:
         raise UserError("the checkpoints validated on different patients, so an ensemble of them has no "
                         "validation set; pass --patients unseen, all or a list")
     names = patients_to_score(args.patients, sorted(groups), root, record, ckpt_path)
-    default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}" if len(loaded) == 1 else \
-        Path(args.checkpoint[0]) / "evaluate-ensemble"
-    out_dir = Path(args.out_dir) if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = warn_trained_on(loaded, names)
-    progress = sys.stderr.isatty()
-    volumes = load_dataset(root, names, progress=progress, cache_dir=resolve_cache_dir(),
+    volumes = load_dataset(root, names, progress=sys.stderr.isatty(), cache_dir=resolve_cache_dir(),
                            normalization=record.get("normalization", "volume"), image_size=record["image_size"],
                            issues=issues, groups=groups)
     report_issues(issues, out_dir)
     print(f"{root}: {len(volumes)} patients, {describe_masks(volumes)}")
-    loader = scoring_loader(list(volumes.values()), image_size=record["image_size"],
-                            batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
-                            seed=record["seed"], device=device)
-    channels_last = record.get("channels_last", True)
-    models = [network_from_checkpoint(c, str(path)).to(device, memory_format=memory_format(channels_last))
-              for path, c in loaded]
-    loss_fn = DiceBCELoss()
-    start = time.perf_counter()
-    val_loss, metrics, volumes = evaluate(
-        models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
-        channels_last=channels_last, progress=progress, desc="evaluate", postprocess=postprocess,
-        rules=POSTPROCESSING if args.all_rules else (),
-        spacing=parse_spacing(args.spacing or record.get("spacing", "")),
-    )
-    seconds = time.perf_counter() - start
-    result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],
-              "data_dir": str(root), "patients_scored": args.patients, "scored_patients_trained_on": len(trained),
-              "scored_patients_trained_on_names": trained,
-              "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
-              "images_per_second": metrics["slices"] / seconds}
-    save_json(out_dir / "metrics.json", result)
-    kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] else "real data"
-    epoch = f"epoch {ckpt['epoch']}, " if ckpt["epoch"] is not None else ""
-    title = f"Evaluation of {ensemble_name(loaded)} ({epoch}{kind}; patients: {args.patients})"
-    write_reports(out_dir, result, volumes=volumes, scans=loader.dataset.volumes, title=title, config=record,
-                  environment=environment_report(device),
-                  timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},
-                  clinical=read_clinical(root))
-    print(format_metrics(result, title))
-    print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/: metrics.json, summary.md, "
-          "per_patient.csv, dice_per_volume.png, overlays/")
-    return result
+    return list(volumes.values()), root, trained, read_clinical(root)
+
+
+def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
+    """``--input``'s NIfTI/DICOM cases with their masks, as volumes prepared for the checkpoint,
+    with each header's spacing (so HD95 comes in mm)."""
+    if args.spacing:
+        raise UserError("--spacing is for the dataset's 2D slices: NIfTI and DICOM headers give the spacing")
+    path = Path(args.input)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    labels = parse_labels(args.labels)
+    cases = find_cases(path) if path.is_dir() else []
+    if not cases:
+        raise UserError(f"{path}: no NIfTI or DICOM case (a folder with a file or series named flair, and a mask)")
+    normalization = record.get("normalization", "volume")
+    volumes, warned = [], set()
+    for name, files in cases:
+        if "seg" not in files:
+            raise UserError(f"{path / name if path.name != name else path}: no mask (a file or folder named seg, mask "
+                            "or label); evaluate needs one per case, predict needs none")
+        case = load_case(name, files, labels)
+        warn_filled(case, warned)
+        volume = make_volume(name, model_intensities(case.images, normalization), case.truth,
+                             list(range(len(case.images))))
+        volume.spacing = case.spacing
+        volumes.append(set_normalization(volume, normalization, record["image_size"]))
+    tumors = sum(bool(v.masks.any()) for v in volumes)
+    print(f"{path}: {len(volumes)} case(s), {tumors} with tumor (labels: {args.labels})")
+    return volumes

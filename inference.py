@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_files import NORMALIZATIONS, DatasetError, make_volume, read_image, set_normalization
+from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, make_volume, model_intensities,
+                        read_image, set_normalization)
 from evaluation import (
     add_scoring_flags,
     load_checkpoints,
@@ -30,10 +31,11 @@ from evaluation import (
     scoring_loader,
     scoring_settings,
 )
-from libraries import UserError, memory_format, setup_device
+from libraries import UserError, atomic_write, memory_format, setup_device
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, scoring_checkpoint
-from reports import overlay_slice
+from reports import write_overlays
+from scans import MODALITIES, MODALITY_NAMES, find_cases, holds_scans, load_case, strip_suffix, warn_filled, write_mask
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +43,16 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, nargs="+",
                         help="a best.pt or last.pt written by training, or published weights: buda (Buda et al.'s, "
                              "downloaded once), a URL, a state_dict; several (or a cv folder) are averaged")
-    parser.add_argument("--input", required=True,
-                        help="a slice (tif/png/jpg), a folder of slices, a patient folder or a dataset root")
+    parser.add_argument("--input", default="",
+                        help="2D slices (a tif/png/jpg, a folder of them, a dataset root), or scans: a case folder "
+                             "of NIfTI files or DICOM series folders named by sequence, or a folder of cases")
+    for role in MODALITIES:
+        parser.add_argument(f"--{role}", default="",
+                            help=f"instead of --input: the {MODALITY_NAMES[role]} as a NIfTI file or a DICOM series "
+                                 f"folder{' (required)' if role == 'flair' else '; missing: FLAIR is copied in'}")
     parser.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
-    parser.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm: adds mm^2 and mm^3 columns")
+    parser.add_argument("--spacing", default="",
+                        help="2D slices only: voxel spacing 'dz,dy,dx' in mm for mm^2 and mm^3 (scans: the header's)")
     parser.add_argument("--batch-size", type=int, default=16)
     add_scoring_flags(parser)
 
@@ -92,16 +100,18 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
 
 
 
-def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Path], np.ndarray]], int]:
-    """Decode each folder's slices into volumes of one slice size: (folder, files, (N, H, W, 3) images).
+def read_inputs(groups: dict[str, list[Path]], normalization: str) -> tuple[list[tuple[str, list[Path], np.ndarray]], int]:
+    """Decode each folder's slices into volumes of one slice size and bit depth: (name, files,
+    (N, H, W, 3) images as ``model_intensities`` gives them: 16-bit values without 8-bit rounding).
 
-    A folder whose slices have several sizes cannot be one 3D volume: each size becomes a volume
-    of its own, with its own normalization statistics and crop, and a note says so. Files that
-    cannot be decoded are skipped with a line each; the count of skipped files is returned.
+    A folder whose slices have several sizes or bit depths cannot be one 3D volume: each becomes a
+    volume of its own (named <folder>_<H>x<W>_<bits>bit), with its own normalization statistics
+    and crop, and a note says so. Files that cannot be decoded are skipped with a line each; the count of skipped
+    files is returned.
     """
     volumes, skipped = [], 0
     for group, files in groups.items():
-        by_size: dict[tuple[int, int], list[tuple[Path, np.ndarray]]] = {}
+        by_kind: dict[tuple[int, int, int], list[tuple[Path, np.ndarray]]] = {}
         for f in files:
             try:
                 image = read_image(f, sixteen_bit=True)  # grayscale comes back copied into 3 channels
@@ -109,84 +119,154 @@ def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Pat
                 print(f"skipped: {exc}", file=sys.stderr)
                 skipped += 1
                 continue
-            by_size.setdefault(image.shape[:2], []).append((f, image))
-        if len(by_size) > 1:
-            sizes = ", ".join(f"{h}x{w} ({len(v)})" for (h, w), v in by_size.items())
-            print(f"note: {group}: slices of {len(by_size)} sizes ({sizes}); each size is normalized, cropped "
-                  "and post-processed as a volume of its own", file=sys.stderr)
-        for items in by_size.values():
-            volumes.append((group, [f for f, _ in items], to_eight_bit(group, [im for _, im in items])))
+            by_kind.setdefault((*image.shape[:2], image.dtype.itemsize * 8), []).append((f, image))
+        if len(by_kind) > 1:
+            kinds = ", ".join(f"{h}x{w} {bits}-bit ({len(v)})" for (h, w, bits), v in by_kind.items())
+            print(f"note: {group}: slices of {len(by_kind)} sizes or bit depths ({kinds}); each is normalized, "
+                  "cropped and post-processed as a volume of its own", file=sys.stderr)
+        for (h, w, bits), items in by_kind.items():
+            name = group if len(by_kind) == 1 else f"{group}_{h}x{w}_{bits}bit"
+            images = model_intensities(np.stack([im for _, im in items]), normalization)
+            volumes.append((name, [f for f, _ in items], images))
     return volumes, skipped
 
 
-def to_eight_bit(group: str, images: list[np.ndarray]) -> np.ndarray:
-    """(N, H, W, 3) uint8 of one volume's slices. 16-bit slices are scaled by the volume's 99.9th
-    percentile, one factor for the whole volume (the model was trained on 8-bit slices, and the
-    per-volume normalization that follows removes the scale)."""
-    if all(im.dtype == np.uint8 for im in images):
-        return np.stack(images)
-    volume = np.stack([im.astype(np.float32) for im in images])
-    top = float(np.percentile(volume[volume > 0], 99.9)) if (volume > 0).any() else 1.0
-    print(f"note: {group}: 16-bit slices, scaled to 8 bits by the volume's 99.9th percentile ({top:.0f})",
-          file=sys.stderr)
-    return np.clip(volume * (255.0 / max(top, 1e-6)), 0, 255).round().astype(np.uint8)
+def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] | None:
+    """The cases to predict when the input is scans (NIfTI, DICOM); None for 2D slices."""
+    named = {role: Path(getattr(args, role)) for role in MODALITIES if getattr(args, role)}
+    if named:
+        if args.input:
+            raise UserError("--input and --flair/--t1/--t1ce: pass one or the other")
+        if "flair" not in named:
+            raise UserError("--t1/--t1ce without --flair: FLAIR is the one sequence the model cannot do without")
+        flair = named["flair"]
+        return [(strip_suffix(flair.name) if flair.is_file() else flair.resolve().parent.name, named)]
+    if not args.input:
+        raise UserError("pass --input (2D slices, a case folder or a folder of cases) or --flair (and --t1, --t1ce)")
+    path = Path(args.input)
+    if not holds_scans(path):
+        return None
+    if args.spacing:
+        raise UserError("--spacing is for 2D slices: NIfTI and DICOM headers give the spacing")
+    cases = find_cases(path)
+    if not cases:
+        raise UserError(f"{path}: NIfTI or DICOM files, but no case: name the FLAIR's file or folder with 'flair' "
+                        "(a case folder or a folder of them), or pass --flair (and --t1, --t1ce)")
+    return cases
+
+
+class Predictor:
+    """The models of ``--checkpoint``, run on whole volumes the way ``evaluate`` runs them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
+        self.record = loaded[0][1]["config"]
+        self.threshold, self.postprocess = scoring_settings(args, self.record)
+        self.normalization = self.record.get("normalization", "volume")
+        self.device, self.amp_dtype = setup_device(args.device, args.amp)
+        self.batch_size = args.batch_size
+        self.channels_last = self.record.get("channels_last", False)
+        self.models = [fuse_conv_bn(network_from_checkpoint(c, str(path))).to(
+            self.device, memory_format=memory_format(self.channels_last)) for path, c in loaded]
+
+    def volume(self, name: str, images: np.ndarray, truth: np.ndarray | None = None,
+               spacing: tuple[float, float, float] | None = None) -> PatientVolume:
+        """A volume of (N, H, W, 3) slices (``model_intensities``), prepared as the checkpoint says."""
+        volume = make_volume(name, images, np.zeros(images.shape[:3], np.uint8) if truth is None else truth,
+                             list(range(len(images))))
+        volume.spacing = spacing
+        return set_normalization(volume, self.normalization, self.record["image_size"])
+
+    def __call__(self, volumes: list[PatientVolume]) -> list[np.ndarray]:
+        """Each volume's post-processed (D, H, W) bool prediction."""
+        loader = scoring_loader(volumes, image_size=self.record["image_size"], batch_size=self.batch_size,
+                                num_workers=0, seed=0, device=self.device)
+        _, _, predicted = predict_volumes(self.models, loader, self.device, loss_fn=None, threshold=self.threshold,
+                                          amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+                                          progress=False, desc="predict")
+        return [postprocess_volume(predicted[p], self.postprocess) for p in range(len(volumes))]
 
 
 @torch.inference_mode()
 def predict_command(args: argparse.Namespace) -> Path:
-    """The ``predict`` command: masks, overlays and a tumor-area CSV for new slices."""
-    loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
-    record = loaded[0][1]["config"]
-    threshold, postprocess = scoring_settings(args, record)
-    device, amp_dtype = setup_device(args.device, args.amp)
-    spacing = parse_spacing(args.spacing)
+    """The ``predict`` command: masks, overlays and a tumor-size CSV for new slices or scans."""
     out = Path(args.output)
     if (out / "predictions.csv").exists() or (out / "masks").exists():
         raise UserError(f"{out}: already holds predictions (predictions.csv, masks/); choose another --output "
                         "or remove it: earlier results are never overwritten")
-    groups, other = collect_inputs(Path(args.input))
-    for f in other:
-        print(f"skipped (not an image): {f}", file=sys.stderr)
-    inputs, skipped = read_inputs(groups)
-    skipped += len(other)
-    if not inputs:
-        raise UserError(f"{args.input}: no readable slice (tif, tiff, png, jpg or jpeg) to predict"
-                        + (f"; {skipped} file(s) skipped, as listed above" if skipped else ""))
-    normalization = record.get("normalization", "volume")
-    volumes = [set_normalization(make_volume(f"{group}#{i}", images, np.zeros(images.shape[:3], np.uint8),
-                                             list(range(len(images)))), normalization, record["image_size"])
-               for i, (group, _, images) in enumerate(inputs)]
-    loader = scoring_loader(volumes, image_size=record["image_size"], batch_size=args.batch_size,
-                            num_workers=0, seed=0, device=device)
-    channels_last = record.get("channels_last", False)
-    models = [fuse_conv_bn(network_from_checkpoint(c, str(path))).to(device, memory_format=memory_format(channels_last))
-              for path, c in loaded]
-    _, _, predicted = predict_volumes(models, loader, device, loss_fn=None, threshold=threshold,
-                                      amp_dtype=amp_dtype, channels_last=channels_last, progress=False,
-                                      desc="predict")
-    rows = []
-    for p, (group, files, images) in enumerate(inputs):
-        pred = postprocess_volume(predicted[p], postprocess)
-        (out / "masks" / group).mkdir(parents=True, exist_ok=True)
-        (out / "overlays" / group).mkdir(parents=True, exist_ok=True)
-        for f, image, mask in zip(files, images, pred):
-            cv2.imwrite(str(out / "masks" / group / f"{f.stem}_pred.png"), mask.astype(np.uint8) * 255)
-            overlay = overlay_slice(image[..., 1], np.zeros_like(mask), mask)
-            cv2.imwrite(str(out / "overlays" / group / f"{f.stem}.png"), overlay[..., ::-1])
-            rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
-    for group in groups:
-        total = sum(r["area_px"] for r in rows if r["patient"] == group)
-        if any(r["patient"] == group for r in rows):
-            rows.append(area_row(group, "", "patient", total, spacing))
-    out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows, columns=["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"])
-    table.to_csv(out / "predictions.csv", index=False)
-    slices = int((table["level"] == "slice").sum())
-    print(f"predicted {slices} slices of {len(groups)} patient(s)/folder(s) (post-processing: {postprocess}, "
-          f"threshold {threshold:g})"
-          + (f", skipped {skipped} non-image file(s)" if skipped else "")
+    cases = scan_inputs(args)
+    predictor = Predictor(args)
+    if cases is not None:
+        count, skipped, kind = predict_scans(cases, predictor, out), 0, "case(s)"
+    else:
+        count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
+    print(f"predicted {count} {kind} (post-processing: {predictor.postprocess}, threshold {predictor.threshold:g})"
+          + (f", skipped {skipped} file(s)" if skipped else "")
           + f"; wrote {out}/masks/, overlays/, predictions.csv")
     return out
+
+
+CSV_COLUMNS = ["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"]
+
+
+def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predictor: Predictor,
+                   out: Path) -> tuple[int, int, str]:
+    """2D slices -> masks/<folder>/<slice>_pred.png, one overlay grid per volume and a row per slice
+    and per volume; returns the slices predicted, the files skipped and what was counted."""
+    groups, other = collect_inputs(path)
+    for f in other:
+        print(f"skipped (not an image): {f}", file=sys.stderr)
+    inputs, skipped = read_inputs(groups, predictor.normalization)
+    skipped += len(other)
+    if not inputs:
+        raise UserError(f"{path}: no readable slice (tif, tiff, png, jpg or jpeg) nor NIfTI/DICOM scan to predict"
+                        + (f"; {skipped} file(s) skipped, as listed above" if skipped else ""))
+    predictions = predictor([predictor.volume(name, images) for name, _, images in inputs])
+    rows = []
+    for (name, files, images), pred in zip(inputs, predictions):
+        group = next(g for g, fs in groups.items() if files[0] in fs)
+        (out / "masks" / group).mkdir(parents=True, exist_ok=True)
+        for f, mask in zip(files, pred):
+            cv2.imwrite(str(out / "masks" / group / f"{f.stem}_pred.png"), mask.astype(np.uint8) * 255)
+            rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
+        write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: [f.stem for f in files]}, [name])
+    for group in groups:
+        if any(r["patient"] == group for r in rows):
+            rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows if r["patient"] == group),
+                                 spacing))
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(out / "predictions.csv", index=False)
+    return sum(r["level"] == "slice" for r in rows), skipped, "slices"
+
+
+def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path) -> int:
+    """Each case -> masks/<case>.nii.gz on its FLAIR's grid, overlays/<case>.png and a row of
+    predictions.csv (rewritten after every case, so a case that fails later loses nothing). A case
+    that cannot be read is an error when it is the only one, else skipped with its one line."""
+    rows, warned = [], set()
+    for name, files in cases:
+        try:
+            case = load_case(name, files)
+        except UserError as exc:
+            if len(cases) == 1:
+                raise
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        warn_filled(case, warned)
+        images = model_intensities(case.images, predictor.normalization)
+        pred = predictor([predictor.volume(name, images, spacing=case.spacing)])[0]
+        mask_path = write_mask(pred, case, out / "masks" / f"{name}.nii.gz")
+        write_overlays(out, {0: (pred, None)}, {0: case.images[..., FLAIR_CHANNEL]}, {0: list(range(len(pred)))},
+                       [name])
+        voxels = int(pred.sum())
+        dz, dy, dx = case.spacing
+        rows.append({"patient": name, "file": str(case.source), "level": "patient", "area_px": voxels,
+                     "area_mm2": None, "volume_mm3": voxels * dz * dy * dx, "mask": str(mask_path)})
+        atomic_write(out / "predictions.csv",
+                     lambda tmp: pd.DataFrame(rows, columns=[*CSV_COLUMNS, "mask"]).to_csv(tmp, index=False))
+    if not rows:
+        raise UserError("no case could be read (each is listed above); nothing was written")
+    return len(rows)
 
 
 def area_row(group: str, file: str, level: str, area: int, spacing: tuple[float, float, float] | None) -> dict:

@@ -150,22 +150,25 @@ def overlay_slice(flair: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.
 
 def write_overlays(
     out_dir: Path,
-    volumes: dict[int, tuple[np.ndarray, np.ndarray]],
+    volumes: dict[int, tuple[np.ndarray, np.ndarray | None]],
     flair: dict[int, np.ndarray],
-    slice_numbers: dict[int, list[int]],
+    slice_numbers: dict[int, Sequence[int | str]],
     patients: Sequence[str],
     columns: int = 6,
 ) -> list[Path]:
     """overlays/<patient>.png for every patient: a grid of every slice where the truth or the
     prediction has tumor, so that false positives on slices without tumor show too.
 
-    ``volumes`` maps patient index to (pred, truth) (D, H, W) bool volumes, ``flair`` to the
-    (D, H, W) FLAIR channel, ``slice_numbers`` to the slice number of each position.
+    ``volumes`` maps patient index to (pred, truth) (D, H, W) bool volumes (truth None where it is
+    unknown: predict), ``flair`` to the (D, H, W) FLAIR channel, ``slice_numbers`` to the slice
+    number (or name) of each position.
     """
     folder = out_dir / "overlays"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for p, (pred, truth) in volumes.items():
+        known = truth is not None
+        truth = truth if known else np.zeros_like(pred)
         picked = np.flatnonzero(truth.any(axis=(1, 2)) | pred.any(axis=(1, 2)))
         rows = max(1, math.ceil(len(picked) / columns))
         fig = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.4), layout="constrained")
@@ -176,13 +179,14 @@ def write_overlays(
             tp = int((pred[j] & truth[j]).sum())
             dice = dice_from_counts(tp, int(pred[j].sum()) - tp, int(truth[j].sum()) - tp)
             ax.imshow(overlay_slice(flair[p][j], truth[j], pred[j]))
-            label = "false positive only" if not truth[j].any() else (
+            label = f"{int(pred[j].sum())} px" if not known else "false positive only" if not truth[j].any() else (
                 "tumor missed" if not pred[j].any() else f"Dice {dice:.2f}")
             ax.set_title(f"slice {slice_numbers[p][j]}: {label}", fontsize=8)
         tp = int((pred & truth).sum())
         volume_dice = dice_from_counts(tp, int(pred.sum()) - tp, int(truth.sum()) - tp)
-        fig.suptitle(f"{patients[p]}: Dice per volume {volume_dice:.3f} "
-                     "(green: truth, red: prediction)", fontsize=10)
+        fig.suptitle(f"{patients[p]}: Dice per volume {volume_dice:.3f} (green: truth, red: prediction)" if known
+                     else f"{patients[p]}: {len(picked)} slices with predicted tumor (red)"
+                     + ("" if len(picked) else ": none"), fontsize=10)
         path = folder / f"{patients[p]}.png"
         fig.savefig(path, dpi=80)
         paths.append(path)

@@ -92,3 +92,65 @@ def synthetic_tree(folder, patients: int, slices: int) -> str:
     from synthetic_data import make_synthetic_dataset
 
     return str(make_synthetic_dataset(Path(folder), patients=patients, slices=slices, size=64, seed=42))
+
+
+# A Kaggle slice's rows run anterior -> posterior and its columns from the patient's right to left
+# (radiological, as DICOM displays): stacked as (column, row, slice) voxels that is LPS, here
+# with the issue's 1 x 1 x 2.5 mm spacing.
+TIFF_AFFINE = np.diag([-1.0, -1.0, 2.5, 1.0])
+
+
+def write_nifti(path: Path, slices: np.ndarray, affine: np.ndarray = TIFF_AFFINE) -> Path:
+    """Save (D, H, W) slices (Kaggle layout) as a NIfTI volume of (W, H, D) voxels under ``affine``."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(slices.transpose(2, 1, 0)), affine), str(path))
+    return path
+
+
+def write_dicom_series(folder: Path, voxels: np.ndarray, affine: np.ndarray, series: str = "") -> list[Path]:
+    """Write (X, Y, Z) uint16 ``voxels`` on a RAS ``affine`` as a DICOM MR series, one file a slice,
+    the geometry DICOM's way (LPS positions, row/column cosines, pixel spacing)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    steps = np.linalg.norm(lps[:3, :3], axis=0)
+    series_uid, paths = series or generate_uid(), []
+    for k in range(voxels.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "MR", series_uid, k + 1
+        ds.ImageOrientationPatient = [*(lps[:3, 0] / steps[0]), *(lps[:3, 1] / steps[1])]
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
+        ds.PixelSpacing, ds.SliceThickness = [float(steps[1]), float(steps[0])], float(steps[2])
+        plane = np.ascontiguousarray(voxels[:, :, k].T.astype(np.uint16))  # rows = j, columns = i
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = plane.tobytes()
+        path = folder / f"IM{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def tiny_checkpoint(path: Path, image_size: int = 32, normalization: str = "volume") -> Path:
+    """A seeded, untrained 4-feature UNet saved as a checkpoint of this package."""
+    import torch
+
+    from model import UNet
+
+    torch.manual_seed(0)
+    config = {"features": 4, "image_size": image_size, "channels_last": True, "threshold": 0.5,
+              "normalization": normalization, "resolved_data_dir": "", "seed": 0, "batch_size": 4,
+              "patients": {"train": [], "validation": []}, "synthetic_data": True}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, path)
+    return path

@@ -130,7 +130,8 @@ def test_predict_on_a_mixed_folder(tmp_path, checkpoint, capsys):
         shape = cv2.imread(str(m), cv2.IMREAD_UNCHANGED).shape
         assert shape == ((20, 30) if m.name.startswith("gray") else (40, 48))  # the input's size
         assert set(np.unique(cv2.imread(str(m), cv2.IMREAD_UNCHANGED))) <= {0, 255}
-    assert len(list((out / "overlays" / "in").glob("*.png"))) == 4
+    # One overlay grid per volume: the folder's slices of each size are a volume of their own.
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == ["in_20x30_8bit.png", "in_40x48_8bit.png"]
     table = pd.read_csv(out / "predictions.csv")
     slices = table[table["level"] == "slice"]
     assert len(slices) == 4 and "P_1_mask" not in " ".join(table["file"].fillna(""))
@@ -249,7 +250,7 @@ def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
     run = ["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--amp", "off"]
     assert main([*run, "--input", str(folder), "--output", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
-    assert "16-bit slices, scaled to 8 bits" in err and "Traceback" not in err
+    assert "2 sizes or bit depths (40x40 16-bit (1), 40x40 8-bit (3))" in err and "Traceback" not in err
     masks = {m.name for m in (tmp_path / "out" / "masks" / "in").glob("*.png")}
     assert masks == {"rgba_pred.png", "gray_pred.png", "deep_pred.png", "plain_pred.png"}
     # A single file works on its own.

@@ -60,15 +60,19 @@ def test_volume_stats_by_hand():
     assert s.mean[0] == pytest.approx(clipped.mean()) and s.std[0] == pytest.approx(clipped.std())
 
 
-def test_volume_stats_inside_a_mask_by_hand():
-    # Values 1..100 inside the mask and 200 outside it (noise above 0 that only the mask leaves out).
-    values = np.concatenate([np.arange(1, 101), np.full(50, 200)]).astype(np.uint8)
-    volume = values.reshape(1, 10, 15, 1)
-    where = (values < 200).reshape(1, 10, 15)
-    s = volume_stats(volume, low_pct=0, high_pct=100, where=where)
-    assert (s.low[0], s.high[0]) == (1, 100)
-    assert s.mean[0] == pytest.approx(50.5) and s.std[0] == pytest.approx(np.arange(1, 101).std())
-    assert volume_stats(volume, low_pct=0, high_pct=100).high[0] == 200
+def test_volume_stats_follow_scale_and_offset_by_hand():
+    # Scanner values: the same volume as above times 3 plus 1000 (the floor, 1000, is left out as 0 was).
+    values = np.concatenate([np.zeros(50), np.arange(1, 101)])
+    volume = (values * 3 + 1000).astype(np.uint16).reshape(1, 10, 15, 1)
+    s = volume_stats(volume, low_pct=0, high_pct=100)
+    assert (s.low[0], s.high[0]) == (1003, 1300)
+    assert s.mean[0] == pytest.approx(50.5 * 3 + 1000) and s.std[0] == pytest.approx(np.arange(1, 101).std() * 3)
+    # So the normalized volume is that of the 8-bit one; negative floats (a z-scored export) too.
+    eight = values.astype(np.uint8).reshape(1, 10, 15, 1)
+    z8 = normalize(torch.from_numpy(eight).permute(0, 3, 1, 2), volume_stats(eight).as_tensor())
+    for scaled in (volume, (values.reshape(1, 10, 15, 1) - 60.0) / 7):
+        z = normalize(torch.from_numpy(scaled).permute(0, 3, 1, 2), volume_stats(scaled).as_tensor())
+        assert torch.allclose(z, z8, atol=1e-4)
 
 
 def _head_in_noise(pad: int, noise: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,369 @@
+"""Scanner files -> volumes and back: NIfTI files and DICOM series of one case, and masks written
+on the input's own grid.
+
+A case is up to three sequences on one grid (this package does not register images) plus, for
+``evaluate``, a mask::
+
+    case/flair.nii.gz  case/t1.nii.gz  case/t1ce.nii.gz  [case/seg.nii.gz]   (NIfTI, BraTS' names work)
+    case/flair/*.dcm   case/t1/*.dcm   case/t1ce/*.dcm                      (a DICOM series per folder)
+
+Volumes are reoriented to the closest canonical (RAS) orientation and sliced axially, each slice
+laid out as the dataset's are (anterior up, the patient's right on the left), so the network sees
+what it was trained on; masks are mapped back to the input's orientation, affine and header.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from data_files import FLAIR_CHANNEL
+from libraries import UserError
+
+# The network's channels, in the dataset's order (data_files.FLAIR_CHANNEL is 1).
+MODALITIES = ("t1", "flair", "t1ce")
+MODALITY_NAMES = {"t1": "T1 (pre-contrast)", "flair": "FLAIR", "t1ce": "T1 post-contrast"}
+# Words of a file or folder name that say what it holds; a name is split into words at every
+# character that is not a letter or digit ("BraTS20_Training_001_t1ce.nii.gz" -> ..., "t1ce").
+NAME_WORDS = {
+    "flair": {"flair", "t2flair"},
+    "t1ce": {"t1ce", "t1gd", "t1c", "t1post", "post", "postcontrast", "gd", "t1wce", "ce"},
+    "t1": {"t1", "t1pre", "pre", "precontrast", "t1w", "t1native"},
+    "seg": {"seg", "mask", "label", "labels", "segmentation", "truth", "gt"},
+}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+REGISTER_HINT = ("this package does not register images: resample them onto the FLAIR first, for example with "
+                 "ANTs (antsRegistrationSyN.sh), 3D Slicer's General Registration (BRAINS) or SimpleITK")
+CANONICAL = axcodes2ornt("RAS")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_suffix(name: str) -> str:
+    """A file's name without .nii, .nii.gz or .dcm."""
+    return re.sub(r"(\.nii(\.gz)?|\.dcm)$", "", name, flags=re.IGNORECASE)
+
+
+def role_of(path: Path) -> str | None:
+    """What a file or folder holds, from its name: 'flair', 't1ce', 't1', 'seg', or None."""
+    words = set(re.split(r"[^a-z0-9]+", strip_suffix(path.name).lower()))
+    for role in ("seg", "flair", "t1ce", "t1"):  # t1ce before t1: 'T1_post' names both words
+        if words & NAME_WORDS[role]:
+            return role
+    return None
+
+
+def is_scan(path: Path) -> bool:
+    """A NIfTI file, or a folder holding DICOM files (files ending in .dcm, or any file with the
+    DICOM preamble's 'DICM' at byte 128)."""
+    if path.is_file():
+        return is_nifti(path)
+    return path.is_dir() and any(_looks_dicom(f) for f in path.iterdir() if f.is_file())
+
+
+def _looks_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def case_files(folder: Path) -> dict[str, Path]:
+    """The sequences (and mask) of one case folder, by role; raises UserError where a role is
+    claimed by several entries or FLAIR is missing, listing what was found and the flags to use."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_scan(p))
+    found: dict[str, list[Path]] = {}
+    for entry in entries:
+        role = role_of(entry)
+        if role is not None:
+            found.setdefault(role, []).append(entry)
+    listing = ", ".join(p.name for p in entries) or "no NIfTI file or DICOM folder"
+    flags = "name each with --flair, --t1 and --t1ce (--mask for evaluate)"
+    for role, paths in found.items():
+        if len(paths) > 1:
+            raise UserError(f"{folder}: {len(paths)} entries look like {role} ({', '.join(p.name for p in paths)}); "
+                            f"found: {listing}; {flags}")
+    if "flair" not in found:
+        raise UserError(f"{folder}: no FLAIR among {listing} (names with 'flair' are recognised; t1ce/t1gd/post "
+                        f"and t1/pre for the others); {flags}")
+    return {role: paths[0] for role, paths in found.items()}
+
+
+def find_cases(path: Path) -> list[tuple[str, dict[str, Path]]]:
+    """(name, files by role) of each case under ``path``: a case folder itself, or a folder of
+    case folders. A folder of 2D slices is not a case (predict reads those as before)."""
+    if is_nifti(path):
+        return [(strip_suffix(path.name), {"flair": path})]
+    direct = [p for p in path.iterdir() if is_scan(p) and role_of(p) is not None]
+    if direct:
+        return [(path.name, case_files(path))]
+    cases = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")
+             and any(is_scan(q) and role_of(q) is not None for q in p.iterdir())]
+    return [(p.name, case_files(p)) for p in cases]
+
+
+def holds_scans(path: Path) -> bool:
+    """Whether ``path`` is a NIfTI file, a case folder or a folder of case folders (else: 2D slices)."""
+    if path.is_file():
+        return is_nifti(path)
+    if not path.is_dir():
+        return False
+    return any(is_scan(p) or (p.is_dir() and any(is_scan(q) for q in p.iterdir())) for p in path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+def read_nifti(path: Path) -> nib.Nifti1Image:
+    """A 3D NIfTI image with its voxels in memory; one-line errors for files that are not complete
+    NIfTI, for 2D images and for 4D files of several volumes."""
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)  # reads (and decompresses) everything: a cut file fails here
+    except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib.error, OSError, ValueError...
+        raise UserError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {str(exc)[:80]}); "
+                        "the file may be truncated: export or copy it again") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 2 or (data.ndim == 3 and min(data.shape) == 1):
+        raise UserError(f"{path}: a 2D image ({'x'.join(map(str, data.shape))}); a 3D volume is needed: "
+                        "export the whole series, or predict 2D slices as .tif/.png files")
+    if data.ndim != 3:
+        raise UserError(f"{path}: a {data.ndim}D image ({'x'.join(map(str, data.shape))}) whose volumes are not "
+                        "named, so which one is FLAIR cannot be told: split it into one file per sequence "
+                        "(for example fslsplit) and pass them with --flair, --t1 and --t1ce")
+    return nib.Nifti1Image(data, image.affine, image.header)
+
+
+def read_dicom_series(folder: Path) -> nib.Nifti1Image:
+    """One DICOM series (a folder of its slices) as a NIfTI image in RAS world coordinates.
+
+    Slices are ordered by their position along the slice normal; a gap larger than 1.5 times the
+    usual spacing (a missing file), two slices at one position, several series in one folder
+    and slices of different sizes or orientations are one-line errors.
+    """
+    slices = _dicom_slices(folder)
+    orient, spacing = _common_geometry(slices)
+    row, col = orient[:3], orient[3:]
+    normal = np.cross(row, col)
+    slices.sort(key=lambda item: float(np.array(item[1].ImagePositionPatient, float) @ normal))
+    step = _slice_step(folder, slices, normal)
+    planes = []
+    for f, ds in slices:
+        try:
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # pydicom raises several kinds for compressed or cut pixel data
+            raise UserError(f"{f}: its pixels cannot be decoded ({type(exc).__name__}); install the decoder "
+                            "pydicom names (pylibjpeg, gdcm) or export the series uncompressed") from None
+        if planes and pixels.shape != planes[0].shape:
+            raise UserError(f"{f}: {pixels.shape} pixels where the series has {planes[0].shape}")
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        planes.append(pixels * slope + intercept)
+    # Voxel (i, j, k) = (column, row, slice); DICOM's patient axes are LPS, NIfTI's world is RAS.
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * spacing[1], col * spacing[0], normal * step
+    lps[:3, 3] = np.array(slices[0][1].ImagePositionPatient, float)
+    return nib.Nifti1Image(np.stack([p.T for p in planes], axis=-1), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+
+
+def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:
+    """(file, dataset) of every DICOM image in ``folder``, all of one series, at least two."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    slices = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(f)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue  # not DICOM (a README, a DICOMDIR's neighbours): ignored
+        if "PixelData" in ds:
+            slices.append((f, ds))
+    if not slices:
+        raise UserError(f"{folder}: no DICOM image in this folder; pass the folder that holds one series' files")
+    if len({str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}) > 1:
+        raise UserError(f"{folder}: several DICOM series in one folder; put each series in its own folder "
+                        "and pass the FLAIR's (and T1's) with --flair/--t1/--t1ce")
+    if len(slices) < 2:
+        raise UserError(f"{folder}: a single DICOM slice; a 3D series is needed")
+    return slices
+
+
+def _common_geometry(slices: list[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The series' ImageOrientationPatient (6) and PixelSpacing (2), the same on every slice."""
+    first, orient, spacing = None, None, None
+    for f, ds in slices:
+        try:
+            o, s = np.array(ds.ImageOrientationPatient, float), np.array(ds.PixelSpacing, float)
+            _ = ds.ImagePositionPatient  # raises where it is missing, as the two above
+        except AttributeError as exc:
+            raise UserError(f"{f}: lacks {str(exc).split()[-1]} (ImagePositionPatient, ImageOrientationPatient "
+                            "and PixelSpacing place a slice)") from None
+        if first is None:
+            first, orient, spacing = f, o, s
+        elif not (np.allclose(o, orient, atol=1e-4) and np.allclose(s, spacing, atol=1e-4)):
+            raise UserError(f"{f}: another orientation or pixel spacing than {first.name}; one series per folder")
+    return orient, spacing
+
+
+def _slice_step(folder: Path, slices: list[tuple[Path, Any]], normal: np.ndarray) -> float:
+    """The spacing of the sorted ``slices`` along ``normal``; a missing or doubled slice is an error."""
+    positions = np.array([np.array(ds.ImagePositionPatient, float) @ normal for _, ds in slices])
+    gaps = np.diff(positions)
+    step = float(np.median(gaps))
+    if gaps.min() < 0.01 * max(step, 1e-6):
+        i = int(np.argmin(gaps))
+        raise UserError(f"{slices[i + 1][0]}: at the same position as {slices[i][0].name}; "
+                        "one series (one echo, one time point) per folder")
+    if gaps.max() > 1.5 * step:
+        i = int(np.argmax(gaps))
+        raise UserError(f"{folder}: a slice is missing between {slices[i][0].name} and {slices[i + 1][0].name} "
+                        f"({positions[i]:.1f} and {positions[i + 1]:.1f} mm, {gaps[i]:.1f} mm apart where slices "
+                        f"are {step:.1f} mm apart); copy the whole series")
+    return step
+
+
+def read_scan(path: Path) -> nib.Nifti1Image:
+    """A NIfTI file or a DICOM series folder, as a 3D NIfTI image."""
+    if path.is_dir():
+        return read_dicom_series(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if not is_nifti(path):
+        raise UserError(f"{path}: not a NIfTI file (.nii, .nii.gz) nor a DICOM series folder")
+    return read_nifti(path)
+
+
+def grid_difference(a: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
+    """What makes two images' grids differ (shape, spacing, orientation, origin), or None when
+    they agree within a tenth of a voxel."""
+    if a.shape != b.shape:
+        return f"shape {'x'.join(map(str, a.shape))} against {'x'.join(map(str, b.shape))}"
+    za, zb = nib.affines.voxel_sizes(a.affine), nib.affines.voxel_sizes(b.affine)
+    if not np.allclose(za, zb, rtol=1e-3, atol=1e-4):
+        return f"spacing {_mm(za)} against {_mm(zb)} mm"
+    if nib.aff2axcodes(a.affine) != nib.aff2axcodes(b.affine):
+        return f"orientation {''.join(nib.aff2axcodes(a.affine))} against {''.join(nib.aff2axcodes(b.affine))}"
+    if not np.allclose(a.affine[:3, :3], b.affine[:3, :3], atol=1e-3 * float(za.max())):
+        return "axis directions (the images are rotated against each other)"
+    if np.abs(a.affine[:3, 3] - b.affine[:3, 3]).max() > 0.1 * float(za.min()):
+        return f"origin {_mm(a.affine[:3, 3])} against {_mm(b.affine[:3, 3])} mm"
+    return None
+
+
+def _mm(values: np.ndarray) -> str:
+    return " x ".join(f"{v:g}" for v in np.round(values, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Orientation: the file's voxel grid <-> the network's slices
+# ------------------------------------------------------------------------------------------------
+def to_slices(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) voxels -> (D, H, W) axial slices laid out as the dataset's: reoriented to RAS,
+    then each slice with anterior at the top and the patient's right on the left (radiological)."""
+    canonical = apply_orientation(data, ornt_transform(io_orientation(affine), CANONICAL))
+    return np.ascontiguousarray(np.flip(canonical, (0, 1)).transpose(2, 1, 0))
+
+
+def from_slices(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse of ``to_slices``: (D, H, W) -> the file's (X, Y, Z) voxel order."""
+    canonical = np.flip(slices.transpose(2, 1, 0), (0, 1))
+    return np.ascontiguousarray(apply_orientation(canonical, ornt_transform(CANONICAL, io_orientation(affine))))
+
+
+def slice_spacing(image: nib.Nifti1Image) -> tuple[float, float, float]:
+    """(dz, dy, dx) in mm of the slices ``to_slices`` makes of ``image``."""
+    to_ras = ornt_transform(io_orientation(image.affine), CANONICAL)
+    sx, sy, sz = nib.affines.voxel_sizes(image.affine @ inv_ornt_aff(to_ras, image.shape))
+    return float(sz), float(sy), float(sx)
+
+
+# ------------------------------------------------------------------------------------------------
+# A case
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One case read for the network: the sequences stacked as the dataset's channels."""
+
+    name: str
+    images: np.ndarray  # (D, H, W, 3) float32 slices (to_slices), channels t1, flair, t1ce
+    truth: np.ndarray  # (D, H, W) uint8 {0, 1}; zeros when no mask was given
+    spacing: tuple[float, float, float]  # (dz, dy, dx) mm
+    reference: nib.Nifti1Image  # the FLAIR as read: the grid, affine and header masks are written on
+    source: Path  # the FLAIR's file or folder
+    filled: tuple[str, ...]  # sequences missing, filled with FLAIR
+
+
+def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None = None) -> Case:
+    """Read a case's sequences (and its mask, if ``files`` has 'seg'), check they share the FLAIR's
+    grid and stack them. A missing T1 or T1 post-contrast is filled with the FLAIR, as the dataset
+    does for its 6 patients that lack one. ``labels``: the mask values that count as tumor (None:
+    every value above 0)."""
+    flair = read_scan(files["flair"])
+    images, filled = [], []
+    for role in MODALITIES:
+        if role == "flair" or role not in files:
+            image = flair
+            if role != "flair":
+                filled.append(role)
+        else:
+            image = read_scan(files[role])
+            if (diff := grid_difference(flair, image)) is not None:
+                raise UserError(f"{files[role]}: not on the grid of {files['flair']}: {diff}; {REGISTER_HINT}")
+        images.append(to_slices(np.asarray(image.dataobj, dtype=np.float32), image.affine))
+    truth = np.zeros(images[FLAIR_CHANNEL].shape, np.uint8)
+    if "seg" in files:
+        seg = read_scan(files["seg"])
+        if (diff := grid_difference(flair, seg)) is not None:
+            raise UserError(f"{files['seg']}: the mask is not on the grid of {files['flair']}: {diff}")
+        values = to_slices(np.asarray(seg.dataobj), seg.affine)
+        truth = (np.isin(values, labels) if labels else values > 0).astype(np.uint8)
+    return Case(name=name, images=np.stack(images, axis=-1), truth=truth, spacing=slice_spacing(flair),
+                reference=flair, source=files["flair"], filled=tuple(filled))
+
+
+def warn_filled(case: Case, warned: set[str]) -> None:
+    """Warn once per run and per missing sequence that it was filled with the FLAIR."""
+    for role in case.filled:
+        if role not in warned:
+            warned.add(role)
+            print(f"warning: {case.name}: no {MODALITY_NAMES[role]}; the FLAIR is copied into its channel, as in "
+                  "the dataset's patients that lack one (trained for by modality dropout); accuracy may be lower "
+                  "(said once)", file=sys.stderr)
+
+
+def parse_labels(text: str) -> tuple[int, ...] | None:
+    """``--labels``: a comma list of integer mask values that are tumor ('' or 'nonzero': every value above 0)."""
+    if text in ("", "nonzero"):
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--labels {text!r}: a comma list of integer label values, such as 1,2,4 "
+                        "(BraTS' whole tumor)") from None
+
+
+def write_mask(mask: np.ndarray, case: Case, path: Path) -> Path:
+    """Write (D, H, W) bool ``mask`` as a uint8 0/1 NIfTI on ``case``'s FLAIR grid: its shape,
+    orientation, affine and header (qform and sform codes included), so viewers overlay it as is."""
+    header = case.reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(from_slices(mask.astype(np.uint8), case.reference.affine), case.reference.affine, header)
+    image.header.set_slope_inter(1, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
+    nib.save(image, str(tmp))
+    tmp.replace(path)
+    return path

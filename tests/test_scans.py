@@ -1,0 +1,296 @@
+"""NIfTI and DICOM in, NIfTI masks out: the same answer through every door, orientation, intensity
+scale, missing sequences, volumes in mm^3, evaluate on cases, and one line for every malformed input."""
+
+import gzip
+import json
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REAL_DATA, TIFF_AFFINE, requires_real_data, tiny_checkpoint, write_dicom_series, write_nifti
+
+from data_files import model_intensities
+from engine import main
+from scans import from_slices, read_dicom_series, slice_spacing, to_slices
+
+SEQUENCES = ("t1", "flair", "t1ce")  # the dataset's channel order
+RUN = ["--device", "cpu", "--amp", "off", "--postprocess", "brain-multi"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def head_volume(seed: int = 0, n: int = 10, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size, 3) uint8 slices of a head (a disk of 60-120) with a bright, off-centre
+    lesion that differs by channel, and its (n, size, size) mask: nothing in it is symmetric."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    head = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < (size // 2 - 3) ** 2
+    images = np.where(head[None, ..., None], rng.integers(60, 121, (n, size, size, 3)), 0).astype(np.uint8)
+    truth = np.zeros((n, size, size), np.uint8)
+    truth[3:7, 10:18, 26:38] = 1
+    images[truth > 0] = (180, 230, 200)
+    return images, truth
+
+
+def nifti_case(folder, images, affine=TIFF_AFFINE, sequences=SEQUENCES, truth=None, dtype=None):
+    """A case folder of one NIfTI file per sequence (and seg.nii.gz), from Kaggle-layout slices."""
+    for c, name in enumerate(SEQUENCES):
+        if name in sequences:
+            data = images[..., c] if dtype is None else images[..., c].astype(dtype)
+            write_nifti(folder / f"{name}.nii.gz", data, affine)
+    if truth is not None:
+        write_nifti(folder / "seg.nii.gz", truth, affine)
+    return folder
+
+
+def read_back(path):
+    """A written mask as (D, H, W) slices in the Kaggle layout, and its image."""
+    image = nib.load(str(path))
+    return to_slices(np.asarray(image.dataobj), image.affine), image
+
+
+def predict(checkpoint, out, *inputs):
+    return main(["predict", "--checkpoint", str(checkpoint), "--output", str(out), *RUN, *inputs])
+
+
+def test_orientation_round_trip_by_hand():
+    # 2 x 3 x 4 voxels on an LPS grid: to_slices lays them out as (z, row, column) = (k, j, i),
+    # and from_slices undoes it exactly, for LPS, RAS and a permuted axis order alike.
+    voxels = np.arange(24).reshape(2, 3, 4)
+    slices = to_slices(voxels, TIFF_AFFINE)
+    assert slices.shape == (4, 3, 2) and slices[1, 2, 0] == voxels[0, 2, 1]
+    for affine in (TIFF_AFFINE, np.diag([1.0, 1.0, 2.5, 1.0]), np.array([[0, 0, 2.5, 0], [-1, 0, 0, 0],
+                                                                         [0, 1, 0, 0], [0, 0, 0, 1.0]])):
+        assert np.array_equal(from_slices(to_slices(voxels, affine), affine), voxels)
+    assert slice_spacing(nib.Nifti1Image(voxels.astype(np.float32), np.diag([0.5, 0.75, 3.0, 1]))) == (3.0, 0.75, 0.5)
+
+
+def test_a_flipped_affine_lands_on_the_same_anatomy(tmp_path, checkpoint):
+    """The same head stored LPS and RAS (voxels flipped, affine flipped): the masks, read back with
+    their own affines, cover the same points of the patient, and each has its input's grid."""
+    images, _ = head_volume()
+    lps = nifti_case(tmp_path / "lps", images)
+    ras_affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    ras_affine[:2, 3] = -(images.shape[2] - 1), -(images.shape[1] - 1)  # voxel (0, 0) is LPS' far corner
+    flipped = images[:, ::-1, ::-1]  # what RAS voxels hold, laid out as Kaggle slices
+    ras = nifti_case(tmp_path / "ras", flipped, ras_affine)
+    assert np.allclose(nib.load(lps / "flair.nii.gz").affine @ [0, 0, 3, 1],
+                       nib.load(ras / "flair.nii.gz").affine @ [images.shape[2] - 1, images.shape[1] - 1, 3, 1])
+    world = {}
+    for name, case in (("lps", lps), ("ras", ras)):
+        assert predict(checkpoint, tmp_path / f"out-{name}", "--input", str(case)) == 0
+        image = nib.load(str(tmp_path / f"out-{name}" / "masks" / f"{name}.nii.gz"))
+        source = nib.load(str(case / "flair.nii.gz"))
+        assert image.shape == source.shape and np.allclose(image.affine, source.affine)
+        assert image.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(image.dataobj))) <= {0, 1}
+        canonical = nib.as_closest_canonical(image)
+        world[name] = (np.asarray(canonical.dataobj), canonical.affine)
+    assert world["lps"][0].any() and np.allclose(world["lps"][1], world["ras"][1])
+    assert np.array_equal(world["lps"][0], world["ras"][0])
+
+
+def test_intensity_scale_and_offset_leave_the_prediction_unchanged(tmp_path, checkpoint):
+    images, _ = head_volume(seed=1)
+    masks = {}
+    for name, scale, offset, dtype in (("eight", 1, 0, np.uint8), ("sixteen", 200, 1000, np.uint16),
+                                       ("float", 0.01, -3.0, np.float32)):
+        case = nifti_case(tmp_path / name, (images.astype(np.float64) * scale + offset).astype(dtype))
+        assert predict(checkpoint, tmp_path / f"out-{name}", "--input", str(case)) == 0
+        masks[name] = read_back(tmp_path / f"out-{name}" / "masks" / f"{name}.nii.gz")[0]
+    assert masks["eight"].any()
+    for name in ("sixteen", "float"):  # 8-bit slices are resized in 8 bits: rounding may move a few voxels
+        assert (masks[name] != masks["eight"]).sum() <= 5, name
+
+
+def test_model_intensities_by_hand():
+    whole = np.array([0, 7, 255], np.uint16).reshape(1, 1, 3, 1).repeat(3, axis=-1)
+    assert model_intensities(whole, "volume").dtype == np.uint8  # 8-bit values take the TIFFs' path
+    deep = whole * 100 + 5
+    assert model_intensities(deep, "volume").dtype == np.float32
+    assert model_intensities(deep, "volume")[0, 0, :, 0].tolist() == [5, 705, 25505]
+    # The authors' pipeline expects 0-255: each channel from its minimum..maximum.
+    assert model_intensities(deep, "buda")[0, 0, :, 0].tolist() == [0, 7, 255]
+
+
+def test_a_missing_t1_is_filled_with_flair_and_warned_once(tmp_path, checkpoint, capsys):
+    images, _ = head_volume(seed=2)
+    cases = tmp_path / "cases"
+    for name in ("a", "b"):
+        nifti_case(cases / name, images, sequences=("flair", "t1ce"))
+    assert predict(checkpoint, tmp_path / "out", "--input", str(cases)) == 0
+    err = capsys.readouterr().err
+    assert err.count("no T1 (pre-contrast); the FLAIR is copied into its channel") == 1
+    # The network saw exactly the FLAIR in channel 0: the same mask as a case whose t1 file is the FLAIR.
+    filled = nifti_case(tmp_path / "copied", np.stack([images[..., 1], images[..., 1], images[..., 2]], -1))
+    assert predict(checkpoint, tmp_path / "out-copied", "--input", str(filled)) == 0
+    assert np.array_equal(read_back(tmp_path / "out" / "masks" / "a.nii.gz")[0],
+                          read_back(tmp_path / "out-copied" / "masks" / "copied.nii.gz")[0])
+
+
+def test_volume_in_mm3_is_the_voxel_count_times_the_spacing(tmp_path, checkpoint):
+    images, _ = head_volume(seed=3)
+    affine = np.diag([-0.5, -0.75, 3.0, 1.0])
+    files = nifti_case(tmp_path / "case", images, affine)
+    assert predict(checkpoint, tmp_path / "out", *(f"--{s}={files / f'{s}.nii.gz'}" for s in SEQUENCES)) == 0
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    mask, _ = read_back(tmp_path / "out" / "masks" / "flair.nii.gz")
+    assert len(table) == 1 and table["area_px"][0] == mask.sum() > 0
+    assert table["volume_mm3"][0] == pytest.approx(mask.sum() * 0.5 * 0.75 * 3.0)
+    assert (tmp_path / "out" / "overlays" / "flair.png").exists()  # one picture per case
+    # --spacing is for 2D slices only.
+    assert predict(checkpoint, tmp_path / "out2", "--input", str(files), "--spacing", "1,1,1") == 2
+
+
+def test_dicom_series_read_as_written(tmp_path):
+    voxels = np.random.default_rng(4).integers(0, 4000, (6, 5, 4)).astype(np.uint16)
+    affine = np.array([[0, 0, 2.5, -30], [-0.8, 0, 0, 12], [0, -0.9, 0, 40], [0, 0, 0, 1.0]])  # a sagittal series
+    write_dicom_series(tmp_path / "s", voxels, affine)
+    image = read_dicom_series(tmp_path / "s")
+    assert np.allclose(image.affine, affine, atol=1e-4)
+    assert np.array_equal(np.asarray(image.dataobj), voxels)
+
+
+def test_evaluate_on_cases_counts_the_labels_asked_for(tmp_path, checkpoint, capsys):
+    images, truth = head_volume(seed=5)
+    labels = truth.copy()
+    labels[3:7, 10:14, 26:38] = 4  # BraTS-like labels 1 and 4 inside 0
+    nifti_case(tmp_path / "cases" / "P1", images, truth=labels, dtype=np.int16)
+    per_label = {}
+    for flag in ("nonzero", "4", "1,4"):
+        out = tmp_path / f"eval-{flag}"
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"),
+                     "--labels", flag, "--out-dir", str(out), *RUN]) == 0
+        row = json.loads((out / "metrics.json").read_text())["per_patient"][0]
+        per_label[flag] = row
+        assert row["hd95_mm"] is None or row["hd95_mm"] >= 0
+    assert per_label["nonzero"]["tumor_pixels"] == per_label["1,4"]["tumor_pixels"] == truth.sum()
+    assert per_label["4"]["tumor_pixels"] == (labels == 4).sum() < truth.sum()
+    capsys.readouterr()
+    # A case without a mask: one line.
+    nifti_case(tmp_path / "nomask" / "P2", images)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "nomask"), *RUN]) == 2
+    assert "no mask" in capsys.readouterr().err
+
+
+def test_evaluate_on_cases_matches_evaluate_on_the_same_slices(tmp_path, checkpoint):
+    """The same two patients as a kaggle_3m tree (with --spacing) and as NIfTI cases: same Dice, same HD95 in mm."""
+    from conftest import write_slice
+
+    results = {}
+    for p in (6, 7):
+        images, truth = head_volume(seed=p)
+        for i, (image, mask) in enumerate(zip(images, truth)):
+            write_slice(tmp_path / "tree" / f"P{p}", f"P{p}", i + 1, image, mask * 255)
+        nifti_case(tmp_path / "cases" / f"P{p}", images, truth=truth)
+    for name, source in (("tree", ["--data-dir", str(tmp_path / "tree"), "--patients", "all",
+                                   "--spacing", "2.5,1,1"]), ("cases", ["--input", str(tmp_path / "cases")])):
+        out = tmp_path / f"eval-{name}"
+        assert main(["evaluate", "--checkpoint", str(checkpoint), *source, "--out-dir", str(out), *RUN]) == 0
+        results[name] = json.loads((out / "metrics.json").read_text())
+    for key in ("dice_per_volume_mean", "dice_global", "hd95_mm_mean"):
+        assert results["cases"][key] == pytest.approx(results["tree"][key]), key
+    assert results["cases"]["hd95_mm_mean"] is not None
+
+
+# --- malformed inputs: one line naming the file, nothing already written lost ----------------------
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_malformed_nifti_inputs_get_one_line(tmp_path, checkpoint, capsys):
+    images, _ = head_volume(seed=8)
+    good = nifti_case(tmp_path / "good", images)
+    data = (good / "flair.nii.gz").read_bytes()
+    cases = {
+        "truncated": lambda f: f.write_bytes(data[: len(data) // 2]),
+        "flat": lambda f: nib.save(nib.Nifti1Image(images[0, ..., 1], TIFF_AFFINE), str(f)),
+        "four_d": lambda f: nib.save(nib.Nifti1Image(np.stack([images[..., c] for c in range(3)], -1), TIFF_AFFINE),
+                                     str(f)),
+    }
+    needles = {"truncated": "cannot be read as NIfTI", "flat": "a 2D image", "four_d": "split it into one file"}
+    for name, make in cases.items():
+        f = tmp_path / name / "flair.nii.gz"
+        f.parent.mkdir()
+        make(f)
+        assert predict(checkpoint, tmp_path / f"out-{name}", "--flair", str(f)) == 2
+        _one_line_error(capsys, str(f), needles[name])
+        assert not (tmp_path / f"out-{name}").exists()
+    # A T1 on another grid.
+    write_nifti(good / "t1.nii.gz", images[..., 0], np.diag([-1.0, -1.0, 5.0, 1.0]))
+    assert predict(checkpoint, tmp_path / "out-grid", "--input", str(good)) == 2
+    _one_line_error(capsys, "t1.nii.gz", "spacing 1 x 1 x 2.5 against 1 x 1 x 5", "does not register")
+
+
+def test_a_bad_case_among_good_ones_is_skipped_and_the_others_kept(tmp_path, checkpoint, capsys):
+    images, _ = head_volume(seed=9)
+    nifti_case(tmp_path / "cases" / "a", images)
+    bad = nifti_case(tmp_path / "cases" / "b", images)
+    (bad / "flair.nii.gz").write_bytes(gzip.compress(b"not a nifti at all"))
+    assert predict(checkpoint, tmp_path / "out", "--input", str(tmp_path / "cases")) == 0
+    assert "skipped:" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "out" / "predictions.csv")["patient"].tolist() == ["a"]
+    # Predicting into it again is refused and leaves it as it was.
+    before = (tmp_path / "out" / "masks" / "a.nii.gz").read_bytes()
+    assert predict(checkpoint, tmp_path / "out", "--input", str(tmp_path / "cases")) == 2
+    _one_line_error(capsys, "already holds predictions")
+    assert (tmp_path / "out" / "masks" / "a.nii.gz").read_bytes() == before
+
+
+def test_malformed_dicom_inputs_get_one_line(tmp_path, checkpoint, capsys):
+    images, _ = head_volume(seed=10)
+    voxels = images[..., 1].transpose(2, 1, 0)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert predict(checkpoint, tmp_path / "o1", "--flair", str(tmp_path / "empty")) == 2
+    _one_line_error(capsys, "empty", "no DICOM image")
+    files = write_dicom_series(tmp_path / "gap", voxels, TIFF_AFFINE)
+    files[4].unlink()
+    assert predict(checkpoint, tmp_path / "o2", "--flair", str(tmp_path / "gap")) == 2
+    _one_line_error(capsys, "a slice is missing between IM0003.dcm and IM0005.dcm", "5.0 mm apart")
+
+
+def test_an_ambiguous_case_folder_lists_what_it_found(tmp_path, checkpoint, capsys):
+    images, _ = head_volume(seed=11)
+    case = nifti_case(tmp_path / "case", images)
+    write_nifti(case / "flair_2.nii.gz", images[..., 1])
+    assert predict(checkpoint, tmp_path / "out", "--input", str(case)) == 2
+    _one_line_error(capsys, "2 entries look like flair", "flair.nii.gz, flair_2.nii.gz", "--flair")
+
+
+@requires_real_data
+def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpoint):
+    """TIFF slices, a NIfTI case folder, three NIfTI files by flag, a DICOM series per sequence,
+    and 16-bit NIfTI scaled and shifted: one mask (the last within rounding)."""
+    patient = sorted(p for p in REAL_DATA.iterdir() if p.is_dir())[0]
+    files = sorted((f for f in patient.glob("*.tif") if not f.stem.endswith("_mask")),
+                   key=lambda f: int(f.stem.rpartition("_")[2]))
+    images = np.stack([cv2.imread(str(f), cv2.IMREAD_COLOR)[..., ::-1] for f in files])
+    assert predict(checkpoint, tmp_path / "tiff", "--input", str(patient)) == 0
+    tiff = np.stack([cv2.imread(str(tmp_path / "tiff" / "masks" / patient.name / f"{f.stem}_pred.png"),
+                                cv2.IMREAD_UNCHANGED) > 0 for f in files])
+    assert 0 < tiff.sum() < tiff.size // 4
+    case = nifti_case(tmp_path / patient.name, images)
+    dicom = tmp_path / "dicom" / patient.name
+    for c, name in enumerate(SEQUENCES):
+        write_dicom_series(dicom / name, images[..., c].transpose(2, 1, 0), TIFF_AFFINE)
+    scaled = nifti_case(tmp_path / "scaled" / patient.name, images.astype(np.float64) * 180 + 1500, dtype=np.uint16)
+    doors = {"nifti": ["--input", str(case)],
+             "flags": [f"--{s}={case / f'{s}.nii.gz'}" for s in SEQUENCES],
+             "dicom": ["--input", str(dicom)],
+             "scaled": ["--input", str(scaled)]}
+    for door, flags in doors.items():
+        assert predict(checkpoint, tmp_path / door, *flags) == 0, door
+        mask_file = next((tmp_path / door / "masks").glob("*.nii.gz"))
+        mask, image = read_back(mask_file)
+        source = nib.load(str(case / "flair.nii.gz"))
+        assert image.shape == source.shape and np.allclose(image.affine, source.affine), door
+        differ = int((mask != tiff).sum())
+        assert differ <= (20 if door == "scaled" else 0), (door, differ)
