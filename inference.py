@@ -229,7 +229,8 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
         for f, mask in zip(files, pred):
             cv2.imwrite(str(out / "masks" / group / f"{f.stem}_pred.png"), mask.astype(np.uint8) * 255)
             rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
-        write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: [f.stem for f in files]}, [name])
+        numbers = [m[1] if (m := _NUMBER.search(f.stem)) else f.stem for f in files]  # captions: "slice 12"
+        write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
     for group in groups:
         if any(r["patient"] == group for r in rows):
             rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows if r["patient"] == group),
