@@ -32,10 +32,12 @@ MODALITIES = ("t1", "flair", "t1ce")
 MODALITY_NAMES = {"t1": "T1 (pre-contrast)", "flair": "FLAIR", "t1ce": "T1 post-contrast"}
 # Words of a file or folder name that say what it holds; a name is split into words at every
 # character that is not a letter or digit ("BraTS20_Training_001_t1ce.nii.gz" -> ..., "t1ce").
+# BraTS' names of 2018-2021 (flair, t1, t1ce, t2, seg) and of 2023 (t2f, t1n, t1c, t2w, seg) both work;
+# T2 is not an input of this network and is left out.
 NAME_WORDS = {
-    "flair": {"flair", "t2flair"},
+    "flair": {"flair", "t2flair", "t2f"},
     "t1ce": {"t1ce", "t1gd", "t1c", "t1post", "post", "postcontrast", "gd", "t1wce", "ce"},
-    "t1": {"t1", "t1pre", "pre", "precontrast", "t1w", "t1native"},
+    "t1": {"t1", "t1n", "t1pre", "pre", "precontrast", "t1w", "t1native"},
     "seg": {"seg", "mask", "label", "labels", "segmentation", "truth", "gt"},
 }
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

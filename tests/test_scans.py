@@ -257,6 +257,19 @@ def test_malformed_dicom_inputs_get_one_line(tmp_path, checkpoint, capsys):
     _one_line_error(capsys, "a slice is missing between IM0003.dcm and IM0005.dcm", "5.0 mm apart")
 
 
+def test_sequences_are_told_by_the_words_of_their_names():
+    from pathlib import Path
+
+    from scans import role_of
+
+    names = {"BraTS20_Training_001_flair.nii.gz": "flair", "BraTS20_Training_001_t1ce.nii.gz": "t1ce",
+             "BraTS20_Training_001_t1.nii.gz": "t1", "BraTS20_Training_001_t2.nii.gz": None,
+             "BraTS-GLI-00000-000-t2f.nii.gz": "flair", "BraTS-GLI-00000-000-t1c.nii.gz": "t1ce",
+             "BraTS-GLI-00000-000-t1n.nii.gz": "t1", "BraTS-GLI-00000-000-seg.nii.gz": "seg",
+             "T1_post": "t1ce", "t1_pre": "t1", "case_0000.nii.gz": None}
+    assert {name: role_of(Path(name)) for name in names} == names
+
+
 def test_an_ambiguous_case_folder_lists_what_it_found(tmp_path, checkpoint, capsys):
     images, _ = head_volume(seed=11)
     case = nifti_case(tmp_path / "case", images)
