@@ -308,7 +308,9 @@ def _affine(**kwargs: Any) -> A.Affine:
 
 def eval_preprocess(image_size: int) -> Preprocess:
     """Validation and inference pipeline: resize and normalization only, deterministic."""
-    return Preprocess(A.Compose([_resize(image_size)]), image_size)
+    # Resized in float32, not in the slices' uint8: 8-bit rounding at the model's size would make
+    # a scan's prediction depend on its intensity scale (a 16-bit file against its 8-bit TIFF).
+    return Preprocess(A.Compose([A.ToFloat(max_value=1.0), _resize(image_size)]), image_size)
 
 
 class IntensityAugment:
