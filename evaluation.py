@@ -530,8 +530,11 @@ def dataset_volumes(args: argparse.Namespace, loaded: list[tuple[Path, dict]],
 def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
     """``--input``'s NIfTI/DICOM cases with their masks, as volumes prepared for the checkpoint,
     with each header's spacing (so HD95 comes in mm)."""
-    if args.spacing:
-        raise UserError("--spacing is for the dataset's 2D slices: NIfTI and DICOM headers give the spacing")
+    for flag, given in (("--spacing", args.spacing), ("--data-dir", args.data_dir),
+                        ("--patients", args.patients != "validation")):
+        if given:
+            raise UserError(f"{flag} is for a dataset folder of 2D slices, not --input's scans (every case is scored; "
+                            "the headers give the spacing)")
     path = Path(args.input)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")

@@ -171,6 +171,9 @@ def test_evaluate_on_cases_counts_the_labels_asked_for(tmp_path, checkpoint, cap
     assert per_label["nonzero"]["tumor_pixels"] == per_label["1,4"]["tumor_pixels"] == truth.sum()
     assert per_label["4"]["tumor_pixels"] == (labels == 4).sum() < truth.sum()
     capsys.readouterr()
+    for flag in (["--spacing", "1,1,1"], ["--patients", "all"], ["--data-dir", str(tmp_path)]):  # not for scans
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"), *flag]) == 2
+        _one_line_error(capsys, flag[0], "not --input's scans")
     # A case without a mask: one line.
     nifti_case(tmp_path / "nomask" / "P2", images)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "nomask"), *RUN]) == 2
