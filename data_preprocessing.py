@@ -218,17 +218,13 @@ def normalize(image: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (image.float().clamp(low, high) - mean) / std
 
 
-def batch_to_device(
-    batch: dict, device: torch.device, channels_last: bool, augment: IntensityAugment | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's uint8 image and mask on ``device``: the image normalized there (and, in
-    training, intensity-augmented) in the model's memory format, the mask as float.
+def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's image and mask on ``device``: the image normalized there in the model's memory
+    format, the mask as float.
 
     Training, evaluation, prediction and the benchmark all move batches through here.
     """
     image = normalize(batch["image"].to(device, non_blocking=True), batch["stats"].to(device, non_blocking=True))
-    if augment is not None:
-        image = augment(image)
     return image.contiguous(memory_format=memory_format(channels_last)), batch["mask"].to(device, non_blocking=True).float()
 
 
@@ -311,89 +307,3 @@ def eval_preprocess(image_size: int) -> Preprocess:
     # Resized in float32, not in the slices' uint8: 8-bit rounding at the model's size would make
     # a scan's prediction depend on its intensity scale (a 16-bit file against its 8-bit TIFF).
     return Preprocess(A.Compose([A.ToFloat(max_value=1.0), _resize(image_size)]), image_size)
-
-
-class IntensityAugment:
-    """nnU-Net-style intensity augmentation of normalized training batches, per channel.
-
-    Each channel of each slice draws its own steps and parameters, as scanners and sites differ
-    per sequence: gamma (p 0.3, 0.7-1.5, on the channel's own [min, max], keeping its mean and
-    std), multiplicative brightness (p 0.15, 0.75-1.25), contrast around the mean (p 0.15,
-    0.75-1.25, kept within the channel's range), Gaussian noise (p 0.1, std 0-0.1), Gaussian blur
-    (p 0.2, sigma 0.5-1 px) and simulated low resolution (p 0.25: nearest-neighbour down to
-    0.5-1 of the size, bilinear back up). It runs after ``normalize``, where the volume's
-    statistics have been applied: on the uint8 slice a gain of 1.25 would clip the brightest
-    FLAIR voxels, which are the lesion. Masks are never touched. Training only.
-
-    The draws come from a generator that ``reseed`` sets, so an epoch's augmentation depends
-    only on (seed, epoch).
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def _draw(self, shape: tuple[int, int], p: float, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which (slice, channel) pairs take a step (bool), and each pair's parameter in [low, high)."""
-        chosen = torch.rand(shape, generator=self.generator) < p
-        value = low + (high - low) * torch.rand(shape, generator=self.generator)
-        return chosen, value
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) float -> the same shape, augmented; the input is not modified."""
-        b, c, h, w = image.shape
-        x = image.float()
-        # Every draw is made on the CPU generator in a fixed order, whatever the device.
-        draws = {name: self._draw((b, c), p, lo, hi) for name, p, lo, hi in (
-            ("gamma", 0.3, 0.7, 1.5), ("brightness", 0.15, 0.75, 1.25), ("contrast", 0.15, 0.75, 1.25),
-            ("noise", 0.1, 0.0, 0.1), ("blur", 0.2, 0.5, 1.0), ("lowres", 0.25, 0.5, 1.0))}
-        noise = torch.randn((b, c, h, w), generator=self.generator) if draws["noise"][0].any() else None
-        draws = {k: (m.to(x.device)[..., None, None], v.to(x.device)[..., None, None]) for k, (m, v) in draws.items()}
-
-        def apply(name: str, out: torch.Tensor) -> torch.Tensor:
-            return torch.where(draws[name][0], out, x)
-
-        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-        mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
-        span = (hi - lo).clamp_min(1e-6)
-        g = ((x - lo) / span).clamp(0, 1) ** draws["gamma"][1] * span + lo
-        g = (g - g.mean((2, 3), keepdim=True)) / g.std((2, 3), keepdim=True).clamp_min(1e-6) * std + mean
-        x = apply("gamma", g)
-        x = apply("brightness", x * draws["brightness"][1])
-        m = x.mean((2, 3), keepdim=True)
-        x = apply("contrast", torch.maximum(torch.minimum((x - m) * draws["contrast"][1] + m, x.amax((2, 3), keepdim=True)),
-                                            x.amin((2, 3), keepdim=True)))
-        if noise is not None:
-            x = apply("noise", x + noise.to(x.device) * draws["noise"][1])
-        if draws["blur"][0].any():
-            x = apply("blur", _gaussian_blur(x, draws["blur"][1][..., 0, 0]))
-        if draws["lowres"][0].any():
-            x = _low_resolution(x, draws["lowres"][0][..., 0, 0], draws["lowres"][1][..., 0, 0])
-        return x
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur each (slice, channel) image of (B, C, H, W) ``x`` with its own sigma in pixels, shape (B, C)."""
-    b, c, h, w = x.shape
-    radius = 3  # covers 3 sigma for sigma <= 1
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma.reshape(-1, 1)) ** 2)
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (B*C, 7)
-    flat = torch.nn.functional.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
-    flat = torch.nn.functional.conv2d(flat, kernel[:, None, None, :], groups=b * c)  # along x
-    flat = torch.nn.functional.conv2d(flat, kernel[:, None, :, None], groups=b * c)  # along y
-    return flat.reshape(b, c, h, w)
-
-
-def _low_resolution(x: torch.Tensor, chosen: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
-    """The (slice, channel) images where ``chosen`` (B, C) taken down to ``zoom`` (B, C) of their size
-    (nearest neighbour) and back up (bilinear); the others as they are."""
-    h, w = x.shape[-2:]
-    out = x.clone()
-    for i, j in chosen.nonzero().tolist():
-        small = max(1, round(h * float(zoom[i, j]))), max(1, round(w * float(zoom[i, j])))
-        down = torch.nn.functional.interpolate(x[i : i + 1, j : j + 1], size=small, mode="nearest")
-        out[i, j] = torch.nn.functional.interpolate(down, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    return out

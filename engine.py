@@ -36,7 +36,7 @@ from data_commands import add_data_arguments, add_download_arguments, download_d
 from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume, describe_masks, read_clinical,
                         report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
-from data_preprocessing import IntensityAugment, train_preprocess
+from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, environment_report, init_distributed,
                        new_run_dir, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
@@ -72,7 +72,6 @@ class Config:
     normalization: str = _opt("volume", "volume: per patient; buda: the authors' (their weights)", NORMALIZATIONS)
     tumor_weight: float = _opt(1.0, "training draws slices with tumor this many times as often")
     modality_dropout: float = _opt(0.0, "training: chance a contrast channel is replaced by FLAIR")
-    intensity_augment: bool = _opt(False, "training: nnU-Net-style intensity augmentation per channel")
     # ---- model ----
     features: int = _opt(32, "UNet channels at the first level (32: 7.76M parameters)")
     deep_supervision: bool = _opt(False, "training: also score the decoder at 1/2 and 1/4 size")
@@ -253,6 +252,15 @@ def resumable_overrides(cfg: Config) -> dict[str, Any]:
             if getattr(cfg, name) != getattr(Config(), name)}
 
 
+# Training settings this version no longer has, their neutral value and the last commit with the
+# code: a run recorded with another value cannot be resumed here without silently changing it.
+REMOVED_SETTINGS = {"intensity_augment": (False, "ca34c2e"), "lesion_paste": (0.0, "6af5688"),
+                    "lesion_fade": (0.0, "6af5688"), "spatial_augment": ("light", "6af5688"),
+                    "crop_size": (0, "6af5688"), "balance_patients": (False, "6af5688"),
+                    "dice_mode": ("sample", "6af5688"), "tversky_beta": (0.5, "6af5688"),
+                    "optimizer": ("adamw", "6af5688"), "schedule": ("cosine", "6af5688")}
+
+
 def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     """For --resume: the run's own Config (with RESUMABLE_OVERRIDES from ``cfg``) and its checkpoint."""
     path = Path(cfg.resume)
@@ -262,6 +270,10 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     stored = {f.name: ckpt["config"][f.name] for f in fields(Config) if f.name in ckpt["config"]}
     if "history" not in ckpt or "rng" not in ckpt:
         raise UserError(f"{cfg.resume}: this checkpoint has no training state to resume from; use last.pt")
+    for name, (neutral, commit) in REMOVED_SETTINGS.items():
+        if ckpt["config"].get(name, neutral) != neutral:
+            raise UserError(f"{cfg.resume}: trained with {name} = {ckpt['config'][name]!r}, which this version no "
+                            f"longer has (docs/results.md); resume it with commit {commit} of this package")
     stored.update(resumable_overrides(cfg))
     if not cfg.data_dir:
         stored["data_dir"] = ckpt["config"]["resolved_data_dir"]
@@ -438,13 +450,12 @@ def fit(
 
     Updates ``state`` (history, best epoch, metrics) and returns the last epoch's predicted volumes.
     """
-    augment = IntensityAugment() if cfg.intensity_augment else None
     volumes: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         validated = validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs)
         row, metrics, volumes = run_epoch(epoch, parts, scheduler, train_loader, validate if validated else None,
                                           seed=cfg.seed, ddp=ddp, device=device, amp_dtype=amp_dtype,
-                                          channels_last=CHANNELS_LAST, augment=augment, progress=progress,
+                                          channels_last=CHANNELS_LAST, progress=progress,
                                           val_slices=val_slices)
         if validated:
             state["metrics"] = metrics

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loaders import ShardedSampler
-from data_preprocessing import IntensityAugment, batch_to_device
+from data_preprocessing import batch_to_device
 from evaluation import trained_patients
 from libraries import Distributed, UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
@@ -175,14 +175,13 @@ def train_one_epoch(
     channels_last: bool,
     epoch: int,
     progress: bool,
-    augment: IntensityAugment | None = None,
 ) -> tuple[float, int]:
     """One pass over the training loader; returns the summed per-sample loss and the sample count."""
     parts.net.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
-        image, mask = batch_to_device(batch, device, channels_last, augment)
+        image, mask = batch_to_device(batch, device, channels_last)
         loss = forward_loss(parts.net, image, mask, parts.loss_fn, amp_dtype)
         value = loss.item()
         if not math.isfinite(value):  # checked before the update, so the weights stay finite
@@ -202,7 +201,7 @@ def run_epoch(
     epoch: int, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_loader: torch.utils.data.DataLoader, validate: Callable[[], tuple] | None, *, seed: int,
     ddp: Distributed, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-    augment: IntensityAugment | None, progress: bool, val_slices: int,
+    progress: bool, val_slices: int,
 ) -> tuple[dict[str, Any], dict | None, dict]:
     """Train one epoch and validate (unless ``validate`` is None); return its history row, the metrics
     and the predicted volumes (None and {} without validation)."""
@@ -211,14 +210,11 @@ def run_epoch(
     train_loader.generator.manual_seed(seed + epoch)
     stream = seed * 1_000_003 + epoch + 7919 * ddp.rank
     train_loader.dataset.reseed(stream)
-    if augment is not None:
-        augment.reseed(stream)
     if isinstance(train_loader.sampler, ShardedSampler):
         train_loader.sampler.set_epoch(epoch)
     t0 = time.perf_counter()
     loss_sum, seen = train_one_epoch(parts, train_loader, scheduler, device, amp_dtype=amp_dtype,
-                                     channels_last=channels_last, epoch=epoch, progress=progress,
-                                     augment=augment)
+                                     channels_last=channels_last, epoch=epoch, progress=progress)
     if ddp.enabled:
         loss_sum, seen = sync_across_ranks(parts.model, loss_sum, seen, device)
     t1 = time.perf_counter()

@@ -15,18 +15,19 @@ import evaluation
 from synthetic_data import make_synthetic_dataset
 from data_files import scan_dataset as scan
 from engine import Config, config_from_args, main, parse_args
+from libraries import UserError
 
 
 def test_every_config_field_is_a_flag_with_the_same_default():
     args = parse_args([])
     assert args.command == "train"
     assert config_from_args(args) == Config()
-    flags = parse_args(["--image-size", "64", "--no-intensity-augment", "--data-dir", "synthetic", "--lr", "0.01"])
+    flags = parse_args(["--image-size", "64", "--no-deep-supervision", "--data-dir", "synthetic", "--lr", "0.01"])
     cfg = config_from_args(flags)
-    assert (cfg.image_size, cfg.intensity_augment, cfg.data_dir, cfg.lr) == (64, False, "synthetic", 0.01)
+    assert (cfg.image_size, cfg.deep_supervision, cfg.data_dir, cfg.lr) == (64, False, "synthetic", 0.01)
     assert 20 <= len(fields(Config)) <= 35  # a config that reads at a glance (issue 38)
-    on = config_from_args(parse_args(["--deep-supervision", "on", "--intensity-augment"]))
-    assert (on.deep_supervision, on.intensity_augment, on.sync_bn) == (True, True, False)
+    on = config_from_args(parse_args(["--deep-supervision", "on", "--compile"]))
+    assert (on.deep_supervision, on.compile, on.sync_bn) == (True, True, False)
 
 
 def test_bad_choice_is_refused(capsys):
@@ -222,9 +223,9 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "cpu", "--epoch", "3"])
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
-    argv = ["--preset", "cpu", "--epochs", "3", "--intensity-augment", "--lr=0.01"]
+    argv = ["--preset", "cpu", "--epochs", "3", "--deep-supervision", "--lr=0.01"]
     cfg = config_from_args(parse_args(argv), argv)
-    assert (cfg.epochs, cfg.intensity_augment, cfg.lr) == (3, True, 0.01)
+    assert (cfg.epochs, cfg.deep_supervision, cfg.lr) == (3, True, 0.01)
     assert (cfg.image_size, cfg.modality_dropout) == (128, 0.2)  # the preset's, where nothing was given
 
 
@@ -278,6 +279,12 @@ def test_a_resumed_run_takes_a_new_val_every_and_keeps_its_other_settings(tmp_pa
     assert main(tiny_args(tmp_path, "run", "--epochs", "1", "--val-fraction", "0.4")) == 0
     cfg, _ = resolve_resume(Config(resume=str(tmp_path / "run"), val_every=5, lr=0.5))
     assert (cfg.val_every, cfg.lr, cfg.epochs) == (5, 1e-3, 1)
+    # A run recorded with a setting this version removed is refused, naming the commit that has it.
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt["config"]["intensity_augment"] = True
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(UserError, match="intensity_augment = True, which this version no longer has.*commit"):
+        resolve_resume(Config(resume=str(tmp_path / "run")))
 
 
 @pytest.mark.parametrize("tumor_weight", ["1", "2"])  # a shuffled pass, and weighted draws with replacement
