@@ -157,7 +157,7 @@ def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0
 
     The head is eroded by ``margin`` of the slice width (13 px at 256), about the thickness of
     scalp and skull. Post-processing uses it to tell components in the brain from those on the
-    outer rim of the head (``metrics.brain_component_3d``).
+    outer rim of the head (``metrics.brain_components_3d``).
     """
     head = head_mask(volume, fraction)
     steps = max(1, round(margin * head.shape[-1]))

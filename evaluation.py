@@ -52,7 +52,6 @@ from libraries import UserError, add_bool_flag, autocast, environment_report, me
 from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
-    brain_component_3d,
     brain_components_3d,
     hd95,
     largest_component_3d,
@@ -152,11 +151,11 @@ def predict_volumes(
 
 # Post-processing of a patient's predicted volume (runs report the raw prediction beside the
 # chosen rule; evaluate --all-rules reports every one): none; lcc, the largest 3D component by
-# voxels (the published reference); brain, the component of largest probability mass inside the
-# brain rather than on the scalp rim; brain-multi (the presets'), every component whose mass
-# inside the brain is at least half the heaviest one's, so a rival inside the brain does not
-# throw a comparable tumor away.
-POSTPROCESSING = ("none", "lcc", "brain", "brain-multi")
+# voxels (the published reference); brain-multi (the presets'), every component whose
+# probability mass inside the brain is at least half the heaviest one's, so neither a scalp rim
+# nor a rival inside the brain throws a comparable tumor away. Rules removed since (brain, mass,
+# brain-shell, brain-filled: docs/results.md) fall back to brain-multi when a checkpoint names them.
+POSTPROCESSING = ("none", "lcc", "brain-multi")
 
 
 def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
@@ -165,8 +164,6 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
         return v.pred
     if method == "lcc":
         return largest_component_3d(v.pred)
-    if method == "brain":
-        return brain_component_3d(v.pred, v.prob, v.inside)
     if method == "brain-multi":
         return brain_components_3d(v.pred, v.prob, v.inside)
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")

@@ -139,26 +139,16 @@ def largest_component_3d(volume: np.ndarray) -> np.ndarray:
     return _keep_best_component(volume, lambda labels, n: np.bincount(labels.ravel(), minlength=n + 1))
 
 
-def brain_component_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """Keep the 3D component whose probability mass inside the brain (``inside``: away from the
-    scalp) is largest; if no component reaches inside, the heaviest of all.
-
-    The tumor is in the brain; false positives on the scalp rim of the top-of-head slices, or in
-    the neck, lie outside it and weigh nothing here, however large. Counting only the mass inside
-    (rather than rejecting components mostly outside) keeps a tumor that touches such a false
-    positive: their merged component still weighs what the tumor does. The fallback means the
-    rule never empties a prediction that had something to choose from.
-    """
-    return _keep_best_component(pred, _mass_inside(prob, inside))
-
-
 def brain_components_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, fraction: float = 0.5) -> np.ndarray:
-    """Keep every 3D component whose probability mass inside the brain is at least ``fraction`` of
-    the heaviest one's (weighed as in ``brain_component_3d``, which keeps the heaviest alone).
+    """Keep every 3D component whose probability mass inside the brain (``inside``: away from the
+    scalp) is at least ``fraction`` of the heaviest one's; if no component reaches inside, weigh
+    the whole mass instead, so the rule never empties a prediction that had something to keep.
 
-    A false component inside the brain that outweighs the tumor makes any one-component rule throw
-    the tumor away; a rival of comparable mass is kept beside it instead. Specks, and components on
-    the scalp rim (no mass inside), are still dropped.
+    False positives on the scalp rim of the top-of-head slices, or in the neck, weigh nothing
+    here, however large; counting only the mass inside (rather than rejecting components mostly
+    outside) keeps a tumor merged with such a rim. A false component inside the brain that
+    outweighs the tumor would make a one-component rule (``fraction=1``) throw the tumor away; a
+    rival of comparable mass is kept beside it instead. Specks are dropped.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")

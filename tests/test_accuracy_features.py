@@ -375,7 +375,7 @@ def test_early_stopping(tmp_path):
 
 
 def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
-    assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--postprocess", "brain",
+    assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--postprocess", "brain-multi",
                              "--out-dir", str(tmp_path / "cv"))]) == 0
     printed = capsys.readouterr().out
     with open(tmp_path / "cv" / "cv_summary.csv") as f:
@@ -401,7 +401,7 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     for site in sites:
         mine = [r for r in patients if site["institution"] in ("all", institution(r["patient"]))]
         assert int(site["patients"]) == len(mine)
-        for column in ("dice_brain", "flair_contrast"):  # the lesions' contrast is averaged like the Dice
+        for column in ("dice_brain-multi", "flair_contrast"):  # the lesions' contrast is averaged like the Dice
             assert float(site[column]) == pytest.approx(np.mean([float(r[column]) for r in mine])), column
     # Each patient's contrast is the one its fold's evaluation measured.
     for i in (0, 1):
@@ -413,9 +413,9 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     assert float(rows[4]["dice_per_volume_mean"]) == pytest.approx(np.mean(list(fold_dice.values())))
     assert float(rows[4]["dice_per_volume_median"]) == pytest.approx(np.median(list(fold_dice.values())))
     # The printed headline is the configured post-processing's (pooled over patients), raw beside it.
-    brain = [float(r["dice_brain"]) for r in patients]
-    folds = [float(r["dice_per_volume_mean_brain"]) for r in rows[:2]]
-    assert (f"Dice per volume with --postprocess brain: {np.mean(folds):.4f} ± {np.std(folds, ddof=1):.4f} "
+    brain = [float(r["dice_brain-multi"]) for r in patients]
+    folds = [float(r["dice_per_volume_mean_brain-multi"]) for r in rows[:2]]
+    assert (f"Dice per volume with --postprocess brain-multi: {np.mean(folds):.4f} ± {np.std(folds, ddof=1):.4f} "
             f"(mean ± std over folds); over all 4 patients mean {np.mean(brain):.4f}, median "
             f"{np.median(brain):.4f} (raw {np.mean(list(fold_dice.values())):.4f} / ") in printed
     # Steps, by hand: 4 patients x 5 slices, batch 4. A fold trains 10 slices: 2 batches of 4 and

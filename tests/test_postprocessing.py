@@ -11,7 +11,7 @@ import reports
 from data_preprocessing import background_level, brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from metrics import brain_component_3d, brain_components_3d, largest_component_3d
+from metrics import brain_components_3d, largest_component_3d
 from model import UNet
 
 
@@ -57,29 +57,30 @@ def test_brain_interior_ignores_a_constant_background_offset_in_one_channel():
     assert brain_interior(offset).mean() < 0.5
 
 
-def test_brain_rule_keeps_the_small_tumor_that_lcc_throws_away_for_the_rim():
+def test_brain_multi_keeps_the_small_tumor_that_lcc_throws_away_for_the_rim():
     pred, truth, arc = tumor_and_rim()
     assert int(pred[:, arc].sum()) == 300  # the rim component is the larger one
     inside = brain_interior(head_volume())
     prob = np.where(pred, 0.9, 0.05).astype(np.float16)
     kept_lcc = largest_component_3d(pred)
-    kept_brain = brain_component_3d(pred, prob, inside)
+    kept_brain = brain_components_3d(pred, prob, inside)
     assert not (kept_lcc & truth).any()  # LCC kept the rim
     assert np.array_equal(kept_brain, truth)  # the brain rule kept exactly the tumor
     # All components on the rim: the heaviest of them is kept, never an empty prediction.
     rim_only = pred & ~truth
-    assert np.array_equal(brain_component_3d(rim_only, prob, inside), largest_component_3d(rim_only))
+    assert np.array_equal(brain_components_3d(rim_only, prob, inside), largest_component_3d(rim_only))
 
 
-def test_brain_rule_keeps_a_tumor_that_touches_the_rim_false_positive():
+def test_brain_multi_keeps_a_tumor_that_touches_the_rim_false_positive():
     """Tumor and rim merged into one component, mostly outside the brain, beside a small false
-    positive inside: the merged component weighs the tumor's 48 x 0.9 inside, the other 8 x 0.9."""
+    positive inside: the merged component weighs the tumor's 48 x 0.9 inside, the other 8 x 0.9,
+    under half of it."""
     pred, truth, arc = tumor_and_rim()
     pred[2:5, 4:31, 32] = True  # a bridge from the tumor (rows 30-33) up to the rim arc: one component now
     pred[1, 40:42, 40:44] = True  # a small false positive inside the brain (8 voxels)
     inside = brain_interior(head_volume())
     prob = np.where(pred, 0.9, 0.0).astype(np.float16)
-    kept = brain_component_3d(pred, prob, inside)
+    kept = brain_components_3d(pred, prob, inside)
     assert (kept & truth).sum() == 48 and not kept[1, 40:42, 40:44].any()
 
 
@@ -89,7 +90,7 @@ def test_scores_count_the_patients_whose_tumor_the_post_processing_threw_away():
                           inside=brain_interior(head_volume()))
     volumes, patients = {0: v}, ["P"]
     lcc, kept = score_volumes(volumes, patients, postprocess="lcc", spacing=None)
-    brain, _ = score_volumes(volumes, patients, postprocess="brain", spacing=None)
+    brain, _ = score_volumes(volumes, patients, postprocess="brain-multi", spacing=None)
     raw, _ = score_volumes(volumes, patients, postprocess="none", spacing=None)
     assert lcc["tumor_lost_patients"] == ["P"] and lcc["dice_per_volume_mean"] == 0.0
     assert brain["tumor_lost_patients"] == [] and brain["dice_per_volume_mean"] == 1.0
@@ -108,13 +109,14 @@ def tumor_and_inner_rivals() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_brain_multi_keeps_a_tumor_that_an_inner_false_positive_outweighs():
-    """Masses inside the brain: rival 54, tumor 43.2, speck 18, rim 0. brain keeps the rival alone;
-    brain-multi keeps every component of at least 0.5 x 54 = 27: the rival and the tumor."""
+    """Masses inside the brain: rival 54, tumor 43.2, speck 18, rim 0. One component (fraction 1)
+    would be the rival alone; brain-multi keeps every component of at least 0.5 x 54 = 27: the
+    rival and the tumor."""
     pred, truth, prob = tumor_and_inner_rivals()
     inside = brain_interior(head_volume())
     rival = np.zeros_like(pred)
     rival[1:4, 40:44, 20:25] = True
-    assert np.array_equal(brain_component_3d(pred, prob, inside), rival)
+    assert np.array_equal(brain_components_3d(pred, prob, inside, fraction=1.0), rival)
     assert np.array_equal(brain_components_3d(pred, prob, inside), truth | rival)
     # 0.9 x 54 = 48.6 > 43.2: only the rival; 0.3 x 54 = 16.2 <= 18: the speck too. The rim never.
     assert np.array_equal(brain_components_3d(pred, prob, inside, fraction=0.9), rival)
@@ -133,9 +135,7 @@ def test_brain_multi_keeps_the_small_tumor_over_the_rim_and_counts_no_loss():
     assert np.array_equal(kept[0], truth) and multi["tumor_lost_patients"] == []
     pred, truth, prob = tumor_and_inner_rivals()
     v = PatientPrediction(prob=prob, pred=pred, truth=truth, inside=brain_interior(head_volume()))
-    brain, _ = score_volumes({0: v}, ["P"], postprocess="brain", spacing=None)
     multi, _ = score_volumes({0: v}, ["P"], postprocess="brain-multi", spacing=None)
-    assert brain["tumor_lost_patients"] == ["P"] and brain["dice_per_volume_mean"] == 0.0
     # TP 48, FP 60 (the rival), FN 0 -> Dice 96 / (96 + 60).
     assert multi["tumor_lost_patients"] == [] and multi["dice_per_volume_mean"] == pytest.approx(96 / 156)
 
@@ -190,7 +190,7 @@ def test_the_end_of_run_table_lines_up_every_rule_name():
 
     values = {k: 0.5 for k in ("dice_per_volume_mean", "dice_per_volume_median", "iou_per_volume_mean", "dice_global",
                                "iou_global", "dice_per_slice_tumor_mean", "precision", "recall")}
-    metrics = {"patients": 1, "slices": 2, "tumor_slices": 1, "postprocess": "brain", "threshold": 0.5,
+    metrics = {"patients": 1, "slices": 2, "tumor_slices": 1, "postprocess": "brain-multi", "threshold": 0.5,
                "hd95_px_mean": 1.0, "hd95_undefined_patients": 0, **values,
                "postprocessing": {name: {"dice_per_volume_mean": 0.25, "dice_per_volume_median": 0.75,
                                          "tumor_lost_patients": []} for name in POSTPROCESSING}}
