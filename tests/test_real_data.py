@@ -66,8 +66,8 @@ def test_engine_trains_on_real_slices(tmp_path):
 
 
 def test_real_tumors_lie_inside_the_brain_interior():
-    """The 'brain' post-processing counts probability mass inside brain_interior; on real patients
-    the true tumor must be there, or the rule would weigh the tumor as scalp. Every third patient
+    """The 'brain-multi' post-processing counts probability mass inside brain_interior; on real patients
+    the true tumor must be there, or the rule would weigh the tumor as scalp. Every sixth patient
     of the subset, and the two FG scans whose pre-contrast air sits at 76 and 103 (all 66
     measured: at least 99.3% of each tumor is inside, and at most half of each volume)."""
     from data_cache import load_volume
