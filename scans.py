@@ -177,7 +177,11 @@ def read_dicom_series(folder: Path) -> nib.Nifti1Image:
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * spacing[1], col * spacing[0], normal * step
     lps[:3, 3] = np.array(slices[0][1].ImagePositionPatient, float)
-    return nib.Nifti1Image(np.stack([p.T for p in planes], axis=-1), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    image = nib.Nifti1Image(np.stack([p.T for p in planes], axis=-1), ras)
+    image.set_qform(ras, code=1)  # scanner coordinates, in both forms, as dcm2niix writes them
+    image.set_sform(ras, code=1)
+    return image
 
 
 def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:
@@ -362,8 +366,11 @@ def write_mask(mask: np.ndarray, case: Case, path: Path) -> Path:
     orientation, affine and header (qform and sform codes included), so viewers overlay it as is."""
     header = case.reference.header.copy()
     header.set_data_dtype(np.uint8)
-    image = nib.Nifti1Image(from_slices(mask.astype(np.uint8), case.reference.affine), case.reference.affine, header)
+    affine = case.reference.affine
+    image = nib.Nifti1Image(from_slices(mask.astype(np.uint8), affine), affine, header)
     image.header.set_slope_inter(1, 0)
+    for form in ("qform", "sform"):  # the input's codes: viewers place the mask exactly as the scan
+        getattr(image, f"set_{form}")(affine, code=int(case.reference.header[f"{form}_code"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
     nib.save(image, str(tmp))

@@ -87,6 +87,8 @@ def test_a_flipped_affine_lands_on_the_same_anatomy(tmp_path, checkpoint):
         image = nib.load(str(tmp_path / f"out-{name}" / "masks" / f"{name}.nii.gz"))
         source = nib.load(str(case / "flair.nii.gz"))
         assert image.shape == source.shape and np.allclose(image.affine, source.affine)
+        for code in ("qform_code", "sform_code"):
+            assert image.header[code] == source.header[code], code
         assert image.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(image.dataobj))) <= {0, 1}
         canonical = nib.as_closest_canonical(image)
         world[name] = (np.asarray(canonical.dataobj), canonical.affine)
@@ -283,8 +285,8 @@ def test_an_ambiguous_case_folder_lists_what_it_found(tmp_path, checkpoint, caps
 
 @requires_real_data
 def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpoint):
-    """TIFF slices, a NIfTI case folder, three NIfTI files by flag, a DICOM series per sequence,
-    and 16-bit NIfTI scaled and shifted: one mask, voxel for voxel."""
+    """TIFF slices, a NIfTI case folder, a DICOM series per sequence, and 16-bit NIfTI scaled and
+    shifted: one mask, voxel for voxel (three NIfTI files by flag: test_volume_in_mm3...)."""
     patient = sorted(p for p in REAL_DATA.iterdir() if p.is_dir())[0]
     files = sorted((f for f in patient.glob("*.tif") if not f.stem.endswith("_mask")),
                    key=lambda f: int(f.stem.rpartition("_")[2]))
@@ -299,7 +301,6 @@ def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpo
         write_dicom_series(dicom / name, images[..., c].transpose(2, 1, 0), TIFF_AFFINE)
     scaled = nifti_case(tmp_path / "scaled" / patient.name, images.astype(np.float64) * 180 + 1500, dtype=np.uint16)
     doors = {"nifti": ["--input", str(case)],
-             "flags": [f"--{s}={case / f'{s}.nii.gz'}" for s in SEQUENCES],
              "dicom": ["--input", str(dicom)],
              "scaled": ["--input", str(scaled)]}
     for door, flags in doors.items():
@@ -308,4 +309,6 @@ def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpo
         mask, image = read_back(mask_file)
         source = nib.load(str(case / "flair.nii.gz"))
         assert image.shape == source.shape and np.allclose(image.affine, source.affine), door
+        if door == "dicom":  # scanner coordinates in both forms, as dcm2niix writes them
+            assert (image.header["qform_code"], image.header["sform_code"]) == (1, 1)
         assert np.array_equal(mask, tiff), (door, int((mask != tiff).sum()))
