@@ -392,6 +392,17 @@ def model_intensities(images: np.ndarray, normalization: str) -> np.ndarray:
     return np.round((values - low) / span * 255).astype(np.uint8)
 
 
+def input_volume(name: str, images: np.ndarray, masks: np.ndarray | None, *, normalization: str, image_size: int,
+                 spacing: tuple[float, float, float] | None = None) -> PatientVolume:
+    """A volume of slices that did not come from the dataset (predict's files, evaluate's scans):
+    (N, H, W, 3) images of any scale (``model_intensities``), (N, H, W) masks (None: none known),
+    prepared for a checkpoint's normalization and size, with a header's spacing."""
+    masks = np.zeros(images.shape[:3], np.uint8) if masks is None else masks
+    volume = make_volume(name, model_intensities(images, normalization), masks, list(range(len(images))))
+    volume.spacing = spacing
+    return set_normalization(volume, normalization, image_size)
+
+
 def make_volume(name: str, images: np.ndarray, masks: np.ndarray, slice_numbers: list[int]) -> PatientVolume:
     """A patient volume from (N, H, W, 3) uint8 slices and (N, H, W) {0, 1} masks, with its
     'volume' normalization statistics; ``set_normalization`` switches it to another method."""

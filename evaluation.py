@@ -32,12 +32,10 @@ from data_files import (
     describe_masks,
     group_by_patient,
     find_data_dir,
-    make_volume,
-    model_intensities,
+    input_volume,
     read_clinical,
     report_issues,
     scan_dataset,
-    set_normalization,
 )
 from data_loaders import (
     BUDA_VAL_PREFIXES,
@@ -547,10 +545,8 @@ def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
                             "or label); evaluate needs one per case, predict needs none")
         case = load_case(name, files, labels)
         warn_filled(case, warned)
-        volume = make_volume(name, model_intensities(case.images, normalization), case.truth,
-                             list(range(len(case.images))))
-        volume.spacing = case.spacing
-        volumes.append(set_normalization(volume, normalization, record["image_size"]))
+        volumes.append(input_volume(name, case.images, case.truth, normalization=normalization,
+                                    image_size=record["image_size"], spacing=case.spacing))
     tumors = sum(bool(v.masks.any()) for v in volumes)
     print(f"{path}: {len(volumes)} case(s), {tumors} with tumor (labels: {args.labels})")
     return volumes

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, make_volume, model_intensities,
-                        read_image, set_normalization)
+from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, input_volume,
+                        read_image)
 from evaluation import (
     add_scoring_flags,
     load_checkpoints,
@@ -100,9 +100,9 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
 
 
 
-def read_inputs(groups: dict[str, list[Path]], normalization: str) -> tuple[list[tuple[str, list[Path], np.ndarray]], int]:
+def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Path], np.ndarray]], int]:
     """Decode each folder's slices into volumes of one slice size and bit depth: (name, files,
-    (N, H, W, 3) images as ``model_intensities`` gives them: 16-bit values without 8-bit rounding).
+    (N, H, W, 3) uint8 or uint16 images; ``input_volume`` takes 16-bit values without 8-bit rounding).
 
     A folder whose slices have several sizes or bit depths cannot be one 3D volume: each becomes a
     volume of its own (named <folder>_<H>x<W>_<bits>bit), with its own normalization statistics
@@ -126,8 +126,7 @@ def read_inputs(groups: dict[str, list[Path]], normalization: str) -> tuple[list
                   "cropped and post-processed as a volume of its own", file=sys.stderr)
         for (h, w, bits), items in by_kind.items():
             name = group if len(by_kind) == 1 else f"{group}_{h}x{w}_{bits}bit"
-            images = model_intensities(np.stack([im for _, im in items]), normalization)
-            volumes.append((name, [f for f, _ in items], images))
+            volumes.append((name, [f for f, _ in items], np.stack([im for _, im in items])))
     return volumes, skipped
 
 
@@ -169,13 +168,10 @@ class Predictor:
         self.models = [fuse_conv_bn(network_from_checkpoint(c, str(path))).to(
             self.device, memory_format=memory_format(self.channels_last)) for path, c in loaded]
 
-    def volume(self, name: str, images: np.ndarray, truth: np.ndarray | None = None,
-               spacing: tuple[float, float, float] | None = None) -> PatientVolume:
-        """A volume of (N, H, W, 3) slices (``model_intensities``), prepared as the checkpoint says."""
-        volume = make_volume(name, images, np.zeros(images.shape[:3], np.uint8) if truth is None else truth,
-                             list(range(len(images))))
-        volume.spacing = spacing
-        return set_normalization(volume, self.normalization, self.record["image_size"])
+    def volume(self, name: str, images: np.ndarray, spacing: tuple[float, float, float] | None = None) -> PatientVolume:
+        """A volume of (N, H, W, 3) slices of any scale, prepared as the checkpoint says."""
+        return input_volume(name, images, None, normalization=self.normalization,
+                            image_size=self.record["image_size"], spacing=spacing)
 
     def __call__(self, volumes: list[PatientVolume]) -> list[np.ndarray]:
         """Each volume's post-processed (D, H, W) bool prediction."""
@@ -216,7 +212,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
     groups, other = collect_inputs(path)
     for f in other:
         print(f"skipped (not an image): {f}", file=sys.stderr)
-    inputs, skipped = read_inputs(groups, predictor.normalization)
+    inputs, skipped = read_inputs(groups)
     skipped += len(other)
     if not inputs:
         raise UserError(f"{path}: no readable slice (tif, tiff, png, jpg or jpeg) nor NIfTI/DICOM scan to predict"
@@ -254,8 +250,7 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
             print(f"skipped: {exc}", file=sys.stderr)
             continue
         warn_filled(case, warned)
-        images = model_intensities(case.images, predictor.normalization)
-        pred = predictor([predictor.volume(name, images, spacing=case.spacing)])[0]
+        pred = predictor([predictor.volume(name, case.images, spacing=case.spacing)])[0]
         mask_path = write_mask(pred, case, out / "masks" / f"{name}.nii.gz")
         write_overlays(out, {0: (pred, None)}, {0: case.images[..., FLAIR_CHANNEL]}, {0: list(range(len(pred)))},
                        [name])

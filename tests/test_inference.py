@@ -275,11 +275,11 @@ def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
 
 def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeypatch):
     """A model trained with --normalization buda gets its inputs normalized by the authors' pipeline in predict."""
-    import inference
+    import data_files
 
     seen = []
-    real = inference.set_normalization
-    monkeypatch.setattr(inference, "set_normalization",
+    real = data_files.set_normalization
+    monkeypatch.setattr(data_files, "set_normalization",
                         lambda v, method, size: seen.append(method) or real(v, method, size))
     ckpt = torch.load(checkpoint, weights_only=False)
     ckpt["config"]["normalization"] = "buda"
