@@ -133,6 +133,8 @@ def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Pat
 def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] | None:
     """The cases to predict when the input is scans (NIfTI, DICOM); None for 2D slices."""
     named = {role: Path(getattr(args, role)) for role in MODALITIES if getattr(args, role)}
+    if (named or (args.input and holds_scans(Path(args.input)))) and args.spacing:
+        raise UserError("--spacing is for 2D slices: NIfTI and DICOM headers give the spacing")
     if named:
         if args.input:
             raise UserError("--input and --flair/--t1/--t1ce: pass one or the other")
@@ -145,8 +147,6 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
     path = Path(args.input)
     if not holds_scans(path):
         return None
-    if args.spacing:
-        raise UserError("--spacing is for 2D slices: NIfTI and DICOM headers give the spacing")
     cases = find_cases(path)
     if not cases:
         raise UserError(f"{path}: NIfTI or DICOM files, but no case: name the FLAIR's file or folder with 'flair' "

@@ -318,16 +318,15 @@ def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None 
     does for its 6 patients that lack one. ``labels``: the mask values that count as tumor (None:
     every value above 0)."""
     flair = read_scan(files["flair"])
-    images, filled = [], []
+    flair_slices = to_slices(np.asarray(flair.dataobj, dtype=np.float32), flair.affine)
+    images, filled = [], [role for role in MODALITIES if role not in files]
     for role in MODALITIES:
-        if role == "flair" or role not in files:
-            image = flair
-            if role != "flair":
-                filled.append(role)
-        else:
-            image = read_scan(files[role])
-            if (diff := grid_difference(flair, image)) is not None:
-                raise UserError(f"{files[role]}: not on the grid of {files['flair']}: {diff}; {REGISTER_HINT}")
+        if role == "flair" or role in filled:
+            images.append(flair_slices)  # converted once, whichever channels it fills
+            continue
+        image = read_scan(files[role])
+        if (diff := grid_difference(flair, image)) is not None:
+            raise UserError(f"{files[role]}: not on the grid of {files['flair']}: {diff}; {REGISTER_HINT}")
         images.append(to_slices(np.asarray(image.dataobj, dtype=np.float32), image.affine))
     truth = np.zeros(images[FLAIR_CHANNEL].shape, np.uint8)
     if "seg" in files:

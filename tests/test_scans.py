@@ -144,8 +144,9 @@ def test_volume_in_mm3_is_the_voxel_count_times_the_spacing(tmp_path, checkpoint
     assert len(table) == 1 and table["area_px"][0] == mask.sum() > 0
     assert table["volume_mm3"][0] == pytest.approx(mask.sum() * 0.5 * 0.75 * 3.0)
     assert (tmp_path / "out" / "overlays" / "flair.png").exists()  # one picture per case
-    # --spacing is for 2D slices only.
+    # --spacing is for 2D slices only, whichever door the scans come through.
     assert predict(checkpoint, tmp_path / "out2", "--input", str(files), "--spacing", "1,1,1") == 2
+    assert predict(checkpoint, tmp_path / "out3", "--flair", str(files / "flair.nii.gz"), "--spacing", "1,1,1") == 2
 
 
 def test_dicom_series_read_as_written(tmp_path):
