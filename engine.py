@@ -87,7 +87,7 @@ class Config:
     patience: int = _opt(0, "stop after this many validations without a better Dice (0: off)")
     val_every: int = _opt(1, "validate every N epochs and after the last; training is unchanged")
     # ---- evaluation ----
-    postprocess: str = _opt("none", "per patient: none, lcc, brain, brain-multi (docs/method.md)",
+    postprocess: str = _opt("none", "per patient: none, lcc, brain-multi (docs/method.md)",
                             evaluation.POSTPROCESSING)
     spacing: str = _opt("", "voxel spacing 'dz,dy,dx' in mm, for HD95 and volumes in mm")
     # ---- hardware ----

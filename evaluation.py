@@ -94,7 +94,7 @@ class PatientPrediction:
 
 @torch.inference_mode()
 def predict_volumes(
-    models: nn.Module | Sequence[nn.Module],
+    model: nn.Module,
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     *,
@@ -106,29 +106,21 @@ def predict_volumes(
     desc: str = "validate",
 ) -> tuple[float, int, dict[int, PatientPrediction]]:
     """Predict every slice of the loader; return the summed loss, the slice count and, per patient
-    index of the loader's dataset, its PatientPrediction.
-
-    With several ``models`` (an ensemble) their probabilities are averaged. The loss (of the first
-    model's logits, at model resolution) is summed per sample.
+    index of the loader's dataset, its PatientPrediction. The loss (of the logits, at model
+    resolution) is summed per sample.
     """
-    models = [models] if isinstance(models, nn.Module) else list(models)
-    for model in models:
-        model.eval()
+    model.eval()
     total, seen = 0.0, 0
     slices: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         image, mask = batch_to_device(batch, device, channels_last)
         size, box = batch["full_mask"].shape[-2:], batch.get("box")
-        prob = None
-        for k, model in enumerate(models):
-            with autocast(image.device, amp_dtype):
-                logits = model(image).float()
-            if k == 0 and loss_fn is not None:
-                total += loss_fn(logits, mask).item() * len(image)
-                seen += len(image)
-            p = torch.sigmoid(to_full_resolution(logits, size, box))
-            prob = p if prob is None else prob + p
-        prob = prob / len(models)
+        with autocast(image.device, amp_dtype):
+            logits = model(image).float()
+        if loss_fn is not None:
+            total += loss_fn(logits, mask).item() * len(image)
+            seen += len(image)
+        prob = torch.sigmoid(to_full_resolution(logits, size, box))
         pred = (prob > threshold).cpu().numpy()[:, 0]
         prob16 = prob.half().cpu().numpy()[:, 0]
         truth = batch["full_mask"].numpy()[:, 0] > 0.5
@@ -216,7 +208,7 @@ Gather = Callable[[dict, float, int], tuple[dict, float, int]]
 
 
 def evaluate(
-    model: nn.Module | Sequence[nn.Module],
+    model: nn.Module,
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     *,
@@ -233,7 +225,7 @@ def evaluate(
     gather: Gather | None = None,
 ) -> tuple[float | None, dict, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """Loss, metrics and per-patient (pred, truth) volumes, scored against the masks at their own
-    resolution. ``model`` may be several models, whose probabilities are averaged.
+    resolution.
 
     The returned metrics and predictions are those of ``postprocess``; ``metrics["postprocessing"]``
     holds the headline numbers of the raw prediction, of ``postprocess`` and of the other ``rules``.
@@ -242,10 +234,8 @@ def evaluate(
     ``patients`` is then the full list, whose indices key the returned volumes.
     """
     # BatchNorm folded into the convs: the same function, faster (the caller's model is untouched).
-    models = [model] if isinstance(model, nn.Module) else list(model)
-    inference_models = [fuse_conv_bn(getattr(m, "_orig_mod", m)) for m in models]
     loss_sum, count, local = predict_volumes(
-        inference_models, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
+        fuse_conv_bn(getattr(model, "_orig_mod", model)), loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, progress=progress, desc=desc,
     )
     named = {loader.dataset.patients[p]: v for p, v in local.items()}
@@ -263,7 +253,7 @@ def evaluate(
                "dice_per_patient": {row["patient"]: row["dice"] for row in v["per_patient"]}}
         for name, (v, _) in variants.items()
     }
-    metrics["postprocess"], metrics["models"] = postprocess, len(models)
+    metrics["postprocess"] = postprocess
     metrics["threshold"] = threshold
     loss = loss_sum / count if loss_fn is not None and count else None
     return loss, metrics, {p: (kept[p], v.truth) for p, v in volumes.items()}
@@ -325,42 +315,19 @@ def patients_to_score(spec: str, available: list[str], root: Path, record: dict,
     return match_patients(listed, available, source)
 
 
-def load_checkpoints(
-    specs: Sequence[str], *, image_size: int | None = None, normalization: str | None = None
-) -> list[tuple[Path, dict]]:
-    """The checkpoints of ``--checkpoint``: this package's files, cv folders (standing for their
-    folds' last.pt), or published weights ('buda', a URL, a state_dict; see ``scoring_checkpoint``,
-    which ``image_size`` and ``normalization`` are for).
-
-    Several checkpoints form an ensemble: they must share the image size and normalization their
-    inputs are prepared with, else a one-line error names both values.
-    """
-    paths: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        folds = sorted(path.glob("fold-*/last.pt"), key=lambda p: int(p.parent.name[5:])) if path.is_dir() else []
-        if path.is_dir() and not folds:
-            raise UserError(f"{path}: a folder, but not a cv folder with fold-*/last.pt; pass checkpoint files")
-        paths += [str(f) for f in folds] or [spec]
-    loaded = [(Path(p), scoring_checkpoint(p, image_size=image_size, normalization=normalization)) for p in paths]
-    for path, ckpt in loaded:  # a given --image-size/--normalization applies to our checkpoints too
-        check_network_settings(ckpt["config"], str(path))
-        ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
-    first_path, first = loaded[0]
-    for path, ckpt in loaded[1:]:
-        for key, default in (("image_size", None), ("normalization", "volume")):
-            a, b = first["config"].get(key, default), ckpt["config"].get(key, default)
-            if a != b:
-                raise UserError(f"{path}: --{key.replace('_', '-')} {b}, but {first_path} has {a}; an ensemble's "
-                                "checkpoints must prepare their inputs alike")
-    return loaded
-
-
-def ensemble_name(loaded: Sequence[tuple[Path, dict]]) -> str:
-    """How reports name the checkpoint(s): the path, or 'ensemble of N: first, ...'."""
-    if len(loaded) == 1:
-        return str(loaded[0][0])
-    return f"ensemble of {len(loaded)}: {', '.join(str(p) for p, _ in loaded)}"
+def load_scored_checkpoint(
+    spec: str, *, image_size: int | None = None, normalization: str | None = None
+) -> tuple[Path, dict]:
+    """The checkpoint of ``--checkpoint``: this package's file, or published weights ('buda', a URL,
+    a state_dict; see ``scoring_checkpoint``, which ``image_size`` and ``normalization`` are for)."""
+    path = Path(spec)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; pass a checkpoint file (a run's best.pt or last.pt, a cv fold's "
+                        "fold-K/last.pt)")
+    ckpt = scoring_checkpoint(spec, image_size=image_size, normalization=normalization)
+    check_network_settings(ckpt["config"], spec)  # a given --image-size/--normalization applies to ours too
+    ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
+    return path, ckpt
 
 
 def scoring_loader(
@@ -375,12 +342,11 @@ def scoring_loader(
                        pin_memory=device.type == "cuda")
 
 
-def warn_trained_on(loaded: Sequence[tuple[Path, dict]], names: Sequence[str]) -> list[str]:
-    """The scored patients that the model (or any model of the ensemble) was trained on, warned about once."""
-    trained = sorted({p for _, c in loaded for p in trained_patients(c["config"], names)})
+def warn_trained_on(record: dict, names: Sequence[str]) -> list[str]:
+    """The scored patients that the model was trained on, warned about once."""
+    trained = trained_patients(record, names)
     if trained:
-        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train "
-              f"{'this model' if len(loaded) == 1 else 'a model of the ensemble'} "
+        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "
               f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
               file=sys.stderr)
     return trained
@@ -421,10 +387,9 @@ def scoring_settings(args: argparse.Namespace, record: dict) -> tuple[float, str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``evaluate`` command's flags."""
-    parser.add_argument("--checkpoint", required=True, nargs="+",
+    parser.add_argument("--checkpoint", required=True,
                         help="a best.pt or last.pt written by training, or published weights: buda, a URL, a "
-                             "state_dict; several (or a cv folder, for its folds' last.pt) are an ensemble "
-                             "whose probabilities are averaged")
+                             "state_dict")
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: the one it was trained on)")
     parser.add_argument("--input", default="",
                         help="instead of --data-dir: NIfTI or DICOM cases, a case folder or a folder of them, each "
@@ -445,39 +410,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:
-    """The ``evaluate`` command: score a checkpoint (or an ensemble) on its validation patients, on
-    those --patients picks, or on NIfTI/DICOM cases (--input)."""
-    loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
-    ckpt_path, ckpt = loaded[0]
+    """The ``evaluate`` command: score a checkpoint on its validation patients, on those --patients
+    picks, or on NIfTI/DICOM cases (--input)."""
+    ckpt_path, ckpt = load_scored_checkpoint(args.checkpoint, image_size=args.image_size,
+                                             normalization=args.normalization)
     record = ckpt["config"]
     threshold, postprocess = scoring_settings(args, record)
     device, amp_dtype = setup_device(args.device, args.amp)
-    default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}" if len(loaded) == 1 else \
-        Path(args.checkpoint[0]) / "evaluate-ensemble"
+    default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
     if args.input:
         default_dir = default_dir.with_name(f"{default_dir.name}-{Path(args.input).resolve().name}")
     out_dir = Path(args.out_dir) if args.out_dir else default_dir
     if args.input:
         volumes, source, trained, clinical = case_volumes(args, record), args.input, [], None
     else:
-        volumes, source, trained, clinical = dataset_volumes(args, loaded, out_dir)
+        volumes, source, trained, clinical = dataset_volumes(args, ckpt_path, record, out_dir)
     loader = scoring_loader(volumes, image_size=record["image_size"],
                             batch_size=args.batch_size or record["batch_size"], num_workers=args.num_workers,
                             seed=record["seed"], device=device)
     channels_last = record.get("channels_last", True)
-    models = [network_from_checkpoint(c, str(path)).to(device, memory_format=memory_format(channels_last))
-              for path, c in loaded]
+    model = network_from_checkpoint(ckpt, str(ckpt_path)).to(device, memory_format=memory_format(channels_last))
     progress = sys.stderr.isatty()
     start = time.perf_counter()
     val_loss, metrics, predicted = evaluate(
-        models, loader, device, loss_fn=DiceBCELoss(), threshold=threshold, amp_dtype=amp_dtype,
+        model, loader, device, loss_fn=DiceBCELoss(), threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, progress=progress, desc="evaluate", postprocess=postprocess,
         rules=POSTPROCESSING if args.all_rules else (),
         spacing=parse_spacing(args.spacing or record.get("spacing", "")),
     )
     seconds = time.perf_counter() - start
     scored = "cases" if args.input else args.patients
-    result = {**metrics, "checkpoint": ensemble_name(loaded), "checkpoint_epoch": ckpt["epoch"],
+    result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
               "data_dir": str(source), "patients_scored": scored, "scored_patients_trained_on": len(trained),
               "scored_patients_trained_on_names": trained,
               "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
@@ -486,7 +449,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     save_json(out_dir / "metrics.json", result)
     kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] and not args.input else "real data"
     epoch = f"epoch {ckpt['epoch']}, " if ckpt["epoch"] is not None else ""
-    title = f"Evaluation of {ensemble_name(loaded)} ({epoch}{kind}; patients: {scored})"
+    title = f"Evaluation of {ckpt_path} ({epoch}{kind}; patients: {scored})"
     write_reports(out_dir, result, volumes=predicted, scans=loader.dataset.volumes, title=title, config=record,
                   environment=environment_report(device),
                   timing={"evaluation seconds": seconds, "images/s": metrics["slices"] / seconds},
@@ -497,23 +460,18 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     return result
 
 
-def dataset_volumes(args: argparse.Namespace, loaded: list[tuple[Path, dict]],
+def dataset_volumes(args: argparse.Namespace, ckpt_path: Path, record: dict,
                     out_dir: Path) -> tuple[list[PatientVolume], Path, list[str], pd.DataFrame | None]:
     """The patients of a dataset folder that ``--patients`` picks, read as in training; also the
     folder, the scored patients a model trained on and the clinical table."""
-    ckpt_path, ckpt = loaded[0]
-    record = ckpt["config"]
     root = find_data_dir(args.data_dir or record["resolved_data_dir"])
     if root is None:
         raise UserError("no dataset found; pass --data-dir (the kaggle_3m layout) or --input (NIfTI or DICOM cases)")
     issues = DataIssues(strict=args.strict)
     groups = group_by_patient(scan_dataset(root, issues))
-    if args.patients == "validation" and len({tuple(c["config"]["patients"]["validation"]) for _, c in loaded}) > 1:
-        raise UserError("the checkpoints validated on different patients, so an ensemble of them has no "
-                        "validation set; pass --patients unseen, all or a list")
     names = patients_to_score(args.patients, sorted(groups), root, record, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained = warn_trained_on(loaded, names)
+    trained = warn_trained_on(record, names)
     volumes = load_dataset(root, names, progress=sys.stderr.isatty(), cache_dir=resolve_cache_dir(),
                            normalization=record.get("normalization", "volume"), image_size=record["image_size"],
                            issues=issues, groups=groups)

@@ -3,7 +3,7 @@
 ``predict`` reads slices as they come (one file, a folder, a patient folder or a dataset root),
 builds each folder's slices into a volume and runs it through the very pipeline that ``evaluate``
 scores (``evaluation.scoring_loader`` and ``predict_volumes``): the same normalization, crop,
-resize, ensemble averaging, paste-back, threshold and post-processing.
+resize, paste-back, threshold and post-processing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolu
                         read_image)
 from evaluation import (
     add_scoring_flags,
-    load_checkpoints,
+    load_scored_checkpoint,
     postprocess_volume,
     predict_volumes,
     scoring_loader,
@@ -40,9 +40,9 @@ from scans import MODALITIES, MODALITY_NAMES, find_cases, holds_scans, load_case
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` command's flags."""
-    parser.add_argument("--checkpoint", required=True, nargs="+",
+    parser.add_argument("--checkpoint", required=True,
                         help="a best.pt or last.pt written by training, or published weights: buda (Buda et al.'s, "
-                             "downloaded once), a URL, a state_dict; several (or a cv folder) are averaged")
+                             "downloaded once), a URL, a state_dict")
     parser.add_argument("--input", default="",
                         help="2D slices (a tif/png/jpg, a folder of them, a dataset root), or scans: a case folder "
                              "of NIfTI files or DICOM series folders named by sequence, or a folder of cases")
@@ -155,18 +155,19 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
 
 
 class Predictor:
-    """The models of ``--checkpoint``, run on whole volumes the way ``evaluate`` runs them."""
+    """The model of ``--checkpoint``, run on whole volumes the way ``evaluate`` runs it."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        loaded = load_checkpoints(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
-        self.record = loaded[0][1]["config"]
+        path, ckpt = load_scored_checkpoint(args.checkpoint, image_size=args.image_size,
+                                            normalization=args.normalization)
+        self.record = ckpt["config"]
         self.threshold, self.postprocess = scoring_settings(args, self.record)
         self.normalization = self.record.get("normalization", "volume")
         self.device, self.amp_dtype = setup_device(args.device, args.amp)
         self.batch_size = args.batch_size
         self.channels_last = self.record.get("channels_last", False)
-        self.models = [fuse_conv_bn(network_from_checkpoint(c, str(path))).to(
-            self.device, memory_format=memory_format(self.channels_last)) for path, c in loaded]
+        self.model = fuse_conv_bn(network_from_checkpoint(ckpt, str(path))).to(
+            self.device, memory_format=memory_format(self.channels_last))
 
     def volume(self, name: str, images: np.ndarray, spacing: tuple[float, float, float] | None = None) -> PatientVolume:
         """A volume of (N, H, W, 3) slices of any scale, prepared as the checkpoint says."""
@@ -177,7 +178,7 @@ class Predictor:
         """Each volume's post-processed (D, H, W) bool prediction."""
         loader = scoring_loader(volumes, image_size=self.record["image_size"], batch_size=self.batch_size,
                                 num_workers=0, seed=0, device=self.device)
-        _, _, predicted = predict_volumes(self.models, loader, self.device, loss_fn=None, threshold=self.threshold,
+        _, _, predicted = predict_volumes(self.model, loader, self.device, loss_fn=None, threshold=self.threshold,
                                           amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                                           progress=False, desc="predict")
         return [postprocess_volume(predicted[p], self.postprocess) for p in range(len(volumes))]

@@ -1,4 +1,4 @@
-"""Splits, Buda normalization, sampling, schedules, post-processing, HD95, ensembles, presets and cv."""
+"""Splits, Buda normalization, sampling, schedules, post-processing, HD95, presets and cv."""
 
 import csv
 import json
@@ -38,7 +38,7 @@ from data_preprocessing import (
 )
 from cv import step_advice
 from engine import config_from_args, main, parse_args
-from evaluation import predict_volumes, to_full_resolution
+from evaluation import to_full_resolution
 from training import make_scheduler
 from libraries import UserError
 from metrics import hd95, largest_component_3d
@@ -266,40 +266,6 @@ def test_hd95_known_distances():
     assert hd95(a3, b3, spacing=(5.0, 1.0, 1.0)) == pytest.approx(4.0)
     assert hd95(a, np.zeros_like(a)) is None
     assert hd95(np.zeros_like(a), np.zeros_like(a)) == 0.0
-
-
-class RampModel(torch.nn.Module):
-    """Ignores its input: logits rise left to right, antisymmetric about the centre."""
-
-    def forward(self, x):
-        w = x.shape[-1]
-        ramp = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
-        return ramp.expand(x.shape[0], 1, x.shape[-2], w).clone()
-
-
-def test_an_ensemble_averages_its_models_probabilities(fake_tree):
-    """Two models: the ensemble's probability is the mean of theirs, pixel by pixel."""
-
-    class Constant(torch.nn.Module):
-        def __init__(self, logit):
-            super().__init__()
-            self.logit = logit
-
-        def forward(self, x):
-            return torch.full((x.shape[0], 1, *x.shape[-2:]), self.logit)
-
-    recs = group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"]
-    loader = make_loader(LGGSlices([load_volume(recs)], eval_preprocess(16), full_mask=True),
-                         batch_size=2, train=False, seed=0, num_workers=0)
-    kw = dict(loss_fn=None, threshold=0.5, amp_dtype=None, channels_last=False, progress=False)
-    a, b = Constant(2.0), Constant(-1.0)
-    both = predict_volumes([a, RampModel(), b], loader, torch.device("cpu"), **kw)[2][0]
-    ramp = predict_volumes(RampModel(), loader, torch.device("cpu"), **kw)[2][0]
-    expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))).item()
-    assert np.allclose(both.prob.astype(np.float32), (expected + ramp.prob.astype(np.float32)) / 3, atol=1e-3)
-    # One model alone gives its own probability (sigmoid(2) = 0.8808 everywhere).
-    alone = predict_volumes(a, loader, torch.device("cpu"), **kw)[2][0]
-    assert np.allclose(alone.prob.astype(np.float32), 0.8808, atol=1e-3) and alone.pred.all()
 
 
 # ----------------------------------------------------------------------------- training recipe

@@ -1,18 +1,16 @@
 """Post-processing that cannot throw the tumor away for a scalp artefact, overlays that show
-false positives, and ensembles of checkpoints."""
+false positives, and what a checkpoint must be."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import reports
 from data_preprocessing import background_level, brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
 from metrics import brain_components_3d, largest_component_3d
-from model import UNet
 
 
 def head_volume(depth: int = 6, size: int = 64) -> np.ndarray:
@@ -164,24 +162,15 @@ def test_overlays_draw_a_slice_with_only_a_false_positive(tmp_path, monkeypatch)
     assert paths[0].is_file()
 
 
-def _checkpoint(path, image_size, normalization="volume"):
-    torch.manual_seed(0)
-    config = {"features": 4, "image_size": image_size, "channels_last": False, "threshold": 0.5,
-              "normalization": normalization}
-    model = UNet(features=4)
-    torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
-    return str(path)
-
-
-@pytest.mark.parametrize("other, says", [((64, "volume"), "--image-size 64, but"),
-                                         ((32, "buda"), "--normalization buda, but")])
-def test_an_ensemble_must_prepare_its_inputs_alike(tmp_path, capsys, other, says):
-    a = _checkpoint(tmp_path / "a.pt", 32)
-    b = _checkpoint(tmp_path / "b.pt", *other)
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_folder_as_checkpoint_is_refused_in_one_line(tmp_path, capsys, command):
+    """A cv folder is not a model (its fold models are no longer averaged): the error says which file to pass."""
+    (tmp_path / "cv" / "fold-0").mkdir(parents=True)
     (tmp_path / "in").mkdir()
-    assert main(["predict", "--checkpoint", a, b, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
+    out = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")] if command == "predict" else []
+    assert main([command, "--checkpoint", str(tmp_path / "cv"), *out]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and says in err and "a.pt has" in err
+    assert err.count("\n") == 0 and str(tmp_path / "cv") in err and "fold-K/last.pt" in err
     assert not (tmp_path / "o").exists()
 
 
