@@ -316,6 +316,26 @@ def test_warmup_cosine_schedule_values():
     assert lrs[9] < lrs[6] < lrs[2]
 
 
+def test_weight_decay_and_warmup_flags_reach_the_optimizer_and_schedule():
+    """--weight-decay sets every group's decay; --warmup-epochs is counted in the run's steps per epoch."""
+    from engine import Config, build_parts
+
+    def lrs(cfg, n):
+        parts, sched = build_parts(cfg, torch.device("cpu"), None, None, distributed=False, steps_per_epoch=4)
+        seen = []
+        for _ in range(n):
+            seen.append(parts.optimizer.param_groups[0]["lr"])
+            parts.optimizer.step()
+            sched.step()
+        return parts.optimizer, seen
+
+    opt, warm = lrs(Config(features=4, lr=0.01, weight_decay=0.05, warmup_epochs=0.5, epochs=2), 3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.05]  # encoder and decoder groups
+    assert warm == pytest.approx([0.01 * 0.01, 0.01 * (0.01 + 0.99 / 2), 0.01])  # 0.5 epoch = 2 of 4 steps
+    _, cold = lrs(Config(features=4, lr=0.01, warmup_epochs=0.0, epochs=2), 1)
+    assert cold == pytest.approx([0.01])
+
+
 def test_preset_fills_defaults_but_flags_win():
     argv = ["--preset", "cpu", "--epochs", "3"]
     cfg = config_from_args(parse_args(argv), argv)

@@ -30,6 +30,26 @@ def test_every_config_field_is_a_flag_with_the_same_default():
     assert (on.deep_supervision, on.compile, on.sync_bn) == (True, True, False)
 
 
+def test_compile_and_sync_bn_change_the_network_and_sync_bn_is_refused_off_torchrun(tmp_path, capsys):
+    """--compile wraps what trains in torch.compile, --sync-bn turns BatchNorm into SyncBatchNorm; the
+    checkpointed model stays the plain UNet. A CPU run with --sync-bn is refused in one line."""
+    from training import NetworkSpec, build_training
+
+    def parts(**kw):
+        return build_training(NetworkSpec(features=4, **kw), device=torch.device("cpu"), channels_last=False,
+                              amp_dtype=None)
+
+    def synced(m):
+        return any(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())
+
+    plain, compiled, sync = parts(), parts(compile=True), parts(sync_bn=True)
+    assert not hasattr(plain.net, "_orig_mod") and compiled.net._orig_mod is compiled.model
+    assert synced(sync.model) and not synced(plain.model)
+    assert main([*tiny_args(tmp_path), "--sync-bn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--sync-bn needs a torchrun job" in err
+
+
 def test_bad_choice_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--device", "tpu"])
