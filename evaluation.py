@@ -234,8 +234,9 @@ def evaluate(
     ``patients`` is then the full list, whose indices key the returned volumes.
     """
     # BatchNorm folded into the convs: the same function, faster (the caller's model is untouched).
+    fused = fuse_conv_bn(getattr(model, "_orig_mod", model))
     loss_sum, count, local = predict_volumes(
-        fuse_conv_bn(getattr(model, "_orig_mod", model)), loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
+        fused, loader, device, loss_fn=loss_fn, threshold=threshold, amp_dtype=amp_dtype,
         channels_last=channels_last, progress=progress, desc=desc,
     )
     named = {loader.dataset.patients[p]: v for p, v in local.items()}
