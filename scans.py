@@ -368,8 +368,9 @@ def write_mask(mask: np.ndarray, case: Case, path: Path) -> Path:
     affine = case.reference.affine
     image = nib.Nifti1Image(from_slices(mask.astype(np.uint8), affine), affine, header)
     image.header.set_slope_inter(1, 0)
-    for form in ("qform", "sform"):  # the input's codes: viewers place the mask exactly as the scan
-        getattr(image, f"set_{form}")(affine, code=int(case.reference.header[f"{form}_code"]))
+    # the input's codes: viewers place the mask exactly as the scan
+    image.set_qform(affine, code=int(case.reference.header["qform_code"]))
+    image.set_sform(affine, code=int(case.reference.header["sform_code"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
     nib.save(image, str(tmp))
