@@ -42,8 +42,8 @@ from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, env
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, write_reports
-from training import (NetworkSpec, TrainingParts, WeightAverage, build_training, load_pretrained, make_scheduler,
-                      pretrained_overlap, restore, run_epoch, save_epoch)
+from training import (NetworkSpec, TrainingParts, build_training, load_pretrained, make_scheduler, pretrained_overlap,
+                      restore, run_epoch, save_epoch)
 
 
 SPLITS = ("random", "buda", "none")
@@ -84,7 +84,6 @@ class Config:
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(1e-4, "AdamW's decoupled weight decay")
     warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, in epochs")
-    ema_decay: float = _opt(0.0, "validate and save a moving average of the weights, this decay a step (0: off)")
     patience: int = _opt(0, "stop after this many validations without a better Dice (0: off)")
     val_every: int = _opt(1, "validate every N epochs and after the last; training is unchanged")
     # ---- evaluation ----
@@ -258,7 +257,8 @@ REMOVED_SETTINGS = {"intensity_augment": (False, "ca34c2e"), "lesion_paste": (0.
                     "lesion_fade": (0.0, "6af5688"), "spatial_augment": ("light", "6af5688"),
                     "crop_size": (0, "6af5688"), "balance_patients": (False, "6af5688"),
                     "dice_mode": ("sample", "6af5688"), "tversky_beta": (0.5, "6af5688"),
-                    "optimizer": ("adamw", "6af5688"), "schedule": ("cosine", "6af5688")}
+                    "optimizer": ("adamw", "6af5688"), "schedule": ("cosine", "6af5688"),
+                    "ema_decay": (0.0, "4415e05")}
 
 
 def resolve_resume(cfg: Config) -> tuple[Config, dict]:
@@ -295,9 +295,6 @@ def check_config(cfg: Config) -> None:
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
     if not 0.0 <= cfg.modality_dropout <= 1.0:
         raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise UserError(f"--ema-decay is a decay per step in [0, 1) (0: off; 0.998 averages about the last "
-                        f"500 steps), got {cfg.ema_decay:g}")
     if cfg.encoder_lr_scale < 0:
         raise UserError(f"--encoder-lr-scale must be >= 0 (0 freezes the encoder), got {cfg.encoder_lr_scale:g}")
     if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
@@ -378,8 +375,6 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     """The model, loss, optimizer and scaler of ``cfg`` (``training.build_training``), and its schedule."""
     parts = build_training(NetworkSpec.of(cfg), device=device, channels_last=CHANNELS_LAST, amp_dtype=amp_dtype,
                            distributed=distributed, weights=weights, weights_source=cfg.pretrained)
-    if cfg.ema_decay:
-        parts.average = WeightAverage(parts.model, cfg.ema_decay)
     scheduler = make_scheduler(parts.optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch))
     return parts, scheduler
@@ -423,8 +418,8 @@ def train(cfg: Config) -> dict:
             f"Dice per volume {state['best_dice']:.4f})")
     if ddp.main:
         save_json(data.run_dir / "config.json", config_record)
-    validate = functools.partial(  # takes the network to score: parts.scored_model()
-        evaluation.evaluate, loader=val_loader, device=device, loss_fn=parts.loss_fn,
+    validate = functools.partial(
+        evaluation.evaluate, parts.model, val_loader, device, loss_fn=parts.loss_fn,
         threshold=evaluation.THRESHOLD, amp_dtype=amp_dtype, channels_last=CHANNELS_LAST, progress=progress,
         postprocess=cfg.postprocess,
         spacing=spacing, patients=data.val_names,
@@ -441,13 +436,13 @@ def train(cfg: Config) -> dict:
     if validate is None:
         return finish_unvalidated(data, state, elapsed, ddp.main)
     if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
-        _, state["metrics"], volumes = validate(parts.scored_model())
+        _, state["metrics"], volumes = validate()
     return finish(data, state, volumes, config_record, env, elapsed, ddp.main)
 
 
 def fit(
     cfg: Config, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: torch.utils.data.DataLoader, validate: Callable[[torch.nn.Module], tuple] | None, state: dict, *,
+    train_loader: torch.utils.data.DataLoader, validate: Callable[[], tuple] | None, state: dict, *,
     ddp: Distributed, device: torch.device, amp_dtype: torch.dtype | None, progress: bool, val_slices: int,
     run_dir: Path, config_record: dict, say: Callable[..., None],
 ) -> dict:

@@ -8,7 +8,6 @@ so a speed measured there is the speed of training.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -42,52 +41,6 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     heads: nn.Module | None = None  # --deep-supervision's extra output layers (saved apart from the model)
-    average: WeightAverage | None = None  # --ema-decay: the moving average that is validated and saved
-
-    def scored_model(self) -> nn.Module:
-        """The network that validation scores and checkpoints save as "model": the average, else the model."""
-        return self.model if self.average is None else self.average.averaged(self.model)
-
-
-class WeightAverage:
-    """An exponential moving average of a network's weights and BatchNorm statistics (Polyak
-    averaging), updated after every optimizer step with ``decay``.
-
-    It is bias-corrected like Adam's moments: the sums start at zero and are divided by
-    1 - decay**steps, so step k's weights weigh (1 - decay) * decay**(steps - k) / (1 - decay**steps)
-    and the random initial weights weigh nothing. Integer buffers (BatchNorm's batch count) are the
-    model's own.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay, self.steps = decay, 0
-        self.sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()
-                     if v.is_floating_point()}
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)  # holds the average when asked
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold in ``model``'s current weights: sum <- decay * sum + (1 - decay) * weights."""
-        self.steps += 1
-        state = model.state_dict()
-        for key, total in self.sums.items():
-            total.mul_(self.decay).add_(state[key].float(), alpha=1 - self.decay)
-
-    @torch.no_grad()
-    def averaged(self, model: nn.Module) -> nn.Module:
-        """A network holding the average (``model``'s own weights before the first update)."""
-        scale = 1 - self.decay ** self.steps
-        self.model.load_state_dict({key: self.sums[key] / scale if key in self.sums and self.steps else value
-                                    for key, value in model.state_dict().items()})
-        return self.model
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "steps": self.steps, "sums": self.sums}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.steps = state["decay"], state["steps"]
-        for key, total in self.sums.items():
-            total.copy_(state["sums"][key])
 
 
 # Deep supervision (nnU-Net's scheme, on a UNet of 4 levels): the loss is a weighted mean of the
@@ -238,8 +191,6 @@ def train_one_epoch(
             )
         optimizer_step(loss, parts.optimizer, parts.scaler)
         scheduler.step()
-        if parts.average is not None:
-            parts.average.update(parts.model)
         total += value * len(image)
         seen += len(image)
         bar.set_postfix(loss=f"{total / seen:.4f}")
@@ -248,12 +199,12 @@ def train_one_epoch(
 
 def run_epoch(
     epoch: int, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: torch.utils.data.DataLoader, validate: Callable[[nn.Module], tuple] | None, *, seed: int,
+    train_loader: torch.utils.data.DataLoader, validate: Callable[[], tuple] | None, *, seed: int,
     ddp: Distributed, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
     progress: bool, val_slices: int,
 ) -> tuple[dict[str, Any], dict | None, dict]:
-    """Train one epoch and validate ``parts.scored_model()`` (unless ``validate`` is None); return its
-    history row, the metrics and the predicted volumes (None and {} without validation)."""
+    """Train one epoch and validate (unless ``validate`` is None); return its history row, the metrics
+    and the predicted volumes (None and {} without validation)."""
     # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
     # run repeats an interrupted epoch exactly.
     train_loader.generator.manual_seed(seed + epoch)
@@ -265,12 +216,12 @@ def run_epoch(
     loss_sum, seen = train_one_epoch(parts, train_loader, scheduler, device, amp_dtype=amp_dtype,
                                      channels_last=channels_last, epoch=epoch, progress=progress)
     if ddp.enabled:
-        loss_sum, seen = sync_across_ranks(parts, loss_sum, seen, device)
+        loss_sum, seen = sync_across_ranks(parts.model, loss_sum, seen, device)
     t1 = time.perf_counter()
     row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1)}
     metrics, volumes = None, {}
     if validate is not None:
-        val_loss, metrics, volumes = validate(parts.scored_model())
+        val_loss, metrics, volumes = validate()
         row.update(validation_row(val_loss, metrics))
     t2 = time.perf_counter()
     row.update(lr=scheduler.get_last_lr()[0], seconds=t2 - t0, train_images_per_second=seen / (t1 - t0))
@@ -279,15 +230,13 @@ def run_epoch(
     return row, metrics, volumes
 
 
-def sync_across_ranks(parts: TrainingParts, loss_sum: float, seen: int, device: torch.device) -> tuple[float, int]:
-    """After a distributed epoch: rank 0's buffers (and weight average) on every rank, and the loss
-    over all ranks' samples.
+def sync_across_ranks(model: torch.nn.Module, loss_sum: float, seen: int, device: torch.device) -> tuple[float, int]:
+    """After a distributed epoch: rank 0's buffers on every rank, and the loss over all ranks' samples.
 
     DDP keeps the weights equal, but each rank's last forward pass updated its own BatchNorm
-    running statistics, which the average folds in too. Rank 0's are the ones the checkpoint saves,
-    so every rank validates with them.
+    running statistics. Rank 0's are the ones the checkpoint saves, so every rank validates with them.
     """
-    for buffer in [*parts.model.buffers(), *(parts.average.sums.values() if parts.average is not None else ())]:
+    for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
@@ -300,9 +249,7 @@ def restore(resumed: dict, parts: TrainingParts, scheduler: torch.optim.lr_sched
     if resumed["config"]["patients"]["validation"] != val_names:
         raise UserError(f"{source}: the data no longer gives the run's validation patients; "
                         "resume with the same --data-dir")
-    parts.model.load_state_dict(resumed.get("trained", resumed["model"]))
-    if parts.average is not None:
-        parts.average.load_state_dict(resumed["average"])
+    parts.model.load_state_dict(resumed["model"])
     if parts.heads is not None:
         parts.heads.load_state_dict(resumed["heads"])
     parts.optimizer.load_state_dict(resumed["optimizer"])
@@ -318,20 +265,16 @@ def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_sc
     """last.pt every epoch, best.pt when the epoch is the best so far, history.csv and curves.png.
 
     One checkpoint dict holds the model, optimizer, scheduler, scaler, epoch, metrics, config,
-    history and RNG states: everything ``--resume`` needs to continue exactly. With --ema-decay,
-    "model" is the average (what was validated, and what evaluate and predict load), and the
-    trained weights and the average's sums are kept for --resume.
+    history and RNG states: everything ``--resume`` needs to continue exactly.
     """
     checkpoint = {
-        "model": parts.scored_model().state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "epoch": state["epoch"],
         "metrics": state["metrics"], "config": config_record, "history": state["history"],
         "best_dice": state["best_dice"], "best_epoch": state["best_epoch"], "rng": rng_state(),
     }
     if parts.heads is not None:  # only --resume needs them; scoring uses the model alone
         checkpoint["heads"] = parts.heads.state_dict()
-    if parts.average is not None:
-        checkpoint.update(trained=parts.model.state_dict(), average=parts.average.state_dict())
     # last.pt first: a crash between the two writes leaves a best.pt no newer than last.pt.
     save_torch(run_dir / "last.pt", checkpoint)
     if state["best_epoch"] == state["epoch"]:
