@@ -306,6 +306,10 @@ def test_a_resumed_run_takes_a_new_val_every_and_keeps_its_other_settings(tmp_pa
     torch.save(ckpt, tmp_path / "run" / "last.pt")
     with pytest.raises(UserError, match="intensity_augment = True, which this version no longer has.*commit"):
         resolve_resume(Config(resume=str(tmp_path / "run")))
+    ckpt["config"].update(intensity_augment=False, ema_decay=0.998)  # the moving average, removed later
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(UserError, match="ema_decay = 0.998, which this version no longer has.*commit 4415e05"):
+        resolve_resume(Config(resume=str(tmp_path / "run")))
 
 
 @pytest.mark.parametrize("tumor_weight", ["1", "2"])  # a shuffled pass, and weighted draws with replacement
