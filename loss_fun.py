@@ -1,6 +1,7 @@
 """The training losses: soft Dice and binary cross-entropy on logits.
 
-Losses take logits of shape (N, 1, H, W) and targets of the same shape with values in {0, 1}.
+Losses take logits of shape (N, 1, H, W) and targets of the same shape with values in [0, 1]:
+the fraction of each pixel that is tumor (0 or 1 but at the edges of a resized mask).
 The evaluation metrics are in metrics.py.
 """
 

@@ -45,8 +45,9 @@ class TrainingParts:
 
 # Deep supervision (nnU-Net's scheme, on a UNet of 4 levels): the loss is a weighted mean of the
 # losses at full, half and quarter resolution, weights 1, 1/2, 1/4 normalized to sum 1; nnU-Net
-# gives the next level down (H/8) weight 0, so it has no head here. Masks are shrunk by nearest
-# neighbour, as nnU-Net does.
+# gives the next level down (H/8) weight 0, so it has no head here. Masks are shrunk by area, to
+# the tumor fraction of each coarse pixel: nnU-Net's nearest neighbour (it has several classes) would
+# misplace each level's target by half a pixel of the level above.
 DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
 
 
@@ -72,7 +73,7 @@ def supervised_loss(outputs: torch.Tensor | list[torch.Tensor], mask: torch.Tens
     its losses against the mask shrunk to each size, weighted by DEEP_SUPERVISION_WEIGHTS."""
     if not isinstance(outputs, (list, tuple)):
         return loss_fn(outputs.float(), mask)
-    return sum(w * loss_fn(out.float(), nn.functional.interpolate(mask, size=out.shape[-2:], mode="nearest"))
+    return sum(w * loss_fn(out.float(), nn.functional.interpolate(mask, size=out.shape[-2:], mode="area"))
                for w, out in zip(DEEP_SUPERVISION_WEIGHTS, outputs, strict=True))
 
 
