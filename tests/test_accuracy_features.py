@@ -28,6 +28,7 @@ from data_loaders import (
     steps_per_epoch,
 )
 from data_preprocessing import (
+    MASK_SCALE,
     brain_box,
     buda_stats,
     crop_pad_square,
@@ -149,7 +150,7 @@ def test_crop_pad_and_paste_back_round_trip():
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert batch["box"].shape == (3, 7)
     # The model-input mask, as confident logits, pasted back onto the 32 x 32 grid.
-    back = to_full_resolution(batch["mask"].float() * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
+    back = to_full_resolution(batch["mask"].float() / MASK_SCALE * 40 - 20, batch["full_mask"].shape[-2:], batch["box"]) > 0
     assert torch.equal(back, batch["full_mask"].bool())
 
 

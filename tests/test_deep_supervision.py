@@ -17,17 +17,23 @@ def _abs_error(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (out - mask).abs().mean()
 
 
+def _squared_error(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ((out - mask) ** 2).mean()
+
+
 def test_supervised_loss_by_hand():
-    # Zero logits, so each level's loss is the share of tumor in its mask. The 4 x 4 mask has a
-    # 2 x 2 block at the top left and one more pixel at (2, 2): 5/16. Nearest neighbour keeps rows
-    # and columns 0 and 2 at half size: (0,0)=1, (0,2)=0, (2,0)=0, (2,2)=1, so 2/4; and (0,0)=1 at
-    # quarter size: 1. Weights 4/7, 2/7, 1/7: 4/7 * 5/16 + 2/7 * 1/2 + 1/7 * 1 = 13/28.
+    # Zero logits and a squared error, so each level's loss is the mean squared tumor fraction of
+    # its mask. The 4 x 4 mask has a 2 x 2 block at the top left and one more pixel at (2, 2):
+    # 5/16. Shrunk by area to 2 x 2, the fractions are 1, 0, 0 and 1/4: (1 + 1/16) / 4 = 17/64; to
+    # 1 x 1, 5/16, squared 25/256. Weights 4/7, 2/7, 1/7:
+    # 4/7 * 5/16 + 2/7 * 17/64 + 1/7 * 25/256 = 481/1792. (Nearest neighbour, which keeps pixels
+    # (0,0), (0,2), (2,0), (2,2), would give 1/2 and 1 at the coarse levels: 13/28.)
     mask = torch.zeros(1, 1, 4, 4)
     mask[0, 0, :2, :2] = 1
     mask[0, 0, 2, 2] = 1
     outputs = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 1)]
     assert DEEP_SUPERVISION_WEIGHTS == pytest.approx((4 / 7, 2 / 7, 1 / 7)) and sum(DEEP_SUPERVISION_WEIGHTS) == 1
-    assert supervised_loss(outputs, mask, _abs_error).item() == pytest.approx(13 / 28)
+    assert supervised_loss(outputs, mask, _squared_error).item() == pytest.approx(481 / 1792)
     # Plain logits: the loss itself, unchanged.
     assert supervised_loss(outputs[0], mask, _abs_error).item() == pytest.approx(5 / 16)
     with pytest.raises(ValueError):  # a missing level is an error, not a silently lighter loss
