@@ -142,9 +142,10 @@ def predict_volumes(
 # Post-processing of a patient's predicted volume (runs report the raw prediction beside the
 # chosen rule; evaluate --all-rules reports every one): none; lcc, the largest 3D component by
 # voxels (the published reference); brain-multi (the presets'), every component whose
-# probability mass inside the brain is at least half the heaviest one's, so neither a scalp rim
-# nor a rival inside the brain throws a comparable tumor away. Rules removed since (brain, mass,
-# brain-shell, brain-filled: docs/results.md) fall back to brain-multi when a checkpoint names them.
+# probability mass inside the brain is at least half the heaviest one's or of tumor size, so
+# neither a scalp rim nor a rival inside the brain throws a found tumor away. Rules removed since
+# (brain, mass, brain-shell, brain-filled: docs/results.md) fall back to brain-multi when a
+# checkpoint names them.
 POSTPROCESSING = ("none", "lcc", "brain-multi")
 
 

@@ -112,10 +112,12 @@ class SegmentationMeter:
 
 
 def _keep_best_component(
-    pred: np.ndarray, score: Callable[[np.ndarray, int], np.ndarray], fraction: float | None = None
+    pred: np.ndarray, score: Callable[[np.ndarray, int], np.ndarray], fraction: float | None = None,
+    floor: float = np.inf,
 ) -> np.ndarray:
     """Keep the 3D connected component (6-connectivity) of ``pred`` whose ``score`` is highest, or
-    with ``fraction``, every component scoring at least ``fraction`` times the highest score.
+    with ``fraction``, every component scoring at least ``fraction`` times the highest score or at
+    least ``floor``.
 
     ``score(labels, n)`` returns one value per label 0..n (label 0, the background, is ignored).
     An empty volume stays empty; ties keep the component with the lowest label.
@@ -127,7 +129,7 @@ def _keep_best_component(
     scores[0] = -np.inf  # background
     if fraction is None:
         return labels == int(scores.argmax())
-    return (scores >= fraction * scores.max())[labels]
+    return ((scores >= fraction * scores.max()) | (scores >= floor))[labels]
 
 
 def largest_component_3d(volume: np.ndarray) -> np.ndarray:
@@ -139,20 +141,35 @@ def largest_component_3d(volume: np.ndarray) -> np.ndarray:
     return _keep_best_component(volume, lambda labels, n: np.bincount(labels.ravel(), minlength=n + 1))
 
 
-def brain_components_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+# The mass (voxels times probability) inside the brain at which brain_components_3d keeps a
+# component whatever outweighs it, on slices of 256 x 256 pixels: about half the smallest tumor
+# among the 66 subset patients (1,870 pixels, TCGA_DU_8165; docs/results.md).
+TUMOR_FLOOR_256 = 1000.0
+
+
+def brain_components_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, fraction: float = 0.5,
+                        floor: float | None = None) -> np.ndarray:
     """Keep every 3D component whose probability mass inside the brain (``inside``: away from the
-    scalp) is at least ``fraction`` of the heaviest one's; if no component reaches inside, weigh
-    the whole mass instead, so the rule never empties a prediction that had something to keep.
+    scalp) is at least ``fraction`` of the heaviest one's, or at least ``floor``; if no component
+    reaches inside, weigh the whole mass instead, so the rule never empties a prediction that had
+    something to keep.
 
     False positives on the scalp rim of the top-of-head slices, or in the neck, weigh nothing
     here, however large; counting only the mass inside (rather than rejecting components mostly
     outside) keeps a tumor merged with such a rim. A false component inside the brain that
     outweighs the tumor would make a one-component rule (``fraction=1``) throw the tumor away; a
-    rival of comparable mass is kept beside it instead. Specks are dropped.
+    rival of comparable mass is kept beside it instead, and a component of tumor size (``floor``,
+    by default TUMOR_FLOOR_256 scaled with the slices' pixel count) is kept beside any rival, since
+    no ranking can tell a confident false component from a confident tumor. Specks are dropped.
+
+    Shape:
+        pred, prob, inside: (D, H, W). Returns a (D, H, W) bool array.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return _keep_best_component(pred, _mass_inside(prob, inside), fraction)
+    if floor is None:
+        floor = TUMOR_FLOOR_256 * pred.shape[-2] * pred.shape[-1] / 256**2
+    return _keep_best_component(pred, _mass_inside(prob, inside), fraction, floor)
 
 
 def _mass_inside(prob: np.ndarray, inside: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
