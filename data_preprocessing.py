@@ -236,7 +236,6 @@ def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> t
     return image.contiguous(memory_format=memory_format(channels_last)), batch["mask"].to(device, non_blocking=True).float() / MASK_SCALE
 
 
-
 class Preprocess:
     """albumentations pipeline + conversion to tensors; normalization is left to ``normalize``.
 

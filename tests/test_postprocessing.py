@@ -131,14 +131,12 @@ def test_brain_multi_keeps_a_tumor_sized_component_that_a_rival_outweighs_twice(
     1,000 at 256 x 256 scaled to 64 x 64 slices (1000 x 4096 / 65536 = 62.5), keeps it. On
     128 x 128 slices the floor is 250 and the tumor goes again. The speck (mass 17.5) stays dropped."""
     for size, kept_tumor in ((64, True), (128, False)):
-        pred = np.zeros((6, size, size), bool)
-        pred[1:5, 30:34, 28:33] = True  # the tumor: 4 x 4 x 5 = 80 voxels
-        pred[1:3, 40:50, 20:30] = True  # the rival: 2 x 10 x 10 = 200 voxels
-        pred[5, 20:24, 40:45] = True  # a speck: 20 voxels
+        tumor, rival, speck = (np.zeros((6, size, size), bool) for _ in range(3))
+        tumor[1:5, 30:34, 28:33] = True  # 4 x 4 x 5 = 80 voxels
+        rival[1:3, 40:50, 20:30] = True  # 2 x 10 x 10 = 200 voxels
+        speck[5, 20:24, 40:45] = True  # 20 voxels
+        pred = tumor | rival | speck
         prob = np.where(pred, 0.875, 0.0).astype(np.float16)
-        tumor, rival = np.zeros_like(pred), np.zeros_like(pred)
-        tumor[1:5, 30:34, 28:33] = True
-        rival[1:3, 40:50, 20:30] = True
         inside = np.ones_like(pred)
         expected = rival | tumor if kept_tumor else rival
         assert np.array_equal(brain_components_3d(pred, prob, inside), expected)
