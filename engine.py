@@ -41,7 +41,7 @@ from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, env
                        new_run_dir, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
-from reports import epoch_line, format_metrics, write_reports
+from reports import epoch_line, format_metrics, seconds_left, write_reports
 from training import (NetworkSpec, TrainingParts, build_training, load_pretrained, make_scheduler, pretrained_overlap,
                       restore, run_epoch, save_epoch)
 
@@ -451,6 +451,7 @@ def fit(
     Updates ``state`` (history, best epoch, metrics) and returns the last epoch's predicted volumes.
     """
     volumes: dict = {}
+    timed: list[dict] = []  # this process's epochs: a resumed run's earlier ones may have run elsewhere
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         validated = validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs)
         row, metrics, volumes = run_epoch(epoch, parts, scheduler, train_loader, validate if validated else None,
@@ -465,7 +466,11 @@ def fit(
         state["epoch"] = epoch
         if ddp.main:
             save_epoch(run_dir, parts, scheduler, state, config_record)
-        say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated))
+        timed.append(row)
+        validations_left = 0 if validate is None else sum(
+            e % cfg.val_every == 0 or e == cfg.epochs for e in range(epoch + 1, cfg.epochs + 1))
+        left = seconds_left(timed, val_slices, cfg.epochs - epoch, validations_left)
+        say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated, left))
         if validated and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
             say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
             break

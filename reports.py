@@ -56,8 +56,23 @@ def validation_row(val_loss: float | None, metrics: dict) -> dict:
                for name, v in variants.items()}}
 
 
-def epoch_line(epoch: int, epochs: int, row: dict, best: bool) -> str:
-    """The line printed after an epoch."""
+def seconds_left(rows: Sequence[dict], val_slices: int, epochs_left: int, validations_left: int) -> float:
+    """The time the remaining epochs should take, from ``rows`` (the history rows this process has
+    trained so far): their mean training phase times ``epochs_left``, plus their mean validation
+    phase times ``validations_left``. A validation not timed yet (``--val-every``) counts as none."""
+    val = [val_slices / row["val_images_per_second"] for row in rows if "val_images_per_second" in row]
+    train = [row["seconds"] - (val_slices / row["val_images_per_second"] if "val_images_per_second" in row else 0.0)
+             for row in rows]
+    return float(np.mean(train)) * epochs_left + (float(np.mean(val)) * validations_left if val else 0.0)
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s' under a minute and a half, else whole minutes ('43 min')."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def epoch_line(epoch: int, epochs: int, row: dict, best: bool, left: float | None = None) -> str:
+    """The line printed after an epoch; ``left``: the seconds the remaining epochs should take."""
     line = f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f}"
     if "val_loss" in row:
         others = ", ".join(f"{k.removeprefix('val_dice_per_volume_mean_')} {v:.4f}" for k, v in row.items()
@@ -66,8 +81,8 @@ def epoch_line(epoch: int, epochs: int, row: dict, best: bool) -> str:
                  f"(median {row['val_dice_per_volume_median']:.4f}; {others})")
     line += f"  {row['seconds']:.0f}s ({row['train_images_per_second']:.1f}"
     line += f" / {row['val_images_per_second']:.1f} img/s)" if "val_images_per_second" in row else " img/s)"
-    return line + ("  *best*" if best else "")
-
+    line += "  *best*" if best else ""
+    return line + (f"  ~{format_duration(left)} left" if left is not None and epoch < epochs else "")
 
 
 def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:

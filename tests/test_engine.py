@@ -271,11 +271,16 @@ def test_contradictory_split_flags_are_refused_in_one_line(tmp_path, capsys, arg
     assert not out.exists() and not (tmp_path / "syn").exists()
 
 
-def test_val_every_skips_validation_but_not_training(tmp_path):
+def test_val_every_skips_validation_but_not_training(tmp_path, capsys):
     """--val-every 2 over 3 epochs validates after epochs 2 and 3 only, and trains the very same weights
-    as validating every epoch: the final scores and last.pt agree exactly."""
+    as validating every epoch: the final scores and last.pt agree exactly. Every epoch line but the
+    last says how long the rest should take."""
     assert main(tiny_args(tmp_path, "every", "--epochs", "3", "--val-fraction", "0.4")) == 0
+    capsys.readouterr()
     assert main(tiny_args(tmp_path, "second", "--epochs", "3", "--val-fraction", "0.4", "--val-every", "2")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert [" left" in line for line in lines] == [True, True, False]
     every, second = tmp_path / "every", tmp_path / "second"
     history = pd.read_csv(second / "history.csv")
     assert history["val_loss"].isna().tolist() == [True, False, False]

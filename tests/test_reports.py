@@ -12,7 +12,8 @@ from engine import main
 import pandas as pd
 
 from data_files import institution
-from reports import PRED_COLOR, TRUTH_COLOR, by_institution, overlay_slice, paired_difference
+from reports import (PRED_COLOR, TRUTH_COLOR, by_institution, epoch_line, format_duration, overlay_slice,
+                     paired_difference, seconds_left)
 
 
 def test_overlay_slice_draws_both_outlines_exactly():
@@ -97,6 +98,20 @@ def test_paired_difference_by_hand():
     same = paired_difference(a, [x - 0.05 for x in a])
     assert (same["difference"], same["ci95_low"], same["ci95_high"]) == pytest.approx((-0.05,) * 3)
     assert (same["better"], same["worse"]) == (0, 3)
+
+
+def test_seconds_left_by_hand():
+    """Epochs of 100 s and 130 s, the second with a validation of 200 slices at 10 img/s (20 s):
+    training phases of 100 and 110 s. Three epochs and one validation left: 3 x 105 + 20 = 335 s."""
+    rows = [{"seconds": 100.0, "train_loss": 1.0, "train_images_per_second": 24.0},
+            {"seconds": 130.0, "train_loss": 0.9, "train_images_per_second": 21.8, "val_images_per_second": 10.0}]
+    assert seconds_left(rows, 200, 3, 1) == pytest.approx(335.0)
+    assert seconds_left(rows[:1], 200, 2, 1) == pytest.approx(200.0)  # no validation timed yet: none counted
+    assert seconds_left(rows, 200, 0, 0) == 0.0
+    assert (format_duration(335.0), format_duration(89.0), format_duration(2700.0)) == ("6 min", "89 s", "45 min")
+    assert epoch_line(2, 5, rows[0], best=False, left=335.0).endswith("100s (24.0 img/s)  ~6 min left")
+    assert "left" not in epoch_line(5, 5, rows[0], best=False, left=0.0)  # the last epoch
+    assert "left" not in epoch_line(2, 5, rows[0], best=False)
 
 
 def write_scores(folder, scores: dict) -> None:
