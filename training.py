@@ -27,7 +27,7 @@ from data_preprocessing import batch_to_device
 from evaluation import trained_patients
 from libraries import Distributed, UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
-from model import OutConv, UNet, describe_weights, pretrained_weights
+from model import OutConv, UNet, describe_weights, pretrained_weights, weights_layout
 from reports import validation_row, write_history
 
 
@@ -296,14 +296,19 @@ def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | Non
     """The --pretrained weights, ``cfg`` (a Config) with the normalization they expect, and their kind
     ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package').
 
-    The weights are tried on the network ``cfg`` asks for here, before any run folder exists, so a
-    mismatch leaves nothing behind."""
+    The weights fix the network's width: weights of another --features than ``cfg``'s (the CPU
+    preset's 24, Buda et al.'s 32) build the network they fit, as their normalization does. They
+    are tried on it here, before any run folder exists, so a mismatch leaves nothing behind."""
     if not cfg.pretrained:
         return cfg, None, ""
     weights, kind, expected = pretrained_weights(cfg.pretrained)
     if expected and expected != cfg.normalization:
         say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
         cfg = replace(cfg, normalization=expected)
+    layout = weights_layout(weights)
+    if layout is not None and layout["features"] != cfg.features:
+        say(f"{cfg.pretrained}: these weights are --features {layout['features']}; using it")
+        cfg = replace(cfg, features=layout["features"])
     load_weights_into(UNet(features=cfg.features), weights, cfg.pretrained, features=cfg.features)
     return cfg, weights, kind
 

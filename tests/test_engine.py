@@ -243,9 +243,11 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "cpu", "--epoch", "3"])
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
-    argv = ["--preset", "cpu", "--epochs", "3", "--no-deep-supervision", "--lr=0.01"]
+    argv = ["--preset", "cpu", "--epochs", "3", "--no-deep-supervision", "--lr=0.01", "--features", "32"]
     cfg = config_from_args(parse_args(argv), argv)
-    assert (cfg.epochs, cfg.deep_supervision, cfg.lr) == (3, False, 0.01)  # the preset's True, overridden
+    # the preset's 20, True and 24, overridden; --features 32 is also the Config default, so this
+    # catches a preset that wins whenever a flag equals its default
+    assert (cfg.epochs, cfg.deep_supervision, cfg.lr, cfg.features) == (3, False, 0.01, 32)
     assert (cfg.image_size, cfg.modality_dropout) == (128, 0.2)  # the preset's, where nothing was given
     assert config_from_args(parse_args(["--preset", "cpu"]), ["--preset", "cpu"]).deep_supervision
 

@@ -133,3 +133,21 @@ def test_fine_tuning_their_weights_warns_when_it_validates_on_their_training_pat
     assert main([*args, "--val-patients", "TCGA_HT_7616", "--out-dir", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().out
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["scored_patients_trained_on"] == 0
+
+
+def test_the_cpu_preset_fine_tunes_weights_of_another_width(tmp_path, buda_weights, tiny_tree, capsys):
+    """The CPU preset builds width 24; Buda et al.'s weights are width 32, so they set the width
+    (and their normalization), rather than the run failing on a flag the user never gave."""
+    args = ["--preset", "cpu", "--data-dir", str(tiny_tree), "--pretrained", str(buda_weights), "--image-size", "32",
+            "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--amp", "off",
+            "--val-patients", "TCGA_HT_7616", "--out-dir", str(tmp_path / "r")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("these weights are --features 32; using it") == 1
+    record = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (record["features"], record["normalization"]) == (32, "buda")
+    saved = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["model"]
+    assert saved["inc.0.weight"].shape[0] == 32
+    # The width the user asks for is the weights', so nothing is said.
+    assert main([*args[:-1], str(tmp_path / "s"), "--features", "32"]) == 0
+    assert "--features 32; using it" not in capsys.readouterr().out
