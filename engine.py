@@ -43,7 +43,7 @@ from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
 from training import (NetworkSpec, TrainingParts, build_training, load_pretrained, make_scheduler, pretrained_overlap,
-                      restore, run_epoch, save_epoch)
+                      restore, run_epoch, save_epoch, width_of_weights)
 
 
 SPLITS = ("random", "buda", "none")
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "benchmark":
             benchmark.benchmark_command(args)
         elif args.command == "cv":
-            cfg = config_from_args(args, argv)
+            cfg = width_of_weights(config_from_args(args, argv), given_flags(argv), print)
             check_split_flags("cv", cfg, given_flags(argv))
             cv.cross_validate(cfg, train, resumable_overrides(cfg))
         elif args.command == "compare":
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             inference.export_command(args)
         else:
-            cfg = config_from_args(args, argv)
+            cfg = width_of_weights(config_from_args(args, argv), given_flags(argv), print)
             check_split_flags("train", cfg, given_flags(argv))
             train(cfg)
     except (UserError, FloatingPointError) as exc:

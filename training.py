@@ -296,21 +296,31 @@ def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | Non
     """The --pretrained weights, ``cfg`` (a Config) with the normalization they expect, and their kind
     ('buda' for Buda et al.'s, trained on all but the --split buda patients; else 'package').
 
-    The weights fix the network's width: weights of another --features than ``cfg``'s (the CPU
-    preset's 24, Buda et al.'s 32) build the network they fit, as their normalization does. They
-    are tried on it here, before any run folder exists, so a mismatch leaves nothing behind."""
+    The weights are tried on the network ``cfg`` asks for here, before any run folder exists, so a
+    mismatch leaves nothing behind."""
     if not cfg.pretrained:
         return cfg, None, ""
     weights, kind, expected = pretrained_weights(cfg.pretrained)
     if expected and expected != cfg.normalization:
         say(f"{cfg.pretrained}: these weights expect --normalization {expected}; using it")
         cfg = replace(cfg, normalization=expected)
-    layout = weights_layout(weights)
-    if layout is not None and layout["features"] != cfg.features:
-        say(f"{cfg.pretrained}: these weights are --features {layout['features']}; using it")
-        cfg = replace(cfg, features=layout["features"])
     load_weights_into(UNet(features=cfg.features), weights, cfg.pretrained, features=cfg.features)
     return cfg, weights, kind
+
+
+def width_of_weights(cfg: Any, given: set[str], say: Callable[..., None]) -> Any:
+    """``cfg`` with the width of its --pretrained weights, unless the user gave --features.
+
+    A preset's width (the CPU preset's 24) must not refuse weights of another (Buda et al.'s 32)
+    when the user never asked for it; a --features the user gave that the weights do not fit stays
+    an error (load_pretrained)."""
+    if not cfg.pretrained or "features" in given:
+        return cfg
+    layout = weights_layout(pretrained_weights(cfg.pretrained)[0])
+    if layout is None or layout["features"] == cfg.features:
+        return cfg
+    say(f"{cfg.pretrained}: these weights are --features {layout['features']}; using it")
+    return replace(cfg, features=layout["features"])
 
 
 def pretrained_overlap(kind: str, val_names: list[str], say: Callable[..., None]) -> list[str]:
