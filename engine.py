@@ -551,8 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "benchmark":
             benchmark.benchmark_command(args)
         elif args.command == "cv":
-            cfg = width_of_weights(config_from_args(args, argv), given_flags(argv), print)
-            check_split_flags("cv", cfg, given_flags(argv))
+            given = given_flags(argv)
+            cfg = width_of_weights(config_from_args(args, argv), given, print)
+            check_split_flags("cv", cfg, given)
             cv.cross_validate(cfg, train, resumable_overrides(cfg))
         elif args.command == "compare":
             cv.compare_command(args)
@@ -567,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             inference.export_command(args)
         else:
-            cfg = width_of_weights(config_from_args(args, argv), given_flags(argv), print)
-            check_split_flags("train", cfg, given_flags(argv))
+            given = given_flags(argv)
+            cfg = width_of_weights(config_from_args(args, argv), given, print)
+            check_split_flags("train", cfg, given)
             train(cfg)
     except (UserError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
