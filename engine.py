@@ -210,6 +210,15 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     return Config(**values)
 
 
+def run_config(command: str, args: argparse.Namespace, argv: list[str]) -> Config:
+    """The Config of a train or cv command: the flags, the preset, the --pretrained weights' width
+    where --features is not given, and the split flags checked."""
+    given = given_flags(argv)
+    cfg = width_of_weights(config_from_args(args, argv), given, print)
+    check_split_flags(command, cfg, given)
+    return cfg
+
+
 def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
     """Refuse, in one line, the flag combinations that choose validation patients in two ways, and
     the split flags that the chosen split would ignore."""
@@ -551,9 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "benchmark":
             benchmark.benchmark_command(args)
         elif args.command == "cv":
-            given = given_flags(argv)
-            cfg = width_of_weights(config_from_args(args, argv), given, print)
-            check_split_flags("cv", cfg, given)
+            cfg = run_config("cv", args, argv)
             cv.cross_validate(cfg, train, resumable_overrides(cfg))
         elif args.command == "compare":
             cv.compare_command(args)
@@ -568,9 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             inference.export_command(args)
         else:
-            given = given_flags(argv)
-            cfg = width_of_weights(config_from_args(args, argv), given, print)
-            check_split_flags("train", cfg, given)
+            cfg = run_config("train", args, argv)
             train(cfg)
     except (UserError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
