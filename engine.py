@@ -38,7 +38,7 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, environment_report, init_distributed,
-                       new_run_dir, quiet_opencv, save_json, seed_everything, setup_device)
+                       launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
@@ -214,7 +214,7 @@ def run_config(command: str, args: argparse.Namespace, argv: list[str]) -> Confi
     """The Config of a train or cv command: the flags, the preset, the --pretrained weights' width
     where --features is not given, and the split flags checked."""
     given = given_flags(argv)
-    cfg = width_of_weights(config_from_args(args, argv), given, print)
+    cfg = width_of_weights(config_from_args(args, argv), given, printer(launched_rank() == 0))  # before the ranks join
     check_split_flags(command, cfg, given)
     return cfg
 
@@ -398,7 +398,7 @@ def train(cfg: Config) -> dict:
     check_config(cfg)
     spacing = parse_spacing(cfg.spacing)
     ddp = init_distributed(cfg.device)
-    say = print if ddp.main else (lambda *args, **kwargs: None)  # rank 0 alone logs
+    say = printer(ddp.main)  # rank 0 alone logs
     cfg, weights, weights_kind = load_pretrained(cfg, say) if not resumed else (cfg, None, "")
     check_config(cfg)  # again: Buda et al.'s weights switch to their normalization
     progress = ddp.main and sys.stderr.isatty()  # bars on a terminal, not in logs

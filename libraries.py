@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +49,17 @@ class Distributed:
         return self.rank == 0
 
 
+def launched_rank() -> int:
+    """This process's rank in a torchrun job (0 when not launched by torchrun), readable before
+    the processes join: what is said before ``init_distributed`` is said by rank 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def printer(main: bool) -> Callable[..., None]:
+    """``print`` for the process that logs (rank 0), a no-op for the others."""
+    return print if main else (lambda *_, **__: None)
+
+
 def init_distributed(device_name: str) -> Distributed:
     """Join the torchrun job described by the environment, if any.
 
@@ -57,7 +69,7 @@ def init_distributed(device_name: str) -> Distributed:
     if "WORLD_SIZE" not in os.environ:  # not launched by torchrun
         return Distributed()
     world = int(os.environ["WORLD_SIZE"])
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:

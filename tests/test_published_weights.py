@@ -151,3 +151,18 @@ def test_the_cpu_preset_fine_tunes_weights_of_another_width(tmp_path, buda_weigh
     # The width the user asks for is the weights', so nothing is said.
     assert main([*args[:-1], str(tmp_path / "s"), "--features", "32"]) == 0
     assert "--features 32; using it" not in capsys.readouterr().out
+
+
+def test_only_rank_0_says_the_weights_set_the_width(tmp_path, buda_weights, tiny_tree, capsys, monkeypatch):
+    """The width is read before torchrun's processes join, so each would print it: the other ranks
+    keep quiet (RANK is what torchrun sets; without WORLD_SIZE the run trains alone)."""
+    args = ["--preset", "cpu", "--data-dir", str(tiny_tree), "--pretrained", str(buda_weights), "--image-size", "32",
+            "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--amp", "off",
+            "--val-patients", "TCGA_HT_7616"]
+    monkeypatch.setenv("RANK", "1")
+    assert main([*args, "--out-dir", str(tmp_path / "r1")]) == 0
+    assert "--features 32; using it" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "r1" / "config.json").read_text())["features"] == 32  # the width is still set
+    monkeypatch.setenv("RANK", "0")
+    assert main([*args, "--out-dir", str(tmp_path / "r0")]) == 0
+    assert capsys.readouterr().out.count("these weights are --features 32; using it") == 1
