@@ -135,12 +135,17 @@ def test_fine_tuning_their_weights_warns_when_it_validates_on_their_training_pat
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["scored_patients_trained_on"] == 0
 
 
+def preset_with_weights(tree, weights) -> list[str]:
+    """A one-step CPU-preset run that fine-tunes ``weights``, without --features or --out-dir."""
+    return ["--preset", "cpu", "--data-dir", str(tree), "--pretrained", str(weights), "--image-size", "32",
+            "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--amp", "off",
+            "--val-patients", "TCGA_HT_7616"]
+
+
 def test_the_cpu_preset_fine_tunes_weights_of_another_width(tmp_path, buda_weights, tiny_tree, capsys):
     """The CPU preset builds width 24; Buda et al.'s weights are width 32, so they set the width
     (and their normalization), rather than the run failing on a flag the user never gave."""
-    args = ["--preset", "cpu", "--data-dir", str(tiny_tree), "--pretrained", str(buda_weights), "--image-size", "32",
-            "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--amp", "off",
-            "--val-patients", "TCGA_HT_7616", "--out-dir", str(tmp_path / "r")]
+    args = [*preset_with_weights(tiny_tree, buda_weights), "--out-dir", str(tmp_path / "r")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("these weights are --features 32; using it") == 1
@@ -156,9 +161,7 @@ def test_the_cpu_preset_fine_tunes_weights_of_another_width(tmp_path, buda_weigh
 def test_only_rank_0_says_the_weights_set_the_width(tmp_path, buda_weights, tiny_tree, capsys, monkeypatch):
     """The width is read before torchrun's processes join, so each would print it: the other ranks
     keep quiet (RANK is what torchrun sets; without WORLD_SIZE the run trains alone)."""
-    args = ["--preset", "cpu", "--data-dir", str(tiny_tree), "--pretrained", str(buda_weights), "--image-size", "32",
-            "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--amp", "off",
-            "--val-patients", "TCGA_HT_7616"]
+    args = preset_with_weights(tiny_tree, buda_weights)
     monkeypatch.setenv("RANK", "1")
     assert main([*args, "--out-dir", str(tmp_path / "r1")]) == 0
     assert "--features 32; using it" not in capsys.readouterr().out
