@@ -51,6 +51,7 @@ from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
     brain_components_3d,
+    fill_slice_holes,
     hd95,
     largest_component_3d,
     parse_spacing,
@@ -143,7 +144,8 @@ def predict_volumes(
 # chosen rule; evaluate --all-rules reports every one): none; lcc, the largest 3D component by
 # voxels (the published reference); brain-multi (the presets'), every component whose
 # probability mass inside the brain is at least half the heaviest one's or of tumor size, so
-# neither a scalp rim nor a rival inside the brain throws a found tumor away. Rules removed since
+# neither a scalp rim nor a rival inside the brain throws a found tumor away, then the holes of
+# each slice filled (a cystic lesion's dark centre). Rules removed since
 # (brain, mass, brain-shell, brain-filled: docs/results.md) fall back to brain-multi when a
 # checkpoint names them.
 POSTPROCESSING = ("none", "lcc", "brain-multi")
@@ -156,7 +158,7 @@ def postprocess_volume(v: PatientPrediction, method: str) -> np.ndarray:
     if method == "lcc":
         return largest_component_3d(v.pred)
     if method == "brain-multi":
-        return brain_components_3d(v.pred, v.prob, v.inside)
+        return fill_slice_holes(brain_components_3d(v.pred, v.prob, v.inside))
     raise UserError(f"--postprocess must be one of {', '.join(POSTPROCESSING)}, got {method!r}")
 
 

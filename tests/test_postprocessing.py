@@ -10,7 +10,7 @@ import reports
 from data_preprocessing import background_level, brain_interior
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from metrics import brain_components_3d, largest_component_3d
+from metrics import brain_components_3d, fill_slice_holes, largest_component_3d
 
 
 def head_volume(depth: int = 6, size: int = 64) -> np.ndarray:
@@ -156,6 +156,38 @@ def test_brain_multi_keeps_the_small_tumor_over_the_rim_and_counts_no_loss():
     multi, _ = score_volumes({0: v}, ["P"], postprocess="brain-multi", spacing=None)
     # TP 48, FP 60 (the rival), FN 0 -> Dice 96 / (96 + 60).
     assert multi["tumor_lost_patients"] == [] and multi["dice_per_volume_mean"] == pytest.approx(96 / 156)
+
+
+def test_fill_slice_holes_fills_what_each_slice_encloses_and_nothing_open():
+    volume = np.zeros((3, 12, 12), bool)
+    volume[0, 2:7, 2:7] = True
+    volume[0, 3:6, 3:6] = False  # slice 0: a closed ring around 9 background pixels
+    volume[1] = volume[0]
+    volume[1, 4, 2] = False  # slice 1: the same ring, opened to the outside at one pixel
+    volume[2, 4:8, 4] = volume[2, 4:8, 7] = volume[2, 4, 5:7] = volume[2, 7, 5:7] = True  # 2 x 2 hole
+    filled = fill_slice_holes(volume)
+    expected = volume.copy()
+    expected[0, 3:6, 3:6] = True
+    expected[2, 5:7, 5:7] = True
+    assert np.array_equal(filled, expected)
+    assert fill_slice_holes(np.zeros((0, 4, 4), bool)).shape == (0, 4, 4)
+
+
+def test_brain_multi_fills_a_cystic_lesion_whose_rim_alone_was_found():
+    """The truth, an 8 x 8 square on slices 1-3 (192 voxels); the prediction, its rim without the
+    4 x 4 centre (144 voxels), a tube whose hole is open along z through the empty slices 0 and 4,
+    so only a per-slice fill closes it. Raw: TP 144, FN 48 -> Dice 288 / 336; brain-multi fills
+    the centres: Dice 1."""
+    truth = np.zeros((5, 64, 64), bool)
+    truth[1:4, 28:36, 28:36] = True
+    pred = truth.copy()
+    pred[1:4, 30:34, 30:34] = False
+    v = PatientPrediction(prob=np.where(pred, 0.9, 0.0).astype(np.float16), pred=pred, truth=truth,
+                          inside=np.ones_like(pred))
+    raw, _ = score_volumes({0: v}, ["P"], postprocess="none", spacing=None)
+    multi, kept = score_volumes({0: v}, ["P"], postprocess="brain-multi", spacing=None)
+    assert raw["dice_per_volume_mean"] == pytest.approx(288 / 336)
+    assert multi["dice_per_volume_mean"] == 1.0 and np.array_equal(kept[0], truth)
 
 
 def dome_volume() -> np.ndarray:
