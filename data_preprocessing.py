@@ -148,8 +148,18 @@ def head_mask(volume: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     nonzero = brightest[brightest > 0]
     if nonzero.size == 0:
         return np.zeros(brightest.shape, bool)
-    head = brightest > fraction * np.percentile(nonzero, 99)
-    return np.stack([ndimage.binary_fill_holes(s) for s in head])
+    return fill_slice_holes(brightest > fraction * np.percentile(nonzero, 99))
+
+
+def fill_slice_holes(volume: np.ndarray) -> np.ndarray:
+    """``volume`` (D, H, W bool) with the holes of each axial slice filled: background pixels that
+    the slice's mask encloses (4-connected background not reaching the slice's border).
+
+    The head mask fills the dark ventricles; the post-processing (``brain-multi``) fills a cystic
+    lesion's dark centre, left out of a prediction that found its rim: the true masks are solid
+    (32 of the 825 tumor slices of the 66 subset patients have a hole).
+    """
+    return np.stack([ndimage.binary_fill_holes(s) for s in volume]) if len(volume) else volume.astype(bool)
 
 
 def brain_interior(volume: np.ndarray, margin: float = 0.05, fraction: float = 0.1) -> np.ndarray:

@@ -45,13 +45,12 @@ from data_loaders import (
     match_patients,
     read_patient_list,
 )
-from data_preprocessing import batch_to_device, eval_preprocess
+from data_preprocessing import batch_to_device, eval_preprocess, fill_slice_holes
 from libraries import UserError, add_bool_flag, autocast, environment_report, memory_format, save_json, setup_device
 from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
     brain_components_3d,
-    fill_slice_holes,
     hd95,
     largest_component_3d,
     parse_spacing,

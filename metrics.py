@@ -172,17 +172,6 @@ def brain_components_3d(pred: np.ndarray, prob: np.ndarray, inside: np.ndarray, 
     return _keep_best_component(pred, _mass_inside(prob, inside), fraction, floor)
 
 
-def fill_slice_holes(volume: np.ndarray) -> np.ndarray:
-    """``volume`` (D, H, W bool) with the holes of each axial slice filled: background pixels that
-    the slice's mask encloses (4-connected background not reaching the slice's border).
-
-    The masks are solid (32 of the 825 tumor slices of the 66 subset patients have a hole), but
-    a cystic lesion's centre is dark on FLAIR and may be left out while its rim is found. Filling
-    only adds pixels, so it never throws a tumor away.
-    """
-    return np.stack([ndimage.binary_fill_holes(s) for s in volume]) if len(volume) else volume.astype(bool)
-
-
 def _mass_inside(prob: np.ndarray, inside: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
     """Component scores for the brain rules: probability mass inside the brain, or the whole
     mass where no component reaches inside."""

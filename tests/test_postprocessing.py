@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import reports
-from data_preprocessing import background_level, brain_interior
+from data_preprocessing import background_level, brain_interior, fill_slice_holes
 from engine import main
 from evaluation import PatientPrediction, score_volumes
-from metrics import brain_components_3d, fill_slice_holes, largest_component_3d
+from metrics import brain_components_3d, largest_component_3d
 
 
 def head_volume(depth: int = 6, size: int = 64) -> np.ndarray:
