@@ -389,7 +389,11 @@ def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
         elif folds := sorted((d for d in path.iterdir() if re.fullmatch(r"fold-\d+", d.name)
                               and (d / "metrics.json").is_file()), key=lambda d: int(d.name[5:])):
             frame = pd.concat([_scores_from_metrics(d / "metrics.json") for d in folds], ignore_index=True)
-            return frame, f"unfinished cv; finished: {', '.join(d.name for d in folds)}"
+            names = ", ".join(d.name for d in folds)
+            if (twice := frame.loc[frame["patient"].duplicated(), "patient"].unique()).size:
+                raise UserError(f"{path}: {', '.join(twice)} scored in more than one of {names}; keep the folds "
+                                "of one split in a folder (cv writes them so)")
+            return frame, f"no cv_patients.csv; its finished folds: {names}"
         else:
             raise UserError(f"{path}: holds no cv_patients.csv, metrics.json or finished fold; pass a cv, run "
                             "or evaluation folder")

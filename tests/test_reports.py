@@ -166,8 +166,20 @@ def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsy
     (unfinished / "fold-3").mkdir()
     assert main(["compare", str(unfinished), str(evaluation)]) == 0
     again = capsys.readouterr().out
-    assert "unfinished cv; finished: fold-0, fold-1" in again
+    assert "no cv_patients.csv; its finished folds: fold-0, fold-1" in again
     assert again.splitlines()[2:] == text.splitlines()[2:-1]  # all but the headers and the --out line
+
+
+def test_compare_refuses_fold_folders_that_score_a_patient_twice(tmp_path, capsys):
+    """Fold folders gathered by hand from two splits hold a patient twice; pairing by patient would
+    count it twice (2 x 2 rows for P1 here) and shift the mean and its interval, so compare refuses."""
+    gathered, other = tmp_path / "gathered", tmp_path / "other"
+    write_scores(gathered / "fold-0", {"P1": (0.5, 0.6), "P2": (0.8, 0.8)})
+    write_scores(gathered / "fold-1", {"P1": (0.4, 0.5), "P3": (0.7, 0.7)})
+    write_scores(other, {"P1": (0.6, 0.6), "P2": (0.6, 0.6), "P3": (0.6, 0.6)})
+    assert main(["compare", str(gathered), str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gathered" in err and "P1" in err and "fold-0, fold-1" in err
 
 
 def test_compare_refuses_what_holds_no_scores_in_one_line(tmp_path, capsys):
