@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -590,5 +591,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_from_shell() -> int:
+    """main(), ending quietly with status 1 when stdout's reader has left (`| head`): Python's
+    documented recipe, which points stdout at /dev/null so that the exit's flush cannot raise again."""
+    try:
+        status = main()
+        sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_from_shell())

@@ -255,3 +255,18 @@ def test_a_weights_file_whose_name_carries_a_hash_is_checked(tmp_path, syn, caps
     assert main(tiny(tmp_path, syn, tmp_path / "bad", "--pretrained", str(wrong))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "its name says sha256" in err[0] and f"has {digest[:8]}" in err[0]
+
+
+def test_output_piped_to_a_reader_that_left_ends_quietly(tmp_path):
+    """`engine.py compare A B | head -1`: head exits after a line, and the rest of the output meets a
+    closed pipe. That ends the command with status 1 and no traceback."""
+    for name, dice in (("a", 0.5), ("b", 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"postprocessing": {"none": {"dice_per_patient": {"P1": dice, "P2": dice + 0.1}}}}))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "engine.py"), "compare", "a", "b"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait() == 1
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipeError" not in err
