@@ -177,10 +177,10 @@ CV_DESCRIPTION = (
     "fold, mean and std over folds, and mean and median over all patients pooled) and cv_patients.csv (each "
     "patient's Dice). --resume DIR continues an interrupted cv run from where it stopped.")
 COMPARE_DESCRIPTION = (
-    "Pairs the held-out Dice per patient of run A and run B (cv folders, run or evaluation folders, or their "
-    "cv_patients.csv / metrics.json) by patient name and prints, for each post-processing, the mean and median "
-    "of each and the mean of B - A with a 95%% bootstrap interval over patients. Patients scored by only one run "
-    "are left out and counted.")
+    "Pairs the held-out Dice per patient of run A and run B (cv folders, run or evaluation folders, folders of "
+    "fold-<i> runs, or their cv_patients.csv / metrics.json) by patient name and prints, for each "
+    "post-processing, the mean and median of each and the mean of B - A with a 95% bootstrap interval over "
+    "patients. Patients scored by only one run are left out and counted.")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple[str, ...]) -> None:

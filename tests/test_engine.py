@@ -14,8 +14,19 @@ import torch
 import evaluation
 from synthetic_data import make_synthetic_dataset
 from data_files import scan_dataset as scan
-from engine import Config, config_from_args, main, parse_args
+from engine import COMMANDS, Config, config_from_args, main, parse_args
 from libraries import UserError
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_commands_help_prints_plain_percent_signs(command, capsys):
+    """argparse formats help strings with %, but not descriptions: '%%' must appear only in the former,
+    so that '95%' reads as 95% wherever it is printed."""
+    with pytest.raises(SystemExit) as done:
+        parse_args([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: engine.py" in text and "%%" not in text
 
 
 def test_every_config_field_is_a_flag_with_the_same_default():
