@@ -19,14 +19,17 @@ from libraries import UserError
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_commands_help_prints_plain_percent_signs(command, capsys):
+def test_every_commands_help_prints_percent_signs_and_on_off_defaults_as_typed(command, capsys):
     """argparse formats help strings with %, but not descriptions: '%%' must appear only in the former,
-    so that '95%' reads as 95% wherever it is printed."""
+    so that '95%' reads as 95% wherever it is printed. An on|off flag's default reads on or off."""
     with pytest.raises(SystemExit) as done:
         parse_args([command, "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert "usage: engine.py" in text and "%%" not in text
+    assert "(default: False)" not in text and "(default: True)" not in text
+    if command in ("train", "cv"):
+        assert "[--deep-supervision [on|off]]" in text and "1/4 size (default: off)" in " ".join(text.split())
 
 
 def test_every_config_field_is_a_flag_with_the_same_default():
