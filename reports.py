@@ -389,11 +389,8 @@ def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
         elif folds := sorted((d for d in path.iterdir() if re.fullmatch(r"fold-\d+", d.name)
                               and (d / "metrics.json").is_file()), key=lambda d: int(d.name[5:])):
             frame = pd.concat([_scores_from_metrics(d / "metrics.json") for d in folds], ignore_index=True)
-            names = ", ".join(d.name for d in folds)
-            if (twice := frame.loc[frame["patient"].duplicated(), "patient"].unique()).size:
-                raise UserError(f"{path}: {', '.join(twice)} scored in more than one of {names}; keep the folds "
-                                "of one split in a folder (cv writes them so)")
-            return frame, f"no cv_patients.csv; its finished folds: {names}"
+            return _scored_once(frame, path, f"no cv_patients.csv; its finished folds: "
+                                             f"{', '.join(d.name for d in folds)}")
         else:
             raise UserError(f"{path}: holds no cv_patients.csv, metrics.json or finished fold; pass a cv, run "
                             "or evaluation folder")
@@ -401,9 +398,17 @@ def patient_scores(path: Path) -> tuple[pd.DataFrame, str]:
         raise UserError(f"{path}: not found; pass a cv folder, a run or evaluation folder, or its "
                         "cv_patients.csv or metrics.json")
     frame = _scores_from_csv(path) if path.suffix == ".csv" else _scores_from_metrics(path)
-    if frame["patient"].duplicated().any():
-        raise UserError(f"{path}: a patient is scored twice; pass one run's cv_patients.csv or metrics.json")
-    return frame, path.name
+    return _scored_once(frame, path, path.name)
+
+
+def _scored_once(frame: pd.DataFrame, path: Path, source: str) -> tuple[pd.DataFrame, str]:
+    """``frame`` and where it was read, refused if a patient is scored twice: pairing by patient
+    would count that patient twice (2 x 2 rows) and shift the mean and its interval."""
+    if (twice := frame.loc[frame["patient"].duplicated(), "patient"].unique()).size:
+        where = "" if source == path.name else f" ({source})"
+        raise UserError(f"{path}{where}: {', '.join(twice)} scored twice; pass the folds of one split, or "
+                        "one run's cv_patients.csv or metrics.json")
+    return frame, source
 
 
 def paired_difference(

@@ -179,7 +179,12 @@ def test_compare_refuses_fold_folders_that_score_a_patient_twice(tmp_path, capsy
     write_scores(other, {"P1": (0.6, 0.6), "P2": (0.6, 0.6), "P3": (0.6, 0.6)})
     assert main(["compare", str(gathered), str(other)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "gathered" in err and "P1" in err and "fold-0, fold-1" in err
+    assert err.count("\n") == 0 and "gathered" in err and "P1 scored twice" in err and "fold-0, fold-1" in err
+    # The same two splits pasted into one cv_patients.csv.
+    (tmp_path / "pasted.csv").write_text("fold,patient,dice\n0,P1,0.5\n0,P2,0.8\n1,P1,0.4\n1,P3,0.7\n")
+    assert main(["compare", str(tmp_path / "pasted.csv"), str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pasted.csv" in err and "P1 scored twice" in err
 
 
 def test_compare_refuses_what_holds_no_scores_in_one_line(tmp_path, capsys):
