@@ -135,13 +135,11 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f.metadata["help"] + " (default: %(default)s)"
         if isinstance(default, bool):
             add_bool_flag(parser, f.name, default, f.metadata["help"] + f" (default: {'on' if default else 'off'})")
         else:
-            parser.add_argument(
-                flag, type=type(default), default=default, choices=f.metadata["choices"], help=help_text
-            )
+            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata["choices"],
+                                help=f.metadata["help"] + " (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
