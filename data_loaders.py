@@ -22,7 +22,6 @@ from data_preprocessing import (
     Preprocess,
     buda_square,
 )
-from libraries import UserError
 from data_files import (
     DATASET_URL,
     DATA_ENV_VAR,
@@ -333,9 +332,7 @@ def make_loader(
 
 def draw_weights(dataset: LGGSlices, tumor_weight: float) -> torch.Tensor:
     """How likely training is to draw each slice of ``dataset``, up to a common factor: a slice with
-    tumor weighs ``tumor_weight`` times one without."""
-    if tumor_weight <= 0:
-        raise UserError(f"--tumor-weight must be > 0, got {tumor_weight}")
+    tumor weighs ``tumor_weight`` (> 0: libraries.FLAG_RANGES) times one without."""
     return torch.where(torch.from_numpy(dataset.has_tumor), tumor_weight, 1.0).double()
 
 

@@ -38,8 +38,9 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
                         report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
-from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, environment_report, init_distributed,
-                       launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
+from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, environment_report,
+                       init_distributed, launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything,
+                       setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
@@ -211,10 +212,13 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 
 def run_config(command: str, args: argparse.Namespace, argv: list[str]) -> Config:
     """The Config of a train or cv command: the flags, the preset, the --pretrained weights' width
-    where --features is not given, and the split flags checked."""
+    where --features is not given, and the flags checked before any folder is made (a resumed
+    run's settings come from its folder and are checked once read: train)."""
     given = given_flags(argv)
     cfg = width_of_weights(config_from_args(args, argv), given, printer(launched_rank() == 0))  # before the ranks join
     check_split_flags(command, cfg, given)
+    if not cfg.resume:
+        check_config(cfg)
     return cfg
 
 
@@ -293,19 +297,10 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
 
 def check_config(cfg: Config) -> None:
     """Refuse settings that cannot train, before any data is read or folder made."""
-    if cfg.image_size % 16 or cfg.image_size < 16:
-        raise UserError(f"--image-size must be a positive multiple of 16, got {cfg.image_size}")
-    if cfg.val_every < 1:
-        raise UserError(f"--val-every must be at least 1 (validate after every N-th epoch), got {cfg.val_every}")
-    if cfg.steps_per_epoch < 0:
-        raise UserError(f"--steps-per-epoch must be >= 0 (0: one pass over the data), got {cfg.steps_per_epoch}")
+    check_flag_ranges(asdict(cfg))  # again here: a resumed run's settings, or defaults edited above
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
-    if not 0.0 <= cfg.modality_dropout <= 1.0:
-        raise UserError(f"--modality-dropout is a probability in [0, 1], got {cfg.modality_dropout:g}")
-    if cfg.encoder_lr_scale < 0:
-        raise UserError(f"--encoder-lr-scale must be >= 0 (0 freezes the encoder), got {cfg.encoder_lr_scale:g}")
     if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
         raise UserError("--patience stops on validation Dice, and --split none has no validation patients; "
                         "drop --patience (choose the epochs by cross-validation first)")
@@ -554,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_opencv()
     try:
+        check_flag_ranges(vars(args))
         if args.command == "evaluate":
             evaluation.evaluate_command(args)
         elif args.command == "benchmark":

@@ -46,7 +46,8 @@ from data_loaders import (
     read_patient_list,
 )
 from data_preprocessing import batch_to_device, eval_preprocess, fill_slice_holes
-from libraries import UserError, add_bool_flag, autocast, environment_report, memory_format, save_json, setup_device
+from libraries import (UserError, add_bool_flag, autocast, check_folder_path, environment_report, memory_format,
+                       save_json, setup_device)
 from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
@@ -423,7 +424,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
     if args.input:
         default_dir = default_dir.with_name(f"{default_dir.name}-{Path(args.input).resolve().name}")
-    out_dir = Path(args.out_dir) if args.out_dir else default_dir
+    out_dir = check_folder_path(Path(args.out_dir) if args.out_dir else default_dir, "--out-dir")
     if args.input:
         volumes, source, trained, clinical = case_volumes(args, record), args.input, [], None
     else:

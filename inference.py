@@ -31,7 +31,7 @@ from evaluation import (
     scoring_loader,
     scoring_settings,
 )
-from libraries import UserError, atomic_write, memory_format, setup_device
+from libraries import UserError, atomic_write, check_folder_path, memory_format, setup_device
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, scoring_checkpoint
 from reports import write_overlays
@@ -187,7 +187,7 @@ class Predictor:
 @torch.inference_mode()
 def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-size CSV for new slices or scans."""
-    out = Path(args.output)
+    out = check_folder_path(Path(args.output), "--output")
     if (out / "predictions.csv").exists() or (out / "masks").exists():
         raise UserError(f"{out}: already holds predictions (predictions.csv, masks/); choose another --output "
                         "or remove it: earlier results are never overwritten")
@@ -310,17 +310,18 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
 def export_command(args: argparse.Namespace) -> float | Path:
     """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch, or a
     weights file for release (``--format state_dict``)."""
+    out = Path(args.output)
+    check_folder_path(out if args.format == "state_dict" else out.parent, "--output")
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
     model = network_from_checkpoint(ckpt)
     model.eval()
     if args.format == "state_dict":
-        return export_weights(ckpt, model, Path(args.output))
+        return export_weights(ckpt, model, out)
     deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
     size, channels = record["image_size"], input_width(model)
     example = torch.randn(1, channels, size, size)
     check = torch.randn(2, channels, size, size)  # another batch size than traced: the batch axis is dynamic
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about the input-size check in UNet.forward (traced as a constant) and

@@ -233,6 +233,18 @@ def unused_path(stem: Path) -> Path:
     return path
 
 
+def check_folder_path(path: Path, flag: str) -> Path:
+    """``path``, refused in one line where it or a folder above it is a file, before any work whose
+    results would go there."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file, not a folder" if existing == path else f"{existing} is a file, not a folder"
+                raise UserError(f"{path}: {where}; choose another {flag}")
+            break
+    return path
+
+
 def new_run_dir(out_dir: str) -> Path:
     """The run folder: ``out_dir`` or a new runs/<date-time>[-N]; never one that already holds files."""
     if not out_dir:
@@ -240,6 +252,7 @@ def new_run_dir(out_dir: str) -> Path:
         path = unused_path(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     else:
         path = Path(out_dir)
+    check_folder_path(path, "--out-dir")
     if path.exists() and any(path.iterdir()):
         raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
     path.mkdir(parents=True, exist_ok=True)
@@ -257,6 +270,37 @@ def parse_bool(text: str) -> bool:
     if value in ("off", "false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+# The range of each numeric flag that a command would otherwise break on far from the flag, with a
+# traceback. One table for every command: train, cv, evaluate, predict, export and benchmark
+# share --batch-size and --image-size.
+FLAG_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "image_size": (lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "features": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "patience": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "val_every": (lambda v: v >= 1, "at least 1 (validate after every N-th epoch)"),
+    "steps_per_epoch": (lambda v: v >= 0, ">= 0 (0: one pass over the data)"),
+    "tumor_weight": (lambda v: v > 0, "> 0"),
+    "modality_dropout": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "encoder_lr_scale": (lambda v: v >= 0, ">= 0 (0 freezes the encoder)"),
+    "warmup": (lambda v: v >= 0, ">= 0"),  # benchmark's untimed steps
+    "repeats": (lambda v: v >= 1, "at least 1"),
+    "e2e_batches": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def check_flag_ranges(values: dict[str, Any]) -> None:
+    """Refuse, in one line, the first value in ``values`` (flag name -> value) outside its FLAG_RANGES
+    range; names it does not list, and None (a command's "as trained"), pass."""
+    for name, (valid, rule) in FLAG_RANGES.items():
+        value = values.get(name)
+        if value is not None and not valid(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value:g}")
 
 
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool | None, help_text: str) -> None:

@@ -292,3 +292,31 @@ def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeyp
     assert main(["predict", "--checkpoint", str(path), "--input", str(folder), "--output", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0
     assert seen == ["buda"]
+
+
+def test_values_no_command_can_use_are_refused_in_one_line_before_any_work(tmp_path, checkpoint, capsys):
+    """Each of these broke far from its flag (a division by zero in the loader, a mkdir on a file
+    after the whole evaluation, a shape check inside the UNet) with a traceback."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    ckpt = str(checkpoint)
+    cases = [
+        (["evaluate", "--checkpoint", ckpt, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["evaluate", "--checkpoint", ckpt, "--image-size", "100"], "--image-size must be a positive multiple of 16"),
+        (["evaluate", "--checkpoint", ckpt, "--out-dir", str(a_file)], f"{a_file}: is a file, not a folder"),
+        (["predict", "--checkpoint", ckpt, "--input", str(tmp_path), "--output", str(a_file)],
+         f"{a_file}: is a file, not a folder; choose another --output"),
+        (["predict", "--checkpoint", ckpt, "--input", str(tmp_path), "--output", str(tmp_path / "p"),
+          "--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
+        (["export", "--checkpoint", ckpt, "--format", "torchscript", "--output", str(a_file / "unet.ts")],
+         f"{a_file}: is a file, not a folder; choose another --output"),
+        (["export", "--checkpoint", ckpt, "--format", "state_dict", "--output", str(a_file)], "is a file"),
+        (["benchmark", "--data-dir", str(tmp_path), "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["benchmark", "--data-dir", str(tmp_path), "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 0, (argv, err)
+    assert a_file.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing was made

@@ -197,7 +197,18 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         (tiny(tmp_path, empty, tmp_path / "r3"), "no patient folders"),
         (tiny(tmp_path, syn, tmp_path / "r4", "--split", "buda"), "TCGA_HT_7616"),
         (tiny(tmp_path, syn, tmp_path / "r5", "--modality-dropout", "1.5"), "--modality-dropout"),
+        (tiny(tmp_path, syn, tmp_path / "r6", "--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+        (tiny(tmp_path, syn, tmp_path / "r7", "--lr", "-1"), "--lr must be >= 0, got -1"),
+        (tiny(tmp_path, syn, tmp_path / "r8", "--features", "0"), "--features must be at least 1, got 0"),
+        (tiny(tmp_path, syn, tmp_path / "r9", "--weight-decay", "-0.1"), "--weight-decay must be >= 0"),
+        (tiny(tmp_path, syn, tmp_path / "r10", "--warmup-epochs", "-1"), "--warmup-epochs must be >= 0"),
+        (tiny(tmp_path, syn, tmp_path / "r11", "--patience", "-2"), "--patience must be >= 0"),
+        (tiny(tmp_path, syn, tmp_path / "r12", "--tumor-weight", "0"), "--tumor-weight must be > 0, got 0"),
+        (tiny(tmp_path, syn, tmp_path / "README.md", "--epochs", "1"), "README.md: is a file, not a folder"),
+        (tiny(tmp_path, syn, tmp_path / "README.md" / "run", "--epochs", "1"),
+         f"README.md/run: {tmp_path / 'README.md'} is a file, not a folder; choose another --out-dir"),
     ]
+    (tmp_path / "README.md").write_text("a file where the run folder would go")
     for argv, expected in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
