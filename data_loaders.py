@@ -87,6 +87,8 @@ def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str
     path = Path(spec).expanduser()
     if path.is_file():
         text, source = path.read_text(), str(path)
+    elif "/" in spec or path.suffix in (".txt", ".csv"):  # a patient's name has neither
+        raise DatasetError(f"{flag} {spec}: no such file; pass a file of patient names or a comma list of them")
     else:
         text, source = spec, flag
     text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # drop comments

@@ -245,7 +245,7 @@ def parse_spacing(text: str) -> tuple[float, float, float] | None:
         values = []
     if len(values) == 1:
         values *= 3
-    if len(values) != 3 or min(values) <= 0:
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):  # nan fails too
         raise UserError(f"--spacing takes 'dz,dy,dx' in mm (or one value), got {text!r}")
     return tuple(values)
 

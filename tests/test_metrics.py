@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import SegmentationMeter, dice_from_counts, iou_from_counts, lesion_contrast, ratio
+from libraries import UserError
+from metrics import SegmentationMeter, dice_from_counts, iou_from_counts, lesion_contrast, parse_spacing, ratio
 
 
 def masks(*rows):
@@ -123,3 +124,12 @@ def test_a_volume_measures_its_lesion_contrast_on_flair_once(monkeypatch):
     monkeypatch.setattr(data_files, "lesion_contrast", lambda *a: calls.append(a))
     assert volume.flair_contrast() == pytest.approx(expected) and not calls  # cached
     assert empty.flair_contrast() is None and not calls  # None is cached too
+
+
+def test_spacing_takes_three_positive_finite_millimetres_or_one():
+    assert parse_spacing("") is None
+    assert parse_spacing("2.5") == (2.5, 2.5, 2.5)
+    assert parse_spacing("3,0.5,0.75") == (3.0, 0.5, 0.75)
+    for bad in ("-1", "0,1,1", "1,2", "abc", "nan", "inf,1,1", "1,1,nan"):
+        with pytest.raises(UserError, match="--spacing takes"):
+            parse_spacing(bad)

@@ -194,6 +194,8 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
     cases = [
         (tiny(tmp_path, syn, run, "--epochs", "1"), "already holds files"),
         (tiny(tmp_path, syn, tmp_path / "r2", "--val-patients", "SYN_77"), "SYN_77"),
+        (tiny(tmp_path, syn, tmp_path / "r2", "--val-patients", str(tmp_path / "val.txt")),
+         f"--val-patients {tmp_path / 'val.txt'}: no such file"),
         (tiny(tmp_path, empty, tmp_path / "r3"), "no patient folders"),
         (tiny(tmp_path, syn, tmp_path / "r4", "--split", "buda"), "TCGA_HT_7616"),
         (tiny(tmp_path, syn, tmp_path / "r5", "--modality-dropout", "1.5"), "--modality-dropout"),
