@@ -38,9 +38,9 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
                         report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
-from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, environment_report,
-                       init_distributed, launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything,
-                       setup_device)
+from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, check_run_dir,
+                       environment_report, init_distributed, launched_rank, new_run_dir, printer, quiet_opencv,
+                       save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
@@ -319,26 +319,29 @@ class RunData:
 
 
 def setup_data(cfg: Config, ddp: Distributed, *, resumed: bool, progress: bool) -> RunData:
-    """Find (or generate) the data, make the run folder on rank 0, load every patient, split them."""
+    """Find (or generate) the data, load every patient, split them, then make the run folder on
+    rank 0: a run refused on the way leaves no empty folder behind."""
+    if not resumed and cfg.out_dir:
+        check_run_dir(Path(cfg.out_dir))  # before minutes of loading, not after
     if ddp.enabled and not ddp.main:
         dist.barrier()  # rank 0 generates synthetic data (if needed) first
     root, synthetic = locate_data(cfg.data_dir, seed=cfg.seed)
-    run_dir = Path(cfg.out_dir) if resumed else (new_run_dir(cfg.out_dir) if ddp.main else None)
-    if ddp.enabled:
-        if ddp.main:
-            dist.barrier()
-        shared = [run_dir]
-        dist.broadcast_object_list(shared, src=0)  # every rank learns the run folder rank 0 made
-        run_dir = shared[0]
+    if ddp.enabled and ddp.main:
+        dist.barrier()
     issues = DataIssues(strict=cfg.strict)
     volumes = load_dataset(root, None, progress=progress, cache_dir=resolve_cache_dir(),
                            normalization=cfg.normalization, image_size=cfg.image_size, issues=issues)
-    if ddp.main:
-        report_issues(issues, run_dir)
     train_names, val_names = choose_split(
         sorted(volumes), split=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.seed,
         val_patients=cfg.val_patients, folds=cfg.folds, fold=cfg.fold,
     )
+    run_dir = Path(cfg.out_dir) if resumed else (new_run_dir(cfg.out_dir) if ddp.main else None)
+    if ddp.enabled:
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)  # every rank learns the run folder rank 0 made
+        run_dir = shared[0]
+    if ddp.main:
+        report_issues(issues, run_dir)
     return RunData(root, synthetic, run_dir, volumes, train_names, val_names)
 
 

@@ -245,17 +245,19 @@ def check_folder_path(path: Path, flag: str) -> Path:
     return path
 
 
-def new_run_dir(out_dir: str) -> Path:
-    """The run folder: ``out_dir`` or a new runs/<date-time>[-N]; never one that already holds files."""
-    if not out_dir:
-        # A suffix only when two runs start in the same second.
-        path = unused_path(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    else:
-        path = Path(out_dir)
+def check_run_dir(path: Path) -> Path:
+    """``path`` if a run may be written there: neither a file nor a folder that already holds files."""
     check_folder_path(path, "--out-dir")
     if path.exists() and any(path.iterdir()):
         raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
-    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_dir(out_dir: str) -> Path:
+    """The run folder, made: ``out_dir`` or a new runs/<date-time>[-N]; never one that already holds files."""
+    # A suffix only when two runs start in the same second.
+    path = Path(out_dir) if out_dir else unused_path(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_run_dir(path).mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -217,6 +217,8 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         assert expected in err and err.count("\n") == 0 and "Traceback" not in err, (argv, err)
     assert (run / "last.pt").read_bytes() == before
     torch.load(run / "last.pt", weights_only=True)
+    # Nor did a refused run leave an empty folder behind (which a second try would find in its way).
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("r") and p.name != "run"]
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, syn, monkeypatch, capsys):
