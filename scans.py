@@ -312,13 +312,28 @@ class Case:
     filled: tuple[str, ...]  # sequences missing, filled with FLAIR
 
 
+def scan_values(image: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """A sequence's voxels as float32 slices (``to_slices``). NaN and infinite voxels, which some
+    tools write outside their mask, become the image's lowest value: the air that the per-volume
+    statistics leave out (one such voxel would make every statistic, and so the mask, NaN)."""
+    values = to_slices(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return values
+    if bad.all():
+        raise UserError(f"{path}: every voxel is NaN or infinite; export the sequence again")
+    print(f"warning: {path}: {int(bad.sum()):,} voxels ({bad.mean():.1%}) are NaN or infinite; they are taken as "
+          "background (the image's lowest value)", file=sys.stderr)
+    return np.where(bad, values[~bad].min(), values)
+
+
 def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None = None) -> Case:
     """Read a case's sequences (and its mask, if ``files`` has 'seg'), check they share the FLAIR's
     grid and stack them. A missing T1 or T1 post-contrast is filled with the FLAIR, as the dataset
     does for its 6 patients that lack one. ``labels``: the mask values that count as tumor (None:
     every value above 0)."""
     flair = read_scan(files["flair"])
-    flair_slices = to_slices(np.asarray(flair.dataobj, dtype=np.float32), flair.affine)
+    flair_slices = scan_values(flair, files["flair"])
     images, filled = [], [role for role in MODALITIES if role not in files]
     for role in MODALITIES:
         if role == "flair" or role in filled:
@@ -327,7 +342,7 @@ def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None 
         image = read_scan(files[role])
         if (diff := grid_difference(flair, image)) is not None:
             raise UserError(f"{files[role]}: not on the grid of {files['flair']}: {diff}; {REGISTER_HINT}")
-        images.append(to_slices(np.asarray(image.dataobj, dtype=np.float32), image.affine))
+        images.append(scan_values(image, files[role]))
     truth = np.zeros(images[FLAIR_CHANNEL].shape, np.uint8)
     if "seg" in files:
         seg = read_scan(files["seg"])

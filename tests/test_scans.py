@@ -313,3 +313,28 @@ def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpo
         if door == "dicom":  # scanner coordinates in both forms, as dcm2niix writes them
             assert (image.header["qform_code"], image.header["sform_code"]) == (1, 1)
         assert np.array_equal(mask, tiff), (door, int((mask != tiff).sum()))
+
+
+def test_nan_and_infinite_voxels_are_the_background_and_said_once_per_file(tmp_path, checkpoint, capsys):
+    """Some tools write NaN outside their mask. One such voxel made the per-volume statistics NaN
+    and the whole mask empty, silently; NaN (or inf) is now the image's lowest value, its air."""
+    images, _ = head_volume(seed=3)
+    values = images.astype(np.float32) * 0.01 - 3.0  # a float scale whose background, -3, is not 0
+    holed = values.copy()
+    holed[:, :4] = np.nan  # the top rows are air in every slice
+    holed[0, -1, -1] = np.inf
+    assert (images[:, :4] == 0).all() and (images[0, -1, -1] == 0).all()
+    masks = {}
+    for name, data in (("plain", values), ("holed", holed)):
+        assert predict(checkpoint, tmp_path / f"out-{name}", "--input", str(nifti_case(tmp_path / name, data))) == 0
+        masks[name] = read_back(tmp_path / f"out-{name}" / "masks" / f"{name}.nii.gz")[0]
+    assert masks["plain"].any() and np.array_equal(masks["holed"], masks["plain"])
+    err = capsys.readouterr().err
+    count = 4 * images.shape[0] * images.shape[2] + 1
+    for sequence in SEQUENCES:
+        assert err.count(f"holed/{sequence}.nii.gz: {count:,} voxels") == 1, err
+    assert "NaN or infinite" in err and "plain/" not in err
+    # Nothing finite at all is refused in one line.
+    nifti_case(tmp_path / "void", np.full(values.shape, np.nan, np.float32))
+    assert predict(checkpoint, tmp_path / "out-void", "--input", str(tmp_path / "void")) == 2
+    assert "flair.nii.gz: every voxel is NaN or infinite" in capsys.readouterr().err
