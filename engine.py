@@ -216,10 +216,23 @@ def run_config(command: str, args: argparse.Namespace, argv: list[str]) -> Confi
     run's settings come from its folder and are checked once read: train)."""
     given = given_flags(argv)
     cfg = width_of_weights(config_from_args(args, argv), given, printer(launched_rank() == 0))  # before the ranks join
-    check_split_flags(command, cfg, given)
-    if not cfg.resume:
+    if cfg.resume:
+        check_resume_flags(cfg.resume, given)
+    else:
+        check_split_flags(command, cfg, given)
         check_config(cfg)
     return cfg
+
+
+def check_resume_flags(resume: str, given: set[str]) -> None:
+    """Refuse, in one line, a flag that --resume would ignore: the run keeps its own settings."""
+    ignored = sorted(given & {f.name for f in fields(Config)} - {"resume", *RESUMABLE_OVERRIDES})
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        may = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_OVERRIDES)
+        raise UserError(f"--resume {resume} keeps the run's own settings, so {flags} would be ignored; drop "
+                        f"{'it' if len(ignored) == 1 else 'them'} (only {may} may change; to train on from its "
+                        "weights with other settings, start a new run with --pretrained <its last.pt>)")
 
 
 def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
