@@ -217,22 +217,27 @@ def run_config(command: str, args: argparse.Namespace, argv: list[str]) -> Confi
     given = given_flags(argv)
     cfg = width_of_weights(config_from_args(args, argv), given, printer(launched_rank() == 0))  # before the ranks join
     if cfg.resume:
-        check_resume_flags(cfg.resume, given)
+        check_resume_flags(command, cfg, given)
     else:
         check_split_flags(command, cfg, given)
         check_config(cfg)
     return cfg
 
 
-def check_resume_flags(resume: str, given: set[str]) -> None:
-    """Refuse, in one line, a flag that --resume would ignore: the run keeps its own settings."""
-    ignored = sorted(given & {f.name for f in fields(Config)} - {"resume", *RESUMABLE_OVERRIDES})
+def check_resume_flags(command: str, cfg: Config, given: set[str]) -> None:
+    """Refuse, in one line, a flag given with --resume that the run would ignore: one whose value
+    differs from the run's own setting. (The run's own command line with --resume added passes.)"""
+    fixed = given & {f.name for f in fields(Config)} - {"resume", *RESUMABLE_OVERRIDES}
+    if not fixed:
+        return  # the run's settings are read once, by the resume itself
+    stored = cv.resolve_cv_resume(cfg, {})[0] if command == "cv" else resolve_resume(cfg)[0]
+    ignored = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (the run's: {getattr(stored, name)})"
+               for name in sorted(fixed) if getattr(cfg, name) != getattr(stored, name)]
     if ignored:
-        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         may = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_OVERRIDES)
-        raise UserError(f"--resume {resume} keeps the run's own settings, so {flags} would be ignored; drop "
-                        f"{'it' if len(ignored) == 1 else 'them'} (only {may} may change; to train on from its "
-                        "weights with other settings, start a new run with --pretrained <its last.pt>)")
+        raise UserError(f"--resume {cfg.resume} keeps the run's own settings, so {', '.join(ignored)} would be "
+                        f"ignored; drop {'it' if len(ignored) == 1 else 'them'} (only {may} may change; to train on "
+                        "from its weights with other settings, start a new run with --pretrained <its last.pt>)")
 
 
 def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:

@@ -490,8 +490,8 @@ def test_cv_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path
     # The run keeps its own settings: a flag it would ignore is refused, not ignored in silence.
     capsys.readouterr()
     assert main(["cv", "--resume", str(cut), "--epochs", "9"]) == 2
-    assert "--epochs would be ignored" in capsys.readouterr().err
-    assert main(["cv", "--resume", str(cut), "--num-workers", "0"]) == 0
+    assert "--epochs 9 (the run's: 2) would be ignored" in capsys.readouterr().err
+    assert main(["cv", "--resume", str(cut), "--epochs", "2", "--num-workers", "0"]) == 0  # its own value
     out = capsys.readouterr().out
     assert f"resuming {cut / 'fold-1'} after epoch 1" in out and "fold 0: finished earlier" in out
     assert (cut / "fold-0" / "metrics.json").stat().st_mtime_ns == finished  # read, not retrained
