@@ -119,6 +119,14 @@ def resolve_root(path: Path) -> Path:
     )
 
 
+def recorded_data_dir(recorded: str, record_file: Path) -> str:
+    """The dataset folder a run recorded in ``record_file``, refused in one line where it no longer is."""
+    if recorded and not Path(recorded).is_dir():
+        raise DatasetError(f"{recorded} (recorded in {record_file}): no such folder; the data has moved or this is "
+                           "another machine: pass --data-dir")
+    return recorded
+
+
 def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """Locate the dataset: ``data_dir``, else $LGG_DATA_DIR, else the default locations.
 

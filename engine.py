@@ -35,7 +35,7 @@ import inference
 from data_cache import load_dataset, resolve_cache_dir
 from data_commands import add_data_arguments, add_download_arguments, download_dataset, data_command
 from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume, describe_masks, read_clinical,
-                        report_issues)
+                        recorded_data_dir, report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, check_run_dir,
@@ -297,7 +297,8 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     path = Path(cfg.resume)
     if (path / cv.CV_CONFIG).is_file():
         raise UserError(f"{path}: this is a cv folder; continue it with: python engine.py cv --resume {path}")
-    ckpt = load_checkpoint(path / "last.pt" if path.is_dir() else path)
+    ckpt_path = path / "last.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(ckpt_path)
     stored = {f.name: ckpt["config"][f.name] for f in fields(Config) if f.name in ckpt["config"]}
     if "history" not in ckpt or "rng" not in ckpt:
         raise UserError(f"{cfg.resume}: this checkpoint has no training state to resume from; use last.pt")
@@ -307,7 +308,7 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
                             f"longer has (docs/results.md); resume it with commit {commit} of this package")
     stored.update(resumable_overrides(cfg))
     if not cfg.data_dir:
-        stored["data_dir"] = ckpt["config"]["resolved_data_dir"]
+        stored["data_dir"] = recorded_data_dir(ckpt["config"]["resolved_data_dir"], ckpt_path)
     stored["out_dir"] = str(path if path.is_dir() else path.parent)
     stored["resume"] = cfg.resume
     return Config(**stored), ckpt
@@ -433,7 +434,7 @@ def train(cfg: Config) -> dict:
                      val_slices=val_slices))
 
     config_record = {**asdict(cfg), "channels_last": CHANNELS_LAST, "threshold": evaluation.THRESHOLD,
-                     "resolved_data_dir": str(data.root), "synthetic_data": data.synthetic,
+                     "resolved_data_dir": str(data.root.resolve()), "synthetic_data": data.synthetic,
                      "patients": {"train": data.train_names, "validation": data.val_names}, "environment": env,
                      "scored_patients_trained_on": pretrained_overlap(weights_kind, data.val_names, say)}
     state = {"history": [], "best_dice": -1.0, "best_epoch": 0, "epoch": 0, "metrics": None}

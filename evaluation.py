@@ -34,6 +34,7 @@ from data_files import (
     find_data_dir,
     input_volume,
     read_clinical,
+    recorded_data_dir,
     report_issues,
     scan_dataset,
 )
@@ -468,7 +469,7 @@ def dataset_volumes(args: argparse.Namespace, ckpt_path: Path, record: dict,
                     out_dir: Path) -> tuple[list[PatientVolume], Path, list[str], pd.DataFrame | None]:
     """The patients of a dataset folder that ``--patients`` picks, read as in training; also the
     folder, the scored patients a model trained on and the clinical table."""
-    root = find_data_dir(args.data_dir or record["resolved_data_dir"])
+    root = find_data_dir(args.data_dir or recorded_data_dir(record["resolved_data_dir"], ckpt_path))
     if root is None:
         raise UserError("no dataset found; pass --data-dir (the kaggle_3m layout) or --input (NIfTI or DICOM cases)")
     issues = DataIssues(strict=args.strict)

@@ -287,3 +287,29 @@ def test_output_piped_to_a_reader_that_left_ends_quietly(tmp_path):
     err = proc.stderr.read()
     assert proc.wait() == 1
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipeError" not in err
+
+
+def test_the_recorded_dataset_is_found_from_any_folder_and_named_when_it_moved(tmp_path, syn, monkeypatch, capsys):
+    """A run records its data folder for evaluate and --resume. It was recorded as given, so a
+    relative --data-dir broke both from another working folder, with an error about a --data-dir
+    the user never passed."""
+    import shutil
+
+    shutil.copytree(syn, tmp_path / "data" / "kaggle_3m")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, "data/kaggle_3m", run, "--epochs", "1")) == 0
+    monkeypatch.chdir(run)
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--out-dir", str(tmp_path / "ev")]) == 0
+    scored, trained = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ev", run))
+    assert scored["per_patient"] == trained["per_patient"]
+    (tmp_path / "data").rename(tmp_path / "moved")
+    capsys.readouterr()
+    for argv, record in ((["evaluate", "--checkpoint", str(run / "last.pt")], run / "last.pt"),
+                         (["--resume", str(run)], run / "last.pt")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: {tmp_path / 'data' / 'kaggle_3m'} (recorded in {record}): no such folder; the data "
+                       "has moved or this is another machine: pass --data-dir"), err
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(tmp_path / "moved" / "kaggle_3m"),
+                 "--out-dir", str(tmp_path / "ev2")]) == 0
