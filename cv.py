@@ -75,6 +75,7 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     ``cfg`` is a Config; ``train`` trains one run of it and returns its final metrics;
     ``overrides`` are the settings a resumed cv may change (where and how it runs).
     """
+    fresh = not cfg.resume
     if cfg.resume:
         cfg, base = resolve_cv_resume(cfg, overrides)
     else:
@@ -83,9 +84,16 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
         base = new_run_dir(cfg.out_dir)
         save_json(base / CV_CONFIG, asdict(cfg))
     folds = []
-    for fold in range(cfg.folds):
-        print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
-        folds.append(run_fold(cfg, fold, base / f"fold-{fold}", train))
+    try:
+        for fold in range(cfg.folds):
+            print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
+            folds.append(run_fold(cfg, fold, base / f"fold-{fold}", train))
+    except UserError:
+        if fresh and not any(base.glob("fold-*")):  # refused before fold 0 made its folder (too many folds):
+            (base / CV_CONFIG).unlink()  # take back what was written above, so the same --out-dir works again
+            if not any(base.iterdir()):
+                base.rmdir()
+        raise
     summary, patients = summarize_folds(folds, base)
     print_summary(cfg, folds, summary, patients, base)
     return summary
