@@ -469,6 +469,9 @@ def dataset_volumes(args: argparse.Namespace, ckpt_path: Path, record: dict,
                     out_dir: Path) -> tuple[list[PatientVolume], Path, list[str], pd.DataFrame | None]:
     """The patients of a dataset folder that ``--patients`` picks, read as in training; also the
     folder, the scored patients a model trained on and the clinical table."""
+    if args.labels != "nonzero":
+        raise UserError(f"--labels is for --input's masks; a dataset folder's masks are 0/255, and every value above "
+                        f"0 is tumor: drop --labels {args.labels}")
     root = find_data_dir(args.data_dir or recorded_data_dir(record["resolved_data_dir"], ckpt_path))
     if root is None:
         raise UserError("no dataset found; pass --data-dir (the kaggle_3m layout) or --input (NIfTI or DICOM cases)")

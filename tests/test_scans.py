@@ -177,6 +177,8 @@ def test_evaluate_on_cases_counts_the_labels_asked_for(tmp_path, checkpoint, cap
     for flag in (["--spacing", "1,1,1"], ["--patients", "all"], ["--data-dir", str(tmp_path)]):  # not for scans
         assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"), *flag]) == 2
         _one_line_error(capsys, flag[0], "not --input's scans")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path), "--labels", "4"]) == 2
+    _one_line_error(capsys, "--labels", "a dataset folder's masks are 0/255")  # not ignored in silence
     # A case without a mask: one line.
     nifti_case(tmp_path / "nomask" / "P2", images)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "nomask"), *RUN]) == 2
