@@ -369,3 +369,17 @@ def test_cpu_preset_loader_has_the_same_length_for_3_and_30_patients():
                              tumor_weight=cpu["tumor_weight"], steps=cpu["steps_per_epoch"])
         lengths.append((len(loader), len(loader.sampler)))
     assert lengths[0] == lengths[1] == (cpu["steps_per_epoch"], cpu["steps_per_epoch"] * cpu["batch_size"])
+
+
+def test_the_gpu_preset_on_a_cpu_says_so_before_the_first_epoch(tmp_path, capsys):
+    """--preset full on a CPU gave no hint until its first epoch, 4,000 slices at 256 px later."""
+    import engine
+
+    data = synthetic_tree(tmp_path / "syn", 4, 5)
+    assert main(["--preset", "full", "--data-dir", data, "--features", "4", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 0
+    assert "warning: --preset full is meant for a GPU: 1 steps at 256 px" in capsys.readouterr().out
+    assert engine.PRESETS["full"]["image_size"] >= 256  # what the warning is keyed on
+    assert main(["--preset", "cpu", "--data-dir", data, "--features", "4", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run-cpu")]) == 0
+    assert "meant for a GPU" not in capsys.readouterr().out
