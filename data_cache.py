@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from data_preprocessing import (
     VolumeStats,
 )
-from libraries import atomic_write
+from libraries import UserError, atomic_write
 from data_files import (
     DataIssues,
     DatasetError,
@@ -58,11 +59,24 @@ def load_volume(
     volume = _decode_volume(records, issues)
     if volume is None or (issues is not None and len(issues.items) > reported):
         return volume  # only clean volumes are cached, so every problem is reported on every run
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f"{glob.escape(volume.name)}-*.npz"):
-        stale.unlink(missing_ok=True)  # entries for older versions of this patient's files
-    atomic_write(path, lambda tmp: _write_cached(tmp, volume))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{glob.escape(volume.name)}-*.npz"):
+            stale.unlink(missing_ok=True)  # entries for older versions of this patient's files
+        atomic_write(path, lambda tmp: _write_cached(tmp, volume))
+    except (OSError, UserError) as exc:  # atomic_write's UserError carries the OSError
+        cause = exc.__cause__ if isinstance(exc, UserError) and exc.__cause__ else exc
+        reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
+        raise CacheUnwritable(f"{cache_dir}: the decoded-slice cache cannot be written ({reason})", volume) from exc
     return volume
+
+
+class CacheUnwritable(Exception):
+    """The decoded-slice cache could not be written; ``volume`` was decoded all the same."""
+
+    def __init__(self, message: str, volume: PatientVolume):
+        super().__init__(message)
+        self.volume = volume
 
 
 # Bump when the cached arrays or the statistics change meaning: old entries are then ignored.
@@ -183,7 +197,12 @@ def load_dataset(
         )
     volumes = {}
     for name in tqdm(names, desc="loading", leave=False, disable=not progress):
-        volume = load_volume(groups[name], cache_dir, issues)
+        try:
+            volume = load_volume(groups[name], cache_dir, issues)
+        except CacheUnwritable as exc:  # a cache only saves time: go on without it
+            print(f"warning: {exc}; going on without it (set {CACHE_ENV_VAR} to a writable folder, or to 'off')",
+                  file=sys.stderr)
+            volume, cache_dir = exc.volume, None
         if volume is None:
             issues.report("skipped: patient without readable slices", f"{root / name}: no readable slice; left out")
         else:

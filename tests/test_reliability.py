@@ -313,3 +313,19 @@ def test_the_recorded_dataset_is_found_from_any_folder_and_named_when_it_moved(t
                        "has moved or this is another machine: pass --data-dir"), err
     assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(tmp_path / "moved" / "kaggle_3m"),
                  "--out-dir", str(tmp_path / "ev2")]) == 0
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_one_warning(tmp_path, syn, monkeypatch, capsys):
+    """The decoded-slice cache only saves time: a cache folder that cannot be made (here a file
+    stands in its way, as a read-only home would) ended the run in a traceback before training."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("LGG_CACHE_DIR", str(blocker / "cache"))
+    assert main(tiny(tmp_path, syn, tmp_path / "blocked", "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert err.count("the decoded-slice cache cannot be written") == 1, err
+    assert "Traceback" not in err and blocker.read_text().startswith("a file")
+    monkeypatch.setenv("LGG_CACHE_DIR", "off")
+    assert main(tiny(tmp_path, syn, tmp_path / "off", "--epochs", "1")) == 0
+    blocked, off = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("blocked", "off"))
+    assert blocked["per_patient"] == off["per_patient"]  # the same run, only slower
