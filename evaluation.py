@@ -48,7 +48,7 @@ from data_loaders import (
 )
 from data_preprocessing import batch_to_device, eval_preprocess, fill_slice_holes
 from libraries import (UserError, add_bool_flag, autocast, check_folder_path, environment_report, memory_format,
-                       save_json, setup_device)
+                       save_json, setup_device, unused_path)
 from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
@@ -425,7 +425,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     default_dir = ckpt_path.parent / f"evaluate-{ckpt_path.stem}"
     if args.input:
         default_dir = default_dir.with_name(f"{default_dir.name}-{Path(args.input).resolve().name}")
-    out_dir = check_folder_path(Path(args.out_dir) if args.out_dir else default_dir, "--out-dir")
+    out_dir = evaluation_dir(Path(args.out_dir) if args.out_dir else None, default_dir)
     if args.input:
         volumes, source, trained, clinical = case_volumes(args, record), args.input, [], None
     else:
@@ -463,6 +463,18 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     print(f"{metrics['slices'] / seconds:.1f} slices/s; wrote {out_dir}/: metrics.json, summary.md, "
           "per_patient.csv, dice_per_volume.png, overlays/")
     return result
+
+
+def evaluation_dir(asked: Path | None, default: Path) -> Path:
+    """Where evaluate writes: ``asked`` (--out-dir), refused where it already holds results (a run's
+    own folder among them), or ``default``, else the first free ``default-2``, ``default-3``, ...:
+    earlier results are never overwritten."""
+    if asked is None:
+        return default if not (default / "metrics.json").exists() else unused_path(default)
+    if (check_folder_path(asked, "--out-dir") / "metrics.json").exists():
+        raise UserError(f"{asked}: already holds results (metrics.json); choose another --out-dir or remove them: "
+                        "earlier results are never overwritten")
+    return asked
 
 
 def dataset_volumes(args: argparse.Namespace, ckpt_path: Path, record: dict,

@@ -329,3 +329,21 @@ def test_a_cache_that_cannot_be_written_is_skipped_with_one_warning(tmp_path, sy
     assert main(tiny(tmp_path, syn, tmp_path / "off", "--epochs", "1")) == 0
     blocked, off = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("blocked", "off"))
     assert blocked["per_patient"] == off["per_patient"]  # the same run, only slower
+
+
+def test_evaluate_never_overwrites_an_earlier_evaluation_or_the_run_itself(tmp_path, syn, capsys):
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "1")) == 0
+    trained = (run / "metrics.json").read_bytes()
+    evaluate = ["evaluate", "--checkpoint", str(run / "last.pt")]
+    assert main([*evaluate, "--threshold", "0.3"]) == 0
+    first = (run / "evaluate-last" / "metrics.json").read_bytes()
+    assert main([*evaluate, "--threshold", "0.7"]) == 0  # again, with the default folder: a new one beside it
+    assert (run / "evaluate-last" / "metrics.json").read_bytes() == first
+    assert json.loads((run / "evaluate-last-2" / "metrics.json").read_text())["threshold"] == 0.7
+    assert f"wrote {run / 'evaluate-last-2'}/" in capsys.readouterr().out
+    assert main([*evaluate, "--out-dir", str(run)]) == 2  # the run's own metrics.json
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {run}: already holds results (metrics.json); choose another --out-dir or remove "
+                   "them: earlier results are never overwritten"), err
+    assert (run / "metrics.json").read_bytes() == trained
