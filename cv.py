@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from data_loaders import steps_per_epoch
-from libraries import UserError, new_run_dir, save_json, unused_path
+from libraries import UserError, atomic_write, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
@@ -236,7 +236,8 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
               f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "
               "(by more than 0.005)")
     if args.out:
-        paired.to_csv(args.out, index=False)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(args.out), lambda tmp: paired.to_csv(tmp, index=False))
         print(f"wrote {args.out}")
     return summary
 

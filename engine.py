@@ -38,9 +38,9 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
                         recorded_data_dir, report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
-from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, check_run_dir,
-                       environment_report, init_distributed, launched_rank, new_run_dir, printer, quiet_opencv,
-                       save_json, seed_everything, setup_device)
+from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, check_folder_path,
+                       check_run_dir, environment_report, init_distributed, launched_rank, new_run_dir, printer,
+                       quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
@@ -575,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_opencv()
     try:
         check_flag_ranges(vars(args))
+        if getattr(args, "out", ""):  # compare, data and benchmark write this file at their end
+            check_folder_path(Path(args.out).parent, "--out")
         if args.command == "evaluate":
             evaluation.evaluate_command(args)
         elif args.command == "benchmark":

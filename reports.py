@@ -328,6 +328,11 @@ def score_column(postprocess: str) -> str:
     return "dice" if postprocess == "none" else f"dice_{postprocess}"
 
 
+def scored_rules(frame: pd.DataFrame) -> list[str]:
+    """The post-processing rules whose Dice ``frame`` holds (score_column's inverse): none, lcc, ..."""
+    return ["none" if c == "dice" else c.removeprefix("dice_") for c in frame.columns if c.startswith("dice")]
+
+
 def _scores_from_csv(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path)
@@ -447,13 +452,12 @@ def compare_runs(
     if paired.empty:
         raise UserError("the two runs scored no patient in common; compare runs that held out the same patients")
     if pairs is None:
-        shared = [c for c in a.columns if c in b.columns and c.startswith("dice")]
-        pairs = [("none" if c == "dice" else c.removeprefix("dice_"),) * 2 for c in shared]
+        pairs = [(name, name) for name in scored_rules(a) if name in scored_rules(b)]
     for name_a, name_b in pairs:
         for name, frame, side in ((name_a, a, "A"), (name_b, b, "B")):
             if score_column(name) not in frame.columns:
                 raise UserError(f"run {side} has no Dice with post-processing {name!r}; it has "
-                                f"{', '.join(c for c in frame.columns if c.startswith('dice'))}")
+                                f"{', '.join(scored_rules(frame))}")
     groups = [("all", paired)]
     if per_institution:
         groups += list(paired.groupby(paired["patient"].map(institution), sort=True))

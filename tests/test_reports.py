@@ -137,7 +137,14 @@ def test_compare_a_rule_only_the_newer_run_reports(tmp_path, capsys):
     assert main(["compare", str(new), str(old), "--postprocess-a", "brain-multi", "--postprocess-b",
                  "brain-multi"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "run B has no Dice with post-processing 'brain-multi'" in err
+    assert err.count("\n") == 0 and "run B has no Dice with post-processing 'brain-multi'; it has none, lcc" in err
+    # --out is checked before the runs are read, and its folders are made.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["compare", str(old), str(new), "--out", str(a_file / "paired.csv")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {a_file}: is a file, not a folder; choose another --out"
+    assert main(["compare", str(old), str(new), "--out", str(tmp_path / "new" / "dir" / "paired.csv")]) == 0
+    assert pd.read_csv(tmp_path / "new" / "dir" / "paired.csv")["patient"].tolist() == ["P1", "P2"]
 
 
 def test_compare_pairs_a_cv_folder_with_an_evaluation_by_patient(tmp_path, capsys):
