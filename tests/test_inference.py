@@ -320,3 +320,14 @@ def test_values_no_command_can_use_are_refused_in_one_line_before_any_work(tmp_p
         assert err.startswith("error: ") and expected in err and err.count("\n") == 0, (argv, err)
     assert a_file.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing was made
+
+
+def test_torch_hub_takes_the_width_of_the_weights(tmp_path, checkpoint):
+    """The hub entry built a width-32 UNet whatever the weights, so this package's own width-24 (CPU
+    preset) checkpoints failed in a 50-line size-mismatch error."""
+    model = torch.hub.load(str(ROOT), "unet", source="local", pretrained=str(checkpoint), trust_repo=True)
+    weights = torch.load(checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())  # features 4, as trained
+    with pytest.raises(ValueError, match=r"these weights are --features 4; pass features=4 or leave it out") as err:
+        torch.hub.load(str(ROOT), "unet", source="local", pretrained=str(checkpoint), features=8, trust_repo=True)
+    assert str(err.value).count("\n") == 0
