@@ -75,10 +75,12 @@ _NUMBER = re.compile(r"_(\d+)$")
 
 
 def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
-    """Group the slices to predict by patient (folder); also return the files that are not images.
+    """Group the slices to predict by patient; also return the files that are not images.
 
     ``path`` may be one slice, a folder of slices, a kaggle_3m patient folder or a dataset root.
-    Masks (``*_mask.*``) are never inputs. Slices named ``<NAME>_<N>`` are ordered by N.
+    A folder is a patient, unless its slices are named ``<NAME>_<N>`` with several NAMEs: then each
+    NAME is one (a volume is normalized and post-processed in 3D as a whole, so two patients must
+    never share one). Masks (``*_mask.*``) are never inputs. Slices are ordered by N.
     """
     if path.is_file():
         return {path.parent.name or "input": [path]}, []
@@ -87,13 +89,21 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     groups: dict[str, list[Path]] = {}
     other: list[Path] = []
     for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+        slices = []
         for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
             if f.stem.lower().endswith("_mask"):
                 continue
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                groups.setdefault(folder.name, []).append(f)
+                slices.append(f)
             elif folder == path or f.name.lower() not in ("data.csv", "readme.md"):
                 other.append(f)
+        names = sorted({f.stem[:m.start()] for f in slices if (m := _NUMBER.search(f.stem))})
+        if len(names) > 1:
+            print(f"note: {folder.name}: slices of {len(names)} patients ({', '.join(names)}), told apart by their "
+                  "names <PATIENT>_<N>; each is a volume of its own", file=sys.stderr)
+        for f in slices:
+            m = _NUMBER.search(f.stem)
+            groups.setdefault(f.stem[:m.start()] if m and len(names) > 1 else folder.name, []).append(f)
     for files in groups.values():
         files.sort(key=lambda f: (int(m[1]) if (m := _NUMBER.search(f.stem)) else -1, f.name))
     return groups, other

@@ -216,12 +216,13 @@ def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypa
     torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, ckpt)
     rng = np.random.default_rng(1)
     sizes = {"A": (40, 48), "B": (36, 30)}
+    slices = {"A": (1, 2), "B": (3, 4)}  # one patient, P, whose slices come in two sizes
     for name, (h, w) in sizes.items():
-        for i in (1, 2):
+        for i in slices[name]:
             image = np.zeros((h, w, 3), np.uint8)
             image[5 : h - 6, 7 : w - 5] = rng.integers(60, 255, (h - 11, w - 12, 3), dtype=np.uint8)  # the "head"
             for folder in (tmp_path / "mixed", tmp_path / name):
-                write_slice(folder, name, i, image, np.zeros((h, w), np.uint8))
+                write_slice(folder, "P", i, image, np.zeros((h, w), np.uint8))
     boxes = []
     real_box = data_files.brain_box
     monkeypatch.setattr(data_files, "brain_box", lambda v, *a, **k: boxes.append(v.shape) or real_box(v, *a, **k))
@@ -231,9 +232,9 @@ def test_predict_buda_crops_each_slice_size_of_a_mixed_folder(tmp_path, monkeypa
     assert "slices of 2 sizes" in capsys.readouterr().err
     for name in sizes:  # the same masks as predicting each size's slices on their own
         assert main([*run, "--input", str(tmp_path / name), "--output", str(tmp_path / f"out-{name}")]) == 0
-        for i in (1, 2):
-            alone = cv2.imread(str(tmp_path / f"out-{name}" / "masks" / name / f"{name}_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
-            mixed = cv2.imread(str(tmp_path / "out" / "masks" / "mixed" / f"{name}_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
+        for i in slices[name]:
+            alone = cv2.imread(str(tmp_path / f"out-{name}" / "masks" / name / f"P_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
+            mixed = cv2.imread(str(tmp_path / "out" / "masks" / "mixed" / f"P_{i}_pred.png"), cv2.IMREAD_UNCHANGED)
             assert alone.shape == sizes[name] and np.array_equal(alone, mixed)
 
 
@@ -331,3 +332,29 @@ def test_torch_hub_takes_the_width_of_the_weights(tmp_path, checkpoint):
     with pytest.raises(ValueError, match=r"these weights are --features 4; pass features=4 or leave it out") as err:
         torch.hub.load(str(ROOT), "unet", source="local", pretrained=str(checkpoint), features=8, trust_repo=True)
     assert str(err.value).count("\n") == 0
+
+
+def test_slices_of_several_patients_in_one_folder_are_volumes_of_their_own(tmp_path, checkpoint, capsys):
+    """A folder holding TCGA_A_<N> and TCGA_B_<N> was one volume: the two patients' slices
+    interleaved by number, normalized together and post-processed in 3D together (on real slices,
+    lcc kept one slice of one patient and erased the other's tumor)."""
+    rng = np.random.default_rng(4)
+    head = np.zeros((40, 48), bool)
+    head[4:36, 6:42] = True
+    for patient, scale in (("TCGA_A", 0.5), ("TCGA_B", 1.0)):
+        for i in (1, 2, 3, 4):
+            rgb = (np.where(head[..., None], rng.integers(60, 200, (40, 48, 3)), 0) * scale).astype(np.uint8)
+            for folder in (tmp_path / "mixed", tmp_path / "apart" / patient):
+                write_slice(folder, patient, i, rgb, np.zeros((40, 48), np.uint8))
+    masks = {}
+    for name in ("mixed", "apart"):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / name), "--output",
+                     str(tmp_path / f"out-{name}"), "--device", "cpu", "--postprocess", "lcc"]) == 0
+        table = pd.read_csv(tmp_path / f"out-{name}" / "predictions.csv")
+        assert sorted(table.loc[table["level"] == "patient", "patient"]) == ["TCGA_A", "TCGA_B"]
+        masks[name] = {Path(p).name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+                       for p in sorted((tmp_path / f"out-{name}" / "masks").rglob("*_pred.png"))}
+    assert len(masks["apart"]) == 8 and any(m.any() for m in masks["apart"].values())
+    assert masks["mixed"].keys() == masks["apart"].keys()
+    assert all(np.array_equal(masks["mixed"][k], masks["apart"][k]) for k in masks["apart"]), "not the same volumes"
+    assert "mixed: slices of 2 patients (TCGA_A, TCGA_B)" in capsys.readouterr().err
