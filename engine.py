@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = functools.partial(sub.add_parser, allow_abbrev=False)
     add_config_flags(command("train", help="train and validate (the default command)"))
     evaluation.add_arguments(command("evaluate", help="score a checkpoint on its validation patients, or on others"))
-    inference.add_predict_arguments(command("predict", help="segment new slices: masks, overlays, areas"))
+    inference.add_predict_arguments(command(
+        "predict", help="segment new slices or NIfTI/DICOM scans: masks, overlays, tumor sizes"))
     inference.add_export_arguments(command(
         "export", help="export a checkpoint to TorchScript or ONNX (checking parity), or weights for release"))
     add_download_arguments(command("download", help="fetch the dataset from Kaggle with kagglehub (optional)"))
