@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from data_loaders import steps_per_epoch
-from libraries import UserError, atomic_write, new_run_dir, save_json, unused_path
+from libraries import Interrupted, UserError, atomic_write, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
@@ -88,6 +88,9 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
         for fold in range(cfg.folds):
             print(f"\n===== fold {fold + 1}/{cfg.folds} =====")
             folds.append(run_fold(cfg, fold, base / f"fold-{fold}", train))
+    except Interrupted:  # a fold's own --resume would continue that fold alone, not the cv
+        raise Interrupted(f"interrupted; the folds and epochs finished are kept: continue with python engine.py cv "
+                          f"--resume {base}") from None
     except UserError:
         if fresh and not any(base.glob("fold-*")):  # refused before fold 0 made its folder (too many folds):
             (base / CV_CONFIG).unlink()  # take back what was written above, so the same --out-dir works again

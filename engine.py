@@ -38,9 +38,9 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
                         recorded_data_dir, report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
-from libraries import (CHANNELS_LAST, Distributed, UserError, add_bool_flag, check_flag_ranges, check_folder_path,
-                       check_run_dir, environment_report, init_distributed, launched_rank, new_run_dir, printer,
-                       quiet_opencv, save_json, seed_everything, setup_device)
+from libraries import (CHANNELS_LAST, Distributed, Interrupted, UserError, add_bool_flag, check_flag_ranges,
+                       check_folder_path, check_run_dir, environment_report, init_distributed, launched_rank,
+                       new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
@@ -479,28 +479,35 @@ def fit(
     """
     volumes: dict = {}
     timed: list[dict] = []  # this process's epochs: a resumed run's earlier ones may have run elsewhere
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        validated = validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs)
-        row, metrics, volumes = run_epoch(epoch, parts, scheduler, train_loader, validate if validated else None,
-                                          seed=cfg.seed, ddp=ddp, device=device, amp_dtype=amp_dtype,
-                                          channels_last=CHANNELS_LAST, progress=progress,
-                                          val_slices=val_slices)
-        if validated:
-            state["metrics"] = metrics
-            if row["val_dice_per_volume_mean"] > state["best_dice"]:
-                state["best_dice"], state["best_epoch"] = row["val_dice_per_volume_mean"], epoch
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if ddp.main:
-            save_epoch(run_dir, parts, scheduler, state, config_record)
-        timed.append(row)
-        validations_left = 0 if validate is None else sum(
-            e % cfg.val_every == 0 or e == cfg.epochs for e in range(epoch + 1, cfg.epochs + 1))
-        left = seconds_left(timed, val_slices, cfg.epochs - epoch, validations_left)
-        say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated, left))
-        if validated and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
-            say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
-            break
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            validated = validate is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs)
+            row, metrics, volumes = run_epoch(
+                epoch, parts, scheduler, train_loader, validate if validated else None, seed=cfg.seed, ddp=ddp,
+                device=device, amp_dtype=amp_dtype, channels_last=CHANNELS_LAST, progress=progress,
+                val_slices=val_slices)
+            if validated:
+                state["metrics"] = metrics
+                if row["val_dice_per_volume_mean"] > state["best_dice"]:
+                    state["best_dice"], state["best_epoch"] = row["val_dice_per_volume_mean"], epoch
+            state["history"].append(row)
+            state["epoch"] = epoch
+            if ddp.main:
+                save_epoch(run_dir, parts, scheduler, state, config_record)
+            timed.append(row)
+            validations_left = 0 if validate is None else sum(
+                e % cfg.val_every == 0 or e == cfg.epochs for e in range(epoch + 1, cfg.epochs + 1))
+            left = seconds_left(timed, val_slices, cfg.epochs - epoch, validations_left)
+            say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated, left))
+            if validated and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
+                say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
+                break
+    except KeyboardInterrupt:  # Ctrl-C: the epochs finished are checkpointed; say how to go on
+        if not state["epoch"]:
+            raise Interrupted(f"interrupted before the first epoch finished; {run_dir} holds nothing to continue "
+                              "from") from None
+        raise Interrupted(f"interrupted; the epochs finished are in {run_dir / 'last.pt'}: continue with "
+                          f"python engine.py --resume {run_dir}") from None
     return volumes
 
 
@@ -603,6 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return 130  # the shell's status for Ctrl-C
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except torch.cuda.OutOfMemoryError:
         print("error: the GPU ran out of memory; lower --batch-size or --image-size, or keep --amp on "
               "(checkpoints already written are kept)", file=sys.stderr)

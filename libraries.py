@@ -28,6 +28,10 @@ class UserError(Exception):
     """A problem the user can fix. Its message names the file or flag and what to do; no traceback is shown."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a run that can go on; its message says how (no traceback is shown)."""
+
+
 def quiet_opencv() -> None:
     """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself."""
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)

@@ -347,3 +347,31 @@ def test_evaluate_never_overwrites_an_earlier_evaluation_or_the_run_itself(tmp_p
     assert err == (f"error: {run}: already holds results (metrics.json); choose another --out-dir or remove "
                    "them: earlier results are never overwritten"), err
     assert (run / "metrics.json").read_bytes() == trained
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, syn, monkeypatch, capsys):
+    """Ctrl-C in training printed a traceback from inside a convolution."""
+    real_run_epoch, epochs = engine.run_epoch, []
+
+    def interrupted_in_epoch_2(epoch, *args, **kwargs):
+        epochs.append(epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_run_epoch(epoch, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_epoch", interrupted_in_epoch_2)
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "3")) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"interrupted; the epochs finished are in {run / 'last.pt'}: continue with "
+                   f"python engine.py --resume {run}"), err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(engine, "run_epoch", real_run_epoch)
+    assert main(["--resume", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["epoch"] == 3
+
+    # In cv, the fold's own --resume would continue that fold alone: the line names cv --resume.
+    monkeypatch.setattr(engine, "run_epoch", interrupted_in_epoch_2)
+    cv_dir = tmp_path / "cv"
+    assert main(["cv", *tiny(tmp_path, syn, cv_dir, "--folds", "2", "--epochs", "3")]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"continue with python engine.py cv --resume {cv_dir}")
