@@ -317,7 +317,7 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
 
 def check_config(cfg: Config) -> None:
     """Refuse settings that cannot train, before any data is read or folder made."""
-    check_flag_ranges(asdict(cfg))  # again here: a resumed run's settings, or defaults edited above
+    check_flag_ranges(asdict(cfg))  # main checked the flags; here also the presets and a resumed run
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
