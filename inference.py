@@ -97,13 +97,13 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
                 slices.append(f)
             elif folder == path or f.name.lower() not in ("data.csv", "readme.md"):
                 other.append(f)
-        names = sorted({f.stem[:m.start()] for f in slices if (m := _NUMBER.search(f.stem))})
+        patient = {f: f.stem[:m.start()] for f in slices if (m := _NUMBER.search(f.stem))}  # <PATIENT>_<N>
+        names = sorted(set(patient.values()))
         if len(names) > 1:
             print(f"note: {folder.name}: slices of {len(names)} patients ({', '.join(names)}), told apart by their "
                   "names <PATIENT>_<N>; each is a volume of its own", file=sys.stderr)
         for f in slices:
-            m = _NUMBER.search(f.stem)
-            groups.setdefault(f.stem[:m.start()] if m and len(names) > 1 else folder.name, []).append(f)
+            groups.setdefault(patient.get(f, folder.name) if len(names) > 1 else folder.name, []).append(f)
     for files in groups.values():
         files.sort(key=lambda f: (int(m[1]) if (m := _NUMBER.search(f.stem)) else -1, f.name))
     return groups, other
