@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from data_loaders import steps_per_epoch
+from data_loaders import pinned_data_dir, steps_per_epoch
 from libraries import Interrupted, UserError, atomic_write, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
@@ -81,6 +81,7 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
     else:
         if cfg.folds < 2:
             raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
+        cfg = replace(cfg, data_dir=pinned_data_dir(cfg.data_dir))  # each fold, and cv --resume, read the same data
         base = new_run_dir(cfg.out_dir)
         save_json(base / CV_CONFIG, asdict(cfg))
     folds = []

@@ -159,6 +159,17 @@ def locate_data(data_dir: str, *, seed: int) -> tuple[Path, bool]:
     return make_synthetic_dataset(Path(SYNTHETIC_DIR), seed=seed), True
 
 
+def pinned_data_dir(data_dir: str) -> str:
+    """``data_dir`` as the absolute path of the dataset it finds now (a relative --data-dir, or
+    $LGG_DATA_DIR and the default locations when it is empty), so that a run continued later, from
+    another working folder or shell, reads the same patients. 'synthetic', and nothing found, stay
+    as given: each run generates the synthetic set the same way."""
+    if data_dir == "synthetic":
+        return data_dir
+    root = find_data_dir(data_dir or None)
+    return str(root.resolve()) if root is not None else data_dir
+
+
 class LGGSlices(Dataset):
     """2D slices of several patient volumes.
 

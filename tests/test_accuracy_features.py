@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -501,6 +502,25 @@ def test_cv_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path
     for fold in (1, 2):
         a, b = (json.loads((d / f"fold-{fold}" / "metrics.json").read_text()) for d in (cut, tmp_path / "whole"))
         assert a["epoch"] == 2 and a["postprocessing"] == b["postprocessing"]
+
+
+def test_cv_resume_from_another_working_folder_reads_the_same_patients(tmp_path, monkeypatch, capsys):
+    # A cv started with a relative --data-dir, continued from elsewhere: the unfinished fold must
+    # read the cv's own patients, not fail (or read whatever folder the same name means there).
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    synthetic_tree(tmp_path / "a" / "syn", 4, 5)
+    monkeypatch.chdir(tmp_path / "a")
+    argv = ["--data-dir", "syn", "--image-size", "32", "--features", "4", "--batch-size", "4", "--device", "cpu",
+            "--folds", "2", "--epochs", "1", "--out-dir", str(tmp_path / "cv")]
+    assert main(["cv", *argv]) == 0
+    whole = (tmp_path / "cv" / "cv_patients.csv").read_bytes()
+    shutil.rmtree(tmp_path / "cv" / "fold-1")  # as if killed before fold 1 began
+    (tmp_path / "cv" / "cv_patients.csv").unlink()
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["cv", "--resume", str(tmp_path / "cv")]) == 0, capsys.readouterr().err
+    assert f"data: {tmp_path / 'a' / 'syn'} (SYNTHETIC)" in capsys.readouterr().out
+    assert (tmp_path / "cv" / "cv_patients.csv").read_bytes() == whole
 
 
 def test_cv_resume_needs_a_cv_folder(tmp_path, capsys):
