@@ -326,9 +326,6 @@ def load_scored_checkpoint(
     """The checkpoint of ``--checkpoint``: this package's file, or published weights ('buda', a URL,
     a state_dict; see ``scoring_checkpoint``, which ``image_size`` and ``normalization`` are for)."""
     path = Path(spec)
-    if path.is_dir():
-        raise UserError(f"{path}: a folder; pass a checkpoint file (a run's best.pt or last.pt, a cv fold's "
-                        "fold-K/last.pt)")
     ckpt = scoring_checkpoint(spec, image_size=image_size, normalization=normalization)
     check_network_settings(ckpt["config"], spec)  # a given --image-size/--normalization applies to ours too
     ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})

@@ -325,24 +325,34 @@ def pretrained_weights(spec: str) -> tuple[dict, str, str | None]:
     """load_weights with user-facing errors."""
     try:
         return load_weights(spec)
-    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+    except (OSError, ValueError) as exc:  # read_torch_file raises UserError itself
         raise UserError(f"--pretrained {spec}: {exc}") from None
 
 
 def read_torch_file(path: Path) -> object:
     """torch.load ``path`` without running any pickled code, with user-facing errors."""
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; pass a checkpoint file (a run's best.pt or last.pt, a cv fold's "
+                        "fold-K/last.pt)")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only met a Python object it will not build
-        raise UserError(f"{path}: refused: it holds pickled Python objects, which could run code when "
-                        "loaded; only tensors and plain data are accepted (re-save just its state_dict "
-                        "where you trust its source)") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # truncated or not a torch file
-        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written "
-                        "by torch.save); pass a best.pt or last.pt written by engine.py") from exc
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # weights_only met a Python object it will not build
+            raise UserError(f"{path}: refused: it holds pickled Python objects, which could run code when "
+                            "loaded; only tensors and plain data are accepted (re-save just its state_dict "
+                            "where you trust its source)") from exc
+        raise UserError(unloadable(path, exc)) from exc  # bytes no pickle opcode starts with: not a torch file
+    except Exception as exc:  # truncated, or not a torch file: unpickling junk raises KeyError, IndexError, ...
+        raise UserError(unloadable(path, exc)) from exc
     return ckpt
+
+
+def unloadable(path: Path, exc: Exception) -> str:
+    """The one-line error for a file torch.load cannot read."""
+    return (f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written by torch.save); "
+            "pass a best.pt or last.pt written by engine.py")
 
 
 def is_package_checkpoint(obj: object) -> bool:

@@ -285,11 +285,15 @@ def save_epoch(run_dir: Path, parts: TrainingParts, scheduler: torch.optim.lr_sc
 
 def load_weights_into(model: nn.Module, weights: dict, source: str, *, features: int) -> None:
     """``model.load_state_dict(weights)``, or a one-line error naming the flags each side has."""
+    layout = weights_layout(weights)
+    if layout is not None and layout["features"] != features:
+        raise UserError(f"--pretrained {source}: these weights are {describe_weights(weights)}, but this "
+                        f"run asks for --features {features}; pass the weights' value")
     try:
         model.load_state_dict(weights)
-    except RuntimeError:
-        raise UserError(f"--pretrained {source}: these weights are {describe_weights(weights)}, but this "
-                        f"run asks for --features {features}; pass the weights' value") from None
+    except RuntimeError:  # another network's keys or shapes (a width mismatch is caught above)
+        raise UserError(f"--pretrained {source}: these weights are not this package's UNet; pass a checkpoint "
+                        "or state_dict written by engine.py, or Buda et al.'s") from None
 
 
 def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | None, str]:

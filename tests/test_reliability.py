@@ -16,6 +16,7 @@ import engine
 import training
 from synthetic_data import make_synthetic_dataset
 from engine import main
+from model import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +93,47 @@ def test_damaged_checkpoint_is_named(tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes()[:50])
     assert main(["evaluate", "--checkpoint", str(ckpt)]) == 2
     assert "half.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b'{"model": {}}', bytes(range(256)) * 4],
+                         ids=["text", "json", "bytes"])
+@pytest.mark.parametrize("command", ["evaluate", "export", "pretrained"])
+def test_a_file_that_is_no_torch_file_is_named_as_such_in_one_line(tmp_path, syn, capsys, content, command):
+    # Unpickling text raises KeyError, and other bytes UnpicklingError: neither holds Python
+    # objects, so neither may be called a pickle that could run code, nor end in a traceback.
+    ckpt = tmp_path / "weights.pt"
+    ckpt.write_bytes(content)
+    argv = {"evaluate": ["evaluate", "--checkpoint", str(ckpt)],
+            "export": ["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(tmp_path / "m.ts")],
+            "pretrained": tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(ckpt))}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{ckpt}: not a loadable checkpoint" in err and "could run code" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_as_checkpoint_to_export_or_pretrained_says_it_is_a_folder(tmp_path, syn, capsys):
+    (tmp_path / "run0").mkdir()
+    for argv in (["export", "--checkpoint", str(tmp_path / "run0"), "--format", "torchscript", "--output", str(tmp_path / "m.ts")],
+                 tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(tmp_path / "run0"))):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{tmp_path / 'run0'}: a folder; pass a checkpoint file" in err
+
+
+def test_pretrained_weights_of_another_network_are_not_blamed_on_the_width(tmp_path, syn, capsys):
+    # Before: "these weights are of an unknown layout, but this run asks for --features 4; pass the
+    # weights' value", which no value of --features could satisfy.
+    other = tmp_path / "other.pt"
+    torch.save({"head.weight": torch.zeros(2)}, other)
+    assert main(tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(other))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not this package's UNet" in err and "--features" not in err
+    # A width that differs is still named, with the weights' own value.
+    wide = tmp_path / "wide.pt"
+    torch.save(UNet(features=8).state_dict(), wide)
+    assert main(tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(wide))) == 2
+    assert "these weights are --features 8, but this run asks for --features 4" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, syn, monkeypatch, capsys):
