@@ -38,7 +38,8 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
                         recorded_data_dir, report_issues)
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
-from libraries import (CHANNELS_LAST, Distributed, Interrupted, UserError, add_bool_flag, check_flag_ranges,
+from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, UserError, add_bool_flag,
+                       check_flag_ranges,
                        check_folder_path, check_run_dir, environment_report, init_distributed, launched_rank,
                        new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
@@ -122,6 +123,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The Python type each annotation above names (annotations are strings here: __future__).
+FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "text in quotes", "bool": "True or False"}
+
+
+def check_hyperparameters() -> None:
+    """Refuse, in one line, a value edited into Config or PRESETS above that no flag could give:
+    another type ('32' or 2.5 where a whole number goes), a choice that does not exist, a value
+    out of its range, or a preset setting that is not a field."""
+    kinds = {f.name: f for f in fields(Config)}
+    for where, values in [("Config", asdict(Config())), *((f"PRESETS['{n}']", p) for n, p in PRESETS.items())]:
+        for name, value in values.items():
+            if name not in kinds:
+                raise UserError(f"engine.py: {where} sets {name}, which is no setting; choose one of Config's fields")
+            kind, choices = kinds[name].type, kinds[name].metadata["choices"]
+            typed = isinstance(value, bool) if kind == "bool" else (
+                isinstance(value, (int, float) if kind == "float" else FIELD_TYPES[kind]) and not isinstance(value, bool))
+            valid, rule = FLAG_RANGES.get(name, (lambda v: True, ""))
+            problem = (TYPE_WORDS[kind] if not typed
+                       else f"one of {', '.join(choices)}" if choices and value not in choices
+                       else rule if not valid(value) else "")
+            if problem:
+                raise UserError(f"engine.py: {name} = {value!r} in {where} must be {problem}; fix it at the top of "
+                                "engine.py")
+
+
 # =============================================================================================
 # Command line
 # =============================================================================================
@@ -139,7 +166,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = 
         if isinstance(default, bool):
             add_bool_flag(parser, f.name, default, f.metadata["help"] + f" (default: {'on' if default else 'off'})")
         else:
-            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata["choices"],
+            parser.add_argument(flag, type=FIELD_TYPES[f.type], default=default, choices=f.metadata["choices"],
                                 help=f.metadata["help"] + " (default: %(default)s)")
 
 
@@ -582,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_opencv()
     try:
+        check_hyperparameters()  # before the flags: a bad value at the top of this file is no flag's fault
         check_flag_ranges(vars(args))
         if getattr(args, "out", ""):  # compare, data and benchmark write this file at their end
             check_folder_path(Path(args.out).parent, "--out")
