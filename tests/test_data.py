@@ -296,6 +296,10 @@ def test_name_checks_report_duplicates_gaps_strays_and_nesting(tmp_path):
     root.rename(nested / "kaggle_3m" / "kaggle_3m")
     with pytest.raises(DatasetError, match=r"nested deeper, in .*kaggle_3m/kaggle_3m"):
         find_data_dir(nested)
+    # One patient's folder instead of the dataset's: the folder that holds it is named.
+    patient = nested / "kaggle_3m" / "kaggle_3m" / p
+    with pytest.raises(DatasetError, match=rf"{p}: one patient's folder; .* \({patient.parent.resolve()}\)"):
+        find_data_dir(patient)
 
 
 def test_a_mask_with_differing_channels_is_reported(tmp_path):
