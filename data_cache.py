@@ -31,6 +31,7 @@ from data_files import (
     group_by_patient,
     make_volume,
     read_image,
+    patient_slice_size,
     read_patient_masks,
     read_raw_mask,
     scan_dataset,
@@ -140,14 +141,10 @@ def _decode_volume(records: Sequence[SliceRecord], issues: DataIssues | None = N
     masks, convention = read_patient_masks([r.mask_path for r, _, _ in readable], issues,
                                            raw=[m for _, _, m in readable])
     read = [(r, img, msk) for (r, img, _), msk in zip(readable, masks)]
-    shapes = [img.shape[:2] for _, img, _ in read]
-    shape = max(set(shapes), key=shapes.count)  # the patient's usual slice size
+    shape = patient_slice_size([(r.image_path, img.shape[:2], msk.shape) for r, img, msk in read], issues)
     images, masks = [], []
     for r, img, msk in read:
-        if img.shape[:2] != shape or msk.shape != shape:
-            issues.report("fixed: resized",
-                          f"{r.image_path}: size {img.shape[:2]} (mask {msk.shape}) differs from the patient's "
-                          f"{shape}; resized to {shape}")
+        if img.shape[:2] != shape or msk.shape != shape:  # reported by patient_slice_size
             img = cv2.resize(img, shape[::-1], interpolation=cv2.INTER_AREA)
             msk = cv2.resize(msk, shape[::-1], interpolation=cv2.INTER_NEAREST)
         images.append(img)

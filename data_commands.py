@@ -19,6 +19,7 @@ from data_files import (
     DatasetError,
     FLAIR_CHANNEL,
     OTHER_MODALITIES,
+    as_three_channels,
     imread,
     looks_like_root,
     find_data_dir,
@@ -26,6 +27,7 @@ from data_files import (
     institution,
     patient_id,
     read_clinical,
+    patient_slice_size,
     read_patient_masks,
     read_raw_mask,
     scan_dataset,
@@ -96,8 +98,7 @@ def _read_patient(
     """One patient's masks as training reads them and their convention, and for each non-FLAIR
     modality whether every readable slice repeats FLAIR in its place. Counts each image size into
     ``sizes`` and each raw mask value into ``mask_values``; unreadable slices are reported and skipped."""
-    flair = 2 - FLAIR_CHANNEL  # imread keeps OpenCV's BGR order: file channel c is raw channel 2 - c
-    mask_paths, raw_masks = [], []
+    mask_paths, raw_masks, slice_sizes = [], [], []
     repeats_flair = {modality: True for modality in OTHER_MODALITIES}
     for r in recs:
         try:
@@ -108,14 +109,16 @@ def _read_patient(
             continue
         mask_paths.append(r.mask_path)
         raw_masks.append(mask_raw)
+        slice_sizes.append((r.image_path, raw.shape[:2], mask_raw.shape))
         key = "x".join(map(str, raw.shape))
         sizes[key] = sizes.get(key, 0) + 1
-        if raw.ndim == 3 and raw.shape[2] >= 3:
-            for modality, c in OTHER_MODALITIES.items():
-                repeats_flair[modality] &= bool((raw[..., 2 - c] == raw[..., flair]).all())
+        image = as_three_channels(raw, r.image_path, issues)  # reports grayscale and alpha, as training does
+        for modality, c in OTHER_MODALITIES.items():
+            repeats_flair[modality] &= bool((image[..., c] == image[..., FLAIR_CHANNEL]).all())
         mask_values += np.bincount(mask_raw.ravel(), minlength=256)[:256]
     if not mask_paths:
         return [], "none readable", repeats_flair
+    patient_slice_size(slice_sizes, issues)  # what training resizes
     # Tumor is counted by the convention the patient's masks are read with in training.
     masks, convention = read_patient_masks(mask_paths, issues, raw=raw_masks)
     return masks, convention, repeats_flair

@@ -250,7 +250,11 @@ def read_image(path: Path, issues: DataIssues | None = None, sixteen_bit: bool =
     A grayscale slice (with or without an alpha channel) is copied into all three channels, and
     an alpha channel is dropped; both are reported to ``issues``.
     """
-    image = imread(path, sixteen_bit)
+    return as_three_channels(imread(path, sixteen_bit), path, issues)
+
+
+def as_three_channels(image: np.ndarray, path: Path, issues: DataIssues | None = None) -> np.ndarray:
+    """``imread``'s array of ``path`` as (H, W, 3) in file channel order, as ``read_image`` returns it."""
     if image.ndim == 2 or image.shape[2] in (1, 2):  # gray, or gray + alpha
         _report(issues, "fixed: grayscale copied to 3 channels",
                 f"{path}: grayscale slice; its one channel is used as all three")
@@ -259,6 +263,23 @@ def read_image(path: Path, issues: DataIssues | None = None, sixteen_bit: bool =
         _report(issues, "fixed: alpha channel dropped", f"{path}: 4 channels; the 4th (alpha) is ignored")
     # OpenCV decodes colour as BGR(A); reverse to the file's RGB order so channel 1 is FLAIR.
     return np.ascontiguousarray(image[..., 2::-1])
+
+
+def patient_slice_size(sizes: Sequence[tuple[Path, tuple[int, ...], tuple[int, ...]]],
+                       issues: DataIssues | None) -> tuple[int, ...]:
+    """The (H, W) most of a patient's slices have, from each slice's (image path, image size, mask
+    size). A slice of another size, or whose mask differs from its image, is resized to it in
+    training; each is reported to ``issues`` here, so the ``data`` report lists it too."""
+    shapes = [image for _, image, _ in sizes]
+    shape = max(set(shapes), key=shapes.count)
+    for path, image, mask in sizes:
+        if image != shape:
+            _report(issues, "fixed: resized", f"{path}: size {image}{f' (mask {mask})' if mask != image else ''} "
+                    f"differs from the patient's {shape}; resized to {shape}")
+        elif mask != shape:
+            _report(issues, "fixed: resized", f"{path}: its mask is {mask}, the image {shape}; the mask is resized "
+                    "to the image (check that it is this slice's mask)")
+    return shape
 
 
 def read_raw_mask(path: Path, issues: DataIssues | None = None) -> np.ndarray:

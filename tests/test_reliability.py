@@ -221,6 +221,20 @@ def test_bad_data_is_skipped_or_fixed_with_a_counted_warning(tmp_path, bad_tree,
     assert "1 patient(s) without tumor in any mask" in err
 
 
+def test_the_data_report_lists_every_problem_training_works_around(tmp_path, bad_tree, capsys):
+    # 'python engine.py data' is where a user checks a copy before training: it missed slices of
+    # another size (resized in training) and grayscale slices (copied to 3 channels).
+    from data_commands import summarize_dataset
+
+    reported = summarize_dataset(bad_tree)["problem_summary"]
+    assert main(tiny(tmp_path, bad_tree, tmp_path / "run", "--epochs", "1")) == 0
+    summary = next(line for line in capsys.readouterr().err.splitlines() if "data problems worked around" in line)
+    kinds = summary.split("worked around: ", 1)[1].split("; ")
+    assert kinds and "1 fixed: resized" in kinds
+    for kind in kinds:
+        assert kind in reported, kind
+
+
 def test_strict_turns_the_first_problem_into_an_error(tmp_path, bad_tree, capsys):
     assert main(tiny(tmp_path, bad_tree, tmp_path / "run", "--epochs", "1", "--strict")) == 2
     err = capsys.readouterr().err.strip()
