@@ -322,6 +322,11 @@ def export_command(args: argparse.Namespace) -> float | Path:
     weights file for release (``--format state_dict``)."""
     out = Path(args.output)
     check_folder_path(out if args.format == "state_dict" else out.parent, "--output")
+    if args.format != "state_dict" and out.is_dir():
+        raise UserError(f"{out}: a folder; --output is the file to write, such as "
+                        f"{out / ('unet.ts' if args.format == 'torchscript' else 'unet.onnx')}")
+    if args.format != "state_dict" and out.exists():
+        raise UserError(f"{out}: already exists and is left as it is; choose another --output or delete it first")
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
     model = network_from_checkpoint(ckpt)
@@ -340,7 +345,7 @@ def export_command(args: argparse.Namespace) -> float | Path:
         warnings.simplefilter("ignore", category=FutureWarning)
         reference = model(check)
         if args.format == "torchscript":
-            torch.jit.trace(deployed, example).save(str(out))
+            atomic_write(out, lambda tmp: torch.jit.trace(deployed, example).save(str(tmp)))  # never half a file
             exported = torch.jit.load(str(out))(check)
         else:
             try:
@@ -348,8 +353,9 @@ def export_command(args: argparse.Namespace) -> float | Path:
             except ImportError:
                 raise UserError("ONNX export needs the optional package onnx (and onnxruntime for the parity "
                                 "check): pip install onnx onnxruntime") from None
-            torch.onnx.export(deployed, example, str(out), input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            atomic_write(out, lambda tmp: torch.onnx.export(
+                deployed, example, str(tmp), input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
             try:
                 import onnxruntime
             except ImportError:

@@ -185,6 +185,13 @@ def test_torchscript_export_parity(tmp_path, checkpoint, capsys):
     assert diff < 1e-4
     scripted = torch.jit.load(str(out))
     assert scripted(torch.randn(3, 3, 32, 32)).shape == (3, 1, 32, 32)
+    # An export already there is kept, and a folder is not taken for the file (it was a traceback).
+    before = out.read_bytes()
+    for target, says in ((out, "already exists and is left as it is"), (tmp_path, "a folder; --output is the file")):
+        assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--output", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{target}: {says}" in err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["unet.ts"]
 
 
 def test_onnx_export_parity(tmp_path, checkpoint, capsys):
