@@ -39,9 +39,8 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, UserError, add_bool_flag,
-                       check_flag_ranges,
-                       check_folder_path, check_run_dir, environment_report, init_distributed, launched_rank,
-                       new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
+                       check_flag_ranges, check_new_file, check_run_dir, environment_report, init_distributed,
+                       launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
@@ -612,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         check_hyperparameters()  # before the flags: a bad value at the top of this file is no flag's fault
         check_flag_ranges(vars(args))
         if getattr(args, "out", ""):  # compare, data and benchmark write this file at their end
-            check_folder_path(Path(args.out).parent, "--out")
+            check_new_file(Path(args.out), "--out", "paired.csv" if args.command == "compare" else "report.json")
         if args.command == "evaluate":
             evaluation.evaluate_command(args)
         elif args.command == "benchmark":

@@ -31,7 +31,7 @@ from evaluation import (
     scoring_loader,
     scoring_settings,
 )
-from libraries import UserError, atomic_write, check_folder_path, memory_format, setup_device
+from libraries import UserError, atomic_write, check_folder_path, check_new_file, memory_format, setup_device
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, scoring_checkpoint
 from reports import write_overlays
@@ -321,12 +321,10 @@ def export_command(args: argparse.Namespace) -> float | Path:
     """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch, or a
     weights file for release (``--format state_dict``)."""
     out = Path(args.output)
-    check_folder_path(out if args.format == "state_dict" else out.parent, "--output")
-    if args.format != "state_dict" and out.is_dir():
-        raise UserError(f"{out}: a folder; --output is the file to write, such as "
-                        f"{out / ('unet.ts' if args.format == 'torchscript' else 'unet.onnx')}")
-    if args.format != "state_dict" and out.exists():
-        raise UserError(f"{out}: already exists and is left as it is; choose another --output or delete it first")
+    if args.format == "state_dict":  # a folder: the file is named by its hash
+        check_folder_path(out, "--output")
+    else:
+        check_new_file(out, "--output", "unet.ts" if args.format == "torchscript" else "unet.onnx")
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
     model = network_from_checkpoint(ckpt)

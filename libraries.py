@@ -249,6 +249,17 @@ def check_folder_path(path: Path, flag: str) -> Path:
     return path
 
 
+def check_new_file(path: Path, flag: str, example: str) -> Path:
+    """``path`` if a new file may be written there: refused in one line where it is a folder, where
+    it already exists (it is kept: nothing saved is overwritten) or where a folder above it is a file."""
+    check_folder_path(path.parent, flag)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; {flag} is the file to write, such as {path / example}")
+    if path.exists():
+        raise UserError(f"{path}: already exists and is left as it is; choose another {flag} or delete it first")
+    return path
+
+
 def check_run_dir(path: Path) -> Path:
     """``path`` if a run may be written there: neither a file nor a folder that already holds files."""
     check_folder_path(path, "--out-dir")
