@@ -181,7 +181,7 @@ def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int =
     return line
 
 
-SITE_CI_MIN = 5  # compare --by-institution gives an interval for institutions of at least this many patients
+SITE_CI_MIN = 5  # compare gives an interval for at least this many patients (all, or an institution's)
 
 
 CV_DESCRIPTION = (
@@ -224,19 +224,20 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs,
                                    per_institution=args.by_institution)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
-    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patients scored by both"
+    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patient{'s' * (len(paired) != 1)} scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
+        # A bootstrap of a handful of patients gives an interval that means nothing (of one patient,
+        # a width of 0): none below SITE_CI_MIN, for all patients as for an institution.
+        interval = (f"95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}" if row.patients >= SITE_CI_MIN
+                    else f"no interval under {SITE_CI_MIN} patients")
         if row.institution != "all":  # indented under its post-processing's line
-            # A bootstrap of a handful of patients gives an interval that means nothing: none below 5.
-            interval = (f"95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}" if row.patients >= SITE_CI_MIN
-                        else f"no interval under {SITE_CI_MIN} patients")
             print(f"{row.institution + f' ({row.patients})':>20}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, B - A "
                   f"{row.difference:+.4f} ({interval}); better: {row.better}, worse: {row.worse}")
             continue
         label = "raw" if row.postprocess == "none" else row.postprocess
         print(f"{label:>8}: mean {row.mean_a:.4f} -> {row.mean_b:.4f}, "
-              f"B - A {row.difference:+.4f} (95% CI {row.ci95_low:+.4f} to {row.ci95_high:+.4f}); median "
+              f"B - A {row.difference:+.4f} ({interval}); median "
               f"{row.median_a:.4f} -> {row.median_b:.4f}; patients better: {row.better}, worse: {row.worse} "
               "(by more than 0.005)")
     if args.out:

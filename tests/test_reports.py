@@ -222,6 +222,18 @@ def test_by_institution_by_hand():
     assert table["dice_lcc"].tolist() == pytest.approx([0.0, 0.7, 1.4 / 3])
 
 
+def test_compare_of_too_few_patients_gives_no_interval(tmp_path, capsys):
+    # One patient's bootstrap is that patient's difference every time: '95% CI +0.1000 to +0.1000'
+    # looked certain. Under five patients no interval is printed, as for an institution.
+    write_scores(tmp_path / "a", {"TCGA_AA_1_x": (0.5, 0.5)})
+    write_scores(tmp_path / "b", {"TCGA_AA_1_x": (0.6, 0.6)})
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "1 patient scored by both"
+    assert lines[3].strip() == ("raw: mean 0.5000 -> 0.6000, B - A +0.1000 (no interval under 5 patients); median "
+                                "0.5000 -> 0.6000; patients better: 1, worse: 0 (by more than 0.005)")
+
+
 def test_compare_by_institution_by_hand(tmp_path, capsys):
     # Five TCGA_AA patients gain 0.1 each, the one TCGA_BB patient loses 0.4: +0.1/6 in all.
     a = {f"TCGA_AA_{i}_x": (0.5, 0.5) for i in range(5)} | {"TCGA_BB_1_x": (0.8, 0.8)}
