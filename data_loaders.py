@@ -86,7 +86,11 @@ def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str
     """Patients given to ``flag``: a file of names (one per line or comma-separated) or a comma list."""
     path = Path(spec).expanduser()
     if path.is_file():
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8-sig"), str(path)  # -sig: Notepad's byte-order mark
+        except UnicodeDecodeError:
+            raise DatasetError(f"{flag} {spec}: not a text file; pass a file of patient names (one per line or "
+                               "comma-separated) or a comma list of them") from None
     elif "/" in spec or path.suffix in (".txt", ".csv"):  # a patient's name has neither
         raise DatasetError(f"{flag} {spec}: no such file; pass a file of patient names or a comma list of them")
     else:

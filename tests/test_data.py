@@ -20,7 +20,7 @@ from data_files import (
     read_image,
     scan_dataset,
 )
-from data_loaders import LGGSlices, make_loader, split_patients
+from data_loaders import LGGSlices, make_loader, read_patient_list, split_patients
 from synthetic_data import make_synthetic_dataset
 from data_preprocessing import eval_preprocess, normalize, train_preprocess
 
@@ -310,3 +310,18 @@ def test_a_mask_with_differing_channels_is_reported(tmp_path):
     issues = DataIssues()
     assert read_mask(tmp_path / "P_1_mask.tif", issues).sum() == 4  # OpenCV's BGR: file channel 0 is last
     assert issues.summary() == "1 fixed: mask with several channels"
+
+
+def test_a_patient_list_file_as_editors_save_it(tmp_path):
+    # Windows Notepad writes a byte-order mark and CRLF; people add comments and blank lines. A
+    # binary file given by mistake was a UnicodeDecodeError traceback.
+    names = ["TCGA_AA_0001_2000", "TCGA_BB_0002_2000"]
+    files = {"bom.txt": b"\xef\xbb\xbfTCGA_AA_0001_2000\r\nTCGA_BB_0002_2000\r\n\r\n",
+             "notes.txt": b"# validation\nTCGA_AA_0001_2000  # first\n\n  TCGA_BB_0002_2000\n",
+             "comma.csv": b"TCGA_AA_0001_2000,TCGA_BB_0002_2000"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        assert read_patient_list(str(tmp_path / name)) == (names, str(tmp_path / name)), name
+    (tmp_path / "slice.tif").write_bytes(bytes([0x49, 0x49, 0x2A, 0x00, 0x94, 0xFF]))
+    with pytest.raises(DatasetError, match=r"slice.tif: not a text file; pass a file of patient names"):
+        read_patient_list(str(tmp_path / "slice.tif"))
