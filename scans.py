@@ -318,13 +318,16 @@ def scan_values(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     statistics leave out (one such voxel would make every statistic, and so the mask, NaN)."""
     values = to_slices(np.asarray(image.dataobj, dtype=np.float32), image.affine)
     bad = ~np.isfinite(values)
-    if not bad.any():
-        return values
     if bad.all():
         raise UserError(f"{path}: every voxel is NaN or infinite; export the sequence again")
-    print(f"warning: {path}: {int(bad.sum()):,} voxels ({bad.mean():.1%}) are NaN or infinite; they are taken as "
-          "background (the image's lowest value)", file=sys.stderr)
-    return np.where(bad, values[~bad].min(), values)
+    if bad.any():
+        print(f"warning: {path}: {int(bad.sum()):,} voxels ({bad.mean():.1%}) are NaN or infinite; they are taken as "
+              "background (the image's lowest value)", file=sys.stderr)
+        values = np.where(bad, values[~bad].min(), values)
+    if values.min() == values.max():  # normalized to zeros, any mask would be the network's guess
+        raise UserError(f"{path}: every voxel is {values.flat[0]:g}, an image with nothing to segment; export the "
+                        "sequence again (a T1 or T1ce may instead be left out: the FLAIR fills it)")
+    return values
 
 
 def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None = None) -> Case:

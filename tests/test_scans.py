@@ -340,3 +340,19 @@ def test_nan_and_infinite_voxels_are_the_background_and_said_once_per_file(tmp_p
     nifti_case(tmp_path / "void", np.full(values.shape, np.nan, np.float32))
     assert predict(checkpoint, tmp_path / "out-void", "--input", str(tmp_path / "void")) == 2
     assert "flair.nii.gz: every voxel is NaN or infinite" in capsys.readouterr().err
+
+
+def test_a_sequence_of_one_value_is_refused_not_guessed(tmp_path, checkpoint, capsys):
+    # A blank export normalizes to zeros, and the network's output on zeros was written as a mask.
+    images, _ = head_volume(seed=3)
+    nifti_case(tmp_path / "blank", np.zeros(images.shape, np.float32))
+    assert predict(checkpoint, tmp_path / "out", "--input", str(tmp_path / "blank")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "flair.nii.gz: every voxel is 0, an image with nothing to segment" in err
+    assert not (tmp_path / "out").exists()
+    # So is one whose only finite value is one number (the rest NaN).
+    holed = np.full(images.shape, 7.0, np.float32)
+    holed[:, :4] = np.nan
+    nifti_case(tmp_path / "holed", holed)
+    assert predict(checkpoint, tmp_path / "out", "--input", str(tmp_path / "holed")) == 2
+    assert "every voxel is 7, an image with nothing to segment" in capsys.readouterr().err
