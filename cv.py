@@ -224,7 +224,8 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs,
                                    per_institution=args.by_institution)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
-    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{len(paired)} patient{'s' * (len(paired) != 1)} scored by both"
+    patients = f"{len(paired)} patient{'s' * (len(paired) != 1)}"
+    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{patients} scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
         # A bootstrap of a handful of patients gives an interval that means nothing (of one patient,

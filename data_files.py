@@ -115,7 +115,8 @@ def resolve_root(path: Path) -> Path:
                            f"twice?); point --data-dir at {deeper[0]}")
     if path.is_dir() and any(path.glob("*_mask.tif*")):
         raise DatasetError(f"{path}: one patient's folder; point --data-dir at the folder that holds the patient "
-                           f"folders ({path.resolve().parent}) and choose patients by name (--patients, --val-patients)")
+                           f"folders ({path.resolve().parent}) and choose patients by name (--patients, "
+                           "--val-patients)")
     raise DatasetError(
         f"{path}: no patient folders with <PATIENT>_<N>.tif / <PATIENT>_<N>_mask.tif slices found; "
         f"point --data-dir at the kaggle_3m folder of {DATASET_URL}"

@@ -122,8 +122,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The Python type each annotation above names (annotations are strings here: __future__).
+# The Python type each annotation above names (annotations are strings here: __future__), and
+# the values a line may hold: a whole number is a number too, but True is no number here.
 FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+ACCEPTED = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "text in quotes", "bool": "True or False"}
 
 
@@ -137,8 +139,7 @@ def check_hyperparameters() -> None:
             if name not in kinds:
                 raise UserError(f"engine.py: {where} sets {name}, which is no setting; choose one of Config's fields")
             kind, choices = kinds[name].type, kinds[name].metadata["choices"]
-            typed = isinstance(value, bool) if kind == "bool" else (
-                isinstance(value, (int, float) if kind == "float" else FIELD_TYPES[kind]) and not isinstance(value, bool))
+            typed = isinstance(value, ACCEPTED[kind]) and isinstance(value, bool) == (kind == "bool")
             valid, rule = FLAG_RANGES.get(name, (lambda v: True, ""))
             problem = (TYPE_WORDS[kind] if not typed
                        else f"one of {', '.join(choices)}" if choices and value not in choices

@@ -188,7 +188,8 @@ def test_torchscript_export_parity(tmp_path, checkpoint, capsys):
     # An export already there is kept, and a folder is not taken for the file (it was a traceback).
     before = out.read_bytes()
     for target, says in ((out, "already exists and is left as it is"), (tmp_path, "a folder; --output is the file")):
-        assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--output", str(target)]) == 2
+        assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+                     "--output", str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"{target}: {says}" in err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["unet.ts"]

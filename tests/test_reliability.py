@@ -104,7 +104,8 @@ def test_a_file_that_is_no_torch_file_is_named_as_such_in_one_line(tmp_path, syn
     ckpt = tmp_path / "weights.pt"
     ckpt.write_bytes(content)
     argv = {"evaluate": ["evaluate", "--checkpoint", str(ckpt)],
-            "export": ["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(tmp_path / "m.ts")],
+            "export": ["export", "--checkpoint", str(ckpt), "--format", "torchscript",
+                       "--output", str(tmp_path / "m.ts")],
             "pretrained": tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(ckpt))}[command]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -114,7 +115,8 @@ def test_a_file_that_is_no_torch_file_is_named_as_such_in_one_line(tmp_path, syn
 
 def test_a_folder_as_checkpoint_to_export_or_pretrained_says_it_is_a_folder(tmp_path, syn, capsys):
     (tmp_path / "run0").mkdir()
-    for argv in (["export", "--checkpoint", str(tmp_path / "run0"), "--format", "torchscript", "--output", str(tmp_path / "m.ts")],
+    for argv in (["export", "--checkpoint", str(tmp_path / "run0"), "--format", "torchscript",
+                  "--output", str(tmp_path / "m.ts")],
                  tiny(tmp_path, syn, tmp_path / "run", "--pretrained", str(tmp_path / "run0"))):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
