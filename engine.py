@@ -330,6 +330,14 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     stored = {f.name: ckpt["config"][f.name] for f in fields(Config) if f.name in ckpt["config"]}
     if "history" not in ckpt or "rng" not in ckpt:
         raise UserError(f"{cfg.resume}: this checkpoint has no training state to resume from; use last.pt")
+    last = ckpt_path.parent / "last.pt"
+    if last.is_file() and last.resolve() != ckpt_path.resolve():  # best.pt, say: an earlier epoch of the run
+        later = load_checkpoint(last)["epoch"]
+        if later > ckpt["epoch"]:
+            raise UserError(f"{cfg.resume} is epoch {ckpt['epoch']}, and {last} holds epoch {later}: resuming from it "
+                            f"would train epochs {ckpt['epoch'] + 1}-{later} again over the run's later results; "
+                            f"continue with --resume {ckpt_path.parent}, or start a new run from these weights "
+                            f"with --pretrained {cfg.resume}")
     for name, (neutral, commit) in REMOVED_SETTINGS.items():
         if ckpt["config"].get(name, neutral) != neutral:
             raise UserError(f"{cfg.resume}: trained with {name} = {ckpt['config'][name]!r}, which this version no "

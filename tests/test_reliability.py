@@ -243,6 +243,22 @@ def test_strict_turns_the_first_problem_into_an_error(tmp_path, bad_tree, capsys
     assert err.startswith("error: ") and "--strict" in err and err.count("\n") == 0 and "Traceback" not in err
 
 
+def test_resuming_from_an_earlier_checkpoint_of_the_run_is_refused(tmp_path, syn, capsys):
+    # best.pt of epoch 1 beside last.pt of epoch 3: --resume run/best.pt trained epochs 2-3 again
+    # and wrote them over the run's own, without a word.
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "3", "--lr", "0")) == 0  # nothing improves after epoch 1
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
+    kept = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.json")}
+    assert main(["--resume", str(run / "best.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{run / 'best.pt'} is epoch 1, and {run / 'last.pt'} holds epoch 3" in err
+    assert f"--pretrained {run / 'best.pt'}" in err
+    assert all((run / name).read_bytes() == data for name, data in kept.items())
+    # last.pt itself, named as a file, still resumes (here: a finished run, scored again).
+    assert main(["--resume", str(run / "last.pt")]) == 0
+
+
 def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, capsys):
     run = tmp_path / "run"
     assert main(tiny(tmp_path, syn, run, "--epochs", "1")) == 0
