@@ -475,7 +475,8 @@ def train(cfg: Config) -> dict:
                      "scored_patients_trained_on": pretrained_overlap(weights_kind, data.val_names, say)}
     state = {"history": [], "best_dice": -1.0, "best_epoch": 0, "epoch": 0, "metrics": None}
     if resumed:
-        state = restore(resumed, parts, scheduler, data.val_names, cfg.resume)
+        state = restore(resumed, parts, scheduler, {"train": data.train_names, "validation": data.val_names},
+                        cfg.resume)
         say(f"resuming {data.run_dir} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']}, "
             f"Dice per volume {state['best_dice']:.4f})")
     if ddp.main:

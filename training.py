@@ -245,11 +245,17 @@ def sync_across_ranks(model: torch.nn.Module, loss_sum: float, seen: int, device
 
 
 def restore(resumed: dict, parts: TrainingParts, scheduler: torch.optim.lr_scheduler.LRScheduler,
-            val_names: list[str], source: str) -> dict:
-    """Load a resumed run's weights, optimizer, scheduler, scaler and RNG states; return its progress."""
-    if resumed["config"]["patients"]["validation"] != val_names:
-        raise UserError(f"{source}: the data no longer gives the run's validation patients; "
-                        "resume with the same --data-dir")
+            names: dict[str, list[str]], source: str) -> dict:
+    """Load a resumed run's weights, optimizer, scheduler, scaler and RNG states; return its progress.
+
+    ``names`` are the patients the data gives now ({'train': [...], 'validation': [...]}), which
+    must be the run's own: a patient added to the folder would otherwise join training midway."""
+    recorded = resumed["config"]["patients"]
+    changed = [f"{side} {len(recorded[side])} -> {len(names[side])}" for side in ("train", "validation")
+               if recorded[side] != names[side]]
+    if changed:
+        raise UserError(f"{source}: the data no longer gives the run's patients ({', '.join(changed)}): its "
+                        "folder has changed since the run began; resume with the data it began with (--data-dir)")
     parts.model.load_state_dict(resumed["model"])
     if parts.heads is not None:
         parts.heads.load_state_dict(resumed["heads"])

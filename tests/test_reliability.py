@@ -259,6 +259,27 @@ def test_resuming_from_an_earlier_checkpoint_of_the_run_is_refused(tmp_path, syn
     assert main(["--resume", str(run / "last.pt")]) == 0
 
 
+def test_resuming_after_a_patient_joined_the_data_is_refused(tmp_path, syn, capsys):
+    # The validation patients were compared, not the training ones: a patient copied into the
+    # folder (the shared subset grew from 36 to 66) joined training midway, without a word.
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(syn, data)
+    newcomer = sorted(p for p in data.iterdir() if p.is_dir())[-1]
+    shutil.move(newcomer, tmp_path / newcomer.name)
+    first = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, data, run, "--epochs", "1", "--val-patients", first)) == 0
+    shutil.move(tmp_path / newcomer.name, data / newcomer.name)
+    capsys.readouterr()
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the data no longer gives the run's patients (train" in err
+    shutil.move(data / newcomer.name, tmp_path / newcomer.name)
+    assert main(["--resume", str(run)]) == 0  # the data it began with
+
+
 def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, capsys):
     run = tmp_path / "run"
     assert main(tiny(tmp_path, syn, run, "--epochs", "1")) == 0
