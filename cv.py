@@ -16,11 +16,12 @@ from typing import Any
 
 import pandas as pd
 
-from data_loaders import pinned_data_dir, steps_per_epoch
+from data_loaders import dataset_inventory, pinned_data_dir, steps_per_epoch
 from libraries import Interrupted, UserError, atomic_write, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
+INVENTORY = "patients"  # cv_config.json's {patient: slices} of the dataset when the cv began
 
 
 def resolve_cv_resume(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, Path]:
@@ -38,7 +39,25 @@ def resolve_cv_resume(cfg: Any, overrides: dict[str, Any]) -> tuple[Any, Path]:
         type(cfg)(**values)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: unreadable ({exc}); start the cross-validation again in a new --out-dir") from None
-    return type(cfg)(**{**values, **overrides, "out_dir": str(base), "resume": ""}), base
+    resumed = type(cfg)(**{**values, **overrides, "out_dir": str(base), "resume": ""})
+    check_same_patients(stored.get(INVENTORY), dataset_inventory(resumed.data_dir), resumed.data_dir)
+    return resumed, base
+
+
+def check_same_patients(then: dict[str, int] | None, now: dict[str, int] | None, data_dir: str) -> None:
+    """Refuse to go on with a cv whose dataset changed since it began: each fold splits the patients
+    it finds, so the folds still to run would split others than the finished ones did, and the
+    pooled table would miss some patients and hold others that trained the model scoring them."""
+    if then is None or now == then:  # a cv of synthetic data, or one from before the inventory
+        return
+    now = now or {}
+    added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
+    other = sorted(p for p in set(now) & set(then) if now[p] != then[p])
+    parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for what, names in (("patient(s) added", added), ("gone", gone), ("with other slices", other)) if names]
+    raise UserError(f"{data_dir or 'the dataset'}: changed since this cv began ({'; '.join(parts)}), so its "
+                    "remaining folds would split other patients; finish it with --data-dir pointing at the data it "
+                    "began with, or start a new cv")
 
 
 def run_fold(cfg: Any, fold: int, fold_dir: Path, train: Callable[[Any], dict]) -> dict:
@@ -83,7 +102,7 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
             raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
         cfg = replace(cfg, data_dir=pinned_data_dir(cfg.data_dir))  # each fold, and cv --resume, read the same data
         base = new_run_dir(cfg.out_dir)
-        save_json(base / CV_CONFIG, asdict(cfg))
+        save_json(base / CV_CONFIG, {**asdict(cfg), INVENTORY: dataset_inventory(cfg.data_dir)})
     folds = []
     try:
         for fold in range(cfg.folds):

@@ -25,11 +25,14 @@ from data_preprocessing import (
 from data_files import (
     DATASET_URL,
     DATA_ENV_VAR,
+    DataIssues,
     DatasetError,
     FLAIR_CHANNEL,
     OTHER_MODALITIES,
     PatientVolume,
     find_data_dir,
+    group_by_patient,
+    scan_dataset,
 )
 from synthetic_data import SYNTHETIC_DIR, is_synthetic, make_synthetic_dataset
 
@@ -172,6 +175,18 @@ def pinned_data_dir(data_dir: str) -> str:
         return data_dir
     root = find_data_dir(data_dir or None)
     return str(root.resolve()) if root is not None else data_dir
+
+
+def dataset_inventory(data_dir: str) -> dict[str, int] | None:
+    """{patient: slices} of the dataset ``data_dir`` finds, from its file names alone (no pixel is
+    read: a directory listing), or None for synthetic data. Two inventories that differ mean the
+    folder changed: patients added or removed, slices added or removed."""
+    if data_dir == "synthetic":
+        return None
+    root = find_data_dir(data_dir or None)
+    if root is None:
+        return None
+    return {name: len(records) for name, records in group_by_patient(scan_dataset(root, DataIssues())).items()}
 
 
 class LGGSlices(Dataset):

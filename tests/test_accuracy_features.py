@@ -523,6 +523,29 @@ def test_cv_resume_from_another_working_folder_reads_the_same_patients(tmp_path,
     assert (tmp_path / "cv" / "cv_patients.csv").read_bytes() == whole
 
 
+def test_cv_resume_refuses_data_that_changed_since_the_cv_began(tmp_path, capsys):
+    # Each fold splits the patients it finds: a cv begun on 36 patients and resumed on 66 pooled
+    # folds of two different splits (patients missing, others scored by a model trained on them).
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_tree(tmp_path / "syn", 5, 5), data)
+    shutil.move(data / "SYN_04_20000105", tmp_path / "SYN_04_20000105")
+    argv = ["--data-dir", str(data), "--image-size", "32", "--features", "4", "--batch-size", "4", "--device", "cpu",
+            "--folds", "2", "--epochs", "1", "--out-dir", str(tmp_path / "cv")]
+    assert main(["cv", *argv]) == 0
+    recorded = json.loads((tmp_path / "cv" / "cv_config.json").read_text())["patients"]
+    assert recorded == {f"SYN_0{i}_2000010{i + 1}": 5 for i in range(4)}
+    shutil.rmtree(tmp_path / "cv" / "fold-1")  # as if stopped before fold 1
+    shutil.move(tmp_path / "SYN_04_20000105", data / "SYN_04_20000105")
+    (data / "SYN_00_20000101" / "SYN_00_20000101_5.tif").unlink()
+    (data / "SYN_00_20000101" / "SYN_00_20000101_5_mask.tif").unlink()
+    capsys.readouterr()
+    assert main(["cv", "--resume", str(tmp_path / "cv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and ("changed since this cv began (1 patient(s) added (SYN_04_20000105); "
+                                     "1 with other slices (SYN_00_20000101))") in err
+    assert not (tmp_path / "cv" / "fold-1").exists()
+
+
 def test_cv_resume_needs_a_cv_folder(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     assert main(["cv", "--resume", str(tmp_path / "plain")]) == 2
