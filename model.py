@@ -227,6 +227,9 @@ def weights_layout(state_dict: dict) -> dict | None:
     return {"features": out_channels} if in_channels == 3 else None
 
 
+NOT_OUR_UNET = "not this package's UNet; pass a checkpoint or state_dict written by engine.py, or Buda et al.'s"
+
+
 def describe_weights(state_dict: dict) -> str:
     """The network a state_dict fits, in flags ('--features 32'), or 'of an unknown layout'."""
     layout = weights_layout(state_dict)
@@ -338,21 +341,14 @@ def read_torch_file(path: Path) -> object:
         raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # weights_only met a Python object it will not build
+    except Exception as exc:  # truncated, or not a torch file: unpickling junk raises KeyError, IndexError, ...
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):  # a Python object
             raise UserError(f"{path}: refused: it holds pickled Python objects, which could run code when "
                             "loaded; only tensors and plain data are accepted (re-save just its state_dict "
                             "where you trust its source)") from exc
-        raise UserError(unloadable(path, exc)) from exc  # bytes no pickle opcode starts with: not a torch file
-    except Exception as exc:  # truncated, or not a torch file: unpickling junk raises KeyError, IndexError, ...
-        raise UserError(unloadable(path, exc)) from exc
+        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written by "
+                        "torch.save); pass a best.pt or last.pt written by engine.py") from exc
     return ckpt
-
-
-def unloadable(path: Path, exc: Exception) -> str:
-    """The one-line error for a file torch.load cannot read."""
-    return (f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written by torch.save); "
-            "pass a best.pt or last.pt written by engine.py")
 
 
 def is_package_checkpoint(obj: object) -> bool:
@@ -391,8 +387,7 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
                         "model was trained with; pass --image-size and --normalization")
     layout = weights_layout(state_dict)
     if layout is None:
-        raise UserError(f"{spec}: these weights are {describe_weights(state_dict)}, not this package's UNet; "
-                        "pass a checkpoint or state_dict written by engine.py, or Buda et al.'s")
+        raise UserError(f"{spec}: these weights are {describe_weights(state_dict)}, {NOT_OUR_UNET}")
     record = {**layout, "image_size": image_size, "normalization": normalization, "threshold": 0.5,
               "channels_last": True, "postprocess": "none", "batch_size": 16, "seed": 0,
               "patients": {"train": [], "validation": []},

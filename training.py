@@ -27,7 +27,7 @@ from data_preprocessing import batch_to_device
 from evaluation import trained_patients
 from libraries import Distributed, UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
 from loss_fun import DiceBCELoss
-from model import OutConv, UNet, describe_weights, pretrained_weights, weights_layout
+from model import NOT_OUR_UNET, OutConv, UNet, describe_weights, pretrained_weights, weights_layout
 from reports import validation_row, write_history
 
 
@@ -298,8 +298,7 @@ def load_weights_into(model: nn.Module, weights: dict, source: str, *, features:
     try:
         model.load_state_dict(weights)
     except RuntimeError:  # another network's keys or shapes (a width mismatch is caught above)
-        raise UserError(f"--pretrained {source}: these weights are not this package's UNet; pass a checkpoint "
-                        "or state_dict written by engine.py, or Buda et al.'s") from None
+        raise UserError(f"--pretrained {source}: these weights are {NOT_OUR_UNET}") from None
 
 
 def load_pretrained(cfg: Any, say: Callable[..., None]) -> tuple[Any, dict | None, str]:
