@@ -425,3 +425,15 @@ def test_the_gpu_preset_on_a_cpu_says_so_before_the_first_epoch(tmp_path, capsys
     assert main(["--preset", "cpu", "--data-dir", data, "--features", "4", "--epochs", "1", "--steps-per-epoch", "1",
                  "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run-cpu")]) == 0
     assert "meant for a GPU" not in capsys.readouterr().out
+
+
+def test_a_warmup_as_long_as_the_run_is_named_before_the_first_epoch(tmp_path, capsys):
+    """--preset cpu --epochs 1 kept the preset's 1-epoch warmup: the learning rate rose to the last step
+    and never annealed, without a word."""
+    data = synthetic_tree(tmp_path / "syn", 4, 5)
+    common = ["--data-dir", data, "--features", "4", "--steps-per-epoch", "1", "--batch-size", "2",
+              "--device", "cpu", "--image-size", "32"]
+    assert main(["--preset", "cpu", "--epochs", "1", "--out-dir", str(tmp_path / "a"), *common]) == 0
+    assert "warning: --warmup-epochs 1 is not shorter than --epochs 1" in capsys.readouterr().out
+    assert main(["--preset", "cpu", "--epochs", "2", "--out-dir", str(tmp_path / "b"), *common]) == 0
+    assert "--warmup-epochs" not in capsys.readouterr().out
