@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from libraries import UserError, add_bool_flag, save_json
+from libraries import UserError, add_bool_flag, counted, save_json
 from data_files import (
     DATASET_URL,
     DATA_ENV_VAR,
@@ -229,12 +229,13 @@ def data_command(data_dir: str, out: str, strict: bool) -> dict:
     area = report["tumor_area_px"]
     lines = [
         f"dataset: {root}",
-        f"  {report['patients']} patients, {report['slices']} slices, {report['tumor_slices']} with tumor",
+        f"  {counted(report['patients'], 'patient')}, {counted(report['slices'], 'slice')}, "
+        f"{report['tumor_slices']} with tumor",
         f"  {report['completeness']['message']}",
         "  institutions: " + ", ".join(f"{k} {v}" for k, v in report["institutions"].items()),
         "  image sizes: " + ", ".join(f"{k} ({v})" for k, v in report["image_sizes"].items()),
         "  mask values: " + ", ".join(f"{k}: {v:,}" for k, v in report["mask_values"].items()),
-        "  masks read as: " + ", ".join(f"{c} ({len(names)} patient{'s' if len(names) > 1 else ''}"
+        "  masks read as: " + ", ".join(f"{c} ({counted(len(names), 'patient')}"
                                         + (f": {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
                                            if c != "0/255" else ")")
                                         for c, names in report["mask_conventions"].items()),

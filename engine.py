@@ -39,7 +39,7 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, UserError, add_bool_flag,
-                       check_flag_ranges, check_new_file, check_run_dir, environment_report, init_distributed,
+                       check_flag_ranges, check_new_file, counted, check_run_dir, environment_report, init_distributed,
                        launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
@@ -536,7 +536,7 @@ def fit(
             left = seconds_left(timed, val_slices, cfg.epochs - epoch, validations_left)
             say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated, left))
             if validated and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
-                say(f"early stop: no better validation Dice per volume for {cfg.patience} epochs")
+                say(f"early stop: no better validation Dice per volume for {counted(cfg.patience, 'epoch')}")
                 break
     except KeyboardInterrupt:  # Ctrl-C: the epochs finished are checkpointed; say how to go on
         if not state["epoch"]:
@@ -577,7 +577,8 @@ def finish_unvalidated(data: RunData, state: dict, elapsed: float, main_rank: bo
              "synthetic_data": data.synthetic}
     if main_rank:
         save_json(data.run_dir / "metrics.json", final)
-        print(f"trained on all {len(data.train_names)} patients, {state['epoch']} epochs, {elapsed / 60:.1f} min; "
+        print(f"trained on {counted(len(data.train_names), 'patient')}, {counted(state['epoch'], 'epoch')}, "
+              f"{elapsed / 60:.1f} min; "
               f"wrote {data.run_dir}/: last.pt, history.csv, curves.png, metrics.json. There are no validation "
               "patients, so nothing was scored; score it on patients it never saw with:\n"
               f"  python engine.py evaluate --checkpoint {data.run_dir / 'last.pt'} --data-dir DIR --patients unseen")

@@ -47,8 +47,8 @@ from data_loaders import (
     read_patient_list,
 )
 from data_preprocessing import batch_to_device, eval_preprocess, fill_slice_holes
-from libraries import (UserError, add_bool_flag, autocast, check_folder_path, environment_report, memory_format,
-                       save_json, setup_device, unused_path)
+from libraries import (UserError, add_bool_flag, autocast, check_folder_path, counted, environment_report,
+                       memory_format, save_json, setup_device, unused_path)
 from loss_fun import DiceBCELoss
 from metrics import (
     SegmentationMeter,
@@ -493,7 +493,7 @@ def dataset_volumes(args: argparse.Namespace, ckpt_path: Path, record: dict,
                            normalization=record.get("normalization", "volume"), image_size=record["image_size"],
                            issues=issues, groups=groups)
     report_issues(issues, out_dir)
-    print(f"{root}: {len(volumes)} patients, {describe_masks(volumes)}")
+    print(f"{root}: {counted(len(volumes), 'patient')}, {describe_masks(volumes)}")
     return list(volumes.values()), root, trained, read_clinical(root)
 
 

@@ -32,6 +32,11 @@ class Interrupted(Exception):
     """Ctrl-C in a run that can go on; its message says how (no traceback is shown)."""
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 patient', '2 patients', '0 patients': a count and its noun, singular only for one."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def quiet_opencv() -> None:
     """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself."""
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)

@@ -34,7 +34,7 @@ from scipy import ndimage
 from torchvision.utils import draw_segmentation_masks
 
 from data_files import institution
-from libraries import UserError
+from libraries import UserError, counted
 from metrics import dice_from_counts
 
 TRUTH_COLOR = (0, 200, 0)  # green
@@ -135,7 +135,7 @@ def plot_dice_per_volume(out_dir: Path, metrics: dict) -> Path:
     mean, median = metrics["dice_per_volume_mean"], metrics["dice_per_volume_median"]
     ax.axvline(mean, color="tab:red", linestyle="-", label=f"mean {mean:.3f}")
     ax.axvline(median, color="tab:orange", linestyle="--", label=f"median {median:.3f}")
-    ax.set(xlim=(0, 1), xlabel="Dice per volume (3D)", title=f"{len(rows)} patients, post-processing: "
+    ax.set(xlim=(0, 1), xlabel="Dice per volume (3D)", title=f"{counted(len(rows), 'patient')}, post-processing: "
            f"{metrics.get('postprocess', 'none')}")
     ax.legend(loc="lower right")
     path = out_dir / "dice_per_volume.png"
@@ -197,7 +197,7 @@ def write_overlays(
         tp = int((pred & truth).sum())
         volume_dice = dice_from_counts(tp, int(pred.sum()) - tp, int(truth.sum()) - tp)
         title = (f"{patients[p]}: Dice per volume {volume_dice:.3f} (green: truth, red: prediction)" if known
-                 else f"{patients[p]}: {len(picked)} slices with predicted tumor (red)")
+                 else f"{patients[p]}: {counted(len(picked), 'slice')} with predicted tumor (red)")
         grid = _tiled(tiles, columns) if tiles else np.zeros((64, 6 * 64, 3), np.uint8)
         width = max(grid.shape[1], 8 * len(title))  # room for the title over a narrow grid
         grid = np.pad(grid, ((0, 0), (0, width - grid.shape[1]), (0, 0)))
@@ -259,7 +259,8 @@ def write_summary(
     if metrics.get("synthetic_data"):
         lines += ["**Synthetic data**: these numbers show that the code works, not how it does on MRI.", ""]
     lines += ["## Metrics", "",
-              f"{metrics['patients']} patients, {metrics['slices']} slices ({metrics['tumor_slices']} with tumor); "
+              f"{counted(metrics['patients'], 'patient')}, {counted(metrics['slices'], 'slice')} "
+              f"({metrics['tumor_slices']} with tumor); "
               f"post-processing `{metrics.get('postprocess', 'none')}`, "
               f"threshold {metrics.get('threshold', 0.5):g}.", ""]
     lines += _table([(k, _fmt(metrics.get(k))) for k in keys], ("metric", "value"))
@@ -484,7 +485,7 @@ METRIC_LABELS = (
 
 def format_metrics(metrics: dict, title: str) -> str:
     """The end-of-run table: every metric of the chosen post-processing, then each reported rule's Dice."""
-    lines = [title, f"  {metrics['patients']} patients, {metrics['slices']} slices "
+    lines = [title, f"  {counted(metrics['patients'], 'patient')}, {counted(metrics['slices'], 'slice')} "
              f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
              f"threshold: {metrics['threshold']:g}"]
     for key, label in METRIC_LABELS:

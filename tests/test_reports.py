@@ -249,3 +249,17 @@ def test_compare_by_institution_by_hand(tmp_path, capsys):
     assert lines[2].strip() == ("TCGA_BB (1): mean 0.8000 -> 0.4000, B - A -0.4000 (no interval under 5 patients); "
                                 "better: 0, worse: 1")
     assert lines[3].strip().startswith("lcc:") and lines[4:] == lines[1:3]
+
+
+def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
+    """A run validated on one patient printed '1 patients'; every count goes through counted()."""
+    from libraries import counted
+
+    assert [counted(n, "patient") for n in (0, 1, 2, 1234)] == ["0 patients", "1 patient", "2 patients",
+                                                                "1,234 patients"]
+    data = synthetic_tree(tmp_path / "syn", 4, 5)
+    assert main(["--data-dir", data, "--features", "4", "--image-size", "32", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "  1 patient, 5 slices (" in out and "1 patients" not in out
+    assert "1 patient, 5 slices (" in (tmp_path / "run" / "summary.md").read_text()
