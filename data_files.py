@@ -33,7 +33,7 @@ from data_preprocessing import (
     mask_convention,
     volume_stats,
 )
-from libraries import UserError
+from libraries import UserError, counted
 from metrics import lesion_contrast
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
@@ -233,7 +233,7 @@ def imread(path: Path, sixteen_bit: bool = False) -> np.ndarray:
     except cv2.error:  # some malformed headers raise instead of returning None
         image = None
     if image is None or image.size == 0:
-        raise DatasetError(f"{path}: cannot be read as an image (empty, truncated or not a TIFF); "
+        raise DatasetError(f"{path}: cannot be read as an image (empty, truncated or not a TIFF, PNG or JPEG file); "
                            "re-download it or delete it")
     if image.dtype != np.uint8 and not (sixteen_bit and image.dtype == np.uint16):
         raise DatasetError(f"{path}: {image.dtype} pixels, expected 8-bit (as the dataset's); convert it "
@@ -455,7 +455,7 @@ def check_tumor(root: Path, volumes: dict[str, PatientVolume]) -> None:
         raise DatasetError(f"{root}: no patient has any tumor in its masks (read as {', '.join(conventions)}); "
                            "check that the *_mask.tif files mark tumor with 255 (or 1)")
     if empty:
-        print(f"warning: {len(empty)} patient(s) without tumor in any mask: {', '.join(empty[:5])}"
+        print(f"warning: {counted(len(empty), 'patient')} without tumor in any mask: {', '.join(empty[:5])}"
               f"{' ...' if len(empty) > 5 else ''}; every patient of the LGG dataset has some, so check "
               "their masks ('python engine.py data' lists the values found)", file=sys.stderr)
 

@@ -34,6 +34,7 @@ from data_files import (
     group_by_patient,
     scan_dataset,
 )
+from libraries import counted
 from synthetic_data import SYNTHETIC_DIR, is_synthetic, make_synthetic_dataset
 
 def split_patients(
@@ -48,7 +49,7 @@ def split_patients(
         raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if len(patients) < 2:
         raise DatasetError(
-            f"found {len(patients)} patient(s); a patient-level split needs at least 2"
+            f"found {counted(len(patients), 'patient')}; a patient-level split needs at least 2"
         )
     n_val = min(max(1, round(val_fraction * len(patients))), len(patients) - 1)
     train, val = train_test_split(patients, test_size=n_val, random_state=seed, shuffle=True)

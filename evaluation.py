@@ -523,5 +523,5 @@ def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
         volumes.append(input_volume(name, case.images, case.truth, normalization=normalization,
                                     image_size=record["image_size"], spacing=case.spacing))
     tumors = sum(bool(v.masks.any()) for v in volumes)
-    print(f"{path}: {len(volumes)} case(s), {tumors} with tumor (labels: {args.labels})")
+    print(f"{path}: {counted(len(volumes), 'case')}, {tumors} with tumor (labels: {args.labels})")
     return volumes

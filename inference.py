@@ -31,7 +31,8 @@ from evaluation import (
     scoring_loader,
     scoring_settings,
 )
-from libraries import UserError, atomic_write, check_folder_path, check_new_file, memory_format, setup_device
+from libraries import (UserError, atomic_write, check_folder_path, check_new_file, counted, memory_format,
+                       setup_device)
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, scoring_checkpoint
 from reports import write_overlays
@@ -83,6 +84,10 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     never share one). Masks (``*_mask.*``) are never inputs. Slices are ordered by N.
     """
     if path.is_file():
+        if path.stem.lower().endswith("_mask"):
+            image = path.with_name(path.stem[:-len("_mask")] + path.suffix)
+            raise UserError(f"{path}: a mask (named *_mask), not an MRI slice; pass the slice "
+                            f"({image.name}) or the folder that holds it")
         return {path.parent.name or "input": [path]}, []
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder; pass a slice, a folder of slices or a dataset folder")
@@ -204,11 +209,11 @@ def predict_command(args: argparse.Namespace) -> Path:
     cases = scan_inputs(args)
     predictor = Predictor(args)
     if cases is not None:
-        count, skipped, kind = predict_scans(cases, predictor, out), 0, "case(s)"
+        count, skipped, kind = predict_scans(cases, predictor, out), 0, "case"
     else:
         count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
-    print(f"predicted {count} {kind} (post-processing: {predictor.postprocess}, threshold {predictor.threshold:g})"
-          + (f", skipped {skipped} file(s)" if skipped else "")
+    print(f"predicted {counted(count, kind)} (post-processing: {predictor.postprocess}, threshold {predictor.threshold:g})"
+          + (f", skipped {counted(skipped, 'file')}" if skipped else "")
           + f"; wrote {out}/masks/, overlays/, predictions.csv")
     return out
 
@@ -227,7 +232,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
     skipped += len(other)
     if not inputs:
         raise UserError(f"{path}: no readable slice (tif, tiff, png, jpg or jpeg) nor NIfTI/DICOM scan to predict"
-                        + (f"; {skipped} file(s) skipped, as listed above" if skipped else ""))
+                        + (f"; {counted(skipped, 'file')} skipped, as listed above" if skipped else ""))
     predictions = predictor([predictor.volume(name, images) for name, _, images in inputs])
     rows = []
     for (name, files, images), pred in zip(inputs, predictions):
@@ -244,7 +249,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
                                  spacing))
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(out / "predictions.csv", index=False)
-    return sum(r["level"] == "slice" for r in rows), skipped, "slices"
+    return sum(r["level"] == "slice" for r in rows), skipped, "slice"
 
 
 def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path) -> int:

@@ -265,6 +265,13 @@ def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
     # A single file works on its own.
     assert main([*run, "--input", str(folder / "plain.tif"), "--output", str(tmp_path / "one")]) == 0
     assert len(list((tmp_path / "one" / "masks").rglob("*.png"))) == 1
+    assert capsys.readouterr().out.startswith("predicted 1 slice (")
+    # A ground-truth mask given as the one file was predicted on as if it were a slice.
+    cv2.imwrite(str(folder / "plain_mask.tif"), np.zeros((40, 40), np.uint8))
+    assert main([*run, "--input", str(folder / "plain_mask.tif"), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "plain_mask.tif: a mask (named *_mask), not an MRI slice" in err
+    assert "(plain.tif)" in err and not (tmp_path / "m").exists()
     # An output folder that already holds results is refused, and they are left as they were.
     before = (tmp_path / "one" / "predictions.csv").read_bytes()
     assert main([*run, "--input", str(folder), "--output", str(tmp_path / "one")]) == 2

@@ -92,7 +92,7 @@ def test_no_tumor_anywhere_is_an_error_and_one_patient_without_is_a_warning(tmp_
         _write_mask(mask, np.zeros((64, 64)))
     assert main(_tiny(data, tmp_path / "r1", ("--val-patients", first.name))) == 0
     err = capsys.readouterr().err
-    assert f"1 patient(s) without tumor in any mask: {first.name}" in err
+    assert f"1 patient without tumor in any mask: {first.name}" in err
     for mask in data.glob("*/*_mask.tif"):
         _write_mask(mask, np.zeros((64, 64)))
     assert main(_tiny(data, tmp_path / "r2")) == 2
