@@ -327,6 +327,9 @@ def export_command(args: argparse.Namespace) -> float | Path:
     weights file for release (``--format state_dict``)."""
     out = Path(args.output)
     if args.format == "state_dict":  # a folder: the file is named by its hash
+        if out.suffix.lower() in (".pt", ".pth") and not out.is_dir():
+            raise UserError(f"--output {out}: --format state_dict writes into a folder and names the file by its "
+                            "hash (unet-<hash>.pt); pass a folder, such as release/")
         check_folder_path(out, "--output")
     else:
         check_new_file(out, "--output", "unet.ts" if args.format == "torchscript" else "unet.onnx")

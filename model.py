@@ -13,6 +13,7 @@ import copy
 import hashlib
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -339,6 +340,11 @@ def read_torch_file(path: Path) -> object:
                         "fold-K/last.pt)")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
+    export = export_format(path)
+    if export:
+        reader = "torch.jit.load" if export == "TorchScript" else "onnxruntime"
+        raise UserError(f"{path}: a {export} export, for your own code ({reader}); pass the checkpoint it was "
+                        "exported from (a run's best.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, or not a torch file: unpickling junk raises KeyError, IndexError, ...
@@ -349,6 +355,18 @@ def read_torch_file(path: Path) -> object:
         raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: damaged or not written by "
                         "torch.save); pass a best.pt or last.pt written by engine.py") from exc
     return ckpt
+
+
+def export_format(path: Path) -> str:
+    """'TorchScript' or 'ONNX' for a file ``export`` writes in those formats, else ''. A TorchScript
+    archive is a zip holding constants.pkl (what torch.load itself checks); ONNX files are named .onnx."""
+    if path.suffix.lower() == ".onnx":
+        return "ONNX"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "TorchScript" if any(n.endswith("constants.pkl") for n in archive.namelist()) else ""
+    except (zipfile.BadZipFile, OSError):
+        return ""
 
 
 def is_package_checkpoint(obj: object) -> bool:

@@ -193,6 +193,19 @@ def test_torchscript_export_parity(tmp_path, checkpoint, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"{target}: {says}" in err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["unet.ts"]
+    # The export given back as a checkpoint: torch.load's warning and "damaged or not written by
+    # torch.save" before; one line naming what it is and what to pass.
+    for command in (["evaluate", "--data-dir", str(tmp_path)], ["predict", "--input", str(tmp_path),
+                                                                "--output", str(tmp_path / "p")]):
+        assert main([command[0], "--checkpoint", str(out), *command[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {out}: a TorchScript export, for your own code (torch.jit.load); pass the " \
+                      "checkpoint it was exported from (a run's best.pt)"
+    # A release file is named by its hash inside the --output folder: a .pt name made a folder of it.
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "state_dict",
+                 "--output", str(tmp_path / "weights.pt")]) == 2
+    assert "--format state_dict writes into a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.ts"]
 
 
 def test_onnx_export_parity(tmp_path, checkpoint, capsys):
