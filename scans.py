@@ -252,21 +252,24 @@ def read_scan(path: Path) -> nib.Nifti1Image:
     return read_nifti(path)
 
 
-def grid_difference(a: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
-    """What makes two images' grids differ (shape, spacing, orientation, origin), or None when
-    they agree within a tenth of a voxel."""
-    if a.shape != b.shape:
-        return f"shape {'x'.join(map(str, a.shape))} against {'x'.join(map(str, b.shape))}"
-    za, zb = nib.affines.voxel_sizes(a.affine), nib.affines.voxel_sizes(b.affine)
-    if not np.allclose(za, zb, rtol=1e-3, atol=1e-4):
-        return f"spacing {_mm(za)} against {_mm(zb)} mm"
-    if nib.aff2axcodes(a.affine) != nib.aff2axcodes(b.affine):
-        return f"orientation {''.join(nib.aff2axcodes(a.affine))} against {''.join(nib.aff2axcodes(b.affine))}"
-    if not np.allclose(a.affine[:3, :3], b.affine[:3, :3], atol=1e-3 * float(za.max())):
+def grid_difference(flair: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
+    """What makes ``b``'s grid differ from the FLAIR's (shape, spacing, orientation, origin), ``b``'s
+    value first, or None when they agree within a tenth of a voxel."""
+    za, zb = nib.affines.voxel_sizes(flair.affine), nib.affines.voxel_sizes(b.affine)
+    codes_a, codes_b = "".join(nib.aff2axcodes(flair.affine)), "".join(nib.aff2axcodes(b.affine))
+    if flair.shape != b.shape:
+        what, mine, theirs = "shape", "x".join(map(str, b.shape)), "x".join(map(str, flair.shape))
+    elif not np.allclose(za, zb, rtol=1e-3, atol=1e-4):
+        what, mine, theirs = "spacing", f"{_mm(zb)} mm", f"{_mm(za)} mm"
+    elif codes_a != codes_b:
+        what, mine, theirs = "orientation", codes_b, codes_a
+    elif not np.allclose(flair.affine[:3, :3], b.affine[:3, :3], atol=1e-3 * float(za.max())):
         return "axis directions (the images are rotated against each other)"
-    if np.abs(a.affine[:3, 3] - b.affine[:3, 3]).max() > 0.1 * float(za.min()):
-        return f"origin {_mm(a.affine[:3, 3])} against {_mm(b.affine[:3, 3])} mm"
-    return None
+    elif np.abs(flair.affine[:3, 3] - b.affine[:3, 3]).max() > 0.1 * float(za.min()):
+        what, mine, theirs = "origin", f"{_mm(b.affine[:3, 3])} mm", f"{_mm(flair.affine[:3, 3])} mm"
+    else:
+        return None
+    return f"{what} {mine}, where the FLAIR has {theirs}"
 
 
 def _mm(values: np.ndarray) -> str:

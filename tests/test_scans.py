@@ -234,7 +234,8 @@ def test_malformed_nifti_inputs_get_one_line(tmp_path, checkpoint, capsys):
     # A T1 on another grid.
     write_nifti(good / "t1.nii.gz", images[..., 0], np.diag([-1.0, -1.0, 5.0, 1.0]))
     assert predict(checkpoint, tmp_path / "out-grid", "--input", str(good)) == 2
-    _one_line_error(capsys, "t1.nii.gz", "spacing 1 x 1 x 2.5 against 1 x 1 x 5", "does not register")
+    _one_line_error(capsys, "t1.nii.gz", "t1.nii.gz: not on the grid of",
+                    "spacing 1 x 1 x 5 mm, where the FLAIR has 1 x 1 x 2.5 mm;", "does not register")
 
 
 def test_a_bad_case_among_good_ones_is_skipped_and_the_others_kept(tmp_path, checkpoint, capsys):
