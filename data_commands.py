@@ -192,26 +192,26 @@ def _completeness(root: Path, report: dict) -> dict:
     ids = {patient_id(p) for p in report["per_patient"]}
     counts = (report["patients"], report["slices"], report["tumor_slices"])
     if counts == (FULL_PATIENTS, FULL_SLICES, FULL_TUMOR_SLICES):
-        return {"status": "complete", "message": f"complete: all {FULL_PATIENTS} patients, {FULL_SLICES} "
-                f"slices, {FULL_TUMOR_SLICES} with tumor"}
+        return {"status": "complete", "message": f"complete: all {FULL_PATIENTS} patients, {FULL_SLICES:,} "
+                f"slices, {FULL_TUMOR_SLICES:,} with tumor"}
     listed = set(clinical.index) if clinical is not None else set()
     missing = sorted(listed - ids)
     full_copy = len(listed) >= FULL_PATIENTS or report["patients"] >= FULL_PATIENTS
     if full_copy:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} patient folder(s) missing: {', '.join(missing[:10])}"
+            parts.append(f"{counted(len(missing), 'patient folder')} missing: {', '.join(missing[:10])}"
                          f"{' ...' if len(missing) > 10 else ''}")
         if report["slices"] < FULL_SLICES:
-            parts.append(f"{FULL_SLICES - report['slices']} of {FULL_SLICES} slice/mask pairs missing")
+            parts.append(f"{FULL_SLICES - report['slices']:,} of {FULL_SLICES:,} slice/mask pairs missing")
         if report["tumor_slices"] < FULL_TUMOR_SLICES:
-            parts.append(f"{FULL_TUMOR_SLICES - report['tumor_slices']} of {FULL_TUMOR_SLICES} tumor slices missing")
+            parts.append(f"{FULL_TUMOR_SLICES - report['tumor_slices']:,} of {FULL_TUMOR_SLICES:,} tumor slices missing")
         return {"status": "incomplete", "missing_patients": missing,
                 "message": "looks like a full copy, but " + ("; ".join(parts) or "counts differ from the published ones")
                 + f"; re-download {DATASET_URL}"}
     return {"status": "subset", "missing_patients": missing,
             "message": f"a subset: {report['patients']} of the {FULL_PATIENTS} patients "
-            f"({report['slices']} of {FULL_SLICES} slices); not an error if that is what you meant to use"}
+            f"({report['slices']:,} of {FULL_SLICES:,} slices); not an error if that is what you meant to use"}
 
 
 def data_command(data_dir: str, out: str, strict: bool) -> dict:

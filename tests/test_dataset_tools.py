@@ -88,7 +88,8 @@ def test_full_copy_with_missing_patients_says_what_is_missing(tmp_path):
     completeness = summarize_dataset(root)["completeness"]
     assert completeness["status"] == "incomplete"
     assert completeness["missing_patients"] == ids[3:]
-    assert "107 patient folder(s) missing" in completeness["message"] and "TCGA_XX_0003" in completeness["message"]
+    assert "107 patient folders missing" in completeness["message"] and "TCGA_XX_0003" in completeness["message"]
+    assert "3,926 of 3,929 slice/mask pairs missing" in completeness["message"]  # 3 slices written
 
 
 def fake_kagglehub(monkeypatch, download):
