@@ -497,6 +497,22 @@ def dataset_volumes(args: argparse.Namespace, ckpt_path: Path, record: dict,
     return list(volumes.values()), root, trained, read_clinical(root)
 
 
+def check_labels_found(unlabeled: dict[str, tuple[float, ...]], tumors: int, labels: str, path: Path) -> None:
+    """Cases whose mask marks something, but nothing --labels counts as tumor: they would be scored
+    as cases without tumor. If no case is left with tumor (``tumors``), a one-line error; else a
+    warning naming them."""
+    if not unlabeled:
+        return
+    found = sorted({v for values in unlabeled.values() for v in values})
+    shown = ",".join(f"{v:g}" for v in found[:6]) + (", ..." if len(found) > 6 else "")
+    names = ", ".join(list(unlabeled)[:3]) + (" ..." if len(unlabeled) > 3 else "")
+    if not tumors:
+        raise UserError(f"{path}: no mask holds any of --labels {labels}; they hold {shown}: pass the values that "
+                        "mark the tumor, such as --labels " + ",".join(f"{v:g}" for v in found[:6]))
+    print(f"warning: the masks of {counted(len(unlabeled), 'case')} ({names}) hold only {shown}, none of "
+          f"--labels {labels}: each is scored as a case without tumor", file=sys.stderr)
+
+
 def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
     """``--input``'s NIfTI/DICOM cases with their masks, as volumes prepared for the checkpoint,
     with each header's spacing (so HD95 comes in mm)."""
@@ -513,15 +529,18 @@ def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
     if not cases:
         raise UserError(f"{path}: no NIfTI or DICOM case (a folder with a file or series named flair, and a mask)")
     normalization = record.get("normalization", "volume")
-    volumes, warned = [], set()
+    volumes, warned, unlabeled = [], set(), {}
     for name, files in cases:
         if "seg" not in files:
             raise UserError(f"{path / name if path.name != name else path}: no mask (a file or folder named seg, mask "
                             "or label); evaluate needs one per case, predict needs none")
         case = load_case(name, files, labels)
         warn_filled(case, warned)
+        if case.mask_values and not case.truth.any():  # labelled, but with none of --labels
+            unlabeled[name] = case.mask_values
         volumes.append(input_volume(name, case.images, case.truth, normalization=normalization,
                                     image_size=record["image_size"], spacing=case.spacing))
     tumors = sum(bool(v.masks.any()) for v in volumes)
+    check_labels_found(unlabeled, tumors, args.labels, path)
     print(f"{path}: {counted(len(volumes), 'case')}, {tumors} with tumor (labels: {args.labels})")
     return volumes

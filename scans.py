@@ -313,6 +313,7 @@ class Case:
     reference: nib.Nifti1Image  # the FLAIR as read: the grid, affine and header masks are written on
     source: Path  # the FLAIR's file or folder
     filled: tuple[str, ...]  # sequences missing, filled with FLAIR
+    mask_values: tuple[float, ...] = ()  # the values above 0 in its mask, before --labels chose among them
 
 
 def scan_values(image: nib.Nifti1Image, path: Path) -> np.ndarray:
@@ -350,14 +351,16 @@ def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None 
             raise UserError(f"{files[role]}: not on the grid of {files['flair']}: {diff}; {REGISTER_HINT}")
         images.append(scan_values(image, files[role]))
     truth = np.zeros(images[FLAIR_CHANNEL].shape, np.uint8)
+    mask_values: tuple[float, ...] = ()
     if "seg" in files:
         seg = read_scan(files["seg"])
         if (diff := grid_difference(flair, seg)) is not None:
             raise UserError(f"{files['seg']}: the mask is not on the grid of {files['flair']}: {diff}")
         values = to_slices(np.asarray(seg.dataobj), seg.affine)
         truth = (np.isin(values, labels) if labels else values > 0).astype(np.uint8)
+        mask_values = tuple(float(v) for v in np.unique(values[values > 0]))
     return Case(name=name, images=np.stack(images, axis=-1), truth=truth, spacing=slice_spacing(flair),
-                reference=flair, source=files["flair"], filled=tuple(filled))
+                reference=flair, source=files["flair"], filled=tuple(filled), mask_values=mask_values)
 
 
 def warn_filled(case: Case, warned: set[str]) -> None:

@@ -174,6 +174,17 @@ def test_evaluate_on_cases_counts_the_labels_asked_for(tmp_path, checkpoint, cap
     assert per_label["nonzero"]["tumor_pixels"] == per_label["1,4"]["tumor_pixels"] == truth.sum()
     assert per_label["4"]["tumor_pixels"] == (labels == 4).sum() < truth.sum()
     capsys.readouterr()
+    # Labels no mask holds scored every case as tumor-free, Dice 0, in silence: now one line naming
+    # the values there are. A case marked only with other labels is named in a warning.
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"),
+                 "--labels", "2", "--out-dir", str(tmp_path / "eval-2"), *RUN]) == 2
+    _one_line_error(capsys, "no mask holds any of --labels 2; they hold 1,4:", "--labels 1,4")
+    assert not (tmp_path / "eval-2").exists()
+    nifti_case(tmp_path / "cases" / "P3", images, truth=np.where(labels == 4, 4, 0).astype(np.int16), dtype=np.int16)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"),
+                 "--labels", "1", "--out-dir", str(tmp_path / "eval-1"), *RUN]) == 0
+    assert ("warning: the masks of 1 case (P3) hold only 4, none of --labels 1: each is scored as a case without "
+            "tumor") in capsys.readouterr().err
     for flag in (["--spacing", "1,1,1"], ["--patients", "all"], ["--data-dir", str(tmp_path)]):  # not for scans
         assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"), *flag]) == 2
         _one_line_error(capsys, flag[0], "not --input's scans")
