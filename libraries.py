@@ -313,6 +313,7 @@ FLAG_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "warmup": (lambda v: v >= 0, ">= 0"),  # benchmark's untimed steps
     "repeats": (lambda v: v >= 1, "at least 1"),
     "e2e_batches": (lambda v: v >= 1, "at least 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32) (scikit-learn's and NumPy's seed range)"),
 }
 
 
@@ -322,7 +323,8 @@ def check_flag_ranges(values: dict[str, Any]) -> None:
     for name, (valid, rule) in FLAG_RANGES.items():
         value = values.get(name)
         if value is not None and not valid(value):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value:g}")
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got "
+                            + (f"{value:g}" if isinstance(value, float) else str(value)))
 
 
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool | None, help_text: str) -> None:

@@ -303,6 +303,9 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         (tiny(tmp_path, syn, tmp_path / "r10", "--warmup-epochs", "-1"), "--warmup-epochs must be >= 0"),
         (tiny(tmp_path, syn, tmp_path / "r11", "--patience", "-2"), "--patience must be >= 0"),
         (tiny(tmp_path, syn, tmp_path / "r12", "--tumor-weight", "0"), "--tumor-weight must be > 0, got 0"),
+        # scikit-learn's split raised InvalidParameterError with a traceback.
+        (tiny(tmp_path, syn, tmp_path / "r13", "--seed", "-1"), "--seed must be in [0, 2^32)"),
+        (tiny(tmp_path, syn, tmp_path / "r14", "--seed", str(2**32)), f"got {2**32}"),
         (tiny(tmp_path, syn, tmp_path / "README.md", "--epochs", "1"), "README.md: is a file, not a folder"),
         (tiny(tmp_path, syn, tmp_path / "README.md" / "run", "--epochs", "1"),
          f"README.md/run: {tmp_path / 'README.md'} is a file, not a folder; choose another --out-dir"),
