@@ -117,6 +117,10 @@ def resolve_root(path: Path) -> Path:
         raise DatasetError(f"{path}: one patient's folder; point --data-dir at the folder that holds the patient "
                            f"folders ({path.resolve().parent}) and choose patients by name (--patients, "
                            "--val-patients)")
+    if path.is_dir() and any(child.is_dir() and any(child.glob("*.tif*")) for child in path.iterdir()):
+        raise DatasetError(f"{path}: patient folders of slices without any *_mask.tif; training and scoring need "
+                           "each slice's mask. To segment slices without masks: python engine.py predict "
+                           f"--checkpoint <best.pt> --input {path} --output <folder>")
     raise DatasetError(
         f"{path}: no patient folders with <PATIENT>_<N>.tif / <PATIENT>_<N>_mask.tif slices found; "
         f"point --data-dir at the kaggle_3m folder of {DATASET_URL}"
@@ -141,7 +145,8 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
         if asked:
             path = Path(asked).expanduser()
             if not path.is_dir():
-                raise DatasetError(f"{path} (from {source}): no such folder; check the path")
+                raise DatasetError(f"{path} (from {source}): " + ("a file, not the dataset's folder" if path.exists()
+                                   else "no such folder") + "; check the path")
             return resolve_root(path)
     for location in DEFAULT_LOCATIONS:
         if looks_like_root(Path(location)):

@@ -300,6 +300,15 @@ def test_name_checks_report_duplicates_gaps_strays_and_nesting(tmp_path):
     patient = nested / "kaggle_3m" / "kaggle_3m" / p
     with pytest.raises(DatasetError, match=rf"{p}: one patient's folder; .* \({patient.parent.resolve()}\)"):
         find_data_dir(patient)
+    # Slices without any mask (data to predict on) were "no patient folders ... found"; and a file
+    # given as the folder was "no such folder".
+    for mask in patient.parent.rglob("*_mask.tif*"):
+        mask.unlink()
+    with pytest.raises(DatasetError, match=r"slices without any \*_mask.tif; .* predict --checkpoint <best.pt> "
+                                           rf"--input {patient.parent}"):
+        find_data_dir(patient.parent)
+    with pytest.raises(DatasetError, match=r"a file, not the dataset's folder"):
+        find_data_dir(next(patient.glob("*.tif")))
 
 
 def test_a_mask_with_differing_channels_is_reported(tmp_path):
