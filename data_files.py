@@ -473,7 +473,8 @@ def describe_masks(volumes: dict[str, PatientVolume]) -> str:
     parts = []
     for convention, names in sorted(by_convention.items(), key=lambda item: -len(item[1])):
         listed = f": {', '.join(sorted(names)[:3])}{' ...' if len(names) > 3 else ''}" if len(by_convention) > 1 else ""
-        parts.append(f"{convention} ({len(names)}{listed if len(names) < len(volumes) else ' patients'})")
+        parts.append(f"{convention} ({len(names)}{listed})" if len(names) < len(volumes)
+                     else f"{convention} ({counted(len(names), 'patient')})")
     return "masks " + ", ".join(parts)
 
 

@@ -253,10 +253,15 @@ def test_compare_by_institution_by_hand(tmp_path, capsys):
 
 def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
     """A run validated on one patient printed '1 patients'; every count goes through counted()."""
+    from conftest import lesion_volume
+    from data_files import describe_masks
     from libraries import counted
 
     assert [counted(n, "patient") for n in (0, 1, 2, 1234)] == ["0 patients", "1 patient", "2 patients",
                                                                 "1,234 patients"]
+    one, two = lesion_volume("A", 10, 10, (3,)), lesion_volume("B", 10, 10, (3,))
+    assert describe_masks({"A": one}) == "masks 0/255 (1 patient)"
+    assert describe_masks({"A": one, "B": two}) == "masks 0/255 (2 patients)"
     data = synthetic_tree(tmp_path / "syn", 4, 5)
     assert main(["--data-dir", data, "--features", "4", "--image-size", "32", "--epochs", "1", "--steps-per-epoch", "1",
                  "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 0
