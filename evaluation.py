@@ -328,7 +328,14 @@ def load_scored_checkpoint(
     path = Path(spec)
     ckpt = scoring_checkpoint(spec, image_size=image_size, normalization=normalization)
     check_network_settings(ckpt["config"], spec)  # a given --image-size/--normalization applies to ours too
-    ckpt["config"].update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
+    record = ckpt["config"]
+    for key, value in (("image_size", image_size), ("normalization", normalization)):
+        if value and record.get(key) not in (None, value):
+            flag = "--" + key.replace("_", "-")
+            print(f"warning: {spec} was trained with {flag} {record[key]}; using {flag} {value} as asked: the "
+                  "model sees inputs unlike those it was trained on", file=sys.stderr)
+        if value:
+            record[key] = value
     return path, ckpt
 
 

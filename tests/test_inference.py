@@ -302,7 +302,7 @@ def test_predict_on_what_users_feed_it(tmp_path, checkpoint, capsys):
         assert not (tmp_path / f"o-{name}").exists()
 
 
-def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeypatch):
+def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeypatch, capsys):
     """A model trained with --normalization buda gets its inputs normalized by the authors' pipeline in predict."""
     import data_files
 
@@ -321,6 +321,14 @@ def test_predict_normalizes_as_the_checkpoint_says(tmp_path, checkpoint, monkeyp
     assert main(["predict", "--checkpoint", str(path), "--input", str(folder), "--output", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0
     assert seen == ["buda"]
+    assert "warning" not in capsys.readouterr().err
+    # Another normalization or size than the checkpoint's is used as asked, and said (it was silent).
+    assert main(["predict", "--checkpoint", str(path), "--input", str(folder), "--output", str(tmp_path / "out2"),
+                 "--device", "cpu", "--normalization", "volume", "--image-size", "64"]) == 0
+    assert seen == ["buda", "volume"]
+    err = capsys.readouterr().err
+    assert f"warning: {path} was trained with --normalization buda; using --normalization volume as asked" in err
+    assert f"warning: {path} was trained with --image-size {ckpt['config']['image_size']}; using --image-size 64" in err
 
 
 def test_values_no_command_can_use_are_refused_in_one_line_before_any_work(tmp_path, checkpoint, capsys):
