@@ -335,6 +335,11 @@ def export_command(args: argparse.Namespace) -> float | Path:
         check_new_file(out, "--output", "unet.ts" if args.format == "torchscript" else "unet.onnx")
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
+    for key, value in (("image_size", args.image_size), ("normalization", args.normalization)):
+        if value and record[key] != value:  # a checkpoint of ours: its record is what it was trained with
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {value}: {args.checkpoint} records {flag} {record[key]}, which the export "
+                            f"keeps; drop {flag} (it is for a plain state_dict, which records neither)")
     model = network_from_checkpoint(ckpt)
     model.eval()
     if args.format == "state_dict":

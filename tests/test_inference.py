@@ -348,6 +348,11 @@ def test_values_no_command_can_use_are_refused_in_one_line_before_any_work(tmp_p
         (["export", "--checkpoint", ckpt, "--format", "torchscript", "--output", str(a_file / "unet.ts")],
          f"{a_file}: is a file, not a folder; choose another --output"),
         (["export", "--checkpoint", ckpt, "--format", "state_dict", "--output", str(a_file)], "is a file"),
+        # Ignored in silence: the export kept the checkpoint's own record.
+        (["export", "--checkpoint", ckpt, "--format", "torchscript", "--output", str(tmp_path / "u.ts"),
+          "--image-size", "64"], f"--image-size 64: {ckpt} records --image-size 32, which the export keeps"),
+        (["export", "--checkpoint", ckpt, "--format", "state_dict", "--output", str(tmp_path / "rel"),
+          "--normalization", "buda"], f"--normalization buda: {ckpt} records --normalization volume"),
         (["benchmark", "--data-dir", str(tmp_path), "--batch-size", "0"], "--batch-size must be at least 1"),
         (["benchmark", "--data-dir", str(tmp_path), "--repeats", "0"], "--repeats must be at least 1, got 0"),
         (["compare", str(tmp_path), str(tmp_path), "--seed", "-1"], "--seed must be in [0, 2^32)"),
