@@ -205,7 +205,8 @@ def _completeness(root: Path, report: dict) -> dict:
         if report["slices"] < FULL_SLICES:
             parts.append(f"{FULL_SLICES - report['slices']:,} of {FULL_SLICES:,} slice/mask pairs missing")
         if report["tumor_slices"] < FULL_TUMOR_SLICES:
-            parts.append(f"{FULL_TUMOR_SLICES - report['tumor_slices']:,} of {FULL_TUMOR_SLICES:,} tumor slices missing")
+            parts.append(f"{FULL_TUMOR_SLICES - report['tumor_slices']:,} of {FULL_TUMOR_SLICES:,} tumor slices "
+                         "missing")
         return {"status": "incomplete", "missing_patients": missing,
                 "message": "looks like a full copy, but " + ("; ".join(parts) or "counts differ from the published ones")
                 + f"; re-download {DATASET_URL}"}

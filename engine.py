@@ -39,7 +39,7 @@ from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume,
 from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
 from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, UserError, add_bool_flag,
-                       check_flag_ranges, check_new_file, counted, check_run_dir, environment_report, init_distributed,
+                       check_flag_ranges, check_new_file, check_run_dir, counted, environment_report, init_distributed,
                        launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint

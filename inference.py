@@ -212,7 +212,8 @@ def predict_command(args: argparse.Namespace) -> Path:
         count, skipped, kind = predict_scans(cases, predictor, out), 0, "case"
     else:
         count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
-    print(f"predicted {counted(count, kind)} (post-processing: {predictor.postprocess}, threshold {predictor.threshold:g})"
+    print(f"predicted {counted(count, kind)} (post-processing: {predictor.postprocess}, "
+          f"threshold {predictor.threshold:g})"
           + (f", skipped {counted(skipped, 'file')}" if skipped else "")
           + f"; wrote {out}/masks/, overlays/, predictions.csv")
     return out

@@ -252,21 +252,21 @@ def read_scan(path: Path) -> nib.Nifti1Image:
     return read_nifti(path)
 
 
-def grid_difference(flair: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
-    """What makes ``b``'s grid differ from the FLAIR's (shape, spacing, orientation, origin), ``b``'s
-    value first, or None when they agree within a tenth of a voxel."""
-    za, zb = nib.affines.voxel_sizes(flair.affine), nib.affines.voxel_sizes(b.affine)
-    codes_a, codes_b = "".join(nib.aff2axcodes(flair.affine)), "".join(nib.aff2axcodes(b.affine))
-    if flair.shape != b.shape:
-        what, mine, theirs = "shape", "x".join(map(str, b.shape)), "x".join(map(str, flair.shape))
-    elif not np.allclose(za, zb, rtol=1e-3, atol=1e-4):
-        what, mine, theirs = "spacing", f"{_mm(zb)} mm", f"{_mm(za)} mm"
-    elif codes_a != codes_b:
-        what, mine, theirs = "orientation", codes_b, codes_a
-    elif not np.allclose(flair.affine[:3, :3], b.affine[:3, :3], atol=1e-3 * float(za.max())):
+def grid_difference(flair: nib.Nifti1Image, image: nib.Nifti1Image) -> str | None:
+    """What makes ``image``'s grid differ from the FLAIR's (shape, spacing, orientation, origin),
+    ``image``'s value first, or None when they agree within a tenth of a voxel."""
+    z_flair, z_image = nib.affines.voxel_sizes(flair.affine), nib.affines.voxel_sizes(image.affine)
+    axes_flair, axes_image = "".join(nib.aff2axcodes(flair.affine)), "".join(nib.aff2axcodes(image.affine))
+    if flair.shape != image.shape:
+        what, mine, theirs = "shape", "x".join(map(str, image.shape)), "x".join(map(str, flair.shape))
+    elif not np.allclose(z_flair, z_image, rtol=1e-3, atol=1e-4):
+        what, mine, theirs = "spacing", f"{_mm(z_image)} mm", f"{_mm(z_flair)} mm"
+    elif axes_flair != axes_image:
+        what, mine, theirs = "orientation", axes_image, axes_flair
+    elif not np.allclose(flair.affine[:3, :3], image.affine[:3, :3], atol=1e-3 * float(z_flair.max())):
         return "axis directions (the images are rotated against each other)"
-    elif np.abs(flair.affine[:3, 3] - b.affine[:3, 3]).max() > 0.1 * float(za.min()):
-        what, mine, theirs = "origin", f"{_mm(b.affine[:3, 3])} mm", f"{_mm(flair.affine[:3, 3])} mm"
+    elif np.abs(flair.affine[:3, 3] - image.affine[:3, 3]).max() > 0.1 * float(z_flair.min()):
+        what, mine, theirs = "origin", f"{_mm(image.affine[:3, 3])} mm", f"{_mm(flair.affine[:3, 3])} mm"
     else:
         return None
     return f"{what} {mine}, where the FLAIR has {theirs}"
