@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from data_loaders import dataset_inventory, pinned_data_dir, steps_per_epoch
-from libraries import Interrupted, UserError, atomic_write, new_run_dir, save_json, unused_path
+from libraries import Interrupted, UserError, atomic_write, counted, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
 CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
@@ -192,10 +192,11 @@ def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int =
     per_epoch = sum(m["steps_per_epoch"] for m in folds) / len(folds)
     trained = sum(m["optimizer_steps"] for m in folds) / len(folds)
     matched = max(1, round(epochs * final / per_epoch))
-    line = (f"Steps: each fold trained {trained:,.0f} optimizer steps on average ({per_epoch:.0f} per epoch), as many "
+    line = (f"Steps: each fold trained {counted(round(trained), 'optimizer step')} on average ({per_epoch:.0f} per "
+            "epoch), as many "
             f"as a final model on all {slices:,} slices ({final} per epoch) trains in {trained / final:.1f} epochs.")
     if matched != epochs:
-        line += (f" A final model of {epochs} epoch{'s' if epochs != 1 else ''} ({final * epochs:,} steps) is matched "
+        line += (f" A final model of {counted(epochs, 'epoch')} ({final * epochs:,} steps) is matched "
                  f"by folds of --epochs {matched}.")
     return line
 

@@ -450,6 +450,14 @@ def test_step_advice_matches_the_final_models_steps():
     same = [{"train_slices": 1300, "slices": 3, "steps_per_epoch": 82, "optimizer_steps": 1640}]
     assert "matched" not in step_advice(same, epochs=20, batch_size=16)  # already as many steps
     assert step_advice([{"slices": 417}], epochs=20, batch_size=16) is None  # folds from before steps were saved
+    # One step and one epoch read in the singular. 3 train + 1 validation slices in batches of 4: the final
+    # model takes 1 step per epoch, as the fold did. 4 + 4 slices: the final model takes 2 per epoch, the fold
+    # 1, so a final model of 1 epoch is matched by folds of 2.
+    tiny = [{"train_slices": 3, "slices": 1, "steps_per_epoch": 1, "optimizer_steps": 1}]
+    assert "each fold trained 1 optimizer step on average (1 per epoch)" in step_advice(tiny, epochs=1, batch_size=4)
+    halves = [{"train_slices": 4, "slices": 4, "steps_per_epoch": 1, "optimizer_steps": 1}]  # final: 2 per epoch
+    assert step_advice(halves, epochs=1, batch_size=4).endswith(
+        "A final model of 1 epoch (2 steps) is matched by folds of --epochs 2.")
 CV_KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
