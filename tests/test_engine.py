@@ -427,6 +427,26 @@ def test_the_gpu_preset_on_a_cpu_says_so_before_the_first_epoch(tmp_path, capsys
     assert "meant for a GPU" not in capsys.readouterr().out
 
 
+def test_the_cpu_preset_without_bf16_instructions_says_what_it_costs(tmp_path, capsys, monkeypatch):
+    """On an AVX2-only CPU --amp auto trains in fp32 and the preset takes about 1.7 h, not 30 min;
+    the run said nothing until its first epoch line."""
+    import libraries
+
+    data = synthetic_tree(tmp_path / "syn", 4, 5)
+
+    def printed(native: bool, features: int) -> str:
+        monkeypatch.setattr(libraries, "cpu_has_native_bf16", lambda: native)
+        assert main(["--preset", "cpu", "--data-dir", data, "--features", str(features), "--epochs", "2",
+                     "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--image-size", "32",
+                     "--out-dir", str(tmp_path / f"r-{native}-{features}")]) == 0
+        return capsys.readouterr().out
+
+    fp32, bf16 = printed(False, 20), printed(True, 20)
+    assert "note: this CPU has no bf16 instructions" in fp32 and "amp: off" in fp32
+    assert "bf16 instructions" not in bf16 and "amp: torch.bfloat16" in bf16
+    assert "bf16 instructions" not in printed(False, 16)  # width 16 is the advice already taken
+
+
 def test_a_warmup_as_long_as_the_run_is_named_before_the_first_epoch(tmp_path, capsys):
     """--preset cpu --epochs 1 kept the preset's 1-epoch warmup: the learning rate rose to the last step
     and never annealed, without a word."""
