@@ -234,6 +234,6 @@ def benchmark_command(args: argparse.Namespace) -> dict:
           f"{e2e['train_img_s']:>12.2f} {'':>12}  = {result['end_to_end_vs_fast_step']:.0%} of the bare fast step")
     print(f"{'input pipeline alone, no model (' + str(e2e['workers']) + ' workers)':<58} {e2e['loader_img_s']:>12.2f}")
     print(f"first batch {e2e['first_batch_seconds_warm_cache']:.2f} s after start with a warm cache "
-          f"({e2e['slices']} slices{', SYNTHETIC' if e2e['synthetic_data'] else ''}); wrote {out}")
+          f"({e2e['slices']:,} slices{', SYNTHETIC' if e2e['synthetic_data'] else ''}); wrote {out}")
     return result
 

@@ -231,7 +231,7 @@ def data_command(data_dir: str, out: str, strict: bool) -> dict:
     lines = [
         f"dataset: {root}",
         f"  {counted(report['patients'], 'patient')}, {counted(report['slices'], 'slice')}, "
-        f"{report['tumor_slices']} with tumor",
+        f"{report['tumor_slices']:,} with tumor",
         f"  {report['completeness']['message']}",
         "  institutions: " + ", ".join(f"{k} {v}" for k, v in report["institutions"].items()),
         "  image sizes: " + ", ".join(f"{k} ({v})" for k, v in report["image_sizes"].items()),

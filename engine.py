@@ -558,8 +558,8 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"channels_last: {CHANNELS_LAST}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
-        f"{len(train_set)} train slices ({int(train_set.has_tumor.sum())} with tumor, weight {cfg.tumor_weight:g}), "
-        f"{val_slices} validation slices",
+        f"{len(train_set):,} train slices ({int(train_set.has_tumor.sum()):,} with tumor, weight "
+        f"{cfg.tumor_weight:g}), {val_slices:,} validation slices",
         *([f"warning: --preset full is meant for a GPU: {cfg.epochs * max(cfg.steps_per_epoch, 1):,} steps at "
            f"{cfg.image_size} px take many hours on a CPU; --preset cpu is the recipe for CPUs (about 30 min on 2 "
            "cores)"] if cfg.preset == "full" and cfg.image_size >= 256 and device.type == "cpu" else []),

@@ -260,7 +260,7 @@ def write_summary(
         lines += ["**Synthetic data**: these numbers show that the code works, not how it does on MRI.", ""]
     lines += ["## Metrics", "",
               f"{counted(metrics['patients'], 'patient')}, {counted(metrics['slices'], 'slice')} "
-              f"({metrics['tumor_slices']} with tumor); "
+              f"({metrics['tumor_slices']:,} with tumor); "
               f"post-processing `{metrics.get('postprocess', 'none')}`, "
               f"threshold {metrics.get('threshold', 0.5):g}.", ""]
     lines += _table([(k, _fmt(metrics.get(k))) for k in keys], ("metric", "value"))
@@ -486,7 +486,7 @@ METRIC_LABELS = (
 def format_metrics(metrics: dict, title: str) -> str:
     """The end-of-run table: every metric of the chosen post-processing, then each reported rule's Dice."""
     lines = [title, f"  {counted(metrics['patients'], 'patient')}, {counted(metrics['slices'], 'slice')} "
-             f"({metrics['tumor_slices']} with tumor); post-processing: {metrics['postprocess']}, "
+             f"({metrics['tumor_slices']:,} with tumor); post-processing: {metrics['postprocess']}, "
              f"threshold: {metrics['threshold']:g}"]
     for key, label in METRIC_LABELS:
         value = metrics[key]
