@@ -86,7 +86,7 @@ class Config:
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(1e-4, "AdamW's decoupled weight decay")
     warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, in epochs")
-    patience: int = _opt(0, "stop after this many validations without a better Dice (0: off)")
+    patience: int = _opt(0, "stop after this many validations in a row without a better Dice (0: off)")
     val_every: int = _opt(1, "validate every N epochs and after the last; training is unchanged")
     # ---- evaluation ----
     postprocess: str = _opt("none", "per patient: none, lcc, brain-multi (docs/method.md)",
@@ -350,6 +350,13 @@ def resolve_resume(cfg: Config) -> tuple[Config, dict]:
     return Config(**stored), ckpt
 
 
+def validations_since_best(state: dict) -> int:
+    """The validated epochs after the best one: what --patience counts (with --val-every N, one
+    validation is N epochs)."""
+    best = state["best_epoch"]
+    return sum(1 for row in state["history"] if row["epoch"] > best and "val_dice_per_volume_mean" in row)
+
+
 def check_config(cfg: Config) -> None:
     """Refuse settings that cannot train, before any data is read or folder made."""
     check_flag_ranges(asdict(cfg))  # main checked the flags; here also the presets and a resumed run
@@ -535,8 +542,9 @@ def fit(
                 e % cfg.val_every == 0 or e == cfg.epochs for e in range(epoch + 1, cfg.epochs + 1))
             left = seconds_left(timed, val_slices, cfg.epochs - epoch, validations_left)
             say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated, left))
-            if validated and cfg.patience and epoch - state["best_epoch"] >= cfg.patience:
-                say(f"early stop: no better validation Dice per volume for {counted(cfg.patience, 'epoch')}")
+            if validated and cfg.patience and validations_since_best(state) >= cfg.patience:
+                say(f"early stop: no better validation Dice per volume in {counted(cfg.patience, 'validation')} "
+                    f"since epoch {state['best_epoch']}")
                 break
     except KeyboardInterrupt:  # Ctrl-C: the epochs finished are checkpointed; say how to go on
         if not state["epoch"]:

@@ -359,6 +359,22 @@ def test_early_stopping(tmp_path):
     assert all("hd95_px" in p for p in metrics["per_patient"])
 
 
+def test_patience_counts_validations_not_epochs():
+    """With --val-every 5 and --patience 2, the run stopped at the first validation after the best
+    (10 - 5 >= 2 epochs), though the help promised two validations."""
+    from engine import validations_since_best
+
+    def row(epoch, validated):
+        return {"epoch": epoch, "train_loss": 1.0, **({"val_dice_per_volume_mean": 0.5} if validated else {})}
+
+    every5 = [row(e, e % 5 == 0) for e in range(1, 16)]  # validated at 5, 10, 15
+    assert validations_since_best({"history": every5[:10], "best_epoch": 5}) == 1  # epoch 10: go on
+    assert validations_since_best({"history": every5, "best_epoch": 5}) == 2  # epoch 15: stop
+    assert validations_since_best({"history": every5, "best_epoch": 15}) == 0
+    every1 = [row(e, True) for e in range(1, 5)]
+    assert validations_since_best({"history": every1, "best_epoch": 1}) == 3  # = epochs, as before
+
+
 def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     assert main(["cv", *tiny(tmp_path, "--folds", "2", "--epochs", "1", "--postprocess", "brain-multi",
                              "--out-dir", str(tmp_path / "cv"))]) == 0
