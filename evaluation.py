@@ -366,7 +366,6 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default=None, help="default: as trained")
-    add_bool_flag(parser, "all_rules", False, "report every post-processing rule, not only raw and --postprocess")
     parser.add_argument("--threshold", type=float, default=None,
                         help="probability above which a pixel is called tumor (default: as trained)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -415,6 +414,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=-1)
     parser.add_argument("--spacing", default="", help="voxel spacing 'dz,dy,dx' in mm for HD95 in mm")
     add_bool_flag(parser, "strict", False, "make every data problem an error instead of skipping or fixing it")
+    add_bool_flag(parser, "all_rules", False, "report every post-processing rule, not only raw and --postprocess")
     add_scoring_flags(parser)
 
 

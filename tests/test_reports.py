@@ -84,6 +84,22 @@ def test_evaluate_writes_the_same_reports(run, tmp_path):
     assert len(list((out / "overlays").glob("*.png"))) == len(json.loads((out / "metrics.json").read_text())["per_patient"])
 
 
+def test_all_rules_is_for_evaluate_and_predict_refuses_it(run, tmp_path):
+    """--all-rules scores every post-processing rule in evaluate; predict accepted it and did nothing."""
+    from evaluation import POSTPROCESSING
+
+    reported = {}
+    for flag in ("on", "off"):
+        out = tmp_path / f"eval-{flag}"
+        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--device", "cpu", "--all-rules", flag,
+                     "--postprocess", "lcc", "--out-dir", str(out)]) == 0
+        reported[flag] = set(json.loads((out / "metrics.json").read_text())["postprocessing"])
+    assert reported == {"on": set(POSTPROCESSING), "off": {"none", "lcc"}}
+    with pytest.raises(SystemExit):  # argparse: unrecognized arguments
+        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(tmp_path), "--output",
+              str(tmp_path / "p"), "--all-rules"])
+
+
 def test_paired_difference_by_hand():
     a, b = [0.5, 0.6, 0.7], [0.6, 0.6, 0.9]  # B - A = 0.1, 0.0, 0.2
     r = paired_difference(a, b, resamples=2000, seed=1)
