@@ -233,9 +233,6 @@ def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple
 
 def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
-    if args.resamples < 1 or args.seed < 0:
-        raise UserError(f"--resamples must be at least 1 and --seed at least 0, got {args.resamples} "
-                        f"and {args.seed}")
     (a, source_a), (b, source_b) = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
     pairs = [(args.postprocess_a, args.postprocess_b)] if args.postprocess_a or args.postprocess_b else None
     if pairs and not (args.postprocess_a and args.postprocess_b):
@@ -244,8 +241,8 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     summary, paired = compare_runs(a, b, resamples=args.resamples, seed=args.seed, pairs=pairs,
                                    per_institution=args.by_institution)
     only = {name: len(set(frame["patient"]) - set(paired["patient"])) for name, frame in (("A", a), ("B", b))}
-    patients = f"{len(paired)} patient{'s' * (len(paired) != 1)}"
-    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n{patients} scored by both"
+    print(f"A: {args.run_a} ({source_a})\nB: {args.run_b} ({source_b})\n"
+          f"{counted(len(paired), 'patient')} scored by both"
           + (f" (left out: {only['A']} only in A, {only['B']} only in B)" if any(only.values()) else ""))
     for row in summary.itertuples():
         # A bootstrap of a handful of patients gives an interval that means nothing (of one patient,

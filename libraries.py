@@ -313,6 +313,7 @@ FLAG_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "warmup": (lambda v: v >= 0, ">= 0"),  # benchmark's untimed steps
     "repeats": (lambda v: v >= 1, "at least 1"),
     "e2e_batches": (lambda v: v >= 1, "at least 1"),
+    "resamples": (lambda v: v >= 1, "at least 1"),  # compare's bootstrap
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32) (scikit-learn's and NumPy's seed range)"),
 }
 
