@@ -24,21 +24,31 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from scipy import ndimage
-from torchvision.utils import draw_segmentation_masks
 
 from data_files import institution
 from libraries import UserError, counted
 from metrics import dice_from_counts
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 TRUTH_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (255, 0, 0)  # red
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A bare Figure with constrained layout. matplotlib is imported here, not at the top: it
+    takes 0.7 s, which every command (and every one-line error) paid at start, charts or not."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -91,7 +101,7 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     frame = pd.DataFrame(history)
     validated = "val_loss" in frame
     val = frame.dropna(subset=["val_loss"]) if validated else frame  # --val-every skips epochs
-    fig = Figure(figsize=(10 if validated else 5, 4), layout="constrained")
+    fig = _figure(figsize=(10 if validated else 5, 4))
     loss_ax, dice_ax = fig.subplots(1, 2) if validated else (fig.subplots(1, 1), None)
     loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
     if validated:
@@ -129,7 +139,7 @@ def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame |
 def plot_dice_per_volume(out_dir: Path, metrics: dict) -> Path:
     """dice_per_volume.png: horizontal bars of per-patient Dice, worst at the bottom."""
     rows = sorted(metrics["per_patient"], key=lambda r: r["dice"])
-    fig = Figure(figsize=(8, 1.5 + 0.3 * len(rows)), layout="constrained")
+    fig = _figure(figsize=(8, 1.5 + 0.3 * len(rows)))
     ax = fig.subplots()
     ax.barh([r["patient"] for r in rows], [r["dice"] for r in rows], color="tab:blue")
     mean, median = metrics["dice_per_volume_mean"], metrics["dice_per_volume_median"]
@@ -157,6 +167,10 @@ def _display(flair: np.ndarray) -> np.ndarray:
 
 def overlay_slice(flair: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8: FLAIR in gray, truth outlined in green, prediction outlined in red."""
+    # Imported here: torchvision.utils pulls in torch._dynamo, 1.7 s that every command (and every
+    # one-line error) would otherwise pay at start, though only the overlays use it.
+    from torchvision.utils import draw_segmentation_masks
+
     outlines = torch.from_numpy(np.stack([_outline(truth), _outline(pred)]))
     drawn = draw_segmentation_masks(
         torch.from_numpy(_display(flair)), outlines, alpha=1.0, colors=[TRUTH_COLOR, PRED_COLOR]

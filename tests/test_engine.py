@@ -457,3 +457,18 @@ def test_a_warmup_as_long_as_the_run_is_named_before_the_first_epoch(tmp_path, c
     assert "warning: --warmup-epochs 1 is not shorter than --epochs 1" in capsys.readouterr().out
     assert main(["--preset", "cpu", "--epochs", "2", "--out-dir", str(tmp_path / "b"), *common]) == 0
     assert "--warmup-epochs" not in capsys.readouterr().out
+
+
+def test_starting_a_command_does_not_import_what_only_charts_overlays_and_splits_use():
+    """torchvision.utils (which pulls in torch._dynamo), scikit-learn and matplotlib took 3.5 s of the
+    8 s that '--help', and every one-line error, needed before its first line; only the overlays,
+    the patient split and the charts use them, so they are imported there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("torchvision", "sklearn", "matplotlib", "torch._dynamo")
+    code = f"import sys, engine; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
