@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from libraries import UserError, add_bool_flag, counted, save_json
+from libraries import UserError, add_bool_flag, check_folder_path, counted, save_json
 from data_files import (
     DATASET_URL,
     DATA_ENV_VAR,
@@ -69,7 +69,7 @@ def download_dataset(to: Path) -> Path:
 
     Raises DatasetError with the manual steps when kagglehub is missing, offline or unauthorized.
     """
-    to = Path(to)
+    to = check_folder_path(Path(to), "--to")  # before a download of 1 GB, not after it
     target = to / "kaggle_3m"
     if looks_like_root(target):
         return target

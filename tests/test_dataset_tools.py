@@ -119,6 +119,18 @@ def test_download_unpacks_and_is_found(tmp_path, monkeypatch):
     assert not (to / "kaggle_3m.partial").exists() and not (to / "kaggle_3m.unzipped").exists()
 
 
+def test_download_to_a_file_is_refused_before_downloading(tmp_path, monkeypatch, capsys):
+    """--to naming a file downloaded the whole archive, then failed in mkdir with a traceback."""
+    asked = []
+    fake_kagglehub(monkeypatch, lambda handle: asked.append(handle) or str(tmp_path))
+    (tmp_path / "notes.txt").write_text("kept")
+    for to in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "data"):
+        assert main(["download", "--to", str(to)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {to}: ") and "is a file, not a folder; choose another --to" in err
+    assert asked == [] and (tmp_path / "notes.txt").read_text() == "kept"
+
+
 @pytest.mark.parametrize("failure", ["offline", "not installed"])
 def test_download_fallback_message(tmp_path, monkeypatch, capsys, failure):
     if failure == "offline":
