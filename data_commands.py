@@ -47,17 +47,16 @@ MANUAL_DOWNLOAD = (
 )
 
 
-def _unpack(source: Path, dest: Path) -> Path:
-    """Extract a .zip (or use a folder) and return the kaggle_3m folder found in it."""
+def _unpack(source: Path, extract_to: Path) -> Path:
+    """Extract a .zip into ``extract_to`` (or use a folder) and return the kaggle_3m folder found in it."""
     if source.is_file() and zipfile.is_zipfile(source):
-        extract_to = dest.parent / (dest.name + ".unzipped")
         with zipfile.ZipFile(source) as archive:
             archive.extractall(extract_to)
         source = extract_to
     if source.is_dir():
         zips = [z for z in source.glob("*.zip") if zipfile.is_zipfile(z)]
         if zips and not any(source.rglob("*_mask.tif")):
-            return _unpack(zips[0], dest)
+            return _unpack(zips[0], extract_to.with_name(extract_to.name + "-inner"))
         for candidate in [source, *sorted(p for p in source.rglob("kaggle_3m") if p.is_dir())]:
             if looks_like_root(candidate):
                 return candidate
@@ -82,13 +81,17 @@ def download_dataset(to: Path) -> Path:
     except Exception as exc:  # network, credentials and HTTP errors come in many types
         raise DatasetError(f"Kaggle download failed ({type(exc).__name__}: {str(exc)[:120]}); "
                            f"{MANUAL_DOWNLOAD}") from None
-    found = _unpack(downloaded, to)
-    to.mkdir(parents=True, exist_ok=True)
-    tmp = to / "kaggle_3m.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(found, tmp)
-    tmp.rename(target)  # only a complete copy ever carries the name the loader looks for
-    shutil.rmtree(to / "kaggle_3m.unzipped", ignore_errors=True)
+    unzipped = to / "kaggle_3m.unzipped"  # a zip's contents, removed once copied (or on failure)
+    try:
+        found = _unpack(downloaded, unzipped)
+        to.mkdir(parents=True, exist_ok=True)
+        tmp = to / "kaggle_3m.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(found, tmp)
+        tmp.rename(target)  # only a complete copy ever carries the name the loader looks for
+    finally:
+        for extracted in (unzipped, unzipped.with_name(unzipped.name + "-inner")):
+            shutil.rmtree(extracted, ignore_errors=True)
     return target
 
 

@@ -116,7 +116,21 @@ def test_download_unpacks_and_is_found(tmp_path, monkeypatch):
     assert sorted(p.name for p in (to / "kaggle_3m" / "TCGA_AA_0001_2000").iterdir()) == [
         "TCGA_AA_0001_2000_1.tif", "TCGA_AA_0001_2000_1_mask.tif"]
     assert find_data_dir(str(to)) == to / "kaggle_3m"
-    assert not (to / "kaggle_3m.partial").exists() and not (to / "kaggle_3m.unzipped").exists()
+    assert not (to / "kaggle_3m.partial").exists()
+    # The archive's extracted copy was left beside --to as data.unzipped (the clean-up looked inside it).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive.zip", "data", "src"]
+    assert sorted(p.name for p in to.iterdir()) == ["kaggle_3m"]
+    # A folder holding the archive (as kagglehub may leave it), into a new --to: unpacked the same way.
+    (tmp_path / "cache").mkdir()
+    archive.rename(tmp_path / "cache" / "archive.zip")
+    fake_kagglehub(monkeypatch, lambda handle: str(tmp_path / "cache"))
+    assert main(["download", "--to", str(tmp_path / "data2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "data2").iterdir()) == ["kaggle_3m"]
+    # An archive without the dataset: one line, and nothing extracted is left behind.
+    with zipfile.ZipFile(tmp_path / "cache" / "archive.zip", "w") as z:
+        z.writestr("readme.txt", "not the dataset")
+    assert main(["download", "--to", str(tmp_path / "data3")]) == 2
+    assert not (tmp_path / "data3").exists() or not list((tmp_path / "data3").iterdir())
 
 
 def test_download_to_a_file_is_refused_before_downloading(tmp_path, monkeypatch, capsys):
