@@ -209,12 +209,13 @@ def predict_command(args: argparse.Namespace) -> Path:
     cases = scan_inputs(args)
     predictor = Predictor(args)
     if cases is not None:
-        count, skipped, kind = predict_scans(cases, predictor, out), 0, "case"
+        (count, skipped), kind, unit = predict_scans(cases, predictor, out), "case", "case"
     else:
         count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
+        unit = "file"
     print(f"predicted {counted(count, kind)} (post-processing: {predictor.postprocess}, "
           f"threshold {predictor.threshold:g})"
-          + (f", skipped {counted(skipped, 'file')}" if skipped else "")
+          + (f", skipped {counted(skipped, unit)} (listed above)" if skipped else "")
           + f"; wrote {out}/masks/, overlays/, predictions.csv")
     return out
 
@@ -253,10 +254,11 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
     return sum(r["level"] == "slice" for r in rows), skipped, "slice"
 
 
-def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path) -> int:
+def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path) -> tuple[int, int]:
     """Each case -> masks/<case>.nii.gz on its FLAIR's grid, overlays/<case>.png and a row of
     predictions.csv (rewritten after every case, so a case that fails later loses nothing). A case
-    that cannot be read is an error when it is the only one, else skipped with its one line."""
+    that cannot be read is an error when it is the only one, else skipped with its one line.
+    Returns the cases predicted and skipped."""
     rows, warned = [], set()
     for name, files in cases:
         try:
@@ -279,7 +281,7 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
                      lambda tmp: pd.DataFrame(rows, columns=[*CSV_COLUMNS, "mask"]).to_csv(tmp, index=False))
     if not rows:
         raise UserError("no case could be read (each is listed above); nothing was written")
-    return len(rows)
+    return len(rows), len(cases) - len(rows)
 
 
 def area_row(group: str, file: str, level: str, area: int, spacing: tuple[float, float, float] | None) -> dict:

@@ -255,7 +255,9 @@ def test_a_bad_case_among_good_ones_is_skipped_and_the_others_kept(tmp_path, che
     bad = nifti_case(tmp_path / "cases" / "b", images)
     (bad / "flair.nii.gz").write_bytes(gzip.compress(b"not a nifti at all"))
     assert predict(checkpoint, tmp_path / "out", "--input", str(tmp_path / "cases")) == 0
-    assert "skipped:" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "skipped:" in printed.err
+    assert printed.out.startswith("predicted 1 case (") and ", skipped 1 case (listed above);" in printed.out
     assert pd.read_csv(tmp_path / "out" / "predictions.csv")["patient"].tolist() == ["a"]
     # Predicting into it again is refused and leaves it as it was.
     before = (tmp_path / "out" / "masks" / "a.nii.gz").read_bytes()
