@@ -57,7 +57,8 @@ from metrics import (
     largest_component_3d,
     parse_spacing,
 )
-from model import check_network_settings, fuse_conv_bn, network_from_checkpoint, scoring_checkpoint
+from model import (check_network_settings, fuse_conv_bn, network_from_checkpoint, overridden_settings,
+                   scoring_checkpoint)
 from reports import format_metrics, write_reports
 from scans import find_cases, load_case, parse_labels, warn_filled
 
@@ -329,13 +330,10 @@ def load_scored_checkpoint(
     ckpt = scoring_checkpoint(spec, image_size=image_size, normalization=normalization)
     check_network_settings(ckpt["config"], spec)  # a given --image-size/--normalization applies to ours too
     record = ckpt["config"]
-    for key, value in (("image_size", image_size), ("normalization", normalization)):
-        if value and record.get(key) not in (None, value):
-            flag = "--" + key.replace("_", "-")
-            print(f"warning: {spec} was trained with {flag} {record[key]}; using {flag} {value} as asked: the "
-                  "model sees inputs unlike those it was trained on", file=sys.stderr)
-        if value:
-            record[key] = value
+    for flag, recorded, value in overridden_settings(record, image_size=image_size, normalization=normalization):
+        print(f"warning: {spec} was trained with {flag} {recorded}; using {flag} {value} as asked: the model sees "
+              "inputs unlike those it was trained on", file=sys.stderr)
+    record.update({k: v for k, v in (("image_size", image_size), ("normalization", normalization)) if v})
     return path, ckpt
 
 

@@ -34,7 +34,7 @@ from evaluation import (
 from libraries import (UserError, atomic_write, check_folder_path, check_new_file, counted, memory_format,
                        setup_device)
 from metrics import parse_spacing
-from model import fuse_conv_bn, input_width, network_from_checkpoint, scoring_checkpoint
+from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
 from scans import MODALITIES, MODALITY_NAMES, find_cases, holds_scans, load_case, strip_suffix, warn_filled, write_mask
 
@@ -338,11 +338,11 @@ def export_command(args: argparse.Namespace) -> float | Path:
         check_new_file(out, "--output", "unet.ts" if args.format == "torchscript" else "unet.onnx")
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
-    for key, value in (("image_size", args.image_size), ("normalization", args.normalization)):
-        if value and record[key] != value:  # a checkpoint of ours: its record is what it was trained with
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} {value}: {args.checkpoint} records {flag} {record[key]}, which the export "
-                            f"keeps; drop {flag} (it is for a plain state_dict, which records neither)")
+    overrides = overridden_settings(record, image_size=args.image_size, normalization=args.normalization)
+    if overrides:
+        flag, recorded, value = overrides[0]
+        raise UserError(f"{flag} {value}: {args.checkpoint} records {flag} {recorded}, which the export keeps; "
+                        f"drop {flag} (it is for a plain state_dict, which records neither)")
     model = network_from_checkpoint(ckpt)
     model.eval()
     if args.format == "state_dict":

@@ -414,6 +414,16 @@ def scoring_checkpoint(spec: str, *, image_size: int | None = None, normalizatio
     return {"model": state_dict, "config": record, "epoch": None}
 
 
+def overridden_settings(
+    record: dict, *, image_size: int | None, normalization: str | None
+) -> list[tuple[str, object, object]]:
+    """(flag, recorded, given) for each of --image-size and --normalization given with a value
+    other than the one the checkpoint's record holds (published weights record what was given)."""
+    given = {"image_size": image_size, "normalization": normalization}
+    return [("--" + key.replace("_", "-"), record[key], value) for key, value in given.items()
+            if value and record.get(key) not in (None, value)]
+
+
 def network_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
     """The network a checkpoint was trained with, holding its weights (on the CPU)."""
     record = ckpt["config"]
