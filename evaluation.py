@@ -275,7 +275,6 @@ def gather_across_ranks(named: dict, loss_sum: float, count: int) -> tuple[dict,
     return merged, sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
-
 # =============================================================================================
 # The evaluate command
 # =============================================================================================

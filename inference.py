@@ -114,7 +114,6 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     return groups, other
 
 
-
 def read_inputs(groups: dict[str, list[Path]]) -> tuple[list[tuple[str, list[Path], np.ndarray]], int]:
     """Decode each folder's slices into volumes of one slice size and bit depth: (name, files,
     (N, H, W, 3) uint8 or uint16 images; ``input_volume`` takes 16-bit values without 8-bit rounding).

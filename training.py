@@ -149,7 +149,6 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     scaler.update()
 
 
-
 def make_scheduler(
     optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
