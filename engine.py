@@ -542,7 +542,7 @@ def fit(
                 e % cfg.val_every == 0 or e == cfg.epochs for e in range(epoch + 1, cfg.epochs + 1))
             left = seconds_left(timed, val_slices, cfg.epochs - epoch, validations_left)
             say(epoch_line(epoch, cfg.epochs, row, state["best_epoch"] == epoch and validated, left))
-            if validated and cfg.patience and validations_since_best(state) >= cfg.patience:
+            if validated and cfg.patience and epoch < cfg.epochs and validations_since_best(state) >= cfg.patience:
                 say(f"early stop: no better validation Dice per volume in {counted(cfg.patience, 'validation')} "
                     f"since epoch {state['best_epoch']}")
                 break

@@ -349,12 +349,17 @@ def tiny(tmp_path, *extra):
             "--batch-size", "4", "--device", "cpu", *extra]
 
 
-def test_early_stopping(tmp_path):
+def test_early_stopping(tmp_path, capsys):
     # lr 0: nothing improves after epoch 1, so patience 1 stops after epoch 2 of 6.
     assert main(tiny(tmp_path, "--epochs", "6", "--lr", "0", "--patience", "1",
                      "--out-dir", str(tmp_path / "run"))) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["best_epoch"] == 1
+    assert "early stop: no better validation Dice per volume in 1 validation since epoch 1" in capsys.readouterr().out
+    # The same at 2 epochs ends where it would have anyway: that is no early stop, and was called one.
+    assert main(tiny(tmp_path, "--epochs", "2", "--lr", "0", "--patience", "1",
+                     "--out-dir", str(tmp_path / "run2"))) == 0
+    assert "early stop" not in capsys.readouterr().out
     assert set(metrics["postprocessing"]) == {"none"}  # the raw prediction is the configured rule here
     assert all("hd95_px" in p for p in metrics["per_patient"])
 
