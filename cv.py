@@ -101,8 +101,11 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
         if cfg.folds < 2:
             raise UserError(f"cv needs --folds of at least 2, got {cfg.folds}")
         cfg = replace(cfg, data_dir=pinned_data_dir(cfg.data_dir))  # each fold, and cv --resume, read the same data
+        inventory = dataset_inventory(cfg.data_dir)
+        if inventory is not None and cfg.folds > len(inventory):  # before a folder or a fold's header
+            raise UserError(f"--folds {cfg.folds} is more than the {len(inventory)} patients found in {cfg.data_dir}")
         base = new_run_dir(cfg.out_dir)
-        save_json(base / CV_CONFIG, {**asdict(cfg), INVENTORY: dataset_inventory(cfg.data_dir)})
+        save_json(base / CV_CONFIG, {**asdict(cfg), INVENTORY: inventory})
     folds = []
     try:
         for fold in range(cfg.folds):
