@@ -259,7 +259,7 @@ def check_resume_flags(command: str, cfg: Config, given: set[str]) -> None:
     if not fixed:
         return  # the run's settings are read once, by the resume itself
     stored = cv.resolve_cv_resume(cfg, {})[0] if command == "cv" else resolve_resume(cfg)[0]
-    ignored = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (the run's: {getattr(stored, name)})"
+    ignored = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (the run's: {str(getattr(stored, name)) or 'none'})"
                for name in sorted(fixed) if getattr(cfg, name) != getattr(stored, name)]
     if ignored:
         may = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_OVERRIDES)
@@ -576,6 +576,9 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
            "cross-validation at 0.55x the time"]
           if cfg.preset == "cpu" and cfg.features > 16 and cfg.amp == "auto" and amp_dtype is None
           and device.type == "cpu" else []),
+        *([f"warning: --encoder-lr-scale {cfg.encoder_lr_scale:g} is for fine-tuning --pretrained weights; without them "
+           "the encoder starts from random weights" + (" and stays so, frozen" if cfg.encoder_lr_scale == 0 else "")]
+          if cfg.encoder_lr_scale != 1 and not cfg.pretrained else []),
         *([f"warning: --warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the learning "
            "rate rises for the whole run and never anneals; lower --warmup-epochs (0 for a quick check)"]
           if cfg.warmup_epochs >= cfg.epochs else []),

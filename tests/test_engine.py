@@ -447,9 +447,9 @@ def test_the_cpu_preset_without_bf16_instructions_says_what_it_costs(tmp_path, c
     assert "bf16 instructions" not in printed(False, 16)  # width 16 is the advice already taken
 
 
-def test_a_warmup_as_long_as_the_run_is_named_before_the_first_epoch(tmp_path, capsys):
+def test_settings_that_undo_themselves_are_named_before_the_first_epoch(tmp_path, capsys):
     """--preset cpu --epochs 1 kept the preset's 1-epoch warmup: the learning rate rose to the last step
-    and never annealed, without a word."""
+    and never annealed, without a word. --encoder-lr-scale 0 without --pretrained froze a random encoder."""
     data = synthetic_tree(tmp_path / "syn", 4, 5)
     common = ["--data-dir", data, "--features", "4", "--steps-per-epoch", "1", "--batch-size", "2",
               "--device", "cpu", "--image-size", "32"]
@@ -457,6 +457,10 @@ def test_a_warmup_as_long_as_the_run_is_named_before_the_first_epoch(tmp_path, c
     assert "warning: --warmup-epochs 1 is not shorter than --epochs 1" in capsys.readouterr().out
     assert main(["--preset", "cpu", "--epochs", "2", "--out-dir", str(tmp_path / "b"), *common]) == 0
     assert "--warmup-epochs" not in capsys.readouterr().out
+    # A frozen encoder without --pretrained weights stays random for the whole run.
+    assert main(["--epochs", "1", "--encoder-lr-scale", "0", "--out-dir", str(tmp_path / "c"), *common]) == 0
+    assert ("warning: --encoder-lr-scale 0 is for fine-tuning --pretrained weights; without them the encoder "
+            "starts from random weights and stays so, frozen") in capsys.readouterr().out
 
 
 def test_starting_a_command_does_not_import_what_only_charts_overlays_and_splits_use():

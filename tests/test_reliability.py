@@ -290,6 +290,8 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         (tiny(tmp_path, syn, run, "--epochs", "1"), "already holds files"),
         (["--resume", str(run), "--epochs", "3", "--lr", "0.001", "--batch-size", "4"],
          f"--resume {run} keeps the run's own settings, so --epochs 3 (the run's: 1) would be ignored; drop it"),
+        (["--resume", str(run), "--pretrained", str(run / "last.pt")],
+         f"--pretrained {run / 'last.pt'} (the run's: none) would be ignored"),
         (tiny(tmp_path, syn, tmp_path / "r2", "--val-patients", "SYN_77"), "SYN_77"),
         (tiny(tmp_path, syn, tmp_path / "r2", "--val-patients", str(tmp_path / "val.txt")),
          f"--val-patients {tmp_path / 'val.txt'}: no such file"),
