@@ -154,6 +154,12 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
             raise UserError("--input and --flair/--t1/--t1ce: pass one or the other")
         if "flair" not in named:
             raise UserError("--t1/--t1ce without --flair: FLAIR is the one sequence the model cannot do without")
+        seen: dict[Path, str] = {}
+        for role, path in named.items():
+            other = seen.setdefault(path.resolve(), role)
+            if other != role:
+                raise UserError(f"--{other} and --{role} name the same {path}; pass each sequence's own file, or leave "
+                                f"--{role if role != 'flair' else other} out (the FLAIR fills a missing sequence)")
         flair = named["flair"]
         return [(strip_suffix(flair.name) if flair.is_file() else flair.resolve().parent.name, named)]
     if not args.input:

@@ -247,6 +247,10 @@ def test_malformed_nifti_inputs_get_one_line(tmp_path, checkpoint, capsys):
     assert predict(checkpoint, tmp_path / "out-grid", "--input", str(good)) == 2
     _one_line_error(capsys, "t1.nii.gz", "t1.nii.gz: not on the grid of",
                     "spacing 1 x 1 x 5 mm, where the FLAIR has 1 x 1 x 2.5 mm;", "does not register")
+    # One file given for two sequences was taken as both, without a word.
+    flair = good / "flair.nii.gz"
+    assert predict(checkpoint, tmp_path / "out-same", "--flair", str(flair), "--t1ce", str(flair)) == 2
+    _one_line_error(capsys, f"--flair and --t1ce name the same {flair}", "leave --t1ce out")
 
 
 def test_a_bad_case_among_good_ones_is_skipped_and_the_others_kept(tmp_path, checkpoint, capsys):
