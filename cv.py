@@ -53,8 +53,8 @@ def check_same_patients(then: dict[str, int] | None, now: dict[str, int] | None,
     now = now or {}
     added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
     other = sorted(p for p in set(now) & set(then) if now[p] != then[p])
-    parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-             for what, names in (("patient(s) added", added), ("gone", gone), ("with other slices", other)) if names]
+    parts = [f"{counted(len(names), 'patient')} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for what, names in (("added", added), ("gone", gone), ("with other slices", other)) if names]
     raise UserError(f"{data_dir or 'the dataset'}: changed since this cv began ({'; '.join(parts)}), so its "
                     "remaining folds would split other patients; finish it with --data-dir pointing at the data it "
                     "began with, or start a new cv")

@@ -570,8 +570,8 @@ def test_cv_resume_refuses_data_that_changed_since_the_cv_began(tmp_path, capsys
     capsys.readouterr()
     assert main(["cv", "--resume", str(tmp_path / "cv")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and ("changed since this cv began (1 patient(s) added (SYN_04_20000105); "
-                                     "1 with other slices (SYN_00_20000101))") in err
+    assert err.count("\n") == 0 and ("changed since this cv began (1 patient added (SYN_04_20000105); "
+                                     "1 patient with other slices (SYN_00_20000101))") in err
     assert not (tmp_path / "cv" / "fold-1").exists()
 
 
