@@ -3,7 +3,8 @@
 It times (a) the reference path (fp32, contiguous NCHW, eager) against (b) the fast default path
 (--amp, --channels-last, --compile) on random inputs, in turns, and then training end to end
 through the real DataLoader. Every measurement uses the network that was asked for
-(--encoder, --features), built by the same ``training.build_training`` as a training run.
+(--features, --deep-supervision, or a --preset's), built by the same ``training.build_training`` as a
+training run; with a --preset it also estimates how long that preset's training steps take here.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from training import NetworkSpec, TrainingParts, build_training, forward_loss, o
 
 # The training settings the benchmark uses; the command line offers these and no others, so a
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
-FIELDS = ("data_dir", "seed", "image_size", "batch_size", "features", "normalization", "modality_dropout",
-          "device", "amp", "compile", "num_workers", "strict", "out_dir")
+FIELDS = ("data_dir", "seed", "image_size", "batch_size", "features", "deep_supervision", "normalization",
+          "modality_dropout", "device", "amp", "compile", "num_workers", "strict", "out_dir", "preset")
 
 
 def _sync(device: torch.device) -> None:
@@ -71,16 +72,16 @@ class _TimedPath:
     infer_net: nn.Module | None = None
 
 
-def _parts(features: int, device: torch.device, amp_dtype: torch.dtype | None,
+def _parts(features: int, deep_supervision: bool, device: torch.device, amp_dtype: torch.dtype | None,
            channels_last: bool, compile_model: bool) -> TrainingParts:
     """A training setup as ``engine.train`` builds it, with the default loss and learning rate."""
-    return build_training(NetworkSpec(features=features, compile=compile_model), device=device,
-                          channels_last=channels_last, amp_dtype=amp_dtype)
+    return build_training(NetworkSpec(features=features, deep_supervision=deep_supervision, compile=compile_model),
+                          device=device, channels_last=channels_last, amp_dtype=amp_dtype)
 
 
 def time_paths(
     paths: dict[str, dict], *, features: int, image_size: int, batch_size: int,
-    device: torch.device, warmup: int, repeats: int,
+    device: torch.device, warmup: int, repeats: int, deep_supervision: bool = False,
 ) -> list[dict]:
     """Training-step and inference throughput of each execution path in ``paths``, on random inputs.
 
@@ -94,7 +95,8 @@ def time_paths(
     runs = []
     for options in paths.values():
         torch.manual_seed(0)
-        parts = _parts(features, device, options["amp_dtype"], options["channels_last"], options["compile_model"])
+        parts = _parts(features, deep_supervision, device, options["amp_dtype"], options["channels_last"],
+                       options["compile_model"])
         fmt = torch.channels_last if options["channels_last"] else torch.contiguous_format
         runs.append(_TimedPath(amp_dtype=options["amp_dtype"], parts=parts,
                                x=x.to(device).contiguous(memory_format=fmt), y=y.to(device)))
@@ -106,6 +108,9 @@ def time_paths(
     for r in runs:
         r.parts.net.train()
     train_ips = _interleaved_rates([train_step(r) for r in runs], batch_size, device, warmup, repeats)
+    # Training runs deep supervision's heads too, where asked for; inference the UNet alone. (The
+    # reference path's network is never compiled, so it can be copied to count.)
+    train_flops = count_flops(runs[0].parts.net, image_size)[1]
     # Inference copies are made after training, so BatchNorm has real running statistics.
     for r, options in zip(runs, paths.values()):
         infer = fuse_conv_bn(r.parts.model) if options["fused"] else r.parts.model.eval()
@@ -118,7 +123,7 @@ def time_paths(
         return run
 
     infer_ips = _interleaved_rates([infer_step(r) for r in runs], batch_size, device, warmup, repeats)
-    forward_flops, train_flops = count_flops(runs[0].parts.model, image_size)
+    forward_flops = count_flops(runs[0].parts.model, image_size)[0]
     return [
         {"path": name, "train_img_s": t, "infer_img_s": i,
          "train_tflop_s": t * train_flops / 1e12, "infer_tflop_s": i * forward_flops / 1e12}
@@ -142,7 +147,7 @@ def time_end_to_end(
     workers = default_num_workers() if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
-    parts = _parts(args.features, device, amp_dtype, CHANNELS_LAST, args.compile)
+    parts = _parts(args.features, args.deep_supervision, device, amp_dtype, CHANNELS_LAST, args.compile)
     parts.net.train()
 
     def train_step(batch: dict) -> int:
@@ -194,14 +199,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="", help="JSON file (default: <out-dir or runs>/benchmark-<date-time>.json)")
 
 
-def benchmark_command(args: argparse.Namespace) -> dict:
+def benchmark_command(args: argparse.Namespace, training_steps: int = 0) -> dict:
     """The ``benchmark`` command: reference vs fast path, then end to end; prints a table, writes JSON.
 
-    ``args`` holds the FIELDS settings and warmup, repeats, e2e_batches and out.
+    ``args`` holds the FIELDS settings (a --preset's already filled in) and warmup, repeats,
+    e2e_batches and out. With ``training_steps`` (a preset's), it also estimates how long those
+    steps take at the end-to-end rate.
     """
     device, amp_dtype = setup_device(args.device, args.amp)
-    common = {"features": args.features, "image_size": args.image_size, "batch_size": args.batch_size,
-              "device": device, "warmup": args.warmup, "repeats": args.repeats}
+    common = {"features": args.features, "deep_supervision": args.deep_supervision, "image_size": args.image_size,
+              "batch_size": args.batch_size, "device": device, "warmup": args.warmup, "repeats": args.repeats}
     paths = {
         "reference (fp32, NCHW, eager)": dict(amp_dtype=None, channels_last=False, compile_model=False,
                                               fused=False),
@@ -214,16 +221,21 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     e2e = time_end_to_end(args, device, amp_dtype, args.e2e_batches)
     result = {
         "environment": environment_report(device), "image_size": args.image_size,
-        "batch_size": args.batch_size, "features": args.features, "paths": rows,
+        "batch_size": args.batch_size, "features": args.features, "deep_supervision": args.deep_supervision,
+        "preset": args.preset, "paths": rows,
         "train_speedup": fast["train_img_s"] / ref["train_img_s"],
         "infer_speedup": fast["infer_img_s"] / ref["infer_img_s"],
         "end_to_end": e2e, "end_to_end_vs_fast_step": e2e["train_img_s"] / fast["train_img_s"],
     }
+    if training_steps:
+        result["preset_training_steps"] = training_steps
+        result["preset_training_minutes_estimate"] = training_steps * args.batch_size / e2e["train_img_s"] / 60
     out = Path(args.out or Path(args.out_dir or "runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, result)
     env = result["environment"]
-    print(f"\nUNet ({args.features} features), {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+    heads = ", deep supervision" if args.deep_supervision else ""
+    print(f"\nUNet ({args.features} features{heads}), {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{env.get('gpu', env['device'])}, torch {env['torch']}")
     print(f"{'path':<58} {'train img/s':>12} {'infer img/s':>12} {'train TFLOP/s':>14} {'infer TFLOP/s':>14}")
     for r in rows:
@@ -235,5 +247,9 @@ def benchmark_command(args: argparse.Namespace) -> dict:
     print(f"{'input pipeline alone, no model (' + str(e2e['workers']) + ' workers)':<58} {e2e['loader_img_s']:>12.2f}")
     print(f"first batch {e2e['first_batch_seconds_warm_cache']:.2f} s after start with a warm cache "
           f"({e2e['slices']:,} slices{', SYNTHETIC' if e2e['synthetic_data'] else ''}); wrote {out}")
+    if training_steps:
+        print(f"--preset {args.preset}: its {training_steps:,} training steps would take about "
+              f"{result['preset_training_minutes_estimate']:.0f} min here at the end-to-end rate, "
+              "plus validation and the final evaluation")
     return result
 

@@ -238,6 +238,17 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     return Config(**values)
 
 
+def benchmark_settings(args: argparse.Namespace, argv: list[str]) -> tuple[argparse.Namespace, int]:
+    """benchmark's flags with its --preset's settings filled in where no flag is given (as a run
+    would have them), and that preset's training steps (0 without a preset)."""
+    preset = PRESETS[args.preset]
+    given = given_flags(argv)
+    for name, value in preset.items():
+        if name in benchmark.FIELDS and name not in given:
+            setattr(args, name, value)
+    return args, preset.get("epochs", 0) * preset.get("steps_per_epoch", 0)
+
+
 def run_config(command: str, args: argparse.Namespace, argv: list[str]) -> Config:
     """The Config of a train or cv command: the flags, the preset, the --pretrained weights' width
     where --features is not given, and the flags checked before any folder is made (a resumed
@@ -645,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             evaluation.evaluate_command(args)
         elif args.command == "benchmark":
-            benchmark.benchmark_command(args)
+            benchmark.benchmark_command(*benchmark_settings(args, argv))
         elif args.command == "cv":
             cfg = run_config("cv", args, argv)
             cv.cross_validate(cfg, train, resumable_overrides(cfg))

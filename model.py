@@ -143,13 +143,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, image_size: int) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs of one image, counted on the meta device (no compute)."""
+    """(forward, forward + backward) FLOPs of one image, counted on the meta device (no compute),
+    in ``model``'s own mode: a deep-supervision network in training mode counts its heads too."""
     meta = copy.deepcopy(model).to("meta")
     x = torch.zeros(1, input_width(model), image_size, image_size, device="meta")
     with FlopCounterMode(display=False) as forward:
         meta(x)
     with FlopCounterMode(display=False) as training:
-        meta(x).sum().backward()
+        outputs = meta(x)
+        sum(o.sum() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])).backward()
     return float(forward.get_total_flops()), float(training.get_total_flops())
 
 

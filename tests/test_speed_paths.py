@@ -86,6 +86,19 @@ def test_count_flops_by_hand():
     assert training == forward + 2 * second + first
 
 
+def test_count_flops_counts_deep_supervision_heads_in_training_mode_only():
+    from training import DeepSupervision
+
+    unet_forward, unet_training = count_flops(UNet(features=4), 32)
+    net = DeepSupervision(UNet(features=4), 4).train()
+    # Each head is a 1x1 conv to 1 channel (bias adds are not counted): 8 channels at 16x16, 16 at
+    # 8x8. Its backward needs its weight's and its input's gradients, each as costly as its forward.
+    heads = 2 * 8 * (16 * 16) + 2 * 16 * (8 * 8)
+    forward, training = count_flops(net, 32)
+    assert (forward, training) == (unet_forward + heads, unet_training + 3 * heads)
+    assert count_flops(net.eval(), 32)[0] == unet_forward
+
+
 def test_count_flops_feeds_the_first_layer_its_own_channels():
     # A 5-channel first layer (2.5D input): 2 * (5 * 3 * 3) FLOPs per output, 4 * 8 * 8 outputs.
     model = nn.Sequential(nn.Conv2d(5, 4, 3, padding=1, bias=False))
@@ -107,7 +120,33 @@ def test_benchmark_times_the_network_asked_for_and_refuses_flags_it_does_not_use
     assert built == [4] * 3  # reference, fast, end to end
     assert json.loads((tmp_path / "b.json").read_text())["features"] == 4
     capsys.readouterr()
-    for flag in (["--epochs", "3"], ["--lr", "0.1"], ["--folds", "3"]):
+    for flag in (["--epochs", "3"], ["--lr", "0.1"], ["--folds", "3"], ["--steps-per-epoch", "5"]):
         with pytest.raises(SystemExit):
             main(["benchmark", *flag])
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_benchmark_times_a_presets_network_and_estimates_its_training_time(tmp_path, capsys, monkeypatch):
+    """Bug: benchmark timed a plain width-32 UNet whatever --preset said (it had no --preset or
+    --deep-supervision), so the CPU preset's speed could not be measured with it."""
+    import benchmark
+    from engine import PRESETS
+
+    built = []
+    real = benchmark.build_training
+    monkeypatch.setattr(benchmark, "build_training", lambda spec, **kw: built.append(spec) or real(spec, **kw))
+    out = tmp_path / "b.json"
+    # The preset fills in what no flag gives (width 24, deep supervision); the flags given win.
+    assert main(["benchmark", "--preset", "cpu", "--image-size", "32", "--batch-size", "2", "--device", "cpu",
+                 "--warmup", "0", "--repeats", "1", "--e2e-batches", "1",
+                 "--data-dir", synthetic_tree(tmp_path / "syn", 2, 4), "--out", str(out)]) == 0
+    cpu = PRESETS["cpu"]
+    assert [(s.features, s.deep_supervision) for s in built] == [(cpu["features"], True)] * 3
+    result = json.loads(out.read_text())
+    assert (result["features"], result["deep_supervision"], result["image_size"], result["batch_size"]) == (
+        cpu["features"], True, 32, 2)
+    steps = cpu["epochs"] * cpu["steps_per_epoch"]
+    assert result["preset_training_steps"] == steps
+    minutes = steps * 2 / result["end_to_end"]["train_img_s"] / 60
+    assert result["preset_training_minutes_estimate"] == pytest.approx(minutes)
+    assert f"its {steps:,} training steps would take about {minutes:.0f} min" in capsys.readouterr().out
