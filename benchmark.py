@@ -26,7 +26,7 @@ from data_cache import load_dataset, resolve_cache_dir
 from data_files import DataIssues
 from data_loaders import LGGSlices, default_num_workers, locate_data, make_loader
 from data_preprocessing import batch_to_device, train_preprocess
-from libraries import CHANNELS_LAST, autocast, environment_report, save_json, setup_device
+from libraries import CHANNELS_LAST, autocast, check_folder_path, environment_report, save_json, setup_device
 from model import count_flops, fuse_conv_bn
 from training import NetworkSpec, TrainingParts, build_training, forward_loss, optimizer_step
 
@@ -206,6 +206,8 @@ def benchmark_command(args: argparse.Namespace, training_steps: int = 0) -> dict
     e2e_batches and out. With ``training_steps`` (a preset's), it also estimates how long those
     steps take at the end-to-end rate.
     """
+    out = Path(args.out or Path(args.out_dir or "runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json")
+    check_folder_path(out.parent, "--out" if args.out else "--out-dir", named=out)  # before minutes of timing
     device, amp_dtype = setup_device(args.device, args.amp)
     common = {"features": args.features, "deep_supervision": args.deep_supervision, "image_size": args.image_size,
               "batch_size": args.batch_size, "device": device, "warmup": args.warmup, "repeats": args.repeats}
@@ -230,7 +232,6 @@ def benchmark_command(args: argparse.Namespace, training_steps: int = 0) -> dict
     if training_steps:
         result["preset_training_steps"] = training_steps
         result["preset_training_minutes_estimate"] = training_steps * args.batch_size / e2e["train_img_s"] / 60
-    out = Path(args.out or Path(args.out_dir or "runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, result)
     env = result["environment"]

@@ -224,10 +224,11 @@ def data_command(data_dir: str, out: str, strict: bool) -> dict:
     if root is None:
         raise UserError(f"no dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m); "
                         "run 'python engine.py download' or pass --data-dir")
+    path = Path(out) if out else Path("runs") / f"data-report-{datetime.now():%Y%m%d-%H%M%S}.json"
+    check_folder_path(path.parent, "--out", named=path)  # before reading every slice, not after
     report = summarize_dataset(root, strict=strict)
     clinical = read_clinical(root)
     report["clinical_table"] = None if clinical is None else {"rows": len(clinical), "columns": list(clinical.columns)}
-    path = Path(out) if out else Path("runs") / f"data-report-{datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_json(path, report)
     area = report["tumor_area_px"]

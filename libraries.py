@@ -207,10 +207,10 @@ def atomic_write(path: Path, write: Any) -> None:
     new one, never half of one. A write that fails (a full disk, most often) leaves the old file
     as it was and becomes a UserError that says so.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    path, tmp = Path(path), ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
@@ -219,7 +219,7 @@ def atomic_write(path: Path, write: Any) -> None:
                         "Free some disk space (a full disk is the usual cause), then continue the run "
                         "with --resume") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -242,14 +242,22 @@ def unused_path(stem: Path) -> Path:
     return path
 
 
-def check_folder_path(path: Path, flag: str) -> Path:
-    """``path``, refused in one line where it or a folder above it is a file, before any work whose
-    results would go there."""
+def check_folder_path(path: Path, flag: str, named: Path | None = None) -> Path:
+    """``path``, refused in one line where it or a folder above it is a file, or where nothing can
+    be written in the nearest folder of it that exists (no permission, a read-only or virtual file
+    system), before any work whose results would go there. The line starts with ``named`` (the
+    file to be written in ``path``), else ``path``."""
+    named = named or path
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
-                where = "is a file, not a folder" if existing == path else f"{existing} is a file, not a folder"
-                raise UserError(f"{path}: {where}; choose another {flag}")
+                where = "is a file, not a folder" if existing == named else f"{existing} is a file, not a folder"
+                raise UserError(f"{named}: {where}; choose another {flag}")
+            try:
+                tempfile.TemporaryFile(dir=existing).close()  # the only sure test: os.access trusts root
+            except OSError as exc:
+                raise UserError(f"{named}: nothing can be written in {existing} ({exc.strerror or exc}); "
+                                f"choose another {flag}") from None
             break
     return path
 
@@ -257,7 +265,7 @@ def check_folder_path(path: Path, flag: str) -> Path:
 def check_new_file(path: Path, flag: str, example: str) -> Path:
     """``path`` if a new file may be written there: refused in one line where it is a folder, where
     it already exists (it is kept: nothing saved is overwritten) or where a folder above it is a file."""
-    check_folder_path(path.parent, flag)
+    check_folder_path(path.parent, flag, named=path)
     if path.is_dir():
         raise UserError(f"{path}: a folder; {flag} is the file to write, such as {path / example}")
     if path.exists():

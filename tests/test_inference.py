@@ -347,7 +347,7 @@ def test_values_no_command_can_use_are_refused_in_one_line_before_any_work(tmp_p
         (["predict", "--checkpoint", ckpt, "--input", str(tmp_path), "--output", str(tmp_path / "p"),
           "--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
         (["export", "--checkpoint", ckpt, "--format", "torchscript", "--output", str(a_file / "unet.ts")],
-         f"{a_file}: is a file, not a folder; choose another --output"),
+         f"{a_file / 'unet.ts'}: {a_file} is a file, not a folder; choose another --output"),
         (["export", "--checkpoint", ckpt, "--format", "state_dict", "--output", str(a_file)], "is a file"),
         # Ignored in silence: the export kept the checkpoint's own record.
         (["export", "--checkpoint", ckpt, "--format", "torchscript", "--output", str(tmp_path / "u.ts"),

@@ -323,6 +323,47 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("r") and p.name != "run"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one can create a file")
+def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_path, syn, capsys, monkeypatch):
+    """Bug: a run folder or --out under a folder that takes no files (/proc here; a read-only disk or
+    another user's folder alike) ended in a traceback, and benchmark's only after all its timing."""
+    import benchmark
+
+    monkeypatch.setattr(benchmark, "time_paths", lambda *a, **k: pytest.fail("timed before the check"))
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "1")) == 0
+    capsys.readouterr()
+    cases = [
+        (tiny(tmp_path, syn, "/proc/lgg-run", "--epochs", "1"), "/proc/lgg-run", "--out-dir"),
+        (["cv", *tiny(tmp_path, syn, "/proc/lgg-cv", "--folds", "2")], "/proc/lgg-cv", "--out-dir"),
+        (["benchmark", "--data-dir", str(syn), "--out", "/proc/b.json"], "/proc/b.json", "--out"),
+        (["benchmark", "--data-dir", str(syn), "--out-dir", "/proc/bench"], "/proc/bench/benchmark-", "--out-dir"),
+        (["data", "--data-dir", str(syn), "--out", "/proc/d.json"], "/proc/d.json", "--out"),
+        (["compare", str(run), str(run), "--out", "/proc/p.csv"], "/proc/p.csv", "--out"),
+        (["evaluate", "--checkpoint", str(run / "last.pt"), "--out-dir", "/proc/ev"], "/proc/ev", "--out-dir"),
+        (["predict", "--checkpoint", str(run / "last.pt"), "--input", str(syn), "--output", "/proc/pr"],
+         "/proc/pr", "--output"),
+    ]
+    for argv, named, flag in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {named}") and err.count("\n") == 0, err
+        assert ": nothing can be written in /proc (" in err
+        assert err.endswith(f"choose another {flag}"), err
+
+    # Where the folder refuses for want of permission (which root, running this, never lacks).
+    import libraries
+
+    def denied(dir=None):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(libraries.tempfile, "TemporaryFile", denied)
+    assert main(tiny(tmp_path, syn, tmp_path / "new" / "run", "--epochs", "1")) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'new' / 'run'}: nothing can be written in "
+                                               f"{tmp_path} (Permission denied); choose another --out-dir")
+    assert not (tmp_path / "new").exists()
+
+
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, syn, monkeypatch, capsys):
     """The write of epoch 2's last.pt fails as a full disk makes torch.save fail: one line, and
     epoch 1's last.pt is left whole."""

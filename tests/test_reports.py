@@ -158,7 +158,8 @@ def test_compare_a_rule_only_the_newer_run_reports(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert main(["compare", str(old), str(new), "--out", str(a_file / "paired.csv")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {a_file}: is a file, not a folder; choose another --out"
+    assert capsys.readouterr().err.strip() == (f"error: {a_file / 'paired.csv'}: {a_file} is a file, not a folder; "
+                                               "choose another --out")
     assert main(["compare", str(old), str(new), "--out", str(tmp_path / "new" / "dir" / "paired.csv")]) == 0
     assert pd.read_csv(tmp_path / "new" / "dir" / "paired.csv")["patient"].tolist() == ["P1", "P2"]
 
