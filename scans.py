@@ -92,7 +92,9 @@ def case_files(folder: Path) -> dict[str, Path]:
         if role is not None:
             found.setdefault(role, []).append(entry)
     listing = ", ".join(p.name for p in entries) or "no NIfTI file or DICOM folder"
-    flags = "name each with --flair, --t1 and --t1ce (--mask for evaluate)"
+    # evaluate has no flag per file, so renaming is the fix that works for both commands.
+    flags = ("rename them so that one name says each of flair, t1, t1ce (and seg, evaluate's mask), "
+             "or give predict each file with --flair, --t1 and --t1ce")
     for role, paths in found.items():
         if len(paths) > 1:
             raise UserError(f"{folder}: {len(paths)} entries look like {role} ({', '.join(p.name for p in paths)}); "

@@ -222,6 +222,7 @@ def _one_line_error(capsys, *needles):
     assert err.count("\n") == 0 and err.startswith("error:") and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, (needle, err)
+    return err
 
 
 def test_malformed_nifti_inputs_get_one_line(tmp_path, checkpoint, capsys):
@@ -302,6 +303,13 @@ def test_an_ambiguous_case_folder_lists_what_it_found(tmp_path, checkpoint, caps
     write_nifti(case / "flair_2.nii.gz", images[..., 1])
     assert predict(checkpoint, tmp_path / "out", "--input", str(case)) == 2
     _one_line_error(capsys, "2 entries look like flair", "flair.nii.gz, flair_2.nii.gz", "--flair")
+    # evaluate takes no file flags: the advice is to rename (it named a --mask flag that never existed).
+    (case / "flair_2.nii.gz").unlink()
+    write_nifti(case / "seg.nii.gz", np.zeros(images.shape[:3], np.uint8))
+    write_nifti(case / "mask.nii.gz", np.zeros(images.shape[:3], np.uint8))
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(case)]) == 2
+    err = _one_line_error(capsys, "2 entries look like seg", "mask.nii.gz, seg.nii.gz", "rename them")
+    assert "--mask" not in err
 
 
 @requires_real_data
