@@ -1,7 +1,7 @@
 """The ``benchmark`` command: how fast training and inference run, measured, never assumed.
 
 It times (a) the reference path (fp32, contiguous NCHW, eager) against (b) the fast default path
-(--amp, --channels-last, --compile) on random inputs, in turns, and then training end to end
+(--amp, channels_last, --compile) on random inputs, in turns, and then training end to end
 through the real DataLoader. Every measurement uses the network that was asked for
 (--features, --deep-supervision, or a --preset's), built by the same ``training.build_training`` as a
 training run; with a --preset it also estimates how long that preset's training steps take here.

@@ -202,7 +202,7 @@ def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     bench = command(
         "benchmark", help="time the reference fp32 path against the fast default path",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "
-        "NCHW, eager) and (b) the fast default path (--amp, --channels-last, --compile), then the "
+        "NCHW, eager) and (b) the fast default path (--amp, channels_last, --compile), then the "
         "end-to-end training throughput through the real DataLoader, all with the network asked for.",
     )
     add_config_flags(bench, only=benchmark.FIELDS)

@@ -293,7 +293,7 @@ def new_run_dir(out_dir: str) -> Path:
 
 
 def parse_bool(text: str) -> bool:
-    """'on'/'off' (and true/false, yes/no, 1/0) for boolean flags such as ``--channels-last off``."""
+    """'on'/'off' (and true/false, yes/no, 1/0) for boolean flags such as ``--compile off``."""
     value = text.strip().lower()
     if value in ("on", "true", "yes", "1"):
         return True
