@@ -202,8 +202,9 @@ def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:
     if not slices:
         raise UserError(f"{folder}: no DICOM image in this folder; pass the folder that holds one series' files")
     if len({str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}) > 1:
-        raise UserError(f"{folder}: several DICOM series in one folder; put each series in its own folder "
-                        "and pass the FLAIR's (and T1's) with --flair/--t1/--t1ce")
+        raise UserError(f"{folder}: several DICOM series in one folder; put each series in a folder of its own, "
+                        "named for its sequence (flair, t1, t1ce), or give predict the folders with --flair, --t1 "
+                        "and --t1ce")
     if len(slices) < 2:
         raise UserError(f"{folder}: a single DICOM slice; a 3D series is needed")
     return slices

@@ -282,6 +282,11 @@ def test_malformed_dicom_inputs_get_one_line(tmp_path, checkpoint, capsys):
     files[4].unlink()
     assert predict(checkpoint, tmp_path / "o2", "--flair", str(tmp_path / "gap")) == 2
     _one_line_error(capsys, "a slice is missing between IM0003.dcm and IM0005.dcm", "5.0 mm apart")
+    # Two series in one folder (the second's files renamed so that none is overwritten).
+    for f in write_dicom_series(tmp_path / "second", voxels, TIFF_AFFINE):
+        f.rename(tmp_path / "gap" / f"B{f.name}")
+    assert predict(checkpoint, tmp_path / "o3", "--flair", str(tmp_path / "gap")) == 2
+    _one_line_error(capsys, "several DICOM series in one folder", "named for its sequence (flair, t1, t1ce)")
 
 
 def test_sequences_are_told_by_the_words_of_their_names():
