@@ -485,7 +485,7 @@ def train(cfg: Config) -> dict:
                                    steps_per_epoch=len(train_loader))
     val_slices = sum(len(data.volumes[n].images) for n in data.val_names)
     say(describe_run(cfg, data, env, parts, train_set, device=device, amp_dtype=amp_dtype, workers=workers,
-                     val_slices=val_slices))
+                     val_slices=val_slices, steps_per_epoch=len(train_loader)))
 
     config_record = {**asdict(cfg), "channels_last": CHANNELS_LAST, "threshold": evaluation.THRESHOLD,
                      "resolved_data_dir": str(data.root.resolve()), "synthetic_data": data.synthetic,
@@ -567,7 +567,8 @@ def fit(
 
 
 def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, train_set: LGGSlices, *,
-                 device: torch.device, amp_dtype: torch.dtype | None, workers: int, val_slices: int) -> str:
+                 device: torch.device, amp_dtype: torch.dtype | None, workers: int, val_slices: int,
+                 steps_per_epoch: int) -> str:
     """The lines printed before the first epoch: data, device and model."""
     return "\n".join([
         f"data: {data.root} ({'SYNTHETIC' if data.synthetic else 'real'}), {len(data.train_names)} train / "
@@ -579,9 +580,10 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
         f"{len(train_set):,} train slices ({int(train_set.has_tumor.sum()):,} with tumor, weight "
         f"{cfg.tumor_weight:g}), {val_slices:,} validation slices",
-        *([f"warning: --preset full is meant for a GPU: {cfg.epochs * max(cfg.steps_per_epoch, 1):,} steps at "
-           f"{cfg.image_size} px take many hours on a CPU; --preset cpu is the recipe for CPUs (about 30 min on 2 "
-           "cores)"] if cfg.preset == "full" and cfg.image_size >= 256 and device.type == "cpu" else []),
+        *([f"warning: --preset full is meant for a GPU: {counted(cfg.epochs * steps_per_epoch, 'step')} at "
+           f"{cfg.image_size} px would take many hours on a CPU; --preset cpu is the recipe for CPUs (about 30 min "
+           "on 2 cores with bf16 instructions, 1.7 h without; benchmark --preset cpu estimates it)"]
+          if cfg.preset == "full" and cfg.image_size >= 256 and device.type == "cpu" else []),
         *(["note: this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so --amp auto trains in fp32: the CPU "
            "preset takes about 1.7 h on 2 such cores instead of about 30 min; --features 16 tied with width 24 in "
            "cross-validation at 0.55x the time"]

@@ -420,8 +420,13 @@ def test_the_gpu_preset_on_a_cpu_says_so_before_the_first_epoch(tmp_path, capsys
     data = synthetic_tree(tmp_path / "syn", 4, 5)
     assert main(["--preset", "full", "--data-dir", data, "--features", "4", "--epochs", "1", "--steps-per-epoch", "1",
                  "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")]) == 0
-    assert "warning: --preset full is meant for a GPU: 1 steps at 256 px" in capsys.readouterr().out
+    assert "warning: --preset full is meant for a GPU: 1 step at 256 px" in capsys.readouterr().out
     assert engine.PRESETS["full"]["image_size"] >= 256  # what the warning is keyed on
+    # With --steps-per-epoch 0 an epoch is one pass: 20 slices in batches of 2, 10 steps (it said 1).
+    assert main(["--preset", "full", "--data-dir", data, "--features", "4", "--epochs", "1", "--steps-per-epoch", "0",
+                 "--batch-size", "2", "--image-size", "256", "--device", "cpu", "--split", "none", "--patience", "0",
+                 "--out-dir", str(tmp_path / "run-pass")]) == 0
+    assert "meant for a GPU: 10 steps at 256 px" in capsys.readouterr().out
     assert main(["--preset", "cpu", "--data-dir", data, "--features", "4", "--epochs", "1", "--steps-per-epoch", "1",
                  "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run-cpu")]) == 0
     assert "meant for a GPU" not in capsys.readouterr().out
