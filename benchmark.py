@@ -26,7 +26,7 @@ from data_cache import load_dataset, resolve_cache_dir
 from data_files import DataIssues
 from data_loaders import LGGSlices, default_num_workers, locate_data, make_loader
 from data_preprocessing import batch_to_device, train_preprocess
-from libraries import CHANNELS_LAST, autocast, check_folder_path, environment_report, save_json, setup_device
+from libraries import CHANNELS_LAST, autocast, check_folder_path, counted, environment_report, save_json, setup_device
 from model import count_flops, fuse_conv_bn
 from training import NetworkSpec, TrainingParts, build_training, forward_loss, optimizer_step
 
@@ -247,7 +247,7 @@ def benchmark_command(args: argparse.Namespace, training_steps: int = 0) -> dict
           f"{e2e['train_img_s']:>12.2f} {'':>12}  = {result['end_to_end_vs_fast_step']:.0%} of the bare fast step")
     print(f"{'input pipeline alone, no model (' + str(e2e['workers']) + ' workers)':<58} {e2e['loader_img_s']:>12.2f}")
     print(f"first batch {e2e['first_batch_seconds_warm_cache']:.2f} s after start with a warm cache "
-          f"({e2e['slices']:,} slices{', SYNTHETIC' if e2e['synthetic_data'] else ''}); wrote {out}")
+          f"({counted(e2e['slices'], 'slice')}{', SYNTHETIC' if e2e['synthetic_data'] else ''}); wrote {out}")
     if training_steps:
         print(f"--preset {args.preset}: its {training_steps:,} training steps would take about "
               f"{result['preset_training_minutes_estimate']:.0f} min here at the end-to-end rate, "

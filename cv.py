@@ -103,7 +103,8 @@ def cross_validate(cfg: Any, train: Callable[[Any], dict], overrides: dict[str, 
         cfg = replace(cfg, data_dir=pinned_data_dir(cfg.data_dir))  # each fold, and cv --resume, read the same data
         inventory = dataset_inventory(cfg.data_dir)
         if inventory is not None and cfg.folds > len(inventory):  # before a folder or a fold's header
-            raise UserError(f"--folds {cfg.folds} is more than the {len(inventory)} patients found in {cfg.data_dir}")
+            raise UserError(f"--folds {cfg.folds} is more than the {counted(len(inventory), 'patient')} found in "
+                            f"{cfg.data_dir}")
         base = new_run_dir(cfg.out_dir)
         save_json(base / CV_CONFIG, {**asdict(cfg), INVENTORY: inventory})
     folds = []

@@ -120,7 +120,7 @@ def kfold_split(patients: Sequence[str], folds: int, fold: int, seed: int) -> tu
     if folds < 2 or not 0 <= fold < folds:
         raise DatasetError(f"--folds must be >= 2 and --fold in 0..{folds - 1}, got {folds} and {fold}")
     if folds > len(patients):
-        raise DatasetError(f"--folds {folds} is more than the {len(patients)} patients found")
+        raise DatasetError(f"--folds {folds} is more than the {counted(len(patients), 'patient')} found")
     order = np.random.default_rng(seed).permutation(len(patients))
     val = {patients[i] for i in order[fold::folds]}
     return [p for p in patients if p not in val], sorted(val)

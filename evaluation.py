@@ -352,7 +352,8 @@ def warn_trained_on(record: dict, names: Sequence[str]) -> list[str]:
     """The scored patients that the model was trained on, warned about once."""
     trained = trained_patients(record, names)
     if trained:
-        print(f"warning: {len(trained)} of the {len(names)} patients scored were used to train this model "
+        print(f"warning: {len(trained)} of the {counted(len(names), 'patient')} scored "
+              f"{'was' if len(trained) == 1 else 'were'} used to train this model "
               f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
               file=sys.stderr)
     return trained

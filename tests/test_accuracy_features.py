@@ -59,6 +59,8 @@ def test_kfold_is_patient_disjoint_and_covers_everyone_once():
     assert kfold_split(patients, 5, 0, seed=7) == kfold_split(list(reversed(patients)), 5, 0, seed=7)
     with pytest.raises(DatasetError):
         kfold_split(patients, 5, 5, seed=7)
+    with pytest.raises(DatasetError, match="^--folds 2 is more than the 1 patient found$"):
+        kfold_split(["P00"], 2, 0, seed=7)
 
 
 def test_kfold_seed_shuffles_the_folds():

@@ -59,7 +59,7 @@ def test_evaluate_their_weights_warns_about_the_patients_they_trained_on(tmp_pat
            "--amp", "off"]
     assert main([*run, "--patients", "all", "--out-dir", str(tmp_path / "all")]) == 0
     err = capsys.readouterr().err
-    assert f"1 of the 2 patients scored were used to train this model ({TRAINED})" in err
+    assert f"1 of the 2 patients scored was used to train this model ({TRAINED})" in err
     metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert metrics["scored_patients_trained_on"] == 1 and metrics["scored_patients_trained_on_names"] == [TRAINED]
     assert metrics["patients"] == 2
