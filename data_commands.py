@@ -253,7 +253,8 @@ def data_command(data_dir: str, out: str, strict: bool) -> dict:
         f"{', '.join(report['patients_with_identical_channels']) or 'none'}",
         *(f"  patients with FLAIR in place of {modality} in every slice: {', '.join(names) or 'none'}"
           for modality, names in report["patients_with_flair_in_place_of"].items()),
-        "  clinical table (data.csv): " + (counted(len(clinical), "row") if clinical is not None else "not found (optional)"),
+        "  clinical table (data.csv): "
+        + (counted(len(clinical), "row") if clinical is not None else "not found (optional)"),
         f"  problems: {report['problem_summary'] or 'none'}",
     ]
     lines += [f"    {p}" for p in report["problems"][:10]]
