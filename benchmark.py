@@ -80,8 +80,8 @@ def _parts(features: int, deep_supervision: bool, device: torch.device, amp_dtyp
 
 
 def time_paths(
-    paths: dict[str, dict], *, features: int, image_size: int, batch_size: int,
-    device: torch.device, warmup: int, repeats: int, deep_supervision: bool = False,
+    paths: dict[str, dict], *, features: int, deep_supervision: bool, image_size: int, batch_size: int,
+    device: torch.device, warmup: int, repeats: int,
 ) -> list[dict]:
     """Training-step and inference throughput of each execution path in ``paths``, on random inputs.
 
