@@ -6,6 +6,7 @@ alike, so a slice-level split scores memory, not skill.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import random
@@ -81,7 +82,8 @@ def match_patients(names: Sequence[str], patients: Sequence[str], source: str) -
     if missing or ambiguous:
         problems = []
         if missing:
-            problems.append(f"no patient folder for {', '.join(missing)}")
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            problems.append(f"no patient folder for {shown}")
         if ambiguous:
             problems.append(f"more than one folder for {', '.join(ambiguous)}")
         raise DatasetError(f"{source}: {'; '.join(problems)}; check the names against the dataset folder")
@@ -89,7 +91,9 @@ def match_patients(names: Sequence[str], patients: Sequence[str], source: str) -
 
 
 def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str], str]:
-    """Patients given to ``flag``: a file of names (one per line or comma-separated) or a comma list."""
+    """Patients given to ``flag``: a file of names (one per line or comma-separated), a table
+    whose header has a ``patient`` column (this package's per_patient.csv, cv_patients.csv,
+    predictions.csv: that column's names), or a comma list."""
     path = Path(spec).expanduser()
     if path.is_file():
         try:
@@ -101,8 +105,14 @@ def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str
         raise DatasetError(f"{flag} {spec}: no such file; pass a file of patient names or a comma list of them")
     else:
         text, source = spec, flag
-    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # drop comments
-    names = [n for n in re.split(r"[,\s]+", text) if n]
+    rows = list(csv.reader(text.splitlines()))
+    header = [cell.strip() for cell in rows[0]] if rows else []
+    if "patient" in header:
+        column = header.index("patient")
+        names = [row[column].strip() for row in rows[1:] if len(row) > column and row[column].strip()]
+    else:
+        text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # drop comments
+        names = [n for n in re.split(r"[,\s]+", text) if n]
     if not names:
         raise DatasetError(f"{source}: no patient names given")
     return names, source

@@ -20,7 +20,7 @@ from data_files import (
     read_image,
     scan_dataset,
 )
-from data_loaders import LGGSlices, make_loader, read_patient_list, split_patients
+from data_loaders import LGGSlices, make_loader, match_patients, read_patient_list, split_patients
 from synthetic_data import make_synthetic_dataset
 from data_preprocessing import eval_preprocess, normalize, train_preprocess
 
@@ -327,10 +327,18 @@ def test_a_patient_list_file_as_editors_save_it(tmp_path):
     names = ["TCGA_AA_0001_2000", "TCGA_BB_0002_2000"]
     files = {"bom.txt": b"\xef\xbb\xbfTCGA_AA_0001_2000\r\nTCGA_BB_0002_2000\r\n\r\n",
              "notes.txt": b"# validation\nTCGA_AA_0001_2000  # first\n\n  TCGA_BB_0002_2000\n",
-             "comma.csv": b"TCGA_AA_0001_2000,TCGA_BB_0002_2000"}
+             "comma.csv": b"TCGA_AA_0001_2000,TCGA_BB_0002_2000",
+             # A table of this package's (cv_patients.csv, per_patient.csv): its patient column, which
+             # before was read as names along with every header word and number.
+             "cv_patients.csv": b"fold,patient,dice\n0,TCGA_AA_0001_2000,0.5\n1,TCGA_BB_0002_2000,0.7\n",
+             "per_patient.csv": b'\xef\xbb\xbfpatient,site,note\r\nTCGA_AA_0001_2000,AA,"a, b"\r\n'
+                                b"TCGA_BB_0002_2000,BB,\r\n"}
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
         assert read_patient_list(str(tmp_path / name)) == (names, str(tmp_path / name)), name
+    # Names that match no folder are listed up to five, then counted.
+    with pytest.raises(DatasetError, match=r"^--val-patients: no patient folder for A, B, C, D, E, \.\.\. \(7 in all\); "):
+        match_patients(list("ABCDEFG"), names, "--val-patients")
     (tmp_path / "slice.tif").write_bytes(bytes([0x49, 0x49, 0x2A, 0x00, 0x94, 0xFF]))
     with pytest.raises(DatasetError, match=r"slice.tif: not a text file; pass a file of patient names"):
         read_patient_list(str(tmp_path / "slice.tif"))
