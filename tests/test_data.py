@@ -337,7 +337,8 @@ def test_a_patient_list_file_as_editors_save_it(tmp_path):
         (tmp_path / name).write_bytes(content)
         assert read_patient_list(str(tmp_path / name)) == (names, str(tmp_path / name)), name
     # Names that match no folder are listed up to five, then counted.
-    with pytest.raises(DatasetError, match=r"^--val-patients: no patient folder for A, B, C, D, E, \.\.\. \(7 in all\); "):
+    with pytest.raises(DatasetError, match=r"^--val-patients: no patient folder for A, B, C, D, E, \.\.\. "
+                                           r"\(7 in all\); "):
         match_patients(list("ABCDEFG"), names, "--val-patients")
     (tmp_path / "slice.tif").write_bytes(bytes([0x49, 0x49, 0x2A, 0x00, 0x94, 0xFF]))
     with pytest.raises(DatasetError, match=r"slice.tif: not a text file; pass a file of patient names"):
