@@ -28,7 +28,7 @@ from data_loaders import LGGSlices, default_num_workers, locate_data, make_loade
 from data_preprocessing import batch_to_device, train_preprocess
 from libraries import CHANNELS_LAST, autocast, check_folder_path, counted, environment_report, save_json, setup_device
 from model import count_flops, fuse_conv_bn
-from training import NetworkSpec, TrainingParts, build_training, forward_loss, optimizer_step
+from training import NetworkSpec, TrainingParts, build_training, check_trainable_batch, forward_loss, optimizer_step
 
 # The training settings the benchmark uses; the command line offers these and no others, so a
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
@@ -208,6 +208,7 @@ def benchmark_command(args: argparse.Namespace, training_steps: int = 0) -> dict
     """
     out = Path(args.out or Path(args.out_dir or "runs") / f"benchmark-{datetime.now():%Y%m%d-%H%M%S}.json")
     check_folder_path(out.parent, "--out" if args.out else "--out-dir", named=out)  # before minutes of timing
+    check_trainable_batch(args.batch_size, args.image_size)
     device, amp_dtype = setup_device(args.device, args.amp)
     common = {"features": args.features, "deep_supervision": args.deep_supervision, "image_size": args.image_size,
               "batch_size": args.batch_size, "device": device, "warmup": args.warmup, "repeats": args.repeats}

@@ -44,8 +44,8 @@ from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, Use
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
 from reports import epoch_line, format_metrics, seconds_left, write_reports
-from training import (NetworkSpec, TrainingParts, build_training, load_pretrained, make_scheduler, pretrained_overlap,
-                      restore, run_epoch, save_epoch, width_of_weights)
+from training import (NetworkSpec, TrainingParts, build_training, check_trainable_batch, load_pretrained,
+                      make_scheduler, pretrained_overlap, restore, run_epoch, save_epoch, width_of_weights)
 
 
 SPLITS = ("random", "buda", "none")
@@ -374,6 +374,8 @@ def check_config(cfg: Config) -> None:
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}; to score weights without training, "
                         "use 'python engine.py evaluate --checkpoint ...' (or predict)")
+    if cfg.encoder_lr_scale != 0:  # a frozen encoder's BatchNorm, the bottleneck's too, does not train
+        check_trainable_batch(cfg.batch_size, cfg.image_size)
     if cfg.patience and cfg.split == "none" and not (cfg.val_patients or cfg.folds):
         raise UserError("--patience stops on validation Dice, and --split none has no validation patients; "
                         "drop --patience (choose the epochs by cross-validation first)")

@@ -132,6 +132,15 @@ def build_training(
                          scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), heads=heads)
 
 
+def check_trainable_batch(batch_size: int, image_size: int) -> None:
+    """Refuse a training batch that leaves BatchNorm one value per channel: a single slice at a
+    1x1 bottleneck (16 px, the UNet halving it four times), which training cannot normalize."""
+    if batch_size == 1 and image_size // 16 == 1:
+        raise UserError(f"--batch-size 1 at --image-size {image_size} leaves BatchNorm one value per channel at the "
+                        "UNet's 1x1 bottleneck, which training cannot normalize; use --batch-size 2 or more, or "
+                        "--image-size 32 or more")
+
+
 def forward_loss(
     model: nn.Module, image: torch.Tensor, mask: torch.Tensor, loss_fn: nn.Module, amp_dtype: torch.dtype | None
 ) -> torch.Tensor:

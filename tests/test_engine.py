@@ -466,6 +466,10 @@ def test_settings_that_undo_themselves_are_named_before_the_first_epoch(tmp_path
     assert main(["--epochs", "1", "--encoder-lr-scale", "0", "--out-dir", str(tmp_path / "c"), *common]) == 0
     assert ("warning: --encoder-lr-scale 0 is for fine-tuning --pretrained weights; without them the encoder "
             "starts from random weights and stays so, frozen") in capsys.readouterr().out
+    # Frozen, the 1x1 bottleneck's BatchNorm does not train, so one slice a batch at 16 px trains
+    # (unfrozen it is refused: test_reliability).
+    assert main(["--epochs", "1", "--encoder-lr-scale", "0", "--out-dir", str(tmp_path / "d"), *common,
+                 "--batch-size", "1", "--image-size", "16"]) == 0
 
 
 def test_starting_a_command_does_not_import_what_only_charts_overlays_and_splits_use():

@@ -356,6 +356,8 @@ def test_values_no_command_can_use_are_refused_in_one_line_before_any_work(tmp_p
           "--normalization", "buda"], f"--normalization buda: {ckpt} records --normalization volume"),
         (["benchmark", "--data-dir", str(tmp_path), "--batch-size", "0"], "--batch-size must be at least 1"),
         (["benchmark", "--data-dir", str(tmp_path), "--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["benchmark", "--data-dir", str(tmp_path), "--batch-size", "1", "--image-size", "16"],
+         "--batch-size 1 at --image-size 16 leaves BatchNorm one value per channel"),
         (["compare", str(tmp_path), str(tmp_path), "--seed", "-1"], "--seed must be in [0, 2^32)"),
         (["compare", str(tmp_path), str(tmp_path), "--resamples", "0"], "--resamples must be at least 1, got 0"),
         # A report file already there is kept, and a folder is not taken for the file.

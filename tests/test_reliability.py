@@ -308,6 +308,9 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
         # scikit-learn's split raised InvalidParameterError with a traceback.
         (tiny(tmp_path, syn, tmp_path / "r13", "--seed", "-1"), "--seed must be in [0, 2^32)"),
         (tiny(tmp_path, syn, tmp_path / "r14", "--seed", str(2**32)), f"got {2**32}"),
+        # BatchNorm's ValueError from inside the first step: one slice at a 1x1 bottleneck.
+        (tiny(tmp_path, syn, tmp_path / "r15", "--batch-size", "1", "--image-size", "16"),
+         "--batch-size 1 at --image-size 16 leaves BatchNorm one value per channel"),
         (tiny(tmp_path, syn, tmp_path / "README.md", "--epochs", "1"), "README.md: is a file, not a folder"),
         (tiny(tmp_path, syn, tmp_path / "README.md" / "run", "--epochs", "1"),
          f"README.md/run: {tmp_path / 'README.md'} is a file, not a folder; choose another --out-dir"),
