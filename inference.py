@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import re
 import sys
 import warnings
@@ -318,12 +319,12 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
     gap = float((full_p - half_p).abs().max())
     lossless = gap < 1e-3 and torch.equal(full_p > threshold, half_p > threshold)
     record = {k: ckpt["config"][k] for k in RELEASE_KEYS if k in ckpt["config"]}
+    buffer = io.BytesIO()  # in memory (about 10 MB): the name needs the hash of the bytes
+    torch.save({"model": half if lossless else state, "config": record, "epoch": ckpt.get("epoch")}, buffer)
+    content = buffer.getvalue()
+    path = folder / f"unet-{hashlib.sha256(content).hexdigest()[:8]}.pt"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".unet-export.tmp"
-    torch.save({"model": half if lossless else state, "config": record, "epoch": ckpt.get("epoch")}, tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    path = folder / f"unet-{digest[:8]}.pt"
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(content))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if lossless else 'fp32'} weights: the "
           f"largest probability change from fp16 on a random batch is {gap:.1e}); load it with "
           f"--checkpoint {path} or from a URL ending in {path.name}")

@@ -216,8 +216,8 @@ def atomic_write(path: Path, write: Any) -> None:
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
         reason = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
         raise UserError(f"{path}: could not be written ({reason}); the previous {path.name}, if any, is intact. "
-                        "Free some disk space (a full disk is the usual cause), then continue the run "
-                        "with --resume") from exc
+                        "Free some disk space (a full disk is the usual cause), then run the command again (a "
+                        "training run continues with --resume)") from exc
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)

@@ -72,7 +72,8 @@ def test_evaluate_their_weights_warns_about_the_patients_they_trained_on(tmp_pat
 def test_export_round_trips_and_the_name_carries_the_hash(tmp_path, buda_weights, tiny_tree, capsys):
     assert main(["export", "--checkpoint", str(buda_weights), "--format", "state_dict",
                  "--output", str(tmp_path / "release")]) == 0
-    [released] = list((tmp_path / "release").glob("unet-*.pt"))
+    [released] = list((tmp_path / "release").iterdir())  # nothing else: no temporary file is left
+    assert released.name.startswith("unet-") and released.suffix == ".pt"
     assert hashlib.sha256(released.read_bytes()).hexdigest().startswith(released.stem[5:])
     assert released.stat().st_size < buda_weights.stat().st_size * 0.6  # fp16: about half
     loaded = torch.load(released, weights_only=True)

@@ -390,6 +390,22 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, s
     assert err.count("\n") == 0 and "last.pt: could not be written" in err and "is intact" in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert not list(run.glob(".*.tmp"))  # the half-written temporary file is gone
+    assert "run the command again (a training run continues with --resume)" in err
+
+    # A release export whose write fails: one line, and no file left in its folder (it was a
+    # traceback, and a .unet-export.tmp stayed).
+    monkeypatch.setattr(libraries.torch, "save", real_save)
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(libraries.os, "replace", disk_full)
+    release = tmp_path / "release"
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--format", "state_dict",
+                 "--output", str(release)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "could not be written (No space left on device)" in err, err
+    assert list(release.iterdir()) == []
 
 
 def test_weights_of_another_configuration_name_both_values(tmp_path, syn, capsys):
