@@ -15,6 +15,7 @@ commands, each of which lives in a module of its own: evaluation.py (evaluate), 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import sys
@@ -692,10 +693,27 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the GPU ran out of memory; lower --batch-size or --image-size, or keep --amp on "
               "(checkpoints already written are kept)", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_ADVICE:
+            raise  # anything else is a bug to see whole
+        print(f"error: {exc.filename or 'a file'}: {exc.strerror}; {FILE_SYSTEM_ADVICE[exc.errno]} (checkpoints "
+              "already written are kept; a training run continues with --resume)", file=sys.stderr)
+        return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+# The file-system errors that any write (a report, a chart, a mask) can meet, with what to do:
+# one line instead of a traceback from deep inside pandas or matplotlib.
+FILE_SYSTEM_ADVICE = {
+    errno.ENOSPC: "free some disk space, then run the command again",
+    errno.EDQUOT: "free some of your disk quota, then run the command again",
+    errno.EROFS: "the file system is read-only: choose a folder on another one",
+    errno.EACCES: "check the permissions of that path, or choose another folder",
+    errno.EPERM: "check the permissions of that path, or choose another folder",
+}
 
 
 def run_from_shell() -> int:

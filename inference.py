@@ -17,7 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -33,7 +32,7 @@ from evaluation import (
     scoring_settings,
 )
 from libraries import (UserError, atomic_write, check_folder_path, check_new_file, counted, memory_format,
-                       setup_device)
+                       setup_device, write_image)
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
@@ -247,7 +246,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
         group = next(g for g, fs in groups.items() if files[0] in fs)
         (out / "masks" / group).mkdir(parents=True, exist_ok=True)
         for f, mask in zip(files, pred):
-            cv2.imwrite(str(out / "masks" / group / f"{f.stem}_pred.png"), mask.astype(np.uint8) * 255)
+            write_image(out / "masks" / group / f"{f.stem}_pred.png", mask.astype(np.uint8) * 255)
             rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
         numbers = [m[1] if (m := _NUMBER.search(f.stem)) else f.stem for f in files]  # captions: "slice 12"
         write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])

@@ -37,6 +37,14 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def write_image(path: Path, image: np.ndarray) -> None:
+    """cv2.imwrite, which reports a failed write (a full disk, a folder without permission) only by
+    returning False: here that is an error naming the file."""
+    if not cv2.imwrite(str(path), image):
+        raise UserError(f"{path}: could not be written (OpenCV's imwrite failed); check that its folder has free "
+                        "space and can be written in, then run the command again")
+
+
 def quiet_opencv() -> None:
     """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself."""
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)

@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from data_files import institution
-from libraries import UserError, counted
+from libraries import UserError, counted, write_image
 from metrics import dice_from_counts
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def write_overlays(
         width = max(grid.shape[1], 8 * len(title))  # room for the title over a narrow grid
         grid = np.pad(grid, ((0, 0), (0, width - grid.shape[1]), (0, 0)))
         path = folder / f"{patients[p]}.png"
-        cv2.imwrite(str(path), np.vstack([_caption(title, width), grid])[..., ::-1])
+        write_image(path, np.vstack([_caption(title, width), grid])[..., ::-1])
         paths.append(path)
     return paths
 

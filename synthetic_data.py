@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from libraries import write_image
+
 
 SYNTHETIC_VERSION = 1
 SYNTHETIC_DIR = "data/synthetic/kaggle_3m"  # where --data-dir synthetic (or no dataset found) generates it
@@ -104,8 +106,8 @@ def make_synthetic_dataset(
         images, masks = _synthetic_patient(rng, slices, size)
         for z in range(slices):
             # cv2 writes BGR: reverse so the file holds (pre-contrast, FLAIR, post-contrast).
-            cv2.imwrite(str(tmp / name / f"{name}_{z + 1}.tif"), images[z][..., ::-1])
-            cv2.imwrite(str(tmp / name / f"{name}_{z + 1}_mask.tif"), masks[z])
+            write_image(tmp / name / f"{name}_{z + 1}.tif", images[z][..., ::-1])
+            write_image(tmp / name / f"{name}_{z + 1}_mask.tif", masks[z])
     (tmp / MANIFEST).write_text(json.dumps(params))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

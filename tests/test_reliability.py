@@ -408,6 +408,40 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, s
     assert list(release.iterdir()) == []
 
 
+def test_a_full_disk_anywhere_is_one_line_that_says_what_to_do(tmp_path, syn, monkeypatch, capsys):
+    """A report, chart or mask written without atomic_write (pandas, matplotlib, OpenCV) met a full
+    disk with a traceback from deep inside the library, or, for OpenCV, without a word."""
+    import errno
+
+    import cv2
+    import reports
+
+    def full(run_dir, history):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "curves.png"))
+
+    monkeypatch.setattr(reports, "plot_curves", full)
+    run = tmp_path / "run"
+    assert main(tiny(tmp_path, syn, run, "--epochs", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {run / 'curves.png'}: No space left on device; free some disk space, then run the command "
+                   "again (checkpoints already written are kept; a training run continues with --resume)")
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1  # written before the history
+    # Any other OSError is a bug, and keeps its traceback.
+    monkeypatch.setattr(reports, "plot_curves", lambda *a: open(tmp_path / "no" / "such" / "file"))
+    with pytest.raises(FileNotFoundError):
+        main(tiny(tmp_path, syn, tmp_path / "run2", "--epochs", "1"))
+    monkeypatch.undo()
+
+    # OpenCV's imwrite says it failed only by returning False: predict wrote no mask and said it had.
+    monkeypatch.setattr(cv2, "imwrite", lambda path, image, *a: False)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(syn / "SYN_00_20000101"),
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out / 'masks' / 'SYN_00_20000101'}") and err.count("\n") == 0, err
+    assert "could not be written (OpenCV's imwrite failed)" in err
+
+
 def test_weights_of_another_configuration_name_both_values(tmp_path, syn, capsys):
     ckpt = tmp_path / "w.pt"
     from model import UNet
