@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,6 +174,10 @@ def setup_device(name: str, amp: str) -> tuple[torch.device, torch.dtype | None]
     device = resolve_device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        print("warning: this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so --amp bf16 is emulated: over "
+              "3x slower than fp32 in training here (docs/results.md); --amp auto uses fp32 on such a CPU",
+              file=sys.stderr)
     return device, resolve_amp(amp, device)
 
 

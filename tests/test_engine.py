@@ -452,6 +452,18 @@ def test_the_cpu_preset_without_bf16_instructions_says_what_it_costs(tmp_path, c
     assert "bf16 instructions" not in printed(False, 16)  # width 16 is the advice already taken
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_forced_bf16_on_a_cpu_without_bf16_instructions_is_named_as_emulated(capsys, monkeypatch, native):
+    """--amp bf16 on an AVX2-only CPU trained over 3x slower than fp32 (docs/results.md), without a word."""
+    import libraries
+
+    monkeypatch.setattr(libraries, "cpu_has_native_bf16", lambda: native)
+    assert libraries.setup_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)  # as asked, still
+    assert libraries.setup_device("cpu", "auto")[1] == (torch.bfloat16 if native else None)
+    warned = "warning: this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so --amp bf16 is emulated"
+    assert capsys.readouterr().err.count(warned) == (0 if native else 1)  # for bf16 asked for, not for auto
+
+
 def test_settings_that_undo_themselves_are_named_before_the_first_epoch(tmp_path, capsys):
     """--preset cpu --epochs 1 kept the preset's 1-epoch warmup: the learning rate rose to the last step
     and never annealed, without a word. --encoder-lr-scale 0 without --pretrained froze a random encoder."""
