@@ -178,6 +178,7 @@ def test_predict_on_real_slices(tmp_path, checkpoint):
     assert len(pd.read_csv(out / "predictions.csv")) == 4  # 3 slices + the patient total
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # the user's side, not ours
 def test_torchscript_export_parity(tmp_path, checkpoint, capsys):
     out = tmp_path / "unet.ts"
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--output", str(out)]) == 0
