@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_predict_arguments(command(
         "predict", help="segment new slices or NIfTI/DICOM scans: masks, overlays, tumor sizes"))
     inference.add_export_arguments(command(
-        "export", help="export a checkpoint to TorchScript or ONNX (checking parity), or weights for release"))
+        "export", help="export a checkpoint for torch.export, TorchScript or ONNX (checking parity), or weights "
+        "for release"))
     add_download_arguments(command("download", help="fetch the dataset from Kaggle with kagglehub (optional)"))
     add_data_arguments(command("data", help="report on a copy of the dataset: counts, checks, problems"))
     add_study_commands(command)

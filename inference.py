@@ -61,8 +61,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``export`` command's flags."""
     parser.add_argument("--checkpoint", required=True, help="a checkpoint, or published weights as for evaluate")
-    parser.add_argument("--format", required=True, choices=("torchscript", "onnx", "state_dict"),
-                        help="state_dict: a small weights file with its record, named unet-<sha256 prefix>.pt")
+    parser.add_argument("--format", required=True, choices=tuple(EXPORT_SUFFIXES) + ("state_dict",),
+                        help="torch_export: torch.export's program (.pt2, for torch.export.load), the successor of "
+                             "TorchScript (deprecated in torch); state_dict: a small weights file with its record, "
+                             "named unet-<sha256 prefix>.pt")
     parser.add_argument("--output", required=True, help="the file to write (a folder for --format state_dict)")
     parser.add_argument("--image-size", type=int, default=None, help="for a plain state_dict: the size it expects")
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
@@ -70,6 +72,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+EXPORT_SUFFIXES = {"torch_export": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}  # the file each format writes
 
 
 _NUMBER = re.compile(r"_(\d+)$")
@@ -330,9 +333,16 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
     return path
 
 
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save into ``path`` as a file object: given a path, it warns unless the name ends in
+    .pt2, which atomic_write's temporary file does not."""
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
+
+
 def export_command(args: argparse.Namespace) -> float | Path:
-    """The ``export`` command: TorchScript or ONNX, with a parity check against eager PyTorch, or a
-    weights file for release (``--format state_dict``)."""
+    """The ``export`` command: torch.export, TorchScript or ONNX, with a parity check against eager
+    PyTorch, or a weights file for release (``--format state_dict``)."""
     out = Path(args.output)
     if args.format == "state_dict":  # a folder: the file is named by its hash
         if out.suffix.lower() in (".pt", ".pth") and not out.is_dir():
@@ -340,7 +350,7 @@ def export_command(args: argparse.Namespace) -> float | Path:
                             "hash (unet-<hash>.pt); pass a folder, such as release/")
         check_folder_path(out, "--output")
     else:
-        check_new_file(out, "--output", "unet.ts" if args.format == "torchscript" else "unet.onnx")
+        check_new_file(out, "--output", "unet" + EXPORT_SUFFIXES[args.format])
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
     overrides = overridden_settings(record, image_size=args.image_size, normalization=args.normalization)
@@ -355,7 +365,7 @@ def export_command(args: argparse.Namespace) -> float | Path:
     deployed = fuse_conv_bn(model)  # the same function with BatchNorm folded into the convs
     size, channels = record["image_size"], input_width(model)
     example = torch.randn(1, channels, size, size)
-    check = torch.randn(2, channels, size, size)  # another batch size than traced: the batch axis is dynamic
+    check = torch.randn(3, channels, size, size)  # another batch size than traced: the batch axis is dynamic
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about the input-size check in UNet.forward (traced as a constant) and
@@ -363,7 +373,13 @@ def export_command(args: argparse.Namespace) -> float | Path:
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         reference = model(check)
-        if args.format == "torchscript":
+        if args.format == "torch_export":
+            # Traced on a batch of 2: on 1, torch.export would fix the batch size as a constant.
+            program = torch.export.export(deployed, (torch.cat([example, example]),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+            atomic_write(out, lambda tmp: save_program(program, tmp))  # never half a file
+            exported = torch.export.load(str(out)).module()(check)
+        elif args.format == "torchscript":
             atomic_write(out, lambda tmp: torch.jit.trace(deployed, example).save(str(tmp)))  # never half a file
             exported = torch.jit.load(str(out))(check)
         else:
@@ -383,6 +399,7 @@ def export_command(args: argparse.Namespace) -> float | Path:
             session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
             exported = torch.from_numpy(session.run(None, {"image": check.numpy()})[0])
     diff = float((exported - reference).abs().max())
-    print(f"wrote {out} ({args.format}); max abs difference from eager PyTorch on a batch of 2: {diff:.2e}")
+    print(f"wrote {out} ({args.format}); max abs difference from eager PyTorch on a batch of {len(check)}: "
+          f"{diff:.2e}")
     return diff
 

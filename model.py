@@ -344,7 +344,7 @@ def read_torch_file(path: Path) -> object:
         raise UserError(f"{path}: no such checkpoint; pass a best.pt or last.pt from a run folder")
     export = export_format(path)
     if export:
-        reader = "torch.jit.load" if export == "TorchScript" else "onnxruntime"
+        reader = {"TorchScript": "torch.jit.load", "PT2 (torch.export)": "torch.export.load"}.get(export, "onnxruntime")
         raise UserError(f"{path}: a {export} export, for your own code ({reader}); pass the checkpoint it was "
                         "exported from (a run's best.pt)")
     try:
@@ -360,15 +360,19 @@ def read_torch_file(path: Path) -> object:
 
 
 def export_format(path: Path) -> str:
-    """'TorchScript' or 'ONNX' for a file ``export`` writes in those formats, else ''. A TorchScript
-    archive is a zip holding constants.pkl (what torch.load itself checks); ONNX files are named .onnx."""
+    """'TorchScript', 'PT2 (torch.export)' or 'ONNX' for a file ``export`` writes in those formats, else ''.
+    A TorchScript archive is a zip holding constants.pkl (what torch.load itself checks), a
+    torch.export one a zip holding archive_format; ONNX files are named .onnx."""
     if path.suffix.lower() == ".onnx":
         return "ONNX"
     try:
         with zipfile.ZipFile(path) as archive:
-            return "TorchScript" if any(n.endswith("constants.pkl") for n in archive.namelist()) else ""
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return ""
+    if any(n.endswith("constants.pkl") for n in names):
+        return "TorchScript"
+    return "PT2 (torch.export)" if any(n.endswith("/archive_format") for n in names) else ""
 
 
 def is_package_checkpoint(obj: object) -> bool:
