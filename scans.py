@@ -392,6 +392,10 @@ def write_mask(mask: np.ndarray, case: Case, path: Path) -> Path:
     orientation, affine and header (qform and sform codes included), so viewers overlay it as is."""
     header = case.reference.header.copy()
     header.set_data_dtype(np.uint8)
+    # The FLAIR's display window (cal_max 1500, say) would show a 0/1 mask as black, and its
+    # description would describe the scan, not the mask.
+    header["cal_min"], header["cal_max"] = 0, 1
+    header["descrip"] = b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
     affine = case.reference.affine
     image = nib.Nifti1Image(from_slices(mask.astype(np.uint8), affine), affine, header)
     image.header.set_slope_inter(1, 0)

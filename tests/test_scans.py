@@ -96,6 +96,20 @@ def test_a_flipped_affine_lands_on_the_same_anatomy(tmp_path, checkpoint):
     assert np.array_equal(world["lps"][0], world["ras"][0])
 
 
+def test_the_mask_is_displayed_as_a_mask_not_with_the_scans_window(tmp_path, checkpoint):
+    """The mask's header was the FLAIR's copy: its display window (cal_min/cal_max, which viewers
+    honour) showed the 0/1 mask as black, and its description was the scan's."""
+    images, _ = head_volume(seed=12)
+    case = nifti_case(tmp_path / "case", images)
+    flair = nib.load(str(case / "flair.nii.gz"))
+    flair.header["cal_min"], flair.header["cal_max"], flair.header["descrip"] = 0, 1500, b"FLAIR TE=120"
+    nib.save(flair, str(case / "flair.nii.gz"))
+    assert predict(checkpoint, tmp_path / "out", "--input", str(case)) == 0
+    header = nib.load(str(tmp_path / "out" / "masks" / "case.nii.gz")).header
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 1.0)
+    assert header["descrip"].tobytes().rstrip(b"\0") == b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
+
+
 def test_intensity_scale_and_offset_leave_the_prediction_unchanged(tmp_path, checkpoint):
     images, _ = head_volume(seed=1)
     masks = {}
