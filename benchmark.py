@@ -34,6 +34,9 @@ from training import NetworkSpec, TrainingParts, build_training, check_trainable
 # flag that would change nothing here (--epochs, --lr, ...) is refused by the parser.
 FIELDS = ("data_dir", "seed", "image_size", "batch_size", "features", "deep_supervision", "normalization",
           "modality_dropout", "device", "amp", "compile", "num_workers", "strict", "out_dir", "preset")
+# Where those settings mean something else here than in a training run.
+HELPS = {"out_dir": "folder for the JSON report; empty: runs",
+         "preset": "time a tested recipe's network and estimate its training time here: cpu, full; flags win"}
 
 
 def _sync(device: torch.device) -> None:

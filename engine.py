@@ -156,19 +156,21 @@ def check_hyperparameters() -> None:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = None,
-                     only: tuple[str, ...] | None = None) -> None:
-    """Add one flag per Config field (or per field in ``only``), with its default, type, help and choices."""
+                     only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None) -> None:
+    """Add one flag per Config field (or per field in ``only``), with its default, type, help (or
+    the command's own, from ``helps``) and choices."""
     defaults = defaults or Config()
     for f in fields(Config):
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        text = (helps or {}).get(f.name, f.metadata["help"])
         if isinstance(default, bool):
-            add_bool_flag(parser, f.name, default, f.metadata["help"] + f" (default: {'on' if default else 'off'})")
+            add_bool_flag(parser, f.name, default, text + f" (default: {'on' if default else 'off'})")
         else:
             parser.add_argument(flag, type=FIELD_TYPES[f.type], default=default, choices=f.metadata["choices"],
-                                help=f.metadata["help"] + " (default: %(default)s)")
+                                help=text + " (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +209,7 @@ def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         "NCHW, eager) and (b) the fast default path (--amp, channels_last, --compile), then the "
         "end-to-end training throughput through the real DataLoader, all with the network asked for.",
     )
-    add_config_flags(bench, only=benchmark.FIELDS)
+    add_config_flags(bench, only=benchmark.FIELDS, helps=benchmark.HELPS)
     benchmark.add_arguments(bench)
 
 

@@ -150,3 +150,9 @@ def test_benchmark_times_a_presets_network_and_estimates_its_training_time(tmp_p
     minutes = steps * 2 / result["end_to_end"]["train_img_s"] / 60
     assert result["preset_training_minutes_estimate"] == pytest.approx(minutes)
     assert f"its {steps:,} training steps would take about {minutes:.0f} min" in capsys.readouterr().out
+    # Its help says what --out-dir and --preset do here, not what they do in a training run.
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out-dir OUT_DIR folder for the JSON report; empty: runs" in text and "runs/<date-time>" not in text
+    assert "estimate its training time here" in text
