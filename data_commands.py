@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -40,11 +41,16 @@ KAGGLE_HANDLE = "mateuszbuda/lgg-mri-segmentation"
 FULL_PATIENTS, FULL_SLICES, FULL_TUMOR_SLICES = 110, 3929, 1373
 
 
-MANUAL_DOWNLOAD = (
-    f"download it by hand: open {DATASET_URL}, sign in, click Download (the file is archive.zip), "
-    "then run 'unzip archive.zip -d lgg-mri-segmentation' next to engine.py (the loader finds "
-    "lgg-mri-segmentation/kaggle_3m) or point --data-dir / $LGG_DATA_DIR at its kaggle_3m folder"
-)
+DEFAULT_DOWNLOAD = Path("lgg-mri-segmentation")  # download --to; the loader looks in ./lgg-mri-segmentation/kaggle_3m
+
+
+def manual_download(to: Path = DEFAULT_DOWNLOAD) -> str:
+    """The steps that fetch the dataset by hand into ``to`` (download --to), and how it is then found."""
+    where = ("next to engine.py (the loader finds lgg-mri-segmentation/kaggle_3m) or point --data-dir / "
+             "$LGG_DATA_DIR at its kaggle_3m folder" if to == DEFAULT_DOWNLOAD else
+             f"and pass --data-dir {shlex.quote(str(to / 'kaggle_3m'))} (or set ${DATA_ENV_VAR} to it)")
+    return (f"download it by hand: open {DATASET_URL}, sign in, click Download (the file is archive.zip), "
+            f"then run 'unzip archive.zip -d {shlex.quote(str(to))}' {where}")
 
 
 def _unpack(source: Path, extract_to: Path) -> Path:
@@ -60,7 +66,7 @@ def _unpack(source: Path, extract_to: Path) -> Path:
         for candidate in [source, *sorted(p for p in source.rglob("kaggle_3m") if p.is_dir())]:
             if looks_like_root(candidate):
                 return candidate
-    raise DatasetError(f"{source}: no kaggle_3m folder in the download; {MANUAL_DOWNLOAD}")
+    raise DatasetError(f"{source}: no kaggle_3m folder in the download; {manual_download()}")
 
 
 def download_dataset(to: Path) -> Path:
@@ -75,12 +81,12 @@ def download_dataset(to: Path) -> Path:
     try:
         import kagglehub  # optional: pip install kagglehub
     except ImportError:
-        raise DatasetError(f"kagglehub is not installed (pip install kagglehub), or {MANUAL_DOWNLOAD}") from None
+        raise DatasetError(f"kagglehub is not installed (pip install kagglehub), or {manual_download(to)}") from None
     try:
         downloaded = Path(kagglehub.dataset_download(KAGGLE_HANDLE))
     except Exception as exc:  # network, credentials and HTTP errors come in many types
         raise DatasetError(f"Kaggle download failed ({type(exc).__name__}: {str(exc)[:120]}); "
-                           f"{MANUAL_DOWNLOAD}") from None
+                           f"{manual_download(to)}") from None
     unzipped = to / "kaggle_3m.unzipped"  # a zip's contents, removed once copied (or on failure)
     try:
         found = _unpack(downloaded, unzipped)
@@ -273,6 +279,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``download`` command's flags."""
-    parser.add_argument("--to", default="lgg-mri-segmentation",
+    parser.add_argument("--to", default=str(DEFAULT_DOWNLOAD),
                         help="folder that receives kaggle_3m/ (default: ./lgg-mri-segmentation, found automatically)")
 

@@ -158,7 +158,14 @@ def test_download_fallback_message(tmp_path, monkeypatch, capsys, failure):
     assert err.count("\n") == 0 and "Traceback" not in err
     for text in ("kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation", "archive.zip", "kaggle_3m", "LGG_DATA_DIR"):
         assert text in err
+    # The manual steps unpack where --to says, and name that folder: they said lgg-mri-segmentation.
+    to = tmp_path / "data"
+    assert f"'unzip archive.zip -d {to}' and pass --data-dir {to / 'kaggle_3m'}" in err
     assert not (tmp_path / "data" / "kaggle_3m").exists()
+    # Without --to, the folder the loader looks in.
+    monkeypatch.chdir(tmp_path)
+    assert main(["download"]) == 2
+    assert "'unzip archive.zip -d lgg-mri-segmentation' next to engine.py" in capsys.readouterr().err
 
 
 def test_per_patient_csv_joins_clinical_fields(tmp_path):
