@@ -17,10 +17,9 @@ from typing import Any
 import pandas as pd
 
 from data_loaders import dataset_inventory, pinned_data_dir, steps_per_epoch
-from libraries import Interrupted, UserError, atomic_write, counted, new_run_dir, save_json, unused_path
+from libraries import CV_CONFIG, Interrupted, UserError, atomic_write, counted, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
 
-CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
 INVENTORY = "patients"  # cv_config.json's {patient: slices} of the dataset when the cv began
 
 

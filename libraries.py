@@ -286,11 +286,18 @@ def check_new_file(path: Path, flag: str, example: str) -> Path:
     return path
 
 
+CV_CONFIG = "cv_config.json"  # the settings of a cv run, which ``cv --resume`` continues with
+
+
 def check_run_dir(path: Path) -> Path:
-    """``path`` if a run may be written there: neither a file nor a folder that already holds files."""
+    """``path`` if a run may be written there: neither a file nor a folder that already holds files.
+    A folder holding a run or a cv run is refused with the command that continues it."""
     check_folder_path(path, "--out-dir")
     if path.exists() and any(path.iterdir()):
-        raise UserError(f"{path}: already holds files; choose another --out-dir or remove it")
+        command = ("cv --resume" if (path / CV_CONFIG).is_file() else
+                   "--resume" if (path / "last.pt").is_file() else "")
+        hint = f"; if it was interrupted, continue it with: python engine.py {command} {path}" if command else ""
+        raise UserError(f"{path}: already holds files; choose another --out-dir or remove it{hint}")
     return path
 
 

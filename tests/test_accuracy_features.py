@@ -519,8 +519,11 @@ def test_cv_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path
     (cut / "fold-2" / "config.json").write_text("{}")
     finished = (cut / "fold-0" / "metrics.json").stat().st_mtime_ns
 
-    # The run keeps its own settings: a flag it would ignore is refused, not ignored in silence.
+    # The same command again is refused, and names the command that continues the cv.
     capsys.readouterr()
+    assert main(["cv", *argv, "--out-dir", str(cut)]) == 2
+    assert f"if it was interrupted, continue it with: python engine.py cv --resume {cut}" in capsys.readouterr().err
+    # The run keeps its own settings: a flag it would ignore is refused, not ignored in silence.
     assert main(["cv", "--resume", str(cut), "--epochs", "9"]) == 2
     assert "--epochs 9 (the run's: 2) would be ignored" in capsys.readouterr().err
     assert main(["cv", "--resume", str(cut), "--epochs", "2", "--num-workers", "0"]) == 0  # its own value

@@ -287,7 +287,8 @@ def test_bad_val_patients_and_empty_dir_keep_the_previous_run(tmp_path, syn, cap
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (tiny(tmp_path, syn, run, "--epochs", "1"), "already holds files"),
+        (tiny(tmp_path, syn, run, "--epochs", "1"), f"{run}: already holds files; choose another --out-dir or "
+         f"remove it; if it was interrupted, continue it with: python engine.py --resume {run}"),
         (["--resume", str(run), "--epochs", "3", "--lr", "0.001", "--batch-size", "4"],
          f"--resume {run} keeps the run's own settings, so --epochs 3 (the run's: 1) would be ignored; drop it"),
         (["--resume", str(run), "--pretrained", str(run / "last.pt")],
