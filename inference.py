@@ -75,7 +75,8 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 EXPORT_SUFFIXES = {"torch_export": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}  # the file each format writes
 
 
-_NUMBER = re.compile(r"_(\d+)$")
+_NUMBER = re.compile(r"_(\d+)$")  # <PATIENT>_<N>, the dataset's naming
+_TRAILING_NUMBER = re.compile(r"(\d+)$")  # the slice number of any naming: 10.png, slice10.png, IM-0001-0010.png
 
 
 def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -84,7 +85,8 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     ``path`` may be one slice, a folder of slices, a kaggle_3m patient folder or a dataset root.
     A folder is a patient, unless its slices are named ``<NAME>_<N>`` with several NAMEs: then each
     NAME is one (a volume is normalized and post-processed in 3D as a whole, so two patients must
-    never share one). Masks (``*_mask.*``) are never inputs. Slices are ordered by N.
+    never share one). Masks (``*_mask.*``) are never inputs. Slices are ordered by the number that
+    ends their name (N, or 10 in slice10.png), then by name.
     """
     if path.is_file():
         if path.stem.lower().endswith("_mask"):
@@ -113,7 +115,9 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         for f in slices:
             groups.setdefault(patient.get(f, folder.name) if len(names) > 1 else folder.name, []).append(f)
     for files in groups.values():
-        files.sort(key=lambda f: (int(m[1]) if (m := _NUMBER.search(f.stem)) else -1, f.name))
+        # By number, not by name ("10.png" before "2.png"): the volume's slices must be in order for its
+        # 3D post-processing.
+        files.sort(key=lambda f: (int(m[1]) if (m := _TRAILING_NUMBER.search(f.stem)) else -1, f.name))
     return groups, other
 
 
@@ -251,7 +255,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
         for f, mask in zip(files, pred):
             write_image(out / "masks" / group / f"{f.stem}_pred.png", mask.astype(np.uint8) * 255)
             rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
-        numbers = [m[1] if (m := _NUMBER.search(f.stem)) else f.stem for f in files]  # captions: "slice 12"
+        numbers = [m[1] if (m := _TRAILING_NUMBER.search(f.stem)) else f.stem for f in files]  # captions: "slice 12"
         write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
     for group in groups:
         if any(r["patient"] == group for r in rows):

@@ -1,6 +1,7 @@
 """Published-weight mapping, --pretrained and fine-tuning, predict, export and torch.hub."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,22 @@ def test_predict_on_a_mixed_folder(tmp_path, checkpoint, capsys):
     for _, row in slices.iterrows():  # the CSV's area is the mask written to disk
         name = Path(row["file"]).stem + "_pred.png"
         assert row["area_px"] == (cv2.imread(str(out / "masks" / "in" / name), cv2.IMREAD_UNCHANGED) > 0).sum()
+
+
+def test_slices_of_a_volume_are_ordered_by_the_number_ending_their_name(tmp_path):
+    """Slices exported as 1.png ... 10.png (or slice1 ...) were ordered by name, 10 before 2, so the
+    volume's 3D post-processing joined slices that are not neighbours."""
+    from inference import collect_inputs
+
+    for names in (["1", "2", "10", "9"], ["slice1", "slice10", "slice2"], ["IM-0001-0010", "IM-0001-0002"],
+                  ["P_10", "P_2", "P_1"]):
+        folder = tmp_path / names[0]
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}.png").write_bytes(b"")
+        groups, _ = collect_inputs(folder)
+        expected = sorted(names, key=lambda n: int(re.search(r"(\d+)$", n)[1]))
+        assert [f.stem for f in groups[folder.name]] == expected, names
 
 
 def test_predict_threshold_flag(tmp_path, checkpoint, capsys):
