@@ -290,6 +290,11 @@ def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
         if cfg.val_patients:
             raise UserError("cv chooses each fold's validation patients itself; drop --val-patients "
                             "(or train once with --val-patients and no cv)")
+        for name in ("split", "val_fraction"):
+            if name in given:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"cv chooses each fold's validation patients itself (a 1/K share each), so {flag} "
+                                f"would be ignored; drop {flag}")
         if "fold" in given or cfg.fold:
             raise UserError("cv trains every fold; drop --fold (to train one fold alone: "
                             "python engine.py --folds K --fold I)")

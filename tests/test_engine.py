@@ -312,6 +312,10 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     (["cv", "--folds", "3", "--val-patients", "TCGA_A"], "drop --val-patients"),
     (["cv", "--folds", "3", "--fold", "1"], "drop --fold"),
     (["cv", "--folds", "3", "--fold", "0"], "drop --fold"),
+    # cv ignored these without a word: each fold validates on its own 1/K share.
+    (["cv", "--folds", "3", "--split", "buda"], "so --split would be ignored; drop --split"),
+    (["cv", "--folds", "3", "--split", "random"], "so --split would be ignored; drop --split"),
+    (["cv", "--folds", "3", "--val-fraction", "0.5"], "so --val-fraction would be ignored; drop --val-fraction"),
     (["--fold", "1"], "add --folds"),
     (["--folds", "3", "--val-patients", "TCGA_A"], "give one of them"),
     (["--folds", "3", "--split", "buda"], "give one of them"),
