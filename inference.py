@@ -72,6 +72,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+DATASET_FILES = ("data.csv", "readme.md")  # beside the slices of the Kaggle tree: not inputs, and not worth a line
 EXPORT_SUFFIXES = {"torch_export": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}  # the file each format writes
 
 
@@ -105,7 +106,7 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
                 continue
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 slices.append(f)
-            elif folder == path or f.name.lower() not in ("data.csv", "readme.md"):
+            elif f.name.lower() not in DATASET_FILES:
                 other.append(f)
         patient = {f: f.stem[:m.start()] for f in slices if (m := _NUMBER.search(f.stem))}  # <PATIENT>_<N>
         names = sorted(set(patient.values()))

@@ -145,6 +145,21 @@ def test_predict_on_a_mixed_folder(tmp_path, checkpoint, capsys):
         assert row["area_px"] == (cv2.imread(str(out / "masks" / "in" / name), cv2.IMREAD_UNCHANGED) > 0).sum()
 
 
+def test_the_dataset_roots_own_files_are_not_reported_as_skipped_inputs(tmp_path, checkpoint, capsys):
+    """predict on a kaggle_3m root reported its data.csv and README.md as 'skipped (not an image)' and
+    counted them: the check was silent about them only inside patient folders, where they never are."""
+    root = tmp_path / "kaggle_3m"
+    write_slice(root / "P_20000101", "P_20000101", 1, np.full((40, 48, 3), 90, np.uint8), np.zeros((40, 48), np.uint8))
+    (root / "data.csv").write_text("Patient,death01\nP,0\n")
+    (root / "README.md").write_text("the dataset")
+    (root / "notes.txt").write_text("a file of the user's, named")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(root), "--output", str(tmp_path / "o"),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.strip() == f"skipped (not an image): {root / 'notes.txt'}"
+    assert "skipped 1 file (listed above)" in printed.out
+
+
 def test_slices_of_a_volume_are_ordered_by_the_number_ending_their_name(tmp_path):
     """Slices exported as 1.png ... 10.png (or slice1 ...) were ordered by name, 10 before 2, so the
     volume's 3D post-processing joined slices that are not neighbours."""
