@@ -521,11 +521,12 @@ def check_labels_found(unlabeled: dict[str, tuple[float, ...]], tumors: int, lab
 def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
     """``--input``'s NIfTI/DICOM cases with their masks, as volumes prepared for the checkpoint,
     with each header's spacing (so HD95 comes in mm)."""
-    for flag, given in (("--spacing", args.spacing), ("--data-dir", args.data_dir),
-                        ("--patients", args.patients != "validation")):
+    for flag, given, why in (("--spacing", args.spacing, "the headers give the spacing"),
+                             ("--data-dir", args.data_dir, "--input names the cases"),
+                             ("--patients", args.patients != "validation", "every case is scored"),
+                             ("--strict", args.strict, "a scan that cannot be read is an error already")):
         if given:
-            raise UserError(f"{flag} is for a dataset folder of 2D slices, not --input's scans (every case is scored; "
-                            "the headers give the spacing)")
+            raise UserError(f"{flag} is for a dataset folder of 2D slices, not --input's scans ({why}); drop {flag}")
     path = Path(args.input)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")

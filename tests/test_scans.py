@@ -199,7 +199,8 @@ def test_evaluate_on_cases_counts_the_labels_asked_for(tmp_path, checkpoint, cap
                  "--labels", "1", "--out-dir", str(tmp_path / "eval-1"), *RUN]) == 0
     assert ("warning: the masks of 1 case (P3) hold only 4, none of --labels 1: each is scored as a case without "
             "tumor") in capsys.readouterr().err
-    for flag in (["--spacing", "1,1,1"], ["--patients", "all"], ["--data-dir", str(tmp_path)]):  # not for scans
+    for flag in (["--spacing", "1,1,1"], ["--patients", "all"], ["--data-dir", str(tmp_path)],  # not for scans
+                 ["--strict"]):
         assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"), *flag]) == 2
         _one_line_error(capsys, flag[0], "not --input's scans")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path), "--labels", "4"]) == 2
