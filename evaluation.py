@@ -60,7 +60,7 @@ from metrics import (
 from model import (check_network_settings, fuse_conv_bn, network_from_checkpoint, overridden_settings,
                    scoring_checkpoint)
 from reports import format_metrics, write_reports
-from scans import find_cases, load_case, parse_labels, warn_filled
+from scans import find_cases, load_case, parse_labels, warn_case
 
 
 def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
@@ -541,7 +541,7 @@ def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
             raise UserError(f"{path / name if path.name != name else path}: no mask (a file or folder named seg, mask "
                             "or label); evaluate needs one per case, predict needs none")
         case = load_case(name, files, labels)
-        warn_filled(case, warned)
+        warn_case(case, warned)
         if case.mask_values and not case.truth.any():  # labelled, but with none of --labels
             unlabeled[name] = case.mask_values
         volumes.append(input_volume(name, case.images, case.truth, normalization=normalization,

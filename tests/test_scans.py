@@ -110,6 +110,30 @@ def test_the_mask_is_displayed_as_a_mask_not_with_the_scans_window(tmp_path, che
     assert header["descrip"].tobytes().rstrip(b"\0") == b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
 
 
+@pytest.mark.parametrize("affine_diagonal, shape, stretched", [
+    ((-1.0, -1.0, 2.5), (48, 48), None),  # square: no warning
+    ((-1.0, -1.0, 2.5), (48, 36), 48 / 36),  # a rectangular field of view, square pixels
+    ((-0.75, -1.0, 2.5), (48, 48), 1 / 0.75),  # a square matrix of pixels 1.0 mm high, 0.75 mm wide
+    ((-1.0, -1.0, 2.5), (48, 45), None),  # within the 10% tolerance
+])
+def test_a_slice_the_network_would_see_stretched_is_named(tmp_path, checkpoint, capsys, affine_diagonal, shape,
+                                                           stretched):
+    """Every slice is resized to a square; the dataset's are square, so a scan with a rectangular
+    field of view (or rectangular pixels) reached the network stretched, without a word."""
+    images, _ = head_volume(seed=13)
+    images = images[:, :shape[0], :shape[1]]
+    case = nifti_case(tmp_path / "case", images, affine=np.diag([*affine_diagonal, 1.0]))
+    assert predict(checkpoint, tmp_path / "out", "--input", str(case)) == 0
+    err = capsys.readouterr().err
+    if stretched is None:
+        assert "stretched" not in err
+    else:
+        height, width = shape[0] * abs(affine_diagonal[1]), shape[1] * abs(affine_diagonal[0])
+        assert (f"warning: case: its axial slices cover {height:.0f} x {width:.0f} mm ({shape[0]}x{shape[1]} pixels "
+                f"of {abs(affine_diagonal[1]):.3g} x {abs(affine_diagonal[0]):.3g} mm), and the network sees each "
+                f"resized to a square, so stretched {stretched:.2f}x") in err
+
+
 def test_intensity_scale_and_offset_leave_the_prediction_unchanged(tmp_path, checkpoint):
     images, _ = head_volume(seed=1)
     masks = {}
