@@ -353,6 +353,9 @@ class PatientVolume:
     box: tuple[int, int, int, int] | None = None
     mask_convention: str = "0/255"  # how the mask files were read (read_patient_masks)
     spacing: tuple[float, float, float] | None = None  # (dz, dy, dx) mm from a file header; None: --spacing
+    # (top, left, height, width): where the original slices sit in slices padded to a square field
+    # of view (``square_field_of_view``); None: not padded.
+    window: tuple[int, int, int, int] | None = None
     _interior: np.ndarray | None = field(default=None, repr=False, compare=False)
     _contrast: tuple[float | None] | None = field(default=None, repr=False, compare=False)
 
@@ -362,6 +365,13 @@ class PatientVolume:
         if self._interior is None:
             self._interior = brain_interior(self.images)
         return self._interior
+
+    def unpadded(self, array: np.ndarray) -> np.ndarray:
+        """(N, H, W, ...) ``array`` on this volume's slices, cut back to the original slices' grid."""
+        if self.window is None:
+            return array
+        top, left, height, width = self.window
+        return array[:, top:top + height, left:left + width]
 
     def flair_contrast(self) -> float | None:
         """How much brighter the true lesion is on FLAIR than the brain around it
@@ -434,11 +444,42 @@ def input_volume(name: str, images: np.ndarray, masks: np.ndarray | None, *, nor
                  spacing: tuple[float, float, float] | None = None) -> PatientVolume:
     """A volume of slices that did not come from the dataset (predict's files, evaluate's scans):
     (N, H, W, 3) images of any scale (``model_intensities``), (N, H, W) masks (None: none known),
-    prepared for a checkpoint's normalization and size, with a header's spacing."""
+    prepared for a checkpoint's normalization and size, with a header's spacing. Under the
+    'volume' normalization, slices whose field of view is not square are padded to one
+    (``square_field_of_view``); predictions are cut back with ``PatientVolume.unpadded``."""
     masks = np.zeros(images.shape[:3], np.uint8) if masks is None else masks
-    volume = make_volume(name, model_intensities(images, normalization), masks, list(range(len(images))))
-    volume.spacing = spacing
+    images = model_intensities(images, normalization)
+    window = None
+    if normalization == "volume":  # 'buda' crops to the brain and pads that box to a square itself
+        images, masks, window = square_field_of_view(images, masks, spacing)
+    volume = make_volume(name, images, masks, list(range(len(images))))
+    volume.spacing, volume.window = spacing, window
     return set_normalization(volume, normalization, image_size)
+
+
+def square_field_of_view(
+    images: np.ndarray, masks: np.ndarray, spacing: tuple[float, float, float] | None
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
+    """(N, H, W, C) slices and (N, H, W) masks padded, centred, to a field of view square in mm
+    (square pixels where ``spacing`` is unknown), and where the originals sit in them (top, left,
+    H, W); None where nothing needed padding (within 1%).
+
+    The network resizes every slice to a square, as the dataset's 256 x 256 slices are: a
+    rectangular field of view (or rectangular pixels) would reach it stretched. Images are padded
+    with each channel's minimum, which the 'volume' statistics leave out as background; masks with 0.
+    """
+    _, dy, dx = spacing or (1.0, 1.0, 1.0)
+    height, width = images.shape[1:3]
+    rows, cols = max(height, round(width * dx / dy)), max(width, round(height * dy / dx))
+    if abs(height * dy - width * dx) <= 0.01 * max(height * dy, width * dx) or (rows, cols) == (height, width):
+        return images, masks, None
+    top, left = (rows - height) // 2, (cols - width) // 2
+    padded = np.empty((len(images), rows, cols, images.shape[3]), images.dtype)
+    padded[:] = images.min(axis=(0, 1, 2))
+    padded[:, top:top + height, left:left + width] = images
+    padded_masks = np.zeros((len(masks), rows, cols), masks.dtype)
+    padded_masks[:, top:top + height, left:left + width] = masks
+    return padded, padded_masks, (top, left, height, width)
 
 
 def make_volume(name: str, images: np.ndarray, masks: np.ndarray, slice_numbers: list[int]) -> PatientVolume:

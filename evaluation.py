@@ -60,7 +60,7 @@ from metrics import (
 from model import (check_network_settings, fuse_conv_bn, network_from_checkpoint, overridden_settings,
                    scoring_checkpoint)
 from reports import format_metrics, write_reports
-from scans import find_cases, load_case, parse_labels, warn_case
+from scans import find_cases, load_case, parse_labels, warn_filled
 
 
 def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,8 +135,10 @@ def predict_volumes(
         prob, pred, truth = (np.stack([i[k] for i in items]) for k in (1, 2, 3))
         volume = loader.dataset.volumes[p]  # its slices are in slice order too
         whole = len(volume.images) == len(items)
-        volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth,
-                                       inside=volume.interior() if whole else np.ones_like(pred),
+        inside = volume.interior() if whole else np.ones_like(pred)
+        # A volume padded to a square field of view is scored, and written, on its own grid.
+        prob, pred, truth, inside = (volume.unpadded(a) for a in (prob, pred, truth, inside))
+        volumes[p] = PatientPrediction(prob=prob, pred=pred, truth=truth, inside=inside,
                                        contrast=volume.flair_contrast() if whole else None,
                                        spacing=volume.spacing)
     return total, seen, volumes
@@ -541,7 +543,7 @@ def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
             raise UserError(f"{path / name if path.name != name else path}: no mask (a file or folder named seg, mask "
                             "or label); evaluate needs one per case, predict needs none")
         case = load_case(name, files, labels)
-        warn_case(case, warned)
+        warn_filled(case, warned)
         if case.mask_values and not case.truth.any():  # labelled, but with none of --labels
             unlabeled[name] = case.mask_values
         volumes.append(input_volume(name, case.images, case.truth, normalization=normalization,

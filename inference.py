@@ -36,7 +36,7 @@ from libraries import (UserError, atomic_write, check_folder_path, check_new_fil
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
-from scans import MODALITIES, MODALITY_NAMES, find_cases, holds_scans, load_case, strip_suffix, warn_case, write_mask
+from scans import MODALITIES, MODALITY_NAMES, find_cases, holds_scans, load_case, strip_suffix, warn_filled, write_mask
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +248,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
     if not inputs:
         raise UserError(f"{path}: no readable slice (tif, tiff, png, jpg or jpeg) nor NIfTI/DICOM scan to predict"
                         + (f"; {counted(skipped, 'file')} skipped, as listed above" if skipped else ""))
-    predictions = predictor([predictor.volume(name, images) for name, _, images in inputs])
+    predictions = predictor([predictor.volume(name, images, spacing) for name, _, images in inputs])
     rows = []
     for (name, files, images), pred in zip(inputs, predictions):
         group = next(g for g, fs in groups.items() if files[0] in fs)
@@ -281,7 +281,7 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
                 raise
             print(f"skipped: {exc}", file=sys.stderr)
             continue
-        warn_case(case, warned)
+        warn_filled(case, warned)
         pred = predictor([predictor.volume(name, case.images, spacing=case.spacing)])[0]
         mask_path = write_mask(pred, case, out / "masks" / f"{name}.nii.gz")
         write_overlays(out, {0: (pred, None)}, {0: case.images[..., FLAIR_CHANNEL]}, {0: list(range(len(pred)))},

@@ -323,7 +323,7 @@ def write_reports(
 
     ``scans`` are the PatientVolumes that were scored, in the order whose indices key ``volumes``.
     """
-    flair = {p: v.images[..., 1] for p, v in enumerate(scans)}
+    flair = {p: v.unpadded(v.images[..., 1]) for p, v in enumerate(scans)}
     slice_numbers = {p: v.slice_numbers for p, v in enumerate(scans)}
     images = [plot_curves(out_dir, history)] if history else []
     images.append(plot_dice_per_volume(out_dir, metrics))

@@ -366,28 +366,14 @@ def load_case(name: str, files: dict[str, Path], labels: tuple[int, ...] | None 
                 reference=flair, source=files["flair"], filled=tuple(filled), mask_values=mask_values)
 
 
-# How far a slice's field of view may be from square (height / width in mm) before the warning:
-# the network sees every slice resized to a square, as the dataset's 256 x 256 slices are.
-STRETCH_TOLERANCE = 1.1
-
-
-def warn_case(case: Case, warned: set[str]) -> None:
-    """Warn once per run and per kind of problem: a missing sequence filled with the FLAIR, and
-    axial slices whose field of view is not square, which the network sees stretched."""
+def warn_filled(case: Case, warned: set[str]) -> None:
+    """Warn once per run and per missing sequence that it was filled with the FLAIR."""
     for role in case.filled:
         if role not in warned:
             warned.add(role)
             print(f"warning: {case.name}: no {MODALITY_NAMES[role]}; the FLAIR is copied into its channel, as in "
                   "the dataset's patients that lack one (trained for by modality dropout); accuracy may be lower "
                   "(said once)", file=sys.stderr)
-    (_, dy, dx), (height, width) = case.spacing, case.images.shape[1:3]
-    aspect = (height * dy) / (width * dx)
-    if not 1 / STRETCH_TOLERANCE <= aspect <= STRETCH_TOLERANCE and "stretch" not in warned:
-        warned.add("stretch")
-        print(f"warning: {case.name}: its axial slices cover {height * dy:.0f} x {width * dx:.0f} mm ({height}x{width} "
-              f"pixels of {dy:.3g} x {dx:.3g} mm), and the network sees each resized to a square, so stretched "
-              f"{max(aspect, 1 / aspect):.2f}x; the dataset's slices are square, so accuracy may be lower: resample "
-              "the scans to a square field of view first (said once)", file=sys.stderr)
 
 
 def parse_labels(text: str) -> tuple[int, ...] | None:

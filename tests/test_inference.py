@@ -160,6 +160,26 @@ def test_the_dataset_roots_own_files_are_not_reported_as_skipped_inputs(tmp_path
     assert "skipped 1 file (listed above)" in printed.out
 
 
+def test_2d_slices_are_padded_to_a_square_field_of_view_in_mm_with_spacing(tmp_path, checkpoint, monkeypatch):
+    """40 x 30 slices are padded to 40 x 40 when their pixels are taken as square, and not at all
+    when --spacing says they are 0.75 mm high and 1 mm wide (30 x 30 mm); the masks keep the input's size."""
+    import data_files
+
+    windows = []
+    real = data_files.square_field_of_view
+    monkeypatch.setattr(data_files, "square_field_of_view",
+                        lambda *a: (lambda r: windows.append(r[2]) or r)(real(*a)))
+    folder = tmp_path / "in"
+    for i in (1, 2):
+        write_slice(folder, "P", i, np.full((40, 30, 3), 90, np.uint8), np.zeros((40, 30), np.uint8))
+    for run, spacing in (("square", []), ("spaced", ["--spacing", "3,0.75,1"])):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(folder),
+                     "--output", str(tmp_path / run), "--device", "cpu", *spacing]) == 0
+        mask = cv2.imread(str(tmp_path / run / "masks" / "in" / "P_1_pred.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (40, 30)
+    assert windows == [(0, 5, 40, 30), None]
+
+
 def test_slices_of_a_volume_are_ordered_by_the_number_ending_their_name(tmp_path):
     """Slices exported as 1.png ... 10.png (or slice1 ...) were ordered by name, 10 before 2, so the
     volume's 3D post-processing joined slices that are not neighbours."""

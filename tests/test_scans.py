@@ -110,28 +110,57 @@ def test_the_mask_is_displayed_as_a_mask_not_with_the_scans_window(tmp_path, che
     assert header["descrip"].tobytes().rstrip(b"\0") == b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
 
 
-@pytest.mark.parametrize("affine_diagonal, shape, stretched", [
-    ((-1.0, -1.0, 2.5), (48, 48), None),  # square: no warning
-    ((-1.0, -1.0, 2.5), (48, 36), 48 / 36),  # a rectangular field of view, square pixels
-    ((-0.75, -1.0, 2.5), (48, 48), 1 / 0.75),  # a square matrix of pixels 1.0 mm high, 0.75 mm wide
-    ((-1.0, -1.0, 2.5), (48, 45), None),  # within the 10% tolerance
+def test_square_field_of_view_by_hand():
+    from data_files import square_field_of_view
+
+    images = np.arange(8, dtype=np.float32).reshape(1, 2, 4, 1) - 3  # a 2 x 4 slice, minimum -3
+    masks = np.array([[[0, 1, 1, 0], [0, 0, 1, 0]]], np.uint8)
+    padded, padded_masks, window = square_field_of_view(images, masks, None)  # square pixels: pad to 4 x 4
+    assert window == (1, 0, 2, 4)
+    assert padded[0, :, :, 0].tolist() == [[-3] * 4, [-3, -2, -1, 0], [1, 2, 3, 4], [-3] * 4]
+    assert padded_masks[0].tolist() == [[0] * 4, [0, 1, 1, 0], [0, 0, 1, 0], [0] * 4]
+    # Pixels 2 mm high and 1 mm wide: 4 x 4 mm already, so nothing is padded.
+    assert square_field_of_view(images, masks, (1.0, 2.0, 1.0))[2] is None
+    # 1 mm high, 0.5 mm wide: 2 x 2 mm; a 4 x 4 matrix of them is 4 x 2 mm, padded to 4 x 8 pixels.
+    tall = np.zeros((1, 4, 4, 1), np.float32)
+    assert square_field_of_view(tall, np.zeros((1, 4, 4), np.uint8), (1.0, 1.0, 0.5))[0].shape == (1, 4, 8, 1)
+
+
+@pytest.mark.parametrize("case_shape, dx, pad", [
+    ((48, 36), 1.0, ((0, 0), (6, 6))),  # a rectangular field of view of square pixels
+    ((48, 48), 0.75, ((0, 0), (8, 8))),  # a square matrix of pixels 1 mm high and 0.75 mm wide: 48 x 36 mm
 ])
-def test_a_slice_the_network_would_see_stretched_is_named(tmp_path, checkpoint, capsys, affine_diagonal, shape,
-                                                           stretched):
-    """Every slice is resized to a square; the dataset's are square, so a scan with a rectangular
-    field of view (or rectangular pixels) reached the network stretched, without a word."""
+def test_a_rectangular_field_of_view_reaches_the_network_unstretched(tmp_path, checkpoint, case_shape, dx, pad):
+    """Every slice is resized to a square, as the dataset's 256 x 256 slices are: a scan whose field
+    of view was not square reached the network stretched (1.33x here), without a word. Now it is
+    padded to a square field of view, and the mask comes back on its own grid: the same mask as
+    that of the scan padded by hand."""
     images, _ = head_volume(seed=13)
-    images = images[:, :shape[0], :shape[1]]
-    case = nifti_case(tmp_path / "case", images, affine=np.diag([*affine_diagonal, 1.0]))
-    assert predict(checkpoint, tmp_path / "out", "--input", str(case)) == 0
-    err = capsys.readouterr().err
-    if stretched is None:
-        assert "stretched" not in err
-    else:
-        height, width = shape[0] * abs(affine_diagonal[1]), shape[1] * abs(affine_diagonal[0])
-        assert (f"warning: case: its axial slices cover {height:.0f} x {width:.0f} mm ({shape[0]}x{shape[1]} pixels "
-                f"of {abs(affine_diagonal[1]):.3g} x {abs(affine_diagonal[0]):.3g} mm), and the network sees each "
-                f"resized to a square, so stretched {stretched:.2f}x") in err
+    images = images[:, :case_shape[0], :case_shape[1]]
+    affine = np.diag([-dx, -1.0, 2.5, 1.0])
+    by_hand = np.pad(images, ((0, 0), *pad, (0, 0)))  # the background, 0, is each channel's minimum here
+    masks = {}
+    for name, slices in (("rect", images), ("square", by_hand)):
+        case = nifti_case(tmp_path / name, slices, affine=affine)
+        assert predict(checkpoint, tmp_path / f"out-{name}", "--input", str(case), "--postprocess", "none") == 0
+        masks[name], image = read_back(tmp_path / f"out-{name}" / "masks" / f"{name}.nii.gz")
+        assert image.shape == nib.load(str(case / "flair.nii.gz")).shape  # each on its own grid
+    (top, _), (left, _) = pad
+    cropped = masks["square"][:, top:top + case_shape[0], left:left + case_shape[1]]
+    assert masks["rect"].any() and np.array_equal(masks["rect"], cropped)
+
+
+def test_evaluate_scores_a_padded_scan_on_its_own_grid(tmp_path, checkpoint):
+    images, truth = head_volume(seed=14)
+    images, truth = images[:, :, :36], truth[:, :, :36]
+    nifti_case(tmp_path / "cases" / "P1", images, truth=truth)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "cases"),
+                 "--out-dir", str(out), *RUN]) == 0
+    row = json.loads((out / "metrics.json").read_text())["per_patient"][0]
+    assert row["tumor_pixels"] == truth.sum() and row["slices"] == len(truth)
+    overlay = cv2.imread(str(out / "overlays" / "P1.png"))
+    assert overlay is not None  # the FLAIR drawn under the predictions is cut back to their grid too
 
 
 def test_intensity_scale_and_offset_leave_the_prediction_unchanged(tmp_path, checkpoint):
