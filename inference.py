@@ -119,6 +119,11 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         # By number, not by name ("10.png" before "2.png"): the volume's slices must be in order for its
         # 3D post-processing.
         files.sort(key=lambda f: (int(m[1]) if (m := _TRAILING_NUMBER.search(f.stem)) else -1, f.name))
+        seen: dict[str, Path] = {}
+        for f in files:  # P_1.tif beside P_1.png: one slice twice in the volume, and one mask file for both
+            if (first := seen.setdefault(f.stem, f)) != f:
+                raise UserError(f"{f.parent}: {first.name} and {f.name} are one slice in two files (both masks would "
+                                f"be {f.stem}_pred.png); keep one of them, or move the other to a folder of its own")
     return groups, other
 
 

@@ -180,6 +180,22 @@ def test_2d_slices_are_padded_to_a_square_field_of_view_in_mm_with_spacing(tmp_p
     assert windows == [(0, 5, 40, 30), None]
 
 
+def test_one_slice_in_two_files_is_refused_before_any_mask_is_written(tmp_path, checkpoint, capsys):
+    """P_1.tif beside P_1.png went into the volume as two slices, and the second mask overwrote the
+    first: 'predicted 3 slices' with 2 mask files."""
+    folder = tmp_path / "in"
+    for name in ("P_1.tif", "P_1.png", "P_2.tif"):
+        folder.mkdir(exist_ok=True)
+        cv2.imwrite(str(folder / name), np.full((40, 40, 3), 90, np.uint8))
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out),
+                 "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {folder}: P_1.png and P_1.tif are one slice in two files "
+                                               "(both masks would be P_1_pred.png); keep one of them, or move the "
+                                               "other to a folder of its own")
+    assert not out.exists()
+
+
 def test_slices_of_a_volume_are_ordered_by_the_number_ending_their_name(tmp_path):
     """Slices exported as 1.png ... 10.png (or slice1 ...) were ordered by name, 10 before 2, so the
     volume's 3D post-processing joined slices that are not neighbours."""
