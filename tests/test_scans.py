@@ -110,6 +110,17 @@ def test_the_mask_is_displayed_as_a_mask_not_with_the_scans_window(tmp_path, che
     assert header["descrip"].tobytes().rstrip(b"\0") == b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
 
 
+def test_2d_slices_beside_scans_are_named_as_not_predicted(tmp_path, checkpoint, capsys):
+    """A folder holding scans is read as scans, and 2D slice files beside them were left out without a word."""
+    images, _ = head_volume(seed=15)
+    case = nifti_case(tmp_path / "case", images)
+    for name in ("P_1.tif", "P_2.png"):
+        cv2.imwrite(str(case / name), images[0])
+    assert predict(checkpoint, tmp_path / "out", "--input", str(case)) == 0
+    assert (f"note: {case}: holds scans, so 2 2D slice files beside them (P_1.tif, ...) are not predicted; predict "
+            "such files from a folder of their own") in capsys.readouterr().err
+
+
 def test_square_field_of_view_by_hand():
     from data_files import square_field_of_view
 
