@@ -53,7 +53,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                                  f"folder{' (required)' if role == 'flair' else '; missing: FLAIR is copied in'}")
     parser.add_argument("--output", required=True, help="folder for masks/, overlays/ and predictions.csv")
     parser.add_argument("--spacing", default="",
-                        help="2D slices only: voxel spacing 'dz,dy,dx' in mm for mm^2 and mm^3 (scans: the header's)")
+                        help="2D slices only: voxel spacing 'dz,dy,dx' in mm, for mm^2 and mm^3 and for pixels that are "
+                             "not square (scans: the header's)")
     parser.add_argument("--batch-size", type=int, default=16)
     add_scoring_flags(parser)
 
