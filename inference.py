@@ -187,7 +187,8 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
                         "(a case folder or a folder of them), or pass --flair (and --t1, --t1ce)")
     if path.is_dir():  # 2D slices beside the scans are not read in this mode: say so
         slices = sorted(f for folder in (path, *(p for p in path.iterdir() if p.is_dir())) for f in folder.iterdir()
-                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.lower().endswith("_mask"))
+                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                        and not f.stem.lower().endswith("_mask"))
         if slices:
             print(f"note: {path}: holds scans, so {counted(len(slices), '2D slice file')} beside them ({slices[0].name}"
                   f"{', ...' if len(slices) > 1 else ''}) {'is' if len(slices) == 1 else 'are'} not predicted; predict "
