@@ -25,6 +25,7 @@ from data_preprocessing import (
 from data_files import (
     DATASET_URL,
     DATA_ENV_VAR,
+    DEFAULT_LOCATIONS,
     DataIssues,
     DatasetError,
     FLAIR_CHANNEL,
@@ -172,10 +173,10 @@ def locate_data(data_dir: str, *, seed: int) -> tuple[Path, bool]:
         root = find_data_dir(data_dir or None)
         if root is not None:
             return root, is_synthetic(root)
-        print(
-            f"No LGG dataset found (--data-dir, ${DATA_ENV_VAR}, ./kaggle_3m). Training on SYNTHETIC data "
-            f"instead; for the real data download {DATASET_URL} and pass --data-dir .../kaggle_3m"
-        )
+        looked = ", ".join(f"./{location}" for location in DEFAULT_LOCATIONS)
+        print(f"No LGG dataset found (--data-dir, ${DATA_ENV_VAR}, {looked}). Training on SYNTHETIC data instead; "
+              f"for the real data: python engine.py download (then found by itself), or get it from {DATASET_URL} "
+              "and pass --data-dir .../kaggle_3m")
     return make_synthetic_dataset(Path(SYNTHETIC_DIR), seed=seed), True
 
 

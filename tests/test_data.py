@@ -321,6 +321,19 @@ def test_a_mask_with_differing_channels_is_reported(tmp_path):
     assert issues.summary() == "1 fixed: mask with several channels"
 
 
+def test_no_dataset_found_names_every_place_looked_and_how_to_get_it(tmp_path, monkeypatch, capsys):
+    """The message named ./kaggle_3m but not ./lgg-mri-segmentation/kaggle_3m, where download puts it."""
+    import data_loaders
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LGG_DATA_DIR", raising=False)
+    monkeypatch.setattr(data_loaders, "make_synthetic_dataset", lambda path, seed: path)
+    assert data_loaders.locate_data("", seed=0) == (Path(data_loaders.SYNTHETIC_DIR), True)
+    out = capsys.readouterr().out
+    assert "No LGG dataset found (--data-dir, $LGG_DATA_DIR, ./kaggle_3m, ./lgg-mri-segmentation/kaggle_3m)" in out
+    assert "python engine.py download (then found by itself)" in out
+
+
 def test_a_patient_list_file_as_editors_save_it(tmp_path):
     # Windows Notepad writes a byte-order mark and CRLF; people add comments and blank lines. A
     # binary file given by mistake was a UnicodeDecodeError traceback.
