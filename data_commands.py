@@ -66,7 +66,8 @@ def _unpack(source: Path, extract_to: Path) -> Path:
         for candidate in [source, *sorted(p for p in source.rglob("kaggle_3m") if p.is_dir())]:
             if looks_like_root(candidate):
                 return candidate
-    raise DatasetError(f"{source}: no kaggle_3m folder in the download; {manual_download()}")
+    # extract_to is <--to>/kaggle_3m.unzipped (or its -inner): the steps name the --to asked for.
+    raise DatasetError(f"{source}: no kaggle_3m folder in the download; {manual_download(extract_to.parent)}")
 
 
 def download_dataset(to: Path) -> Path:

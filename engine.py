@@ -232,24 +232,25 @@ def given_flags(argv: list[str] | None) -> set[str]:
             for a in (argv or []) if a.startswith("--")}
 
 
+def preset_settings(preset: str, argv: list[str] | None) -> dict[str, Any]:
+    """The settings of --preset ``preset`` whose flags are not in ``argv``: flags win."""
+    given = given_flags(argv)
+    return {name: value for name, value in PRESETS[preset].items() if name not in given}
+
+
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> Config:
     """The Config for parsed flags; a --preset fills in every field whose flag is not in ``argv``."""
     values = {f.name: getattr(args, f.name) for f in fields(Config)}
-    given = given_flags(argv)
-    for name, value in PRESETS[values["preset"]].items():
-        if name not in given:
-            values[name] = value
-    return Config(**values)
+    return Config(**{**values, **preset_settings(values["preset"], argv)})
 
 
 def benchmark_settings(args: argparse.Namespace, argv: list[str]) -> tuple[argparse.Namespace, int]:
     """benchmark's flags with its --preset's settings filled in where no flag is given (as a run
     would have them), and that preset's training steps (0 without a preset)."""
-    preset = PRESETS[args.preset]
-    given = given_flags(argv)
-    for name, value in preset.items():
-        if name in benchmark.FIELDS and name not in given:
+    for name, value in preset_settings(args.preset, argv).items():
+        if name in benchmark.FIELDS:
             setattr(args, name, value)
+    preset = PRESETS[args.preset]
     return args, preset.get("epochs", 0) * preset.get("steps_per_epoch", 0)
 
 
