@@ -44,7 +44,7 @@ from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, Use
                        launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
-from reports import epoch_line, format_metrics, seconds_left, write_reports
+from reports import epoch_line, format_metrics, seconds_left, training_time, write_reports
 from training import (NetworkSpec, TrainingParts, build_training, check_trainable_batch, load_pretrained,
                       make_scheduler, pretrained_overlap, restore, run_epoch, save_epoch, width_of_weights)
 
@@ -518,19 +518,19 @@ def train(cfg: Config) -> dict:
         spacing=spacing, patients=data.val_names,
         gather=evaluation.gather_across_ranks if ddp.enabled else None,
     ) if val_loader is not None else None
-    start = time.perf_counter()
+    start, first_epoch = time.perf_counter(), state["epoch"]
     volumes = fit(cfg, parts, scheduler, train_loader, validate, state, ddp=ddp, device=device,
                   amp_dtype=amp_dtype, progress=progress, val_slices=val_slices, run_dir=data.run_dir,
                   config_record=config_record, say=say)
-    elapsed = time.perf_counter() - start
+    timing = training_time(state["history"], time.perf_counter() - start, state["epoch"] - first_epoch)
     # What a cv compares with the final model's training (a CV proxy should take as many steps).
     state["training"] = {"train_slices": len(train_set), "steps_per_epoch": len(train_loader),
                          "optimizer_steps": len(train_loader) * state["epoch"]}
     if validate is None:
-        return finish_unvalidated(data, state, elapsed, ddp.main)
+        return finish_unvalidated(data, state, timing, ddp.main)
     if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
         _, state["metrics"], volumes = validate()
-    return finish(data, state, volumes, config_record, env, elapsed, ddp.main)
+    return finish(data, state, volumes, config_record, env, timing, ddp.main)
 
 
 def fit(
@@ -610,8 +610,9 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
     ])
 
 
-def finish_unvalidated(data: RunData, state: dict, elapsed: float, main_rank: bool) -> dict:
-    """The end of a --split none run: metrics.json without scores, and how to score the model."""
+def finish_unvalidated(data: RunData, state: dict, timing: tuple[dict, str], main_rank: bool) -> dict:
+    """The end of a --split none run: metrics.json without scores, and how to score the model.
+    ``timing``: ``reports.training_time``'s minutes and words."""
     history = state["history"]
     final = {"epoch": state["epoch"], "train_loss": history[-1]["train_loss"] if history else None,
              "train_patients": len(data.train_names), "validation_patients": 0, **state["training"],
@@ -619,16 +620,17 @@ def finish_unvalidated(data: RunData, state: dict, elapsed: float, main_rank: bo
     if main_rank:
         save_json(data.run_dir / "metrics.json", final)
         print(f"trained on {counted(len(data.train_names), 'patient')}, {counted(state['epoch'], 'epoch')}, "
-              f"{elapsed / 60:.1f} min; "
+              f"{timing[1]}; "
               f"wrote {data.run_dir}/: last.pt, history.csv, curves.png, metrics.json. There are no validation "
               "patients, so nothing was scored; score it on patients it never saw with:\n"
               f"  python engine.py evaluate --checkpoint {data.run_dir / 'last.pt'} --data-dir DIR --patients unseen")
     return final
 
 
-def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: dict, elapsed: float,
+def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: dict, timing: tuple[dict, str],
            main_rank: bool) -> dict:
-    """The end of a validated run: metrics.json, the reports and the printed table (rank 0)."""
+    """The end of a validated run: metrics.json, the reports and the printed table (rank 0).
+    ``timing``: ``reports.training_time``'s minutes and words."""
     overlap = config_record.get("scored_patients_trained_on", [])
     final = {**state["metrics"], "epoch": state["epoch"], "best_epoch": state["best_epoch"],
              "best_dice_per_volume_mean": state["best_dice"], **state["training"], "synthetic_data": data.synthetic,
@@ -639,7 +641,8 @@ def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: 
     history = state["history"]
     title = (f"Validation after epoch {state['epoch']} "
              f"({'SYNTHETIC data: not a result on MRI' if data.synthetic else 'real data'})")
-    timing = {"training minutes": elapsed / 60, "epochs": state["epoch"],
+    minutes, minutes_text = timing
+    timing = {**minutes, "epochs": state["epoch"],
               "train images/s (mean)": float(np.mean([h["train_images_per_second"] for h in history])),
               "validation images/s (mean)": float(np.mean([h["val_images_per_second"] for h in history
                                                            if "val_images_per_second" in h]))}
@@ -647,7 +650,7 @@ def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: 
                   title=f"Training run {data.run_dir.name}: {title}", config=config_record, environment=env,
                   timing=timing, history=history, clinical=read_clinical(data.root))
     print(format_metrics(final, title))
-    print(f"best epoch {state['best_epoch']} (Dice per volume {state['best_dice']:.4f}); {elapsed / 60:.1f} min; "
+    print(f"best epoch {state['best_epoch']} (Dice per volume {state['best_dice']:.4f}); {minutes_text}; "
           f"wrote {data.run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, "
           "overlays/, best.pt, last.pt, history.csv")
     return final

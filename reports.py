@@ -76,6 +76,17 @@ def seconds_left(rows: Sequence[dict], val_slices: int, epochs_left: int, valida
     return float(np.mean(train)) * epochs_left + (float(np.mean(val)) * validations_left if val else 0.0)
 
 
+def training_time(history: Sequence[dict], elapsed: float, epochs_here: int) -> tuple[dict, str]:
+    """How long a run trained, for summary.md and the closing line: ``elapsed`` seconds in this
+    process, which ran the last ``epochs_here`` of the ``history`` rows. A resumed run's earlier
+    epochs ran in other processes, so its total is the sum of every epoch's time instead."""
+    if epochs_here >= len(history):
+        return {"training minutes": elapsed / 60}, f"{elapsed / 60:.1f} min"
+    total = sum(row["seconds"] for row in history) / 60
+    return ({"training minutes, all epochs": total, "training minutes, since the resume": elapsed / 60},
+            f"{total:.1f} min, {elapsed / 60:.1f} of them since the resume")
+
+
 def format_duration(seconds: float) -> str:
     """'45 s' under a minute and a half, else whole minutes ('43 min')."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

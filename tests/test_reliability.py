@@ -70,6 +70,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn, 
     assert (run / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 4  # header + epochs 1, 2, 3
+    assert "training minutes, all epochs" in (run / "summary.md").read_text()  # epoch 1 ran before the kill
 
 
 def test_unsafe_pickle_is_refused_and_never_runs(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pandas as pd
 
 from data_files import institution
 from reports import (PRED_COLOR, TRUTH_COLOR, by_institution, epoch_line, format_duration, overlay_slice,
-                     paired_difference, seconds_left)
+                     paired_difference, seconds_left, training_time)
 
 
 def test_overlay_slice_draws_both_outlines_exactly():
@@ -128,6 +128,18 @@ def test_seconds_left_by_hand():
     assert epoch_line(2, 5, rows[0], best=False, left=335.0).endswith("100s (24.0 img/s)  ~6 min left")
     assert "left" not in epoch_line(5, 5, rows[0], best=False, left=0.0)  # the last epoch
     assert "left" not in epoch_line(2, 5, rows[0], best=False)
+
+
+def test_training_time_of_a_resumed_run_counts_the_epochs_before_the_resume():
+    """Epochs of 60, 90 and 150 s; the process resumed after epoch 1 and ran 4 min (240 s): 5 min in all."""
+    rows = [{"seconds": 60.0}, {"seconds": 90.0}, {"seconds": 150.0}]
+    minutes, text = training_time(rows, 240.0, epochs_here=2)
+    assert minutes == pytest.approx({"training minutes, all epochs": 5.0, "training minutes, since the resume": 4.0})
+    assert text == "5.0 min, 4.0 of them since the resume"
+    # A run that never stopped: its own clock, which also counts the checkpoints between epochs.
+    assert training_time(rows, 306.0, epochs_here=3) == ({"training minutes": 5.1}, "5.1 min")
+    # Resumed after its last epoch, to score it again: nothing trained since.
+    assert training_time(rows, 0.0, epochs_here=0)[1] == "5.0 min, 0.0 of them since the resume"
 
 
 def write_scores(folder, scores: dict) -> None:
