@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import random
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
@@ -213,6 +214,17 @@ def environment_report(device: torch.device) -> dict[str, Any]:
     return report
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions a file written at ``path`` should get: those of the file it replaces, or what
+    ``open()`` would give a new one under the process's umask (read with the usual set-and-restore)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write a file through ``write(tmp_path)`` into a temporary file beside it, then rename.
 
@@ -224,6 +236,7 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
+        os.chmod(tmp, _file_mode(path))  # mkstemp's file is private (0600); open() would give the umask's
         write(Path(tmp))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError

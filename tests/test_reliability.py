@@ -571,3 +571,22 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, syn, monkeypatch, c
     cv_dir = tmp_path / "cv"
     assert main(["cv", *tiny(tmp_path, syn, cv_dir, "--folds", "2", "--epochs", "3")]) == 130
     assert capsys.readouterr().err.strip().endswith(f"continue with python engine.py cv --resume {cv_dir}")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp makes its file private (0600), so every checkpoint, metrics.json and exported model
+    was unreadable to the rest of a lab's group, or to a server running under another user."""
+    from libraries import save_json
+
+    old = os.umask(0o027)
+    try:
+        save_json(tmp_path / "atomic.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+        mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+        assert mode("atomic.json") == mode("plain.json") == 0o640
+        (tmp_path / "atomic.json").chmod(0o604)  # replacing a file keeps the permissions it was given
+        save_json(tmp_path / "atomic.json", {"a": 2})
+        assert mode("atomic.json") == 0o604 and json.loads((tmp_path / "atomic.json").read_text()) == {"a": 2}
+    finally:
+        os.umask(old)
