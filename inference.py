@@ -370,6 +370,9 @@ def export_command(args: argparse.Namespace) -> float | Path:
         check_folder_path(out, "--output")
     else:
         check_new_file(out, "--output", "unet" + EXPORT_SUFFIXES[args.format])
+        if args.format == "torch_export" and out.suffix != ".pt2":
+            raise UserError(f"--output {out}: torch.export.load expects a program's file name to end in .pt2 and "
+                            f"warns on any other; pass {out.with_suffix('.pt2')}")
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
     overrides = overridden_settings(record, image_size=args.image_size, normalization=args.normalization)

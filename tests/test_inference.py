@@ -284,6 +284,9 @@ def test_torch_export_parity_at_any_batch_size(tmp_path, checkpoint, capsys):
     from model import UNet
 
     out = tmp_path / "unet.pt2"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torch_export",
+                 "--output", str(tmp_path / "unet.program")]) == 2  # torch.export.load would warn on it
+    assert capsys.readouterr().err.strip().endswith(f"pass {out}")
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "torch_export", "--output", str(out)]) == 0
     assert float(capsys.readouterr().out.split("eager PyTorch on a batch of 3: ")[1].split()[0]) < 1e-4
     program = torch.export.load(str(out)).module()
