@@ -279,9 +279,10 @@ def check_resume_flags(command: str, cfg: Config, given: set[str]) -> None:
                for name in sorted(fixed) if getattr(cfg, name) != getattr(stored, name)]
     if ignored:
         may = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_OVERRIDES)
+        other = ("to cross-validate other settings, start a new cv in another --out-dir" if command == "cv" else
+                 "to train on from its weights with other settings, start a new run with --pretrained <its last.pt>")
         raise UserError(f"--resume {cfg.resume} keeps the run's own settings, so {', '.join(ignored)} would be "
-                        f"ignored; drop {'it' if len(ignored) == 1 else 'them'} (only {may} may change; to train on "
-                        "from its weights with other settings, start a new run with --pretrained <its last.pt>)")
+                        f"ignored; drop {'it' if len(ignored) == 1 else 'them'} (only {may} may change; {other})")
 
 
 def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:

@@ -525,7 +525,9 @@ def test_cv_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path
     assert f"if it was interrupted, continue it with: python engine.py cv --resume {cut}" in capsys.readouterr().err
     # The run keeps its own settings: a flag it would ignore is refused, not ignored in silence.
     assert main(["cv", "--resume", str(cut), "--epochs", "9"]) == 2
-    assert "--epochs 9 (the run's: 2) would be ignored" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--epochs 9 (the run's: 2) would be ignored" in err
+    assert err.strip().endswith("start a new cv in another --out-dir)")  # not a single run's --pretrained
     assert main(["cv", "--resume", str(cut), "--epochs", "2", "--num-workers", "0"]) == 0  # its own value
     out = capsys.readouterr().out
     assert f"resuming {cut / 'fold-1'} after epoch 1" in out and "fold 0: finished earlier" in out
