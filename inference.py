@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, input_volume,
                         read_image)
@@ -31,8 +32,8 @@ from evaluation import (
     scoring_loader,
     scoring_settings,
 )
-from libraries import (UserError, atomic_write, check_folder_path, check_new_file, counted, memory_format,
-                       setup_device, write_image)
+from libraries import (Interrupted, UserError, atomic_write, check_folder_path, check_new_file, counted,
+                       memory_format, setup_device, write_image)
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
@@ -235,11 +236,17 @@ def predict_command(args: argparse.Namespace) -> Path:
                         "or remove it: earlier results are never overwritten")
     cases = scan_inputs(args)
     predictor = Predictor(args)
-    if cases is not None:
-        (count, skipped), kind, unit = predict_scans(cases, predictor, out), "case", "case"
-    else:
-        count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
-        unit = "file"
+    try:
+        if cases is not None:
+            (count, skipped), kind, unit = predict_scans(cases, predictor, out), "case", "case"
+        else:
+            count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
+            unit = "file"
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk; say where
+        table = out / "predictions.csv"
+        raise Interrupted(f"interrupted; {table} lists what was predicted before, with its masks and overlays "
+                          "beside it; predict the rest into another --output" if table.exists() else
+                          f"interrupted before the first prediction was written to {out}") from None
     print(f"predicted {counted(count, kind)} (post-processing: {predictor.postprocess}, "
           f"threshold {predictor.threshold:g})"
           + (f", skipped {counted(skipped, unit)} (listed above)" if skipped else "")
@@ -253,31 +260,34 @@ CSV_COLUMNS = ["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"]
 def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predictor: Predictor,
                    out: Path) -> tuple[int, int, str]:
     """2D slices -> masks/<folder>/<slice>_pred.png, one overlay grid per volume and a row per slice
-    and per volume; returns the slices predicted, the files skipped and what was counted."""
+    and per folder; returns the slices predicted, the files skipped and what was counted.
+
+    Folder by folder: memory holds one folder's slices, not a dataset's, and predictions.csv is
+    rewritten after each, so an interrupted run keeps every folder it finished."""
     groups, other = collect_inputs(path)
     for f in other:
         print(f"skipped (not an image): {f}", file=sys.stderr)
-    inputs, skipped = read_inputs(groups)
-    skipped += len(other)
-    if not inputs:
+    rows, skipped = [], len(other)
+    for group, files in tqdm(groups.items(), desc="predict", unit="folder", leave=False,
+                             disable=len(groups) == 1 or not sys.stderr.isatty()):
+        inputs, unreadable = read_inputs({group: files})
+        skipped += unreadable
+        if not inputs:
+            continue
+        predictions = predictor([predictor.volume(name, images, spacing) for name, _, images in inputs])
+        (out / "masks" / group).mkdir(parents=True, exist_ok=True)
+        for (name, files, images), pred in zip(inputs, predictions):
+            for f, mask in zip(files, pred):
+                write_image(out / "masks" / group / f"{f.stem}_pred.png", mask.astype(np.uint8) * 255)
+                rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
+            numbers = [m[1] if (m := _TRAILING_NUMBER.search(f.stem)) else f.stem for f in files]  # "slice 12"
+            write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
+        rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows if r["patient"] == group), spacing))
+        atomic_write(out / "predictions.csv",
+                     lambda tmp: pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp, index=False))
+    if not rows:
         raise UserError(f"{path}: no readable slice (tif, tiff, png, jpg or jpeg) nor NIfTI/DICOM scan to predict"
                         + (f"; {counted(skipped, 'file')} skipped, as listed above" if skipped else ""))
-    predictions = predictor([predictor.volume(name, images, spacing) for name, _, images in inputs])
-    rows = []
-    for (name, files, images), pred in zip(inputs, predictions):
-        group = next(g for g, fs in groups.items() if files[0] in fs)
-        (out / "masks" / group).mkdir(parents=True, exist_ok=True)
-        for f, mask in zip(files, pred):
-            write_image(out / "masks" / group / f"{f.stem}_pred.png", mask.astype(np.uint8) * 255)
-            rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
-        numbers = [m[1] if (m := _TRAILING_NUMBER.search(f.stem)) else f.stem for f in files]  # captions: "slice 12"
-        write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
-    for group in groups:
-        if any(r["patient"] == group for r in rows):
-            rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows if r["patient"] == group),
-                                 spacing))
-    out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(out / "predictions.csv", index=False)
     return sum(r["level"] == "slice" for r in rows), skipped, "slice"
 
 
@@ -287,7 +297,8 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
     that cannot be read is an error when it is the only one, else skipped with its one line.
     Returns the cases predicted and skipped."""
     rows, warned = [], set()
-    for name, files in cases:
+    for name, files in tqdm(cases, desc="predict", unit="case", leave=False,
+                            disable=len(cases) == 1 or not sys.stderr.isatty()):
         try:
             case = load_case(name, files)
         except UserError as exc:

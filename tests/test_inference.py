@@ -246,6 +246,38 @@ def test_predict_on_real_slices(tmp_path, checkpoint):
     assert len(pd.read_csv(out / "predictions.csv")) == 4  # 3 slices + the patient total
 
 
+def test_predict_goes_folder_by_folder_and_an_interrupt_keeps_the_folders_finished(tmp_path, checkpoint,
+                                                                                    monkeypatch, capsys):
+    """predict read and predicted a whole dataset root before writing anything: its memory grew with
+    the input (3 GB for 66 patients), and Ctrl-C after minutes left nothing."""
+    import inference
+
+    rng = np.random.default_rng(0)
+    for patient in ("TCGA_A", "TCGA_B", "TCGA_C"):
+        for i in (1, 2):
+            write_slice(tmp_path / "root" / patient, patient, i, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                        np.zeros((32, 32), np.uint8))
+    seen, real_call = [], inference.Predictor.__call__
+
+    def call(self, volumes):
+        seen.append([v.name for v in volumes])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real_call(self, volumes)
+
+    monkeypatch.setattr(inference.Predictor, "__call__", call)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "root"),
+                 "--output", str(out), "--device", "cpu"]) == 130
+    assert seen == [["TCGA_A"], ["TCGA_B"], ["TCGA_C"]]  # one folder in memory at a time
+    table = pd.read_csv(out / "predictions.csv")
+    assert table["patient"].tolist() == ["TCGA_A"] * 3 + ["TCGA_B"] * 3  # 2 slices and the total, each
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["TCGA_A", "TCGA_B"]
+    assert capsys.readouterr().err.strip() == (f"interrupted; {out / 'predictions.csv'} lists what was predicted "
+                                               "before, with its masks and overlays beside it; predict the rest into "
+                                               "another --output")
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # the user's side, not ours
 def test_torchscript_export_parity(tmp_path, checkpoint, capsys):
     out = tmp_path / "unet.ts"
