@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 
 from data_loaders import dataset_inventory, pinned_data_dir, steps_per_epoch
 from libraries import CV_CONFIG, Interrupted, UserError, atomic_write, counted, new_run_dir, save_json, unused_path
-from reports import by_institution, compare_runs, dice_table, patient_scores, score_column
+from reports import by_institution, compare_runs, dice_table, not_held_out, patient_scores, score_column
 
 INVENTORY = "patients"  # cv_config.json's {patient: slices} of the dataset when the cv began
 
@@ -237,6 +238,10 @@ def add_compare_arguments(parser: argparse.ArgumentParser, postprocessing: tuple
 def compare_command(args: argparse.Namespace) -> pd.DataFrame:
     """The ``compare`` command: run B against run A, patient by patient (see ``compare_runs``)."""
     (a, source_a), (b, source_b) = patient_scores(Path(args.run_a)), patient_scores(Path(args.run_b))
+    for side, frame, path in (("A", a, args.run_a), ("B", b, args.run_b)):
+        # A model scored on patients it trained on (folds without the column: none of theirs).
+        if "in_training" in frame and (trained := frame.loc[frame["in_training"].eq(True), "patient"].tolist()):
+            print(f"warning: {side} ({path}): {not_held_out(trained, len(frame))}", file=sys.stderr)
     pairs = [(args.postprocess_a, args.postprocess_b)] if args.postprocess_a or args.postprocess_b else None
     if pairs and not (args.postprocess_a and args.postprocess_b):
         raise UserError("--postprocess-a and --postprocess-b go together: give both (or neither, to compare "

@@ -59,7 +59,7 @@ from metrics import (
 )
 from model import (check_network_settings, fuse_conv_bn, network_from_checkpoint, overridden_settings,
                    scoring_checkpoint)
-from reports import format_metrics, write_reports
+from reports import format_metrics, not_held_out, write_reports
 from scans import find_cases, load_case, parse_labels, warn_filled
 
 
@@ -354,10 +354,7 @@ def warn_trained_on(record: dict, names: Sequence[str]) -> list[str]:
     """The scored patients that the model was trained on, warned about once."""
     trained = trained_patients(record, names)
     if trained:
-        print(f"warning: {len(trained)} of the {counted(len(names), 'patient')} scored "
-              f"{'was' if len(trained) == 1 else 'were'} used to train this model "
-              f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their scores are not held out",
-              file=sys.stderr)
+        print(f"warning: {not_held_out(trained, len(names))}", file=sys.stderr)
     return trained
 
 

@@ -139,6 +139,8 @@ def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame |
                "slices", "tumor_slices", "flair_contrast"]
     frame = frame[[c for c in columns if c in frame]]
     frame.insert(1, "institution", frame["patient"].map(institution))
+    if trained := metrics.get("scored_patients_trained_on_names"):
+        frame.insert(2, "in_training", frame["patient"].isin(trained))
     if clinical is not None:
         ids = frame["patient"].map(lambda name: "_".join(name.split("_")[:3]))
         frame = pd.concat([frame, clinical.reindex(ids).reset_index(drop=True)], axis=1)
@@ -266,6 +268,13 @@ def _fmt(value: object, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def not_held_out(trained: Sequence[str], scored: int) -> str:
+    """The sentence that says which of ``scored`` patients were used to train the model scored."""
+    return (f"{len(trained)} of the {counted(scored, 'patient')} scored {'was' if len(trained) == 1 else 'were'} "
+            f"used to train this model ({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their "
+            "scores are not held out")
+
+
 def write_summary(
     out_dir: Path,
     metrics: dict,
@@ -283,6 +292,9 @@ def write_summary(
     lines = [f"# {title}", ""]
     if metrics.get("synthetic_data"):
         lines += ["**Synthetic data**: these numbers show that the code works, not how it does on MRI.", ""]
+    if trained := metrics.get("scored_patients_trained_on_names"):
+        lines += [f"**Not held out**: {not_held_out(trained, metrics['patients'])} (`in_training` in "
+                  "per_patient.csv).", ""]
     lines += ["## Metrics", "",
               f"{counted(metrics['patients'], 'patient')}, {counted(metrics['slices'], 'slice')} "
               f"({metrics['tumor_slices']:,} with tumor); "
@@ -371,7 +383,8 @@ def _scores_from_csv(path: Path) -> pd.DataFrame:
 
 def dice_table(metrics: dict) -> pd.DataFrame:
     """Columns patient, dice, dice_lcc, ... (one per post-processing) of an evaluation's metrics, then
-    flair_contrast where its per-patient rows have it."""
+    flair_contrast where its per-patient rows have it, and in_training where some patients scored
+    were used to train the model."""
     variants = metrics["postprocessing"]
     none = variants["none"]["dice_per_patient"]
     table = pd.DataFrame({"patient": list(none), **{
@@ -379,6 +392,8 @@ def dice_table(metrics: dict) -> pd.DataFrame:
     contrast = {r["patient"]: r["flair_contrast"] for r in metrics.get("per_patient", []) if "flair_contrast" in r}
     if contrast:
         table["flair_contrast"] = table["patient"].map(contrast).astype(float)
+    if trained := metrics.get("scored_patients_trained_on_names"):
+        table["in_training"] = table["patient"].isin(trained)
     return table
 
 

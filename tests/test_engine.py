@@ -263,6 +263,14 @@ def test_split_none_model_is_scored_on_unseen_patients_only(tmp_path, capsys, mo
     assert "4 of the 6 patients scored were used to train" in capsys.readouterr().err
     dice_all = {p["patient"]: p["dice"] for p in scored_all["per_patient"]}
     assert {p["patient"]: p["dice"] for p in unseen["per_patient"]} == {n: dice_all[n] for n in names[4:]}
+    # The reports say so too (they are what gets shared), and so does compare, which pairs held-out scores.
+    assert "**Not held out**: 4 of the 6 patients scored were used" in (tmp_path / "all" / "summary.md").read_text()
+    table = pd.read_csv(tmp_path / "all" / "per_patient.csv")
+    assert table.loc[table["in_training"], "patient"].tolist() == names[:4]
+    assert "in_training" not in pd.read_csv(tmp_path / "unseen" / "per_patient.csv")
+    assert main(["compare", str(tmp_path / "unseen"), str(tmp_path / "all")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: B ({tmp_path / 'all'}): 4 of the 6 patients scored were used to train" in err and "A (" not in err
 
     # A run without validation patients has none to score, and its own data has no unseen ones.
     assert main([*evaluate[:3]]) == 2
