@@ -61,6 +61,7 @@ from model import (check_network_settings, fuse_conv_bn, network_from_checkpoint
                    scoring_checkpoint)
 from reports import format_metrics, not_held_out, write_reports
 from scans import find_cases, load_case, parse_labels, warn_filled
+from synthetic_data import is_synthetic
 
 
 def to_full_resolution(logits: torch.Tensor, size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
@@ -446,14 +447,15 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     )
     seconds = time.perf_counter() - start
     scored = "cases" if args.input else args.patients
+    synthetic = not args.input and is_synthetic(Path(source))  # the patients scored, whatever the model learned on
     result = {**metrics, "checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
               "data_dir": str(source), "patients_scored": scored, "scored_patients_trained_on": len(trained),
               "scored_patients_trained_on_names": trained,
-              "val_loss": val_loss, "synthetic_data": record["synthetic_data"],
+              "val_loss": val_loss, "synthetic_data": synthetic,
               "images_per_second": metrics["slices"] / seconds}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "metrics.json", result)
-    kind = "SYNTHETIC data: not a result on MRI" if record["synthetic_data"] and not args.input else "real data"
+    kind = "SYNTHETIC data: not a result on MRI" if synthetic else "real data"
     epoch = f"epoch {ckpt['epoch']}, " if ckpt["epoch"] is not None else ""
     title = f"Evaluation of {ckpt_path} ({epoch}{kind}; patients: {scored})"
     write_reports(out_dir, result, volumes=predicted, scans=loader.dataset.volumes, title=title, config=record,

@@ -143,6 +143,41 @@ def test_synthetic_dataset_is_deterministic_and_lgg_like(tmp_path):
     assert (a / "synthetic.json").stat().st_mtime_ns == stamp
 
 
+def test_synthetic_patients_copied_elsewhere_are_still_synthetic(tmp_path, capsys):
+    """Only the generator's manifest marked a tree synthetic: its patients copied into a folder of
+    their own trained and scored as "real data", and so did a real model evaluated on them."""
+    import shutil
+
+    from data_loaders import locate_data
+    from engine import main
+    from synthetic_data import is_synthetic
+
+    root = make_synthetic_dataset(tmp_path / "syn", patients=3, slices=4, size=32, seed=1)
+    mine = tmp_path / "mine"
+    for name in ("SYN_00_20000101", "SYN_01_20000102"):
+        shutil.copytree(root / name, mine / name)
+    assert is_synthetic(root) and is_synthetic(mine) and locate_data(str(mine), seed=0) == (mine, True)
+    real = tmp_path / "real"
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:20, 10:20] = 255
+    write_slice(real / "TCGA_CS_4941_19960909", "TCGA_CS_4941_19960909", 1,
+                np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8), mask)
+    (real / "SYN_notes").mkdir()  # not a generated patient's name
+    assert not is_synthetic(real)
+
+    run = tmp_path / "run"
+    assert main(["--data-dir", str(mine), "--epochs", "1", "--image-size", "32", "--features", "4",
+                 "--batch-size", "4", "--out-dir", str(run), "--device", "cpu"]) == 0
+    assert "(SYNTHETIC data: not a result on MRI)" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(root), "--patients",
+                 "SYN_02_20000103", "--out-dir", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    assert "SYNTHETIC data: not a result on MRI" in capsys.readouterr().out
+    # The label is the scored patients': real ones are real data, whatever the model learned on.
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(real), "--patients", "all",
+                 "--out-dir", str(tmp_path / "ev-real"), "--device", "cpu"]) == 0
+    assert "(epoch 1, real data; patients: all)" in capsys.readouterr().out
+
+
 def _batches(dataset, workers, seed):
     loader = make_loader(dataset, batch_size=4, train=True, seed=seed, num_workers=workers)
     return [(b["image"].clone(), b["mask"].clone(), b["slice"].clone()) for b in loader]
