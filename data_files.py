@@ -165,7 +165,8 @@ def scan_dataset(root: Path, issues: DataIssues | None = None) -> list[SliceReco
     """
     issues = issues if issues is not None else DataIssues(strict=True)
     records: list[SliceRecord] = []
-    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    # Hidden folders (.ipynb_checkpoints, a sync tool's .cache) are no patient's: left out unsaid.
+    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images, masks, on_disk = _slice_files(patient_dir, issues)
         if not images and not masks:
             nested = [d.name for d in patient_dir.iterdir() if d.is_dir() and any(d.glob("*_mask.tif*"))]

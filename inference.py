@@ -82,6 +82,12 @@ _NUMBER = re.compile(r"_(\d+)$")  # <PATIENT>_<N>, the dataset's naming
 _TRAILING_NUMBER = re.compile(r"(\d+)$")  # the slice number of any naming: 10.png, slice10.png, IM-0001-0010.png
 
 
+def input_folders(path: Path) -> list[Path]:
+    """The folders whose slices ``predict`` reads for ``path``: itself and its subfolders, hidden
+    ones (.ipynb_checkpoints, .cache) left out."""
+    return [path, *sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))]
+
+
 def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     """Group the slices to predict by patient; also return the files that are not images.
 
@@ -101,7 +107,7 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         raise UserError(f"{path}: no such file or folder; pass a slice, a folder of slices or a dataset folder")
     groups: dict[str, list[Path]] = {}
     other: list[Path] = []
-    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+    for folder in input_folders(path):
         slices = []
         for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
             if f.stem.lower().endswith("_mask"):
@@ -187,7 +193,7 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
         raise UserError(f"{path}: NIfTI or DICOM files, but no case: name the FLAIR's file or folder with 'flair' "
                         "(a case folder or a folder of them), or pass --flair (and --t1, --t1ce)")
     if path.is_dir():  # 2D slices beside the scans are not read in this mode: say so
-        slices = sorted(f for folder in (path, *(p for p in path.iterdir() if p.is_dir())) for f in folder.iterdir()
+        slices = sorted(f for folder in input_folders(path) for f in folder.iterdir()
                         if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
                         and not f.stem.lower().endswith("_mask"))
         if slices:

@@ -313,10 +313,12 @@ def test_name_checks_report_duplicates_gaps_strays_and_nesting(tmp_path):
     q = "TCGA é 0003_2000"  # spaces and non-ASCII characters in names are read like any other
     for i in (1, 2):
         _pair(root / q, q, i)
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folders are no patient's: not reported either
     issues = DataIssues()
     records = scan_dataset(root, issues)
     assert {(r.patient, r.index) for r in records} == {(p, 3), (p, 5), (q, 1), (q, 2)}
     kinds = issues.summary()
+    assert "patient folder without slices" not in kinds
     assert "4 skipped: duplicate slice number" in kinds  # slices 1 and 2, image and mask of each
     assert "2 skipped: slice of another patient" in kinds and "1 warning: gap in slice numbers" in kinds
     messages = "\n".join(m for _, m in issues.items)

@@ -153,6 +153,8 @@ def test_the_dataset_roots_own_files_are_not_reported_as_skipped_inputs(tmp_path
     (root / "data.csv").write_text("Patient,death01\nP,0\n")
     (root / "README.md").write_text("the dataset")
     (root / "notes.txt").write_text("a file of the user's, named")
+    (root / ".ipynb_checkpoints").mkdir()  # a hidden folder is no patient's: nothing read, nothing said
+    (root / ".ipynb_checkpoints" / "explore-checkpoint.ipynb").write_text("{}")
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(root), "--output", str(tmp_path / "o"),
                  "--device", "cpu"]) == 0
     printed = capsys.readouterr()
