@@ -376,20 +376,24 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
         torch.export.save(program, f)
 
 
-def export_command(args: argparse.Namespace) -> float | Path:
-    """The ``export`` command: torch.export, TorchScript or ONNX, with a parity check against eager
-    PyTorch, or a weights file for release (``--format state_dict``)."""
-    out = Path(args.output)
-    if args.format == "state_dict":  # a folder: the file is named by its hash
+def check_export_output(out: Path, fmt: str) -> Path:
+    """``out`` if ``export --format fmt`` may write there, before any work; else a one-line error."""
+    if fmt == "state_dict":  # a folder: the file is named by its hash
         if out.suffix.lower() in (".pt", ".pth") and not out.is_dir():
             raise UserError(f"--output {out}: --format state_dict writes into a folder and names the file by its "
                             "hash (unet-<hash>.pt); pass a folder, such as release/")
-        check_folder_path(out, "--output")
-    else:
-        check_new_file(out, "--output", "unet" + EXPORT_SUFFIXES[args.format])
-        if args.format == "torch_export" and out.suffix != ".pt2":
-            raise UserError(f"--output {out}: torch.export.load expects a program's file name to end in .pt2 and "
-                            f"warns on any other; pass {out.with_suffix('.pt2')}")
+        return check_folder_path(out, "--output")
+    check_new_file(out, "--output", "unet" + EXPORT_SUFFIXES[fmt])
+    if fmt == "torch_export" and out.suffix != ".pt2":
+        raise UserError(f"--output {out}: torch.export.load expects a program's file name to end in .pt2 and "
+                        f"warns on any other; pass {out.with_suffix('.pt2')}")
+    return out
+
+
+def export_command(args: argparse.Namespace) -> float | Path:
+    """The ``export`` command: torch.export, TorchScript or ONNX, with a parity check against eager
+    PyTorch, or a weights file for release (``--format state_dict``)."""
+    out = check_export_output(Path(args.output), args.format)
     ckpt = scoring_checkpoint(args.checkpoint, image_size=args.image_size, normalization=args.normalization)
     record = ckpt["config"]
     overrides = overridden_settings(record, image_size=args.image_size, normalization=args.normalization)
