@@ -590,7 +590,9 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"device: {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, amp: {amp_dtype or 'off'}, "
         f"channels_last: {CHANNELS_LAST}, workers: {workers}, run: {data.run_dir}"
         + (f", {env['distributed']}" if "distributed" in env else ""),
-        f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters; "
+        f"model: {type(parts.model).__name__}, {count_parameters(parts.model):,} trainable parameters"
+        + (f" (and {count_parameters(parts.heads):,} in deep supervision's heads, for training only)"
+           if parts.heads is not None else "") + "; "
         f"{len(train_set):,} train slices ({int(train_set.has_tumor.sum()):,} with tumor, weight "
         f"{cfg.tumor_weight:g}), {val_slices:,} validation slices",
         *([f"warning: --preset full is meant for a GPU: {counted(cfg.epochs * steps_per_epoch, 'step')} at "

@@ -9,7 +9,7 @@ from conftest import synthetic_tree
 import torch
 
 from engine import main
-from model import UNet, network_from_checkpoint
+from model import UNet, count_parameters, network_from_checkpoint
 from training import DEEP_SUPERVISION_WEIGHTS, DeepSupervision, supervised_loss
 
 
@@ -52,11 +52,14 @@ def test_heads_speak_in_training_only():
     assert not any(k.startswith("heads") for k in net.model.state_dict())
 
 
-def test_deep_supervision_run_saves_a_plain_model_that_evaluate_reproduces(tmp_path):
+def test_deep_supervision_run_saves_a_plain_model_that_evaluate_reproduces(tmp_path, capsys):
     args = ["--data-dir", synthetic_tree(tmp_path / "syn", 5, 6), "--image-size", "32", "--features", "4",
             "--epochs", "2", "--batch-size", "4", "--deep-supervision", "--val-fraction", "0.4",
             "--out-dir", str(tmp_path / "run")]
     assert main(args) == 0
+    # The heads are 1x1 convolutions of the 8 and 16 channels at H/2 and H/4 (width 4), with a bias each.
+    assert f"{count_parameters(UNet(features=4)):,} trainable parameters (and {8 + 1 + 16 + 1} in deep " \
+           "supervision's heads, for training only)" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert set(ckpt["heads"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     network_from_checkpoint(ckpt)  # the model's weights load into a plain UNet (strict)
