@@ -274,9 +274,9 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
     for f in other:
         print(f"skipped (not an image): {f}", file=sys.stderr)
     rows, skipped = [], len(other)
-    for group, files in tqdm(groups.items(), desc="predict", unit="folder", leave=False,
-                             disable=len(groups) == 1 or not sys.stderr.isatty()):
-        inputs, unreadable = read_inputs({group: files})
+    for group, group_files in tqdm(groups.items(), desc="predict", unit="folder", leave=False,
+                                   disable=len(groups) == 1 or not sys.stderr.isatty()):
+        inputs, unreadable = read_inputs({group: group_files})
         skipped += unreadable
         if not inputs:
             continue
