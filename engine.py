@@ -216,11 +216,22 @@ def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
 COMMANDS = ("train", "evaluate", "predict", "export", "benchmark", "cv", "compare", "download", "data")
 
 
+# The flags that name files or folders. The shell leaves a '~' it does not expand (--out-dir=~/runs,
+# a quoted path, an IDE's run configuration) for the package to expand, as --data-dir always did.
+PATH_FLAGS = ("data_dir", "checkpoint", "pretrained", "resume", "input", "flair", "t1", "t1ce", "output", "out_dir",
+              "out", "to", "val_patients", "patients", "run_a", "run_b")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; with no command (or only flags) the command is ``train``."""
+    """Parse ``argv``; with no command (or only flags) the command is ``train``. A path flag's
+    leading '~' is the home folder."""
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    for name in PATH_FLAGS:
+        if isinstance(value := getattr(args, name, None), str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+    return args
 
 
 def given_flags(argv: list[str] | None) -> set[str]:

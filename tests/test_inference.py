@@ -145,6 +145,18 @@ def test_predict_on_a_mixed_folder(tmp_path, checkpoint, capsys):
         assert row["area_px"] == (cv2.imread(str(out / "masks" / "in" / name), cv2.IMREAD_UNCHANGED) > 0).sum()
 
 
+def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, checkpoint, monkeypatch):
+    """--checkpoint=~/m.pt reaches the program with its '~' (bash expands it only at a word's start):
+    it was 'no such checkpoint', and --output=~/x made a folder named '~' in the working folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    shutil.copy(checkpoint, home / "m.pt")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["export", "--checkpoint=~/m.pt", "--format", "torch_export", "--output=~/exports/m.pt2"]) == 0
+    assert (home / "exports" / "m.pt2").is_file() and not any(work.iterdir())
+
+
 def test_the_dataset_roots_own_files_are_not_reported_as_skipped_inputs(tmp_path, checkpoint, capsys):
     """predict on a kaggle_3m root reported its data.csv and README.md as 'skipped (not an image)' and
     counted them: the check was silent about them only inside patient folders, where they never are."""
