@@ -15,6 +15,7 @@ commands, each of which lives in a module of its own: evaluation.py (evaluate), 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import functools
 import os
@@ -225,13 +226,30 @@ PATH_FLAGS = ("data_dir", "checkpoint", "pretrained", "resume", "input", "flair"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; with no command (or only flags) the command is ``train``. A path flag's
     leading '~' is the home folder."""
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:  # train takes no positional argument
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        parser.error(f"{argv[0]!r} is not a command" + (f"; did you mean {close[0]!r}?" if close else
+                                                        f" ({', '.join(COMMANDS)})"))
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    args = build_parser().parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(args.command, unknown)}")
     for name in PATH_FLAGS:
         if isinstance(value := getattr(args, name, None), str) and value.startswith("~"):
             setattr(args, name, os.path.expanduser(value))
     return args
+
+
+def flag_suggestion(command: str, unknown: list[str]) -> str:
+    """'; did you mean --batch-size?' for the first unknown flag of train or cv that is close to
+    a setting's flag (--batch_size, --epoch), else ''."""
+    flags = ["--" + f.name.replace("_", "-") for f in fields(Config)] if command in ("train", "cv") else []
+    for word in (w for w in unknown if w.startswith("--")):
+        if close := difflib.get_close_matches(word.split("=")[0].replace("_", "-"), flags, n=1):
+            return f"; did you mean {close[0]}?"
+    return ""
 
 
 def given_flags(argv: list[str] | None) -> set[str]:

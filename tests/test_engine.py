@@ -70,6 +70,22 @@ def test_bad_choice_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["evalute", "--checkpoint", "x.pt"], "'evalute' is not a command; did you mean 'evaluate'?"),
+    (["fit"], f"'fit' is not a command ({', '.join(COMMANDS)})"),
+    (["--batch_size", "8"], "unrecognized arguments: --batch_size 8; did you mean --batch-size?"),
+    (["cv", "--epoch=3"], "unrecognized arguments: --epoch=3; did you mean --epochs?"),
+    (["--wobble", "3"], "unrecognized arguments: --wobble 3"),
+], ids=["command", "no-close-command", "underscore", "cv-flag", "no-close-flag"])
+def test_a_mistyped_command_or_setting_is_named_with_the_closest_one(argv, said, capsys):
+    """A misspelled command came back as 'unrecognized arguments: evalute --checkpoint x.pt', and a
+    setting typed with underscores or without its plural gave no hint of the flag meant."""
+    with pytest.raises(SystemExit) as done:
+        parse_args(argv)
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"engine.py: error: {said}"
+
+
 def test_a_bad_value_edited_at_the_top_of_engine_py_is_named_in_one_line(tmp_path):
     """Users edit the hyperparameters in engine.py itself: a value no flag could give is refused,
     naming where it is, before any work (it was a TypeError traceback, or blamed on a flag)."""
