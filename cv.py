@@ -158,7 +158,8 @@ def print_summary(cfg: Any, folds: list[dict], summary: pd.DataFrame, patients: 
     """The table, the headline with the configured post-processing, institutions and step advice."""
     data = "SYNTHETIC data" if any(m.get("synthetic_data") for m in folds) else cfg.data_dir or "auto data"
     print(f"\n{cfg.folds}-fold patient-level cross-validation ({data}):")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
+    counts = {name: _count for name in ("patients", "optimizer_steps")}  # 3, not 3.0000; a mean may be 3.5
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="", formatters=counts))
     # The headline is scored as the runs are configured to post-process, as each epoch's line is.
     chosen = score_column(cfg.postprocess).removeprefix("dice")
     per_fold = summary.loc[summary["fold"].isin(range(cfg.folds)), f"dice_per_volume_mean{chosen}"].astype(float)
@@ -177,6 +178,11 @@ def print_summary(cfg: Any, folds: list[dict], summary: pd.DataFrame, patients: 
     advice = step_advice(folds, epochs=cfg.epochs, batch_size=cfg.batch_size, steps=cfg.steps_per_epoch)
     if advice:
         print(advice)
+
+
+def _count(value: float) -> str:
+    """A count column of cv_summary.csv as printed: whole numbers without decimals, '' where empty."""
+    return "" if pd.isna(value) else f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
 def step_advice(folds: list[dict], *, epochs: int, batch_size: int, steps: int = 0) -> str | None:

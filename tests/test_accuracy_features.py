@@ -402,6 +402,9 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     assert sorted(r["patient"] for r in patients) == sorted(vals[0] + vals[1]) == sorted(fold_dice)
     assert all(float(r["dice"]) == pytest.approx(fold_dice[r["patient"]]) for r in patients)
     assert float(rows[4]["patients"]) == 4
+    # Counts print as counts: 2 validation patients a fold, not 2.0000.
+    fold0 = next(line.split() for line in printed.splitlines() if line.strip().startswith("0 "))
+    assert fold0[:2] == ["0", "2"] and fold0[-1] == rows[0]["optimizer_steps"].removesuffix(".0")
     # One row per institution of the pooled patients, then all of them, each the mean of its patients.
     with open(tmp_path / "cv" / "cv_institutions.csv") as f:
         sites = list(csv.DictReader(f))
