@@ -19,6 +19,7 @@ import difflib
 import errno
 import functools
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -174,7 +175,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Config | None = 
                                 help=text + " (default: %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line's parser, and each command's own parser by name."""
     # allow_abbrev=False: '--epoch 3' would otherwise be taken for --epochs, and a preset could not
     # tell that the user gave it. Every parser refuses abbreviations.
     parser = argparse.ArgumentParser(
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_download_arguments(command("download", help="fetch the dataset from Kaggle with kagglehub (optional)"))
     add_data_arguments(command("data", help="report on a copy of the dataset: counts, checks, problems"))
     add_study_commands(command)
-    return parser
+    return parser, sub.choices
 
 
 def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -226,7 +228,7 @@ PATH_FLAGS = ("data_dir", "checkpoint", "pretrained", "resume", "input", "flair"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; with no command (or only flags) the command is ``train``. A path flag's
     leading '~' is the home folder."""
-    parser = build_parser()
+    parser, commands = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:  # train takes no positional argument
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         parser.error(f"{argv[0]!r} is not a command" + (f"; did you mean {close[0]!r}?" if close else
@@ -235,17 +237,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         argv = ["train", *argv]
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(args.command, unknown)}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(commands[args.command], unknown)}")
     for name in PATH_FLAGS:
         if isinstance(value := getattr(args, name, None), str) and value.startswith("~"):
             setattr(args, name, os.path.expanduser(value))
     return args
 
 
-def flag_suggestion(command: str, unknown: list[str]) -> str:
-    """'; did you mean --batch-size?' for the first unknown flag of train or cv that is close to
-    a setting's flag (--batch_size, --epoch), else ''."""
-    flags = ["--" + f.name.replace("_", "-") for f in fields(Config)] if command in ("train", "cv") else []
+def flag_suggestion(command: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """'; did you mean --batch-size?' for the first unknown flag close to one of ``command``'s
+    (--batch_size, --epoch), else ''. Its usage line lists every flag it takes."""
+    flags = re.findall(r"--[a-z0-9][a-z0-9-]*", command.format_usage())
     for word in (w for w in unknown if w.startswith("--")):
         if close := difflib.get_close_matches(word.split("=")[0].replace("_", "-"), flags, n=1):
             return f"; did you mean {close[0]}?"

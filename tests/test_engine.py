@@ -76,7 +76,11 @@ def test_bad_choice_is_refused(capsys):
     (["--batch_size", "8"], "unrecognized arguments: --batch_size 8; did you mean --batch-size?"),
     (["cv", "--epoch=3"], "unrecognized arguments: --epoch=3; did you mean --epochs?"),
     (["--wobble", "3"], "unrecognized arguments: --wobble 3"),
-], ids=["command", "no-close-command", "underscore", "cv-flag", "no-close-flag"])
+    (["evaluate", "--checkpoint", "x.pt", "--batch_size", "8"], "unrecognized arguments: --batch_size 8; did you "
+                                                                 "mean --batch-size?"),
+    (["compare", "a", "b", "--by_institution"], "unrecognized arguments: --by_institution; did you mean "
+                                                 "--by-institution?"),
+], ids=["command", "no-close-command", "underscore", "cv-flag", "no-close-flag", "evaluate", "compare"])
 def test_a_mistyped_command_or_setting_is_named_with_the_closest_one(argv, said, capsys):
     """A misspelled command came back as 'unrecognized arguments: evalute --checkpoint x.pt', and a
     setting typed with underscores or without its plural gave no hint of the flag meant."""
