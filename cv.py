@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from data_loaders import dataset_inventory, pinned_data_dir, steps_per_epoch
-from libraries import CV_CONFIG, Interrupted, UserError, atomic_write, counted, new_run_dir, save_json, unused_path
+from libraries import CV_CONFIG, Interrupted, UserError, atomic_write, counted, first_names, new_run_dir, save_json, unused_path
 from reports import by_institution, compare_runs, dice_table, not_held_out, patient_scores, score_column
 
 INVENTORY = "patients"  # cv_config.json's {patient: slices} of the dataset when the cv began
@@ -53,7 +53,7 @@ def check_same_patients(then: dict[str, int] | None, now: dict[str, int] | None,
     now = now or {}
     added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
     other = sorted(p for p in set(now) & set(then) if now[p] != then[p])
-    parts = [f"{counted(len(names), 'patient')} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    parts = [f"{counted(len(names), 'patient')} {what} ({first_names(names)})"
              for what, names in (("added", added), ("gone", gone), ("with other slices", other)) if names]
     raise UserError(f"{data_dir or 'the dataset'}: changed since this cv began ({'; '.join(parts)}), so its "
                     "remaining folds would split other patients; finish it with --data-dir pointing at the data it "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from libraries import UserError, add_bool_flag, check_folder_path, counted, save_json
+from libraries import UserError, add_bool_flag, check_folder_path, counted, first_names, save_json
 from data_files import (
     DATASET_URL,
     DATA_ENV_VAR,
@@ -248,7 +248,7 @@ def data_command(data_dir: str, out: str, strict: bool) -> dict:
         "  image sizes: " + ", ".join(f"{k} ({v})" for k, v in report["image_sizes"].items()),
         "  mask values: " + ", ".join(f"{k}: {v:,}" for k, v in report["mask_values"].items()),
         "  masks read as: " + ", ".join(f"{c} ({counted(len(names), 'patient')}"
-                                        + (f": {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+                                        + (f": {first_names(names)})"
                                            if c != "0/255" else ")")
                                         for c, names in report["mask_conventions"].items()),
         (f"  tumor area per tumor slice (px): median {area['median']:.0f}, mean {area['mean']:.0f}, "

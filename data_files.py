@@ -33,7 +33,7 @@ from data_preprocessing import (
     mask_convention,
     volume_stats,
 )
-from libraries import UserError, counted
+from libraries import UserError, counted, first_names
 from metrics import lesion_contrast
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
@@ -502,8 +502,8 @@ def check_tumor(root: Path, volumes: dict[str, PatientVolume]) -> None:
         raise DatasetError(f"{root}: no patient has any tumor in its masks (read as {', '.join(conventions)}); "
                            "check that the *_mask.tif files mark tumor with 255 (or 1)")
     if empty:
-        print(f"warning: {counted(len(empty), 'patient')} without tumor in any mask: {', '.join(empty[:5])}"
-              f"{' ...' if len(empty) > 5 else ''}; every patient of the LGG dataset has some, so check "
+        print(f"warning: {counted(len(empty), 'patient')} without tumor in any mask: {first_names(empty, 5)}"
+              "; every patient of the LGG dataset has some, so check "
               "their masks ('python engine.py data' lists the values found)", file=sys.stderr)
 
 
@@ -514,7 +514,7 @@ def describe_masks(volumes: dict[str, PatientVolume]) -> str:
         by_convention.setdefault(v.mask_convention, []).append(name)
     parts = []
     for convention, names in sorted(by_convention.items(), key=lambda item: -len(item[1])):
-        listed = f": {', '.join(sorted(names)[:3])}{' ...' if len(names) > 3 else ''}" if len(by_convention) > 1 else ""
+        listed = f": {first_names(sorted(names))}" if len(by_convention) > 1 else ""
         parts.append(f"{convention} ({len(names)}{listed})" if len(names) < len(volumes)
                      else f"{convention} ({counted(len(names), 'patient')})")
     return "masks " + ", ".join(parts)

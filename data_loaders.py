@@ -35,7 +35,7 @@ from data_files import (
     group_by_patient,
     scan_dataset,
 )
-from libraries import counted
+from libraries import counted, first_names
 from synthetic_data import SYNTHETIC_DIR, is_synthetic, make_synthetic_dataset
 
 def split_patients(
@@ -83,7 +83,7 @@ def match_patients(names: Sequence[str], patients: Sequence[str], source: str) -
     if missing or ambiguous:
         problems = []
         if missing:
-            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            shown = first_names(missing, 5) + (f" ({len(missing)} in all)" if len(missing) > 5 else "")
             problems.append(f"no patient folder for {shown}")
         if ambiguous:
             problems.append(f"more than one folder for {', '.join(ambiguous)}")

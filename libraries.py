@@ -14,7 +14,7 @@ import random
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +37,11 @@ class Interrupted(Exception):
 def counted(n: int, noun: str) -> str:
     """'1 patient', '2 patients', '0 patients': a count and its noun, singular only for one."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def first_names(names: Sequence[str], shown: int = 3) -> str:
+    """'a, b, c, ...': the first ``shown`` of ``names``, and an ellipsis where some are left out."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from data_files import institution
-from libraries import UserError, counted, write_image
+from libraries import UserError, counted, first_names, write_image
 from metrics import dice_from_counts
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ def _fmt(value: object, digits: int = 4) -> str:
 def not_held_out(trained: Sequence[str], scored: int) -> str:
     """The sentence that says which of ``scored`` patients were used to train the model scored."""
     return (f"{len(trained)} of the {counted(scored, 'patient')} scored {'was' if len(trained) == 1 else 'were'} "
-            f"used to train this model ({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}); their "
+            f"used to train this model ({first_names(trained)}); their "
             "scores are not held out")
 
 

@@ -297,3 +297,12 @@ def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "  1 patient, 5 slices (" in out and "1 patients" not in out
     assert "1 patient, 5 slices (" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_first_names_lists_a_few_and_marks_the_rest():
+    from libraries import first_names
+
+    assert first_names(["a", "b", "c"]) == "a, b, c"  # all shown: no ellipsis
+    assert first_names(["a", "b", "c", "d"]) == "a, b, c, ..."
+    assert first_names(["a", "b", "c", "d"], shown=1) == "a, ..."
+    assert first_names([]) == ""
