@@ -154,6 +154,12 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return None
 
 
+def subfolders(path: Path) -> list[Path]:
+    """The folders in ``path``, sorted, hidden ones (.ipynb_checkpoints, a sync tool's .cache) left
+    out: they are no patient's or case's."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def scan_dataset(root: Path, issues: DataIssues | None = None) -> list[SliceRecord]:
     """Pair every slice with its mask; records sorted by patient, then slice number.
 
@@ -165,8 +171,7 @@ def scan_dataset(root: Path, issues: DataIssues | None = None) -> list[SliceReco
     """
     issues = issues if issues is not None else DataIssues(strict=True)
     records: list[SliceRecord] = []
-    # Hidden folders (.ipynb_checkpoints, a sync tool's .cache) are no patient's: left out unsaid.
-    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for patient_dir in subfolders(root):
         images, masks, on_disk = _slice_files(patient_dir, issues)
         if not images and not masks:
             nested = [d.name for d in patient_dir.iterdir() if d.is_dir() and any(d.glob("*_mask.tif*"))]

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, input_volume,
-                        read_image)
+                        read_image, subfolders)
 from evaluation import (
     add_scoring_flags,
     load_scored_checkpoint,
@@ -85,7 +85,7 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")  # the slice number of any naming: 10.p
 def input_folders(path: Path) -> list[Path]:
     """The folders whose slices ``predict`` reads for ``path``: itself and its subfolders, hidden
     ones (.ipynb_checkpoints, .cache) left out."""
-    return [path, *sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    return [path, *subfolders(path)]
 
 
 def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from data_files import FLAIR_CHANNEL
+from data_files import FLAIR_CHANNEL, subfolders
 from libraries import UserError
 
 # The network's channels, in the dataset's order (data_files.FLAIR_CHANNEL is 1).
@@ -113,8 +113,7 @@ def find_cases(path: Path) -> list[tuple[str, dict[str, Path]]]:
     direct = [p for p in path.iterdir() if is_scan(p) and role_of(p) is not None]
     if direct:
         return [(path.name, case_files(path))]
-    cases = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")
-             and any(is_scan(q) and role_of(q) is not None for q in p.iterdir())]
+    cases = [p for p in subfolders(path) if any(is_scan(q) and role_of(q) is not None for q in p.iterdir())]
     return [(p.name, case_files(p)) for p in cases]
 
 
