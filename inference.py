@@ -33,7 +33,7 @@ from evaluation import (
     scoring_settings,
 )
 from libraries import (Interrupted, UserError, atomic_write, check_folder_path, check_new_file, counted,
-                       memory_format, setup_device, write_image)
+                       first_names, memory_format, setup_device, write_image)
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
@@ -197,9 +197,9 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
                         if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
                         and not f.stem.lower().endswith("_mask"))
         if slices:
-            print(f"note: {path}: holds scans, so {counted(len(slices), '2D slice file')} beside them ({slices[0].name}"
-                  f"{', ...' if len(slices) > 1 else ''}) {'is' if len(slices) == 1 else 'are'} not predicted; predict "
-                  "such files from a folder of their own", file=sys.stderr)
+            print(f"note: {path}: holds scans, so {counted(len(slices), '2D slice file')} beside them "
+                  f"({first_names([f.name for f in slices], 1)}) {'is' if len(slices) == 1 else 'are'} not "
+                  "predicted; predict such files from a folder of their own", file=sys.stderr)
     return cases
 
 
@@ -282,13 +282,14 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
             continue
         predictions = predictor([predictor.volume(name, images, spacing) for name, _, images in inputs])
         (out / "masks" / group).mkdir(parents=True, exist_ok=True)
+        first_row = len(rows)
         for (name, files, images), pred in zip(inputs, predictions):
             for f, mask in zip(files, pred):
                 write_image(out / "masks" / group / f"{f.stem}_pred.png", mask.astype(np.uint8) * 255)
                 rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
             numbers = [m[1] if (m := _TRAILING_NUMBER.search(f.stem)) else f.stem for f in files]  # "slice 12"
             write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
-        rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows if r["patient"] == group), spacing))
+        rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows[first_row:]), spacing))
         atomic_write(out / "predictions.csv",
                      lambda tmp: pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp, index=False))
     if not rows:

@@ -271,8 +271,7 @@ def _fmt(value: object, digits: int = 4) -> str:
 def not_held_out(trained: Sequence[str], scored: int) -> str:
     """The sentence that says which of ``scored`` patients were used to train the model scored."""
     return (f"{len(trained)} of the {counted(scored, 'patient')} scored {'was' if len(trained) == 1 else 'were'} "
-            f"used to train this model ({first_names(trained)}); their "
-            "scores are not held out")
+            f"used to train this model ({first_names(trained)}); their scores are not held out")
 
 
 def write_summary(
