@@ -53,8 +53,12 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 
 def quiet_opencv() -> None:
-    """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself."""
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    """Silence OpenCV's own log lines (libtiff errors on bad files): the package reports them itself.
+
+    OpenCV 4.13 moved the call from ``cv2.setLogLevel`` (4.9-4.12, which albumentations 2.0 accepts)
+    to ``cv2.utils.logging``; level 0 is LOG_LEVEL_SILENT in both."""
+    logging = getattr(cv2.utils, "logging", None)
+    (logging.setLogLevel if logging is not None else cv2.setLogLevel)(0)
 
 
 @dataclass(frozen=True)

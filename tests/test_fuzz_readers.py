@@ -67,3 +67,25 @@ def test_truncated_and_damaged_tiffs(tmp_path, cut, flip):
         path = tmp_path / "P_1_mask.tif"
         path.write_bytes(data)
         _read_both(path)
+
+
+def _opencv_log_level() -> int:
+    logging = getattr(cv2.utils, "logging", None)
+    return logging.getLogLevel() if logging is not None else cv2.getLogLevel()
+
+
+def test_quiet_opencv_silences_the_installed_opencv():
+    set_level = getattr(getattr(cv2.utils, "logging", None), "setLogLevel", None) or cv2.setLogLevel
+    set_level(3)  # INFO
+    assert _opencv_log_level() == 3
+    quiet_opencv()
+    assert _opencv_log_level() == 0  # LOG_LEVEL_SILENT
+
+
+def test_quiet_opencv_uses_the_top_level_call_of_opencv_before_4_13(monkeypatch):
+    """OpenCV 4.9-4.12 (within the requirements) has cv2.setLogLevel and no cv2.utils.logging."""
+    levels = []
+    monkeypatch.delattr(cv2.utils, "logging", raising=False)
+    monkeypatch.setattr(cv2, "setLogLevel", levels.append, raising=False)
+    quiet_opencv()
+    assert levels == [0]
