@@ -235,6 +235,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                         f" ({', '.join(COMMANDS)})"))
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
+    # Flags first: argparse would report a missing required flag (export's --output) before the
+    # mistyped one that was meant for it (--out).
+    if unknown := unknown_flags(commands.get(argv[0]), argv[1:]):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(commands[argv[0]], unknown)}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(commands[args.command], unknown)}")
@@ -244,10 +248,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def command_flags(command: argparse.ArgumentParser) -> list[str]:
+    """The long flags ``command`` takes: its usage line lists them all but the hidden --no-x twins."""
+    return re.findall(r"--[a-z0-9][a-z0-9-]*", command.format_usage()) + ["--help"]
+
+
+def unknown_flags(command: argparse.ArgumentParser | None, words: list[str]) -> list[str]:
+    """The words before any '--' that look like long flags ``command`` does not take. A --no-x is
+    taken for x's twin here; argparse still refuses it after this if x is no on/off setting."""
+    if command is None:
+        return []
+    flags = set(command_flags(command))
+    words = words[:words.index("--")] if "--" in words else words
+    return [w for w in words if w.startswith("--") and w != "--"
+            and not {w.split("=")[0], w.split("=")[0].replace("--no-", "--", 1)} & flags]
+
+
 def flag_suggestion(command: argparse.ArgumentParser, unknown: list[str]) -> str:
     """'; did you mean --batch-size?' for the first unknown flag close to one of ``command``'s
-    (--batch_size, --epoch), else ''. Its usage line lists every flag it takes."""
-    flags = re.findall(r"--[a-z0-9][a-z0-9-]*", command.format_usage())
+    (--batch_size, --epoch), else ''."""
+    flags = command_flags(command)
     for word in (w for w in unknown if w.startswith("--")):
         if close := difflib.get_close_matches(word.split("=")[0].replace("_", "-"), flags, n=1):
             return f"; did you mean {close[0]}?"

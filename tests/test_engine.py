@@ -73,14 +73,18 @@ def test_bad_choice_is_refused(capsys):
 @pytest.mark.parametrize("argv, said", [
     (["evalute", "--checkpoint", "x.pt"], "'evalute' is not a command; did you mean 'evaluate'?"),
     (["fit"], f"'fit' is not a command ({', '.join(COMMANDS)})"),
-    (["--batch_size", "8"], "unrecognized arguments: --batch_size 8; did you mean --batch-size?"),
+    (["--batch_size", "8"], "unrecognized arguments: --batch_size; did you mean --batch-size?"),
     (["cv", "--epoch=3"], "unrecognized arguments: --epoch=3; did you mean --epochs?"),
-    (["--wobble", "3"], "unrecognized arguments: --wobble 3"),
-    (["evaluate", "--checkpoint", "x.pt", "--batch_size", "8"], "unrecognized arguments: --batch_size 8; did you "
+    (["--wobble", "3"], "unrecognized arguments: --wobble"),
+    (["evaluate", "--checkpoint", "x.pt", "--batch_size", "8"], "unrecognized arguments: --batch_size; did you "
                                                                  "mean --batch-size?"),
     (["compare", "a", "b", "--by_institution"], "unrecognized arguments: --by_institution; did you mean "
                                                  "--by-institution?"),
-], ids=["command", "no-close-command", "underscore", "cv-flag", "no-close-flag", "evaluate", "compare"])
+    # argparse named the missing --output first, with no hint that --out was meant for it
+    (["export", "--checkpoint", "x.pt", "--out", "y.pt2"], "unrecognized arguments: --out; did you mean --output?"),
+    (["evaluate", "--checkpoint", "x.pt", "stray"], "unrecognized arguments: stray"),
+], ids=["command", "no-close-command", "underscore", "cv-flag", "no-close-flag", "evaluate", "compare", "required",
+        "positional"])
 def test_a_mistyped_command_or_setting_is_named_with_the_closest_one(argv, said, capsys):
     """A misspelled command came back as 'unrecognized arguments: evalute --checkpoint x.pt', and a
     setting typed with underscores or without its plural gave no hint of the flag meant."""
