@@ -53,6 +53,11 @@ def manual_download(to: Path = DEFAULT_DOWNLOAD) -> str:
             f"then run 'unzip archive.zip -d {shlex.quote(str(to))}' {where}")
 
 
+def _inner(extract_to: Path) -> Path:
+    """Where a zip inside the download (Kaggle's archive.zip within a folder) is extracted."""
+    return extract_to.with_name(extract_to.name + "-inner")
+
+
 def _unpack(source: Path, extract_to: Path) -> Path:
     """Extract a .zip into ``extract_to`` (or use a folder) and return the kaggle_3m folder found in it."""
     if source.is_file() and zipfile.is_zipfile(source):
@@ -62,7 +67,7 @@ def _unpack(source: Path, extract_to: Path) -> Path:
     if source.is_dir():
         zips = [z for z in source.glob("*.zip") if zipfile.is_zipfile(z)]
         if zips and not any(source.rglob("*_mask.tif")):
-            return _unpack(zips[0], extract_to.with_name(extract_to.name + "-inner"))
+            return _unpack(zips[0], _inner(extract_to))
         for candidate in [source, *sorted(p for p in source.rglob("kaggle_3m") if p.is_dir())]:
             if looks_like_root(candidate):
                 return candidate
@@ -97,7 +102,7 @@ def download_dataset(to: Path) -> Path:
         shutil.copytree(found, tmp)
         tmp.rename(target)  # only a complete copy ever carries the name the loader looks for
     finally:
-        for extracted in (unzipped, unzipped.with_name(unzipped.name + "-inner")):
+        for extracted in (unzipped, _inner(unzipped)):
             shutil.rmtree(extracted, ignore_errors=True)
     return target
 
