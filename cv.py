@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 
 from data_loaders import dataset_inventory, pinned_data_dir, steps_per_epoch
-from libraries import CV_CONFIG, Interrupted, UserError, atomic_write, counted, first_names, new_run_dir, save_json, unused_path
+from libraries import (CV_CONFIG, Interrupted, UserError, atomic_write, counted, first_names, new_run_dir, save_json,
+                       unused_path, write_csv)
 from reports import by_institution, compare_runs, dice_table, not_held_out, patient_scores, score_column
 
 INVENTORY = "patients"  # cv_config.json's {patient: slices} of the dataset when the cv began
@@ -143,14 +144,14 @@ def summarize_folds(folds: list[dict], base: Path) -> tuple[pd.DataFrame, pd.Dat
     patients = pd.concat([dice_table(m).assign(fold=fold) for fold, m in enumerate(folds)], ignore_index=True)
     scores = [c for c in patients.columns if c.startswith("dice")]  # dice, dice_lcc, ...: one per post-processing
     patients = patients[["fold", "patient", *scores, *(c for c in ("flair_contrast",) if c in patients)]]
-    patients.to_csv(base / "cv_patients.csv", index=False)
+    write_csv(base / "cv_patients.csv", patients)
     pooled = {"fold": "all patients", "patients": len(patients),
               **{f"dice_per_volume_{stat}{c.removeprefix('dice')}": getattr(patients[c], stat)()
                  for c in scores for stat in ("mean", "median")}}
     summary = pd.concat([table, numeric.mean().to_frame().T.assign(fold="mean"),
                          numeric.std(ddof=1).to_frame().T.assign(fold="std"), pd.DataFrame([pooled])],
                         ignore_index=True)
-    summary.to_csv(base / "cv_summary.csv", index=False)
+    write_csv(base / "cv_summary.csv", summary)
     return summary, patients
 
 
@@ -165,12 +166,12 @@ def print_summary(cfg: Any, folds: list[dict], summary: pd.DataFrame, patients: 
     per_fold = summary.loc[summary["fold"].isin(range(cfg.folds)), f"dice_per_volume_mean{chosen}"].astype(float)
     pooled = summary.iloc[-1]
     print(f"Dice per volume with --postprocess {cfg.postprocess}: "
-          f"{per_fold.mean():.4f} ± {per_fold.std(ddof=1):.4f} (mean ± std over folds); "
+          f"{per_fold.mean():.4f} +/- {per_fold.std(ddof=1):.4f} (mean +/- std over folds); "
           f"over all {len(patients)} patients mean {pooled[f'dice_per_volume_mean{chosen}']:.4f}, "
           f"median {pooled[f'dice_per_volume_median{chosen}']:.4f} (raw {pooled['dice_per_volume_mean']:.4f} / "
           f"{pooled['dice_per_volume_median']:.4f}); wrote {base / 'cv_summary.csv'} and cv_patients.csv")
     sites = by_institution(patients.drop(columns=["fold"]))
-    sites.to_csv(base / "cv_institutions.csv", index=False)
+    write_csv(base / "cv_institutions.csv", sites)
     print("\nMean Dice per volume by institution (cv_institutions.csv):")
     print(sites.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("For the final model, train once more with the same settings on every patient (--split none) "
@@ -274,7 +275,7 @@ def compare_command(args: argparse.Namespace) -> pd.DataFrame:
               "(by more than 0.005)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(args.out), lambda tmp: paired.to_csv(tmp, index=False))
+        atomic_write(Path(args.out), lambda tmp: write_csv(tmp, paired))
         print(f"wrote {args.out}")
     return summary
 

@@ -92,12 +92,14 @@ def default_cache_dir() -> Path:
 
 def _cache_path(records: Sequence[SliceRecord], cache_dir: Path) -> Path:
     """<cache_dir>/<hash of the patient folder>/<patient>-<hash of version and file stats>.npz"""
-    folder = hashlib.sha1(str(records[0].image_path.parent.resolve()).encode()).hexdigest()[:16]
+    # os.fsencode: the path's own bytes; str.encode() fails on the surrogates a non-UTF-8 locale
+    # decodes a non-ASCII name into (and gives the same bytes under a UTF-8 one).
+    folder = hashlib.sha1(os.fsencode(records[0].image_path.parent.resolve())).hexdigest()[:16]
     key = hashlib.sha1(f"v{CACHE_VERSION}".encode())
     for r in records:
         for p in (r.image_path, r.mask_path):
             st = p.stat()
-            key.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            key.update(os.fsencode(p.name) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return cache_dir / folder / f"{records[0].patient}-{key.hexdigest()[:16]}.npz"
 
 

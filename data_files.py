@@ -33,7 +33,7 @@ from data_preprocessing import (
     mask_convention,
     volume_stats,
 )
-from libraries import UserError, counted, first_names
+from libraries import UserError, counted, first_names, write_text
 from metrics import lesion_contrast
 
 # Where the data is looked for when --data-dir is not given (after $LGG_DATA_DIR).
@@ -237,12 +237,19 @@ def group_by_patient(records: Sequence[SliceRecord]) -> dict[str, list[SliceReco
 
 
 def imread(path: Path, sixteen_bit: bool = False) -> np.ndarray:
-    """cv2.imread that raises DatasetError for missing, empty, truncated or non-image files, and
-    for pixels other than 8-bit (or 16-bit, with ``sixteen_bit``)."""
+    """An image file's pixels as OpenCV decodes them; DatasetError for missing, empty, truncated or
+    non-image files, and for pixels other than 8-bit (or 16-bit, with ``sixteen_bit``).
+
+    Python reads the bytes and OpenCV decodes them: cv2.imread opens the path itself through the C
+    library, which fails on Windows for a name outside the ANSI code page (a folder named 'Łódź'
+    on a Western European system) and crashes where the locale cannot decode the name."""
     try:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    except cv2.error:  # some malformed headers raise instead of returning None
+        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # an empty file; some malformed headers raise instead of returning None
         image = None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc}); check that it is there and can be "
+                           "read") from None
     if image is None or image.size == 0:
         raise DatasetError(f"{path}: cannot be read as an image (empty, truncated or not a TIFF, PNG or JPEG file); "
                            "re-download it or delete it")
@@ -535,7 +542,7 @@ def report_issues(issues: DataIssues, out_dir: Path | None, shown: int = 5) -> N
     if len(issues.items) > shown:
         print(f"  ... and {len(issues.items) - shown} more", file=sys.stderr)
     if out_dir is not None:
-        (out_dir / "data_issues.txt").write_text("\n".join(m for _, m in issues.items) + "\n")
+        write_text(out_dir / "data_issues.txt", "\n".join(m for _, m in issues.items) + "\n")
         print(f"  all of them: {out_dir / 'data_issues.txt'}; --strict makes them errors", file=sys.stderr)
 
 

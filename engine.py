@@ -719,8 +719,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     quiet_opencv()
-    if hasattr(sys.stdout, "reconfigure"):  # a log file or pipe gets each line as it is printed, not at exit
-        sys.stdout.reconfigure(line_buffering=True)
+    if hasattr(sys.stdout, "reconfigure"):
+        # A log file or pipe gets each line as it is printed, not at exit. A character that stdout's
+        # encoding lacks (a path, on Windows with output redirected) is escaped, where print raised.
+        sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace" if sys.stdout.errors == "strict"
+                               else sys.stdout.errors)
     try:
         check_hyperparameters()  # before the flags: a bad value at the top of this file is no flag's fault
         check_flag_ranges(vars(args))

@@ -15,7 +15,9 @@ import io
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -33,7 +35,7 @@ from evaluation import (
     scoring_settings,
 )
 from libraries import (Interrupted, UserError, atomic_write, check_folder_path, check_new_file, counted,
-                       first_names, memory_format, setup_device, write_image)
+                       first_names, memory_format, setup_device, write_csv, write_image)
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
@@ -291,7 +293,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
             write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
         rows.append(area_row(group, "", "patient", sum(r["area_px"] for r in rows[first_row:]), spacing))
         atomic_write(out / "predictions.csv",
-                     lambda tmp: pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp, index=False))
+                     lambda tmp: write_csv(tmp, pd.DataFrame(rows, columns=CSV_COLUMNS)))
     if not rows:
         raise UserError(f"{path}: no readable slice (tif, tiff, png, jpg or jpeg) nor NIfTI/DICOM scan to predict"
                         + (f"; {counted(skipped, 'file')} skipped, as listed above" if skipped else ""))
@@ -323,7 +325,7 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
         rows.append({"patient": name, "file": str(case.source), "level": "patient", "area_px": voxels,
                      "area_mm2": None, "volume_mm3": voxels * dz * dy * dx, "mask": str(mask_path)})
         atomic_write(out / "predictions.csv",
-                     lambda tmp: pd.DataFrame(rows, columns=[*CSV_COLUMNS, "mask"]).to_csv(tmp, index=False))
+                     lambda tmp: write_csv(tmp, pd.DataFrame(rows, columns=[*CSV_COLUMNS, "mask"])))
     if not rows:
         raise UserError("no case could be read (each is listed above); nothing was written")
     return len(rows), len(cases) - len(rows)
@@ -370,11 +372,12 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
     return path
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """torch.export.save into ``path`` as a file object: given a path, it warns unless the name ends in
-    .pt2, which atomic_write's temporary file does not."""
+def save_through_python(path: Path, save: Callable[[BinaryIO], object]) -> None:
+    """Call ``save`` on ``path`` opened by Python, not on its name. Given a name, torch.export.save
+    warns unless it ends in .pt2 (atomic_write's temporary file does not), and the C++ writers of
+    TorchScript and ONNX fail on a name the locale cannot encode."""
     with open(path, "wb") as f:
-        torch.export.save(program, f)
+        save(f)
 
 
 def check_export_output(out: Path, fmt: str) -> Path:
@@ -421,26 +424,29 @@ def export_command(args: argparse.Namespace) -> float | Path:
             # Traced on a batch of 2: on 1, torch.export would fix the batch size as a constant.
             program = torch.export.export(deployed, (torch.cat([example, example]),),
                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
-            atomic_write(out, lambda tmp: save_program(program, tmp))  # never half a file
-            exported = torch.export.load(str(out)).module()(check)
+            atomic_write(out, lambda tmp: save_through_python(tmp, lambda f: torch.export.save(program, f)))
+            with open(out, "rb") as f:
+                exported = torch.export.load(f).module()(check)
         elif args.format == "torchscript":
-            atomic_write(out, lambda tmp: torch.jit.trace(deployed, example).save(str(tmp)))  # never half a file
-            exported = torch.jit.load(str(out))(check)
+            traced = torch.jit.trace(deployed, example)
+            atomic_write(out, lambda tmp: save_through_python(tmp, lambda f: torch.jit.save(traced, f)))
+            with open(out, "rb") as f:
+                exported = torch.jit.load(f)(check)
         else:
             try:
                 import onnx  # noqa: F401  (optional dependency)
             except ImportError:
                 raise UserError("ONNX export needs the optional package onnx (and onnxruntime for the parity "
                                 "check): pip install onnx onnxruntime") from None
-            atomic_write(out, lambda tmp: torch.onnx.export(
-                deployed, example, str(tmp), input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+            atomic_write(out, lambda tmp: save_through_python(tmp, lambda f: torch.onnx.export(
+                deployed, example, f, input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)))
             try:
                 import onnxruntime
             except ImportError:
                 print(f"wrote {out}; install onnxruntime to check parity against PyTorch")
                 return float("nan")
-            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
             exported = torch.from_numpy(session.run(None, {"image": check.numpy()})[0])
     diff = float((exported - reference).abs().max())
     print(f"wrote {out} ({args.format}); max abs difference from eager PyTorch on a batch of {len(check)}: "

@@ -22,6 +22,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -44,12 +45,31 @@ def first_names(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 whatever the locale: Windows would write its code page, and fail on a
+    path outside it. A name the locale could not decode (surrogates) goes back as its own bytes."""
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """``frame`` as a CSV file without its index, in UTF-8 as write_text writes."""
+    frame.to_csv(path, index=False, encoding="utf-8", errors="surrogateescape")
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
-    """cv2.imwrite, which reports a failed write (a full disk, a folder without permission) only by
-    returning False: here that is an error naming the file."""
-    if not cv2.imwrite(str(path), image):
-        raise UserError(f"{path}: could not be written (OpenCV's imwrite failed); check that its folder has free "
-                        "space and can be written in, then run the command again")
+    """Write ``image`` in the format of ``path``'s suffix; a failed write (a full disk, a folder
+    without permission) is an error naming the file.
+
+    OpenCV encodes and Python writes: cv2.imwrite reports a failure only by returning False, and
+    opens the path through the C library (see data_files.imread)."""
+    ok, encoded = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise UserError(f"{path}: could not be written (OpenCV could not encode it as {path.suffix})")
+    try:
+        path.write_bytes(encoded.tobytes())
+    except OSError as exc:
+        raise UserError(f"{path}: could not be written ({exc.strerror or exc}); check that its folder has free space "
+                        "and can be written in, then run the command again") from None
 
 
 def quiet_opencv() -> None:

@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from data_files import institution
-from libraries import UserError, counted, first_names, write_image
+from libraries import UserError, counted, first_names, write_csv, write_image, write_text
 from metrics import dice_from_counts
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def _figure(figsize: tuple[float, float]) -> Figure:
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
     """history.csv (one row per epoch) and curves.png, rewritten after every epoch."""
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    write_csv(run_dir / "history.csv", pd.DataFrame(history))
     plot_curves(run_dir, history)
 
 
@@ -145,7 +145,7 @@ def write_per_patient_csv(out_dir: Path, metrics: dict, clinical: pd.DataFrame |
         ids = frame["patient"].map(lambda name: "_".join(name.split("_")[:3]))
         frame = pd.concat([frame, clinical.reindex(ids).reset_index(drop=True)], axis=1)
     path = out_dir / "per_patient.csv"
-    frame.to_csv(path, index=False)
+    write_csv(path, frame)
     return path
 
 
@@ -324,7 +324,7 @@ def write_summary(
     lines += _table([(k, f"`{v}`") for k, v in config.items() if not isinstance(v, (dict, list))],
                     ("setting", "value"))
     path = out_dir / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -426,8 +426,8 @@ def test_cv_command_runs_every_fold_and_summarizes(tmp_path, capsys):
     # The printed headline is the configured post-processing's (pooled over patients), raw beside it.
     brain = [float(r["dice_brain-multi"]) for r in patients]
     folds = [float(r["dice_per_volume_mean_brain-multi"]) for r in rows[:2]]
-    assert (f"Dice per volume with --postprocess brain-multi: {np.mean(folds):.4f} ± {np.std(folds, ddof=1):.4f} "
-            f"(mean ± std over folds); over all 4 patients mean {np.mean(brain):.4f}, median "
+    assert (f"Dice per volume with --postprocess brain-multi: {np.mean(folds):.4f} +/- {np.std(folds, ddof=1):.4f} "
+            f"(mean +/- std over folds); over all 4 patients mean {np.mean(brain):.4f}, median "
             f"{np.median(brain):.4f} (raw {np.mean(list(fold_dice.values())):.4f} / ") in printed
     # Steps, by hand: 4 patients x 5 slices, batch 4. A fold trains 10 slices: 2 batches of 4 and
     # one of 2 = 3 steps; the final model's 20 slices take 5, so 1 epoch of it is 5/3 ~ 2 of a fold.

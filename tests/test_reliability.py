@@ -434,14 +434,22 @@ def test_a_full_disk_anywhere_is_one_line_that_says_what_to_do(tmp_path, syn, mo
         main(tiny(tmp_path, syn, tmp_path / "run2", "--epochs", "1"))
     monkeypatch.undo()
 
-    # OpenCV's imwrite says it failed only by returning False: predict wrote no mask and said it had.
-    monkeypatch.setattr(cv2, "imwrite", lambda path, image, *a: False)
-    out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(syn / "SYN_00_20000101"),
-                 "--output", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {out / 'masks' / 'SYN_00_20000101'}") and err.count("\n") == 0, err
-    assert "could not be written (OpenCV's imwrite failed)" in err
+    # A mask that could not be written (cv2.imwrite said so only by returning False: predict wrote no
+    # mask and said it had), or that OpenCV could not encode.
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for i, (patch, reason) in enumerate([((Path, "write_bytes", disk_full), "No space left on device"),
+                                         ((cv2, "imencode", lambda ext, image, *a: (False, None)),
+                                          "OpenCV could not encode it as .png")]):
+        monkeypatch.setattr(*patch)
+        out = tmp_path / f"pred{i}"
+        assert main(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(syn / "SYN_00_20000101"),
+                     "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {out / 'masks' / 'SYN_00_20000101'}") and err.count("\n") == 0, err
+        assert f"could not be written ({reason})" in err
+        monkeypatch.undo()
 
 
 def test_weights_of_another_configuration_name_both_values(tmp_path, syn, capsys):
@@ -605,3 +613,56 @@ def test_a_run_logged_to_a_file_shows_each_line_as_it_is_printed(tmp_path, syn):
     finally:
         proc.stdout.read()
         assert proc.wait() == 0
+
+
+NON_ASCII = "Łódź"  # 'ł' is in neither Windows' Western code page (cp1252) nor ASCII
+
+UNDER_C_LOCALE = """
+import sys
+if sys.getfilesystemencoding() != "ascii":
+    sys.exit(77)
+sys.path.insert(0, {root!r})
+import engine
+home, tiny = sys.argv[1], ["--image-size", "32", "--features", "4", "--batch-size", "4", "--device", "cpu"]
+assert engine.main(["--data-dir", home + "/kaggle_3m", "--epochs", "1", "--out-dir", home + "/run", *tiny]) == 0
+assert engine.main(["predict", "--checkpoint", home + "/run/last.pt", "--input", home + "/kaggle_3m",
+                    "--output", home + "/pred"]) == 0
+assert engine.main(["export", "--checkpoint", home + "/run/last.pt", "--format", "torchscript",
+                    "--output", home + "/unet.ts"]) == 0
+"""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # the user's side, not ours
+def test_a_folder_name_the_locale_cannot_encode_trains_predicts_and_exports(tmp_path, syn):
+    """cv2.imread and cv2.imwrite pass the path to the C library: on Windows they fail on a name
+    outside the ANSI code page (opencv/opencv#4292), and where the locale's encoding lacks a
+    character of the name (the C locale here, as 'ł' on a cp1252 system) OpenCV crashed the
+    process with SIGSEGV. TorchScript's writer, the slice cache's key, summary.md and the CSVs
+    failed on it too."""
+    import shutil
+
+    home = tmp_path / NON_ASCII
+    shutil.copytree(syn, home / "kaggle_3m")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", UNDER_C_LOCALE.format(root=str(ROOT)), str(home)], env=env,
+                          cwd=tmp_path, capture_output=True)
+    if done.returncode == 77:
+        pytest.skip("this Python decodes file names as UTF-8 even in the C locale")
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert f"`{home / 'kaggle_3m'}`".encode() in (home / "run" / "summary.md").read_bytes()  # UTF-8, as on disk
+    slices = sorted(p.name for p in (home / "kaggle_3m").rglob("*.tif") if not p.stem.endswith("_mask"))
+    assert sorted(p.name.replace("_pred.png", ".tif") for p in (home / "pred" / "masks").rglob("*.png")) == slices
+    assert str(home).encode() in (home / "pred" / "predictions.csv").read_bytes()
+    assert torch.jit.load(str(home / "unet.ts"))(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_a_path_that_stdout_cannot_encode_is_escaped_not_a_crash(tmp_path, syn):
+    """print raised UnicodeEncodeError on a path outside stdout's encoding: on Windows, output
+    redirected to a file is written in the code page (PYTHONIOENCODING=ascii stands in for it)."""
+    import shutil
+
+    shutil.copytree(syn, tmp_path / NON_ASCII / "kaggle_3m")
+    done = subprocess.run([sys.executable, str(ROOT / "engine.py"), "data", "--data-dir", NON_ASCII + "/kaggle_3m"],
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"}, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\\u0141\\xf3d\\u017a/kaggle_3m" in done.stdout  # backslash escapes: Łódź
