@@ -239,9 +239,9 @@ class Predictor:
 def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-size CSV for new slices or scans."""
     out = check_folder_path(Path(args.output), "--output")
-    if (out / "predictions.csv").exists() or (out / "masks").exists():
-        raise UserError(f"{out}: already holds predictions (predictions.csv, masks/); choose another --output "
-                        "or remove it: earlier results are never overwritten")
+    if held := [name for name in ("predictions.csv", "masks/") if (out / name).exists()]:
+        raise UserError(f"{out}: already holds predictions ({', '.join(held)}); choose another --output or remove "
+                        "it: earlier results are never overwritten")
     cases = scan_inputs(args)
     predictor = Predictor(args)
     try:

@@ -450,6 +450,10 @@ def test_a_full_disk_anywhere_is_one_line_that_says_what_to_do(tmp_path, syn, mo
         assert err.startswith(f"error: {out / 'masks' / 'SYN_00_20000101'}") and err.count("\n") == 0, err
         assert f"could not be written ({reason})" in err
         monkeypatch.undo()
+        # Run again, it names what the failed run left (it named predictions.csv, which was not there).
+        assert main(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(syn / "SYN_00_20000101"),
+                     "--output", str(out)]) == 2
+        assert f"{out}: already holds predictions (masks/); choose" in capsys.readouterr().err
 
 
 def test_weights_of_another_configuration_name_both_values(tmp_path, syn, capsys):
