@@ -260,7 +260,7 @@ def unknown_flags(command: argparse.ArgumentParser | None, words: list[str]) -> 
         return []
     flags = set(command_flags(command))
     words = words[:words.index("--")] if "--" in words else words
-    return [w for w in words if w.startswith("--") and w != "--"
+    return [w for w in words if w.startswith("--")
             and not {w.split("=")[0], w.split("=")[0].replace("--no-", "--", 1)} & flags]
 
 
