@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +147,11 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
         if asked:
             path = Path(asked).expanduser()
             if not path.is_dir():
-                raise DatasetError(f"{path} (from {source}): " + ("a file, not the dataset's folder" if path.exists()
-                                   else "no such folder") + "; check the path")
+                raise DatasetError(f"{path} (from {source}): " + (
+                    "no such folder; check the path" if not path.exists() else
+                    f"a zip archive (Kaggle's archive.zip?); unzip it ('unzip {shlex.quote(str(path))} -d "
+                    f"{shlex.quote(str(path.with_suffix('')))}') and pass the kaggle_3m folder inside it"
+                    if zipfile.is_zipfile(path) else "a file, not the dataset's folder; check the path"))
             return resolve_root(path)
     for location in DEFAULT_LOCATIONS:
         if looks_like_root(Path(location)):

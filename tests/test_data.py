@@ -346,6 +346,14 @@ def test_name_checks_report_duplicates_gaps_strays_and_nesting(tmp_path):
         find_data_dir(patient.parent)
     with pytest.raises(DatasetError, match=r"a file, not the dataset's folder"):
         find_data_dir(next(patient.glob("*.tif")))
+    # Kaggle's download, not yet unzipped: how to unzip it (it was "a file, not the dataset's folder").
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as z:
+        z.writestr("kaggle_3m/README.md", "")
+    with pytest.raises(DatasetError, match=rf"archive.zip \(from --data-dir\): a zip archive \(Kaggle's archive.zip\?\); "
+                                           rf"unzip it \('unzip {tmp_path}/archive.zip -d {tmp_path}/archive'\) and "
+                                           "pass the kaggle_3m folder inside it"):
+        find_data_dir(tmp_path / "archive.zip")
 
 
 def test_a_mask_with_differing_channels_is_reported(tmp_path):
