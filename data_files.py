@@ -137,6 +137,18 @@ def recorded_data_dir(recorded: str, record_file: Path) -> str:
     return recorded
 
 
+def unzip_advice(archive: Path, inside: str = "the folder") -> str:
+    """How to unzip ``archive`` beside itself, and what to pass then."""
+    return (f"unzip it ('unzip {shlex.quote(str(archive))} -d {shlex.quote(str(archive.with_suffix('')))}') and "
+            f"pass {inside} inside it")
+
+
+def refuse_zip(path: Path) -> None:
+    """A zip archive given as --input: one line on how to unzip it (it was read as a broken image)."""
+    if path.is_file() and zipfile.is_zipfile(path):
+        raise DatasetError(f"{path}: a zip archive; {unzip_advice(path)}")
+
+
 def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """Locate the dataset: ``data_dir``, else $LGG_DATA_DIR, else the default locations.
 
@@ -149,8 +161,7 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
             if not path.is_dir():
                 raise DatasetError(f"{path} (from {source}): " + (
                     "no such folder; check the path" if not path.exists() else
-                    f"a zip archive (Kaggle's archive.zip?); unzip it ('unzip {shlex.quote(str(path))} -d "
-                    f"{shlex.quote(str(path.with_suffix('')))}') and pass the kaggle_3m folder inside it"
+                    "a zip archive (Kaggle's archive.zip?); " + unzip_advice(path, "the kaggle_3m folder")
                     if zipfile.is_zipfile(path) else "a file, not the dataset's folder; check the path"))
             return resolve_root(path)
     for location in DEFAULT_LOCATIONS:

@@ -35,6 +35,7 @@ from data_files import (
     input_volume,
     read_clinical,
     recorded_data_dir,
+    refuse_zip,
     report_issues,
     scan_dataset,
 )
@@ -531,6 +532,7 @@ def case_volumes(args: argparse.Namespace, record: dict) -> list[PatientVolume]:
     path = Path(args.input)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
+    refuse_zip(path)
     labels = parse_labels(args.labels)
     cases = find_cases(path) if path.is_dir() else []
     if not cases:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, input_volume,
-                        read_image, subfolders)
+                        read_image, refuse_zip, subfolders)
 from evaluation import (
     add_scoring_flags,
     load_scored_checkpoint,
@@ -188,6 +188,7 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
     if not args.input:
         raise UserError("pass --input (2D slices, a case folder or a folder of cases) or --flair (and --t1, --t1ce)")
     path = Path(args.input)
+    refuse_zip(path)
     if not holds_scans(path):
         return None
     cases = find_cases(path)

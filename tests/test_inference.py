@@ -350,6 +350,22 @@ def test_torch_export_parity_at_any_batch_size(tmp_path, checkpoint, capsys):
                                                "(a run's best.pt)")
 
 
+def test_a_zip_archive_as_input_says_how_to_unzip_it(tmp_path, checkpoint, capsys):
+    """predict read a zip as a broken image ('cannot be read as an image ... re-download it or
+    delete it'), and evaluate found no case in it."""
+    import zipfile
+
+    archive = tmp_path / "scans.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("case/flair.nii.gz", b"")
+    for command in ("predict", "evaluate"):
+        assert main([command, "--checkpoint", str(checkpoint), "--input", str(archive),
+                     *(["--output", str(tmp_path / "out")] if command == "predict" else [])]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {archive}: a zip archive; unzip it ('unzip {archive} -d "
+                                                   f"{tmp_path / 'scans'}') and pass the folder inside it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scans.zip"]
+
+
 def test_onnx_export_parity(tmp_path, checkpoint, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
