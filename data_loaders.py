@@ -97,8 +97,11 @@ def read_patient_list(spec: str, flag: str = "--val-patients") -> tuple[list[str
     predictions.csv: that column's names), or a comma list."""
     path = Path(spec).expanduser()
     if path.is_file():
+        raw, source = path.read_bytes(), str(path)
+        # Notepad's UTF-8 starts with a byte-order mark (utf-8-sig drops it); Windows PowerShell 5's
+        # 'echo ... > list.txt' writes UTF-16, with its own.
         try:
-            text, source = path.read_text(encoding="utf-8-sig"), str(path)  # -sig: Notepad's byte-order mark
+            text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise DatasetError(f"{flag} {spec}: not a text file; pass a file of patient names (one per line or "
                                "comma-separated) or a comma list of them") from None

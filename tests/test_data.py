@@ -386,6 +386,10 @@ def test_a_patient_list_file_as_editors_save_it(tmp_path):
     files = {"bom.txt": b"\xef\xbb\xbfTCGA_AA_0001_2000\r\nTCGA_BB_0002_2000\r\n\r\n",
              "notes.txt": b"# validation\nTCGA_AA_0001_2000  # first\n\n  TCGA_BB_0002_2000\n",
              "comma.csv": b"TCGA_AA_0001_2000,TCGA_BB_0002_2000",
+             # Windows PowerShell 5's 'echo TCGA_AA_0001_2000 TCGA_BB_0002_2000 > list.txt': UTF-16 with
+             # a byte-order mark, which was refused as "not a text file".
+             "powershell.txt": "\ufeffTCGA_AA_0001_2000\r\nTCGA_BB_0002_2000\r\n".encode("utf-16-le"),
+             "big-endian.txt": "\ufeffTCGA_AA_0001_2000\nTCGA_BB_0002_2000\n".encode("utf-16-be"),
              # A table of this package's (cv_patients.csv, per_patient.csv): its patient column, which
              # before was read as names along with every header word and number.
              "cv_patients.csv": b"fold,patient,dice\n0,TCGA_AA_0001_2000,0.5\n1,TCGA_BB_0002_2000,0.7\n",
