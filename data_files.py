@@ -159,10 +159,13 @@ def find_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
         if asked:
             path = Path(asked).expanduser()
             if not path.is_dir():
-                raise DatasetError(f"{path} (from {source}): " + (
-                    "no such folder; check the path" if not path.exists() else
-                    "a zip archive (Kaggle's archive.zip?); " + unzip_advice(path, "the kaggle_3m folder")
-                    if zipfile.is_zipfile(path) else "a file, not the dataset's folder; check the path"))
+                if not path.exists():
+                    problem = "no such folder; check the path"
+                elif zipfile.is_zipfile(path):
+                    problem = "a zip archive (Kaggle's archive.zip?); " + unzip_advice(path, "the kaggle_3m folder")
+                else:
+                    problem = "a file, not the dataset's folder; check the path"
+                raise DatasetError(f"{path} (from {source}): {problem}")
             return resolve_root(path)
     for location in DEFAULT_LOCATIONS:
         if looks_like_root(Path(location)):
