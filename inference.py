@@ -373,12 +373,16 @@ def export_weights(ckpt: dict, model: torch.nn.Module, folder: Path) -> Path:
     return path
 
 
-def save_through_python(path: Path, save: Callable[[BinaryIO], object]) -> None:
-    """Call ``save`` on ``path`` opened by Python, not on its name. Given a name, torch.export.save
-    warns unless it ends in .pt2 (atomic_write's temporary file does not), and the C++ writers of
-    TorchScript and ONNX fail on a name the locale cannot encode."""
-    with open(path, "wb") as f:
-        save(f)
+def save_export(out: Path, save: Callable[[BinaryIO], object]) -> None:
+    """Write ``out`` atomically (never half a file) by calling ``save`` on a file Python opened, not
+    on its name. Given a name, torch.export.save warns unless it ends in .pt2 (atomic_write's
+    temporary file does not), and the C++ writers of TorchScript and ONNX fail on a name the locale
+    cannot encode."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            save(f)
+
+    atomic_write(out, write)
 
 
 def check_export_output(out: Path, fmt: str) -> Path:
@@ -425,12 +429,12 @@ def export_command(args: argparse.Namespace) -> float | Path:
             # Traced on a batch of 2: on 1, torch.export would fix the batch size as a constant.
             program = torch.export.export(deployed, (torch.cat([example, example]),),
                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
-            atomic_write(out, lambda tmp: save_through_python(tmp, lambda f: torch.export.save(program, f)))
+            save_export(out, lambda f: torch.export.save(program, f))
             with open(out, "rb") as f:
                 exported = torch.export.load(f).module()(check)
         elif args.format == "torchscript":
             traced = torch.jit.trace(deployed, example)
-            atomic_write(out, lambda tmp: save_through_python(tmp, lambda f: torch.jit.save(traced, f)))
+            save_export(out, lambda f: torch.jit.save(traced, f))
             with open(out, "rb") as f:
                 exported = torch.jit.load(f)(check)
         else:
@@ -439,9 +443,9 @@ def export_command(args: argparse.Namespace) -> float | Path:
             except ImportError:
                 raise UserError("ONNX export needs the optional package onnx (and onnxruntime for the parity "
                                 "check): pip install onnx onnxruntime") from None
-            atomic_write(out, lambda tmp: save_through_python(tmp, lambda f: torch.onnx.export(
+            save_export(out, lambda f: torch.onnx.export(
                 deployed, example, f, input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)))
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
             try:
                 import onnxruntime
             except ImportError:
