@@ -236,12 +236,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
     # Flags first: argparse would report a missing required flag (export's --output) before the
-    # mistyped one that was meant for it (--out).
-    if unknown := unknown_flags(commands.get(argv[0]), argv[1:]):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(commands[argv[0]], unknown)}")
-    args, unknown = parser.parse_known_args(argv)
+    # mistyped one that was meant for it (--out). What is left (a stray word) comes after parsing.
+    unknown = unknown_flags(commands.get(argv[0]), argv[1:])
+    if not unknown:
+        args, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(commands[args.command], unknown)}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{flag_suggestion(commands[argv[0]], unknown)}")
     for name in PATH_FLAGS:
         if isinstance(value := getattr(args, name, None), str) and value.startswith("~"):
             setattr(args, name, os.path.expanduser(value))
