@@ -362,7 +362,8 @@ def read_torch_file(path: Path) -> object:
 def export_format(path: Path) -> str:
     """'TorchScript', 'PT2 (torch.export)' or 'ONNX' for a file ``export`` writes in those formats, else ''.
     A TorchScript archive is a zip holding constants.pkl (what torch.load itself checks), a
-    torch.export one a zip holding archive_format; ONNX files are named .onnx."""
+    torch.export one a zip holding archive_format or, in the older layout that torch 2.5 writes,
+    serialized_exported_program.json; ONNX files are named .onnx."""
     if path.suffix.lower() == ".onnx":
         return "ONNX"
     try:
@@ -372,7 +373,8 @@ def export_format(path: Path) -> str:
         return ""
     if any(n.endswith("constants.pkl") for n in names):
         return "TorchScript"
-    return "PT2 (torch.export)" if any(n.endswith("/archive_format") for n in names) else ""
+    pt2 = ("/archive_format", "serialized_exported_program.json")
+    return "PT2 (torch.export)" if any(n.endswith(pt2) for n in names) else ""
 
 
 def is_package_checkpoint(obj: object) -> bool:

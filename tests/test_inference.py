@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -348,6 +349,18 @@ def test_torch_export_parity_at_any_batch_size(tmp_path, checkpoint, capsys):
     assert capsys.readouterr().err.strip() == (f"error: {out}: a PT2 (torch.export) export, for your own code "
                                                "(torch.export.load); pass the checkpoint it was exported from "
                                                "(a run's best.pt)")
+
+
+def test_a_torch_export_program_in_torch_2_5s_layout_is_named_as_one(tmp_path, capsys):
+    """torch 2.5's torch.export.save wrote the program's parts at the zip's top level; later
+    releases write a PT2 archive (archive/archive_format, ...) and still load the old layout."""
+    out = tmp_path / "unet.pt2"
+    with zipfile.ZipFile(out, "w") as archive:
+        for name in ("serialized_exported_program.json", "serialized_state_dict.pt", "serialized_constants.pt",
+                     "serialized_example_inputs.pt", "version"):
+            archive.writestr(name, b"{}")
+    assert main(["evaluate", "--checkpoint", str(out), "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {out}: a PT2 (torch.export) export, for your own code")
 
 
 def test_a_zip_archive_as_input_says_how_to_unzip_it(tmp_path, checkpoint, capsys):
