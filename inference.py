@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib
 import io
+import logging
 import re
 import sys
 import warnings
@@ -399,6 +401,35 @@ def check_export_output(out: Path, fmt: str) -> Path:
     return out
 
 
+def export_onnx(model: torch.nn.Module, pair: torch.Tensor, batch_axis: tuple, out: Path,
+                check: torch.Tensor) -> torch.Tensor | None:
+    """Write ``model`` to ``out`` as ONNX through torch.export (torch.onnx's exporter since torch 2.9,
+    where the TorchScript-based one it replaces is deprecated); return onnxruntime's output on
+    ``check``, or None where onnxruntime is not installed."""
+    try:
+        importlib.import_module("onnxscript")  # optional: the exporter's ONNX builder; it brings onnx
+    except ImportError:
+        raise UserError("ONNX export needs the optional packages onnx and onnxscript (and onnxruntime for the "
+                        "parity check): pip install onnx onnxscript onnxruntime") from None
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # torch 2.5 logs a warning per torchvision operator it registers
+    try:
+        program = torch.onnx.export(model, (pair,), None, input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes=batch_axis, dynamo=True, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
+    onnx_bytes = program.model_proto.SerializeToString()
+    save_export(out, lambda f: f.write(onnx_bytes))
+    try:
+        import onnxruntime
+    except ImportError:
+        print(f"wrote {out}; install onnxruntime to check parity against PyTorch")
+        return None
+    session = onnxruntime.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"image": check.numpy()})[0])
+
+
 def export_command(args: argparse.Namespace) -> float | Path:
     """The ``export`` command: torch.export, TorchScript or ONNX, with a parity check against eager
     PyTorch, or a weights file for release (``--format state_dict``)."""
@@ -418,6 +449,8 @@ def export_command(args: argparse.Namespace) -> float | Path:
     size, channels = record["image_size"], input_width(model)
     example = torch.randn(1, channels, size, size)
     check = torch.randn(3, channels, size, size)  # another batch size than traced: the batch axis is dynamic
+    # torch.export and ONNX trace on a batch of 2: on 1, torch.export would fix the batch size as a constant.
+    pair, batch_axis = torch.cat([example, example]), ({0: torch.export.Dim("batch", min=1, max=4096)},)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about the input-size check in UNet.forward (traced as a constant) and
@@ -426,9 +459,7 @@ def export_command(args: argparse.Namespace) -> float | Path:
         warnings.simplefilter("ignore", category=FutureWarning)
         reference = model(check)
         if args.format == "torch_export":
-            # Traced on a batch of 2: on 1, torch.export would fix the batch size as a constant.
-            program = torch.export.export(deployed, (torch.cat([example, example]),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+            program = torch.export.export(deployed, (pair,), dynamic_shapes=batch_axis)
             save_export(out, lambda f: torch.export.save(program, f))
             with open(out, "rb") as f:
                 exported = torch.export.load(f).module()(check)
@@ -438,21 +469,9 @@ def export_command(args: argparse.Namespace) -> float | Path:
             with open(out, "rb") as f:
                 exported = torch.jit.load(f)(check)
         else:
-            try:
-                import onnx  # noqa: F401  (optional dependency)
-            except ImportError:
-                raise UserError("ONNX export needs the optional package onnx (and onnxruntime for the parity "
-                                "check): pip install onnx onnxruntime") from None
-            save_export(out, lambda f: torch.onnx.export(
-                deployed, example, f, input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
-            try:
-                import onnxruntime
-            except ImportError:
-                print(f"wrote {out}; install onnxruntime to check parity against PyTorch")
+            exported = export_onnx(deployed, pair, batch_axis, out, check)
+            if exported is None:
                 return float("nan")
-            session = onnxruntime.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
-            exported = torch.from_numpy(session.run(None, {"image": check.numpy()})[0])
     diff = float((exported - reference).abs().max())
     print(f"wrote {out} ({args.format}); max abs difference from eager PyTorch on a batch of {len(check)}: "
           f"{diff:.2e}")
