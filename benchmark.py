@@ -147,7 +147,7 @@ def time_end_to_end(
     volumes = load_dataset(root, None, **load)
     dataset = LGGSlices(list(volumes.values()), train_preprocess(args.image_size),
                         modality_dropout=args.modality_dropout)
-    workers = default_num_workers() if args.num_workers < 0 else args.num_workers
+    workers = default_num_workers(device) if args.num_workers < 0 else args.num_workers
     loader = make_loader(dataset, batch_size=args.batch_size, train=True, seed=args.seed, num_workers=workers,
                          pin_memory=device.type == "cuda")
     parts = _parts(args.features, args.deep_supervision, device, amp_dtype, CHANNELS_LAST, args.compile)

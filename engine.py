@@ -98,7 +98,7 @@ class Config:
     # ---- hardware ----
     device: str = _opt("auto", "auto: CUDA if available, else CPU", ("auto", "cpu", "cuda"))
     amp: str = _opt("auto", "mixed precision; auto: bf16 where fast, else fp16 on GPUs", AMP_MODES)
-    num_workers: int = _opt(-1, "DataLoader workers; -1: 0 on <=2 cores, else up to 4")
+    num_workers: int = _opt(-1, "DataLoader workers; -1: 0 on <=2 cores or for a CPU model without fork, else up to 4")
     sync_bn: bool = _opt(False, "under torchrun on GPUs: synchronize BatchNorm across processes")
     compile: bool = _opt(False, "torch.compile the model (measure it first: benchmark --compile)")
     # ---- run ----
@@ -540,7 +540,7 @@ def train(cfg: Config) -> dict:
     device, amp_dtype = training_device(cfg, ddp)
 
     data = setup_data(cfg, ddp, resumed=resumed is not None, progress=progress)
-    workers = default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
+    workers = default_num_workers(device) if cfg.num_workers < 0 else cfg.num_workers
     train_set, train_loader, val_loader = make_loaders(cfg, data, ddp, device, workers)
     env = environment_report(device)
     if ddp.enabled:

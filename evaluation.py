@@ -356,7 +356,7 @@ def scoring_loader(
     """The deterministic loader through which validation, ``evaluate`` and ``predict`` read volumes:
     every slice once, in order, resized for the model, with its mask at the file's resolution."""
     dataset = LGGSlices(volumes, eval_preprocess(image_size), full_mask=True)
-    workers = default_num_workers() if num_workers < 0 else num_workers
+    workers = default_num_workers(device) if num_workers < 0 else num_workers
     return make_loader(dataset, batch_size=batch_size, train=False, seed=seed, num_workers=workers,
                        pin_memory=device.type == "cuda")
 

@@ -1,5 +1,8 @@
 """Finding, pairing, ordering, reading and splitting the Kaggle layout, on fake trees in tmp_path."""
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -206,6 +209,52 @@ def test_each_worker_has_its_own_augmentation_stream(fake_tree):
     images = [b["image"] for b in make_loader(ds, batch_size=1, train=False, seed=0, num_workers=2)]
     assert len(images) == 6
     assert not torch.equal(images[0], images[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is the start method on Linux alone")
+def test_workers_fork_on_linux_whatever_pythons_default(fake_tree, tmp_path):
+    """Python 3.14 made forkserver Linux's default: each worker then unpickled its own copy of every
+    volume on every epoch. A forked worker's parent is the training process; a forkserver's is not."""
+    script = tmp_path / "start.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import torch
+        from data_cache import load_volume
+        from data_files import group_by_patient, scan_dataset
+        from data_loaders import LGGSlices, make_loader
+        from data_preprocessing import eval_preprocess
+
+        class Parents(LGGSlices):
+            def __getitem__(self, i):
+                return {{"parent": os.getppid()}}
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("forkserver")
+            volumes = [load_volume(g) for g in group_by_patient(scan_dataset(Path({str(fake_tree)!r}))).values()]
+            loader = make_loader(Parents(volumes, eval_preprocess(16)), batch_size=4, train=True, seed=0,
+                                 num_workers=2)
+            print(sorted({{int(p) for b in loader for p in b["parent"]}}) == [os.getpid()])
+        """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+def test_no_workers_by_default_for_a_cpu_model_where_workers_are_spawned(monkeypatch):
+    """On macOS and Windows workers are spawned, each with its own copy of the data, for an input
+    pipeline that takes a few percent of a CPU training step at most; a GPU still gets them."""
+    import data_loaders
+
+    monkeypatch.setattr(data_loaders.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert data_loaders.default_num_workers(torch.device("cpu")) == (4 if sys.platform.startswith("linux") else 0)
+    monkeypatch.setattr(data_loaders.sys, "platform", "darwin")
+    monkeypatch.setattr(data_loaders.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert data_loaders.worker_start_method() == "spawn"
+    assert data_loaders.default_num_workers(torch.device("cpu")) == 0
+    assert data_loaders.default_num_workers(torch.device("cuda")) == 4
+    monkeypatch.setattr(data_loaders.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert data_loaders.default_num_workers(torch.device("cuda")) == 0  # 2 cores: the model's
 
 
 def _fake_volume(fake_tree):
