@@ -220,7 +220,6 @@ def test_workers_fork_on_linux_whatever_pythons_default(fake_tree, tmp_path):
         import multiprocessing, os, sys
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import torch
         from data_cache import load_volume
         from data_files import group_by_patient, scan_dataset
         from data_loaders import LGGSlices, make_loader
