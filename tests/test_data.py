@@ -240,8 +240,51 @@ def test_workers_fork_on_linux_whatever_pythons_default(fake_tree, tmp_path):
     assert result.stdout.strip() == "True", result.stderr
 
 
+def test_spawned_workers_share_the_volumes_instead_of_copying_them(fake_tree, tmp_path):
+    """On macOS and Windows workers are spawned: each unpickled its own copy of every volume, on every
+    epoch. Now the volumes lie in shared memory, so a worker's write reaches the training process's
+    arrays, and the items are those the training process makes itself."""
+    script = tmp_path / "spawn.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import numpy as np
+        import torch
+        import data_loaders
+        from data_cache import load_volume
+        from data_files import group_by_patient, scan_dataset
+        from data_loaders import LGGSlices, make_loader
+        from data_preprocessing import eval_preprocess
+
+        class Marking(LGGSlices):  # marks each slice it reads, in the worker's view of the volume
+            def __getitem__(self, i):
+                item = super().__getitem__(i)
+                p, j = self.index[i]
+                self.volumes[p].images[j, 0, 0, 0] = 201
+                self.volumes[p].masks[j, 0, 0] = 7
+                return item
+
+        def items(dataset, workers):
+            loader = make_loader(dataset, batch_size=4, train=False, seed=0, num_workers=workers)
+            return [(b["image"], b["mask"], b["slice"]) for b in loader]
+
+        if __name__ == "__main__":
+            data_loaders.worker_start_method = lambda: "spawn"  # as on macOS and Windows
+            volumes = [load_volume(g) for g in group_by_patient(scan_dataset(Path({str(fake_tree)!r}))).values()]
+            expected = items(LGGSlices(volumes, eval_preprocess(16)), 0)
+            got = items(Marking(volumes, eval_preprocess(16)), 2)
+            same = len(got) == len(expected) and all(
+                all(torch.equal(a, b) for a, b in zip(x, y)) for x, y in zip(got, expected))
+            marked = all((v.images[:, 0, 0, 0] == 201).all() and (v.masks[:, 0, 0] == 7).all() for v in volumes)
+            print(same, marked)
+        """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True True", result.stderr
+
+
 def test_no_workers_by_default_for_a_cpu_model_where_workers_are_spawned(monkeypatch):
-    """On macOS and Windows workers are spawned, each with its own copy of the data, for an input
+    """On macOS and Windows workers are spawned, each starting seconds late every epoch, for an input
     pipeline that takes a few percent of a CPU training step at most; a GPU still gets them."""
     import data_loaders
 
