@@ -247,14 +247,15 @@ class LGGSlices(Dataset):
                           else np.zeros(0, bool))
         self.stats = [v.stats.as_tensor() for v in self.volumes]  # (4, 3) once per volume, not per item
         self.shared: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see share_memory
+        self.stream: int | None = None  # the augmentation stream this process is on (``EpochStream``)
 
     def share_memory(self) -> None:
         """Move every volume's images and masks into shared memory, once, for loader workers that
         do not fork (macOS, Windows). Pickled for such a worker, the dataset then carries handles to
-        that memory instead of a copy of every volume, which each worker unpickled on every epoch
-        before (617 MB for the 66 shared patients). With 2 spawned workers over the 66 the first
-        batch came after 11.4 s, with 3.14 GB in all; now 6.1 s, most of it importing torch, and
-        1.91 GB (2-core AMD EPYC). The arrays become views of torch tensors in shared memory, whose
+        that memory instead of a copy of every volume, which each worker unpickled before (617 MB
+        for the 66 shared patients). With 2 spawned workers over the 66 the first batch came after
+        11.4 s, with 3.14 GB in all; now 6.1 s, most of it importing torch, and 1.91 GB (2-core AMD
+        EPYC). The arrays become views of torch tensors in shared memory, whose
         pickling torch.multiprocessing handles on every platform."""
         if self.shared is not None:
             return
@@ -281,7 +282,11 @@ class LGGSlices(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        if isinstance(i, tuple):  # (slice, stream) from a training loader: see EpochStream
+            i, stream = i
+            if stream != self.stream:
+                self.start_stream(stream)
         p, j = self.index[i]
         vol = self.volumes[p]
         image, mask = vol.images[j], vol.masks[j]
@@ -314,16 +319,31 @@ class LGGSlices(Dataset):
         """Seed the augmentation streams (albumentations keeps its own RNG, apart from numpy's)."""
         self.preprocess.transform.set_random_seed(seed)
         self.rng = np.random.default_rng(seed)
+        self.stream = None
+
+    def start_stream(self, stream: int) -> None:
+        """Seed this process's augmentation from an epoch's ``stream``: the stream itself without
+        workers, a seed drawn from (stream, worker) in a worker, so that workers differ."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            self.reseed(stream)
+        else:
+            seed_process(int(np.random.SeedSequence([stream, info.id]).generate_state(1)[0]))
+        self.stream = stream
 
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: derive every RNG of the worker from the loader's seed.
 
     torch gives each worker ``initial_seed() = base_seed + worker_id``, where base_seed comes
-    from the loader's seeded generator, so workers differ from each other and across epochs
-    but are the same from run to run.
+    from the loader's seeded generator, so workers differ from each other but are the same from
+    run to run. A training loader's items then reseed the worker at each epoch (``EpochStream``).
     """
-    seed = torch.initial_seed() % 2**32
+    seed_process(torch.initial_seed() % 2**32)
+
+
+def seed_process(seed: int) -> None:
+    """Seed a loader worker's RNGs: numpy's, Python's and its dataset's."""
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
@@ -331,14 +351,35 @@ def seed_worker(worker_id: int) -> None:
         info.dataset.reseed(seed)
 
 
+class EpochStream(Sampler[tuple[int, int]]):
+    """A training sampler's indices, each paired with the epoch's augmentation ``stream``.
+
+    Workers persist from epoch to epoch (each start costs seconds where they are spawned), so
+    nothing reseeds them between epochs but the items they are asked for: the first item of a
+    new stream reseeds the process that makes it (``LGGSlices.start_stream``). A worker makes
+    the same batches of an epoch, in the same order, however many epochs came before, so an
+    epoch's augmentation depends on its stream alone, which resuming a run relies on.
+    """
+
+    def __init__(self, sampler: Sampler[int], stream: int) -> None:
+        self.sampler, self.stream = sampler, stream
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((i, self.stream) for i in self.sampler)
+
+
 def worker_start_method() -> str:
     """How loader workers start: by fork on Linux, whatever Python's default, so that they share
     the volumes in memory and start at once; elsewhere as the platform starts processes ('spawn' on
     macOS and Windows). A worker started any other way (Python 3.14 made 'forkserver' Linux's
-    default) imports torch and the package before its first item, on every epoch, and is handed the
-    volumes through shared memory (``LGGSlices.share_memory``): with 2 workers over the 66 shared
-    patients, 6.1 s before the first batch and 1.91 GB in all, against 0.10 s and 1.24 GB forked
-    (2-core AMD EPYC). Forking is how PyTorch's workers started on Linux under every Python
+    default) imports torch and the package before its first item, and is handed the volumes through
+    shared memory (``LGGSlices.share_memory``); workers then serve every epoch (``EpochStream``).
+    With 2 workers over the 66 shared patients, spawned: 5.5 s before the first batch of the first
+    epoch, 0.02 s in later ones, 1.91 GB in all; forked: 0.09 s, then 0.02 s, 1.24 GB (2-core AMD
+    EPYC). Forking is how PyTorch's workers started on Linux under every Python
     before 3.14; since 3.12 Python warns about forking a process that runs threads (a
     DeprecationWarning, hidden unless asked for)."""
     if sys.platform.startswith("linux"):
@@ -350,7 +391,7 @@ def default_num_workers(device: torch.device) -> int:
     """Loader workers for this machine (``--num-workers -1``): none on <= 2 cores, where they would
     take the model's cores, and none for a model on the CPU where workers cannot fork: there the
     input pipeline (about 1,500 slices/s on one core) takes a few percent of a training step at
-    most, while each worker costs seconds per epoch to start and 0.3 GB of libraries
+    most, while each worker takes a core from the model, seconds to start and 0.3 GB of libraries
     (``worker_start_method``). Else up to 4."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpus <= 2 or (device.type == "cpu" and worker_start_method() != "fork"):
@@ -414,27 +455,39 @@ def make_loader(
     dataset.reseed(seed)
     if num_workers > 0 and worker_start_method() != "fork":
         dataset.share_memory()
-    sampler, weights = None, None
-    draws = steps * batch_size * world if steps > 0 else len(dataset)
-    if train and tumor_weight != 1.0:
-        weights = draw_weights(dataset, tumor_weight)
-        sampler = WeightedRandomSampler(weights, num_samples=draws, replacement=True, generator=generator)
-    elif train and steps > 0:
-        sampler = RandomSampler(dataset, num_samples=draws, generator=generator)
-    if train and world > 1:
-        sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights, draws=draws)
+    # The training order's own generator: with persistent workers the loader draws its workers'
+    # base seed from ``generator`` on its first epoch only, which must not shift that epoch's order.
+    # Without workers the two are one, as they always were.
+    order = torch.Generator().manual_seed(seed) if num_workers > 0 else generator
     common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=seed_worker, generator=generator,
                   multiprocessing_context=worker_start_method() if num_workers > 0 else None,
-                  # Fresh workers each epoch draw their seeds from ``generator``: reseeding it per epoch
-                  # makes every epoch reproducible on its own, which resuming a run relies on.
-                  persistent_workers=False)
+                  persistent_workers=num_workers > 0)
     if not train:
         # Every slice once, in order; a batch never spans two slice sizes, since each item carries
         # its mask at the file's own size (``full_mask``), and such tensors cannot be stacked.
         return DataLoader(dataset, batch_sampler=same_size_batches(dataset, batch_size), **common)
-    per_rank = len(sampler) if sampler is not None else len(dataset)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=per_rank % batch_size == 1, **common)  # see steps_per_epoch
+    draws = steps * batch_size * world if steps > 0 else len(dataset)
+    weights = draw_weights(dataset, tumor_weight) if tumor_weight != 1.0 else None
+    if world > 1:
+        sampler = ShardedSampler(len(dataset), rank=rank, world=world, seed=seed, weights=weights, draws=draws)
+    elif weights is not None:
+        sampler = WeightedRandomSampler(weights, num_samples=draws, replacement=True, generator=order)
+    else:
+        sampler = RandomSampler(dataset, num_samples=draws, generator=order)
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochStream(sampler, seed),
+                      drop_last=len(sampler) % batch_size == 1, **common)  # see steps_per_epoch
+
+
+def start_epoch(loader: DataLoader, *, epoch: int, seed: int, stream: int) -> None:
+    """Seed a training loader's next epoch from (``seed``, ``epoch``) and the augmentation
+    ``stream`` alone, so that a resumed run repeats an interrupted epoch exactly."""
+    loader.generator.manual_seed(seed + epoch)
+    sampler = loader.sampler.sampler
+    if isinstance(sampler, ShardedSampler):
+        sampler.set_epoch(epoch)
+    else:
+        sampler.generator.manual_seed(seed + epoch)
+    loader.sampler.stream = stream
 
 
 def draw_weights(dataset: LGGSlices, tumor_weight: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tqdm import tqdm
 
-from data_loaders import ShardedSampler
+from data_loaders import start_epoch
 from data_preprocessing import batch_to_device
 from evaluation import trained_patients
 from libraries import Distributed, UserError, autocast, memory_format, rng_state, save_torch, set_rng_state
@@ -216,11 +216,7 @@ def run_epoch(
     and the predicted volumes (None and {} without validation)."""
     # The data order and augmentation of an epoch depend only on (seed, epoch), so a resumed
     # run repeats an interrupted epoch exactly.
-    train_loader.generator.manual_seed(seed + epoch)
-    stream = seed * 1_000_003 + epoch + 7919 * ddp.rank
-    train_loader.dataset.reseed(stream)
-    if isinstance(train_loader.sampler, ShardedSampler):
-        train_loader.sampler.set_epoch(epoch)
+    start_epoch(train_loader, epoch=epoch, seed=seed, stream=seed * 1_000_003 + epoch + 7919 * ddp.rank)
     t0 = time.perf_counter()
     loss_sum, seen = train_one_epoch(parts, train_loader, scheduler, device, amp_dtype=amp_dtype,
                                      channels_last=channels_last, epoch=epoch, progress=progress)

@@ -199,14 +199,16 @@ def test_loader_is_reproducible_and_augments(fake_tree, workers):
     assert any(not torch.equal(xa, xc) for (xa, _, _), (xc, _, _) in zip(a, c))
 
 
-def test_each_worker_has_its_own_augmentation_stream(fake_tree):
+@pytest.mark.parametrize("train", [False, True], ids=["in-order", "training"])
+def test_each_worker_has_its_own_augmentation_stream(fake_tree, train):
     # Six copies of one slice, one per batch: worker 0 gets batches 0, 2, 4 and worker 1 gets
     # 1, 3, 5. Had both workers the same augmentation seed, batches 0 and 1 would be equal.
+    # A training loader reseeds its workers from the epoch's stream (EpochStream); others once.
     vol = load_volume(group_by_patient(scan_dataset(fake_tree))["TCGA_XX_0000_20000101"][:1])
     vol.images, vol.masks = vol.images.repeat(6, 0), vol.masks.repeat(6, 0)
     vol.slice_numbers = list(range(6))
     ds = LGGSlices([vol], train_preprocess(16, affine_p=1.0, intensity_p=1.0))
-    images = [b["image"] for b in make_loader(ds, batch_size=1, train=False, seed=0, num_workers=2)]
+    images = [b["image"] for b in make_loader(ds, batch_size=1, train=train, seed=0, num_workers=2)]
     assert len(images) == 6
     assert not torch.equal(images[0], images[1])
 
@@ -240,16 +242,16 @@ def test_workers_fork_on_linux_whatever_pythons_default(fake_tree, tmp_path):
     assert result.stdout.strip() == "True", result.stderr
 
 
-def test_spawned_workers_share_the_volumes_instead_of_copying_them(fake_tree, tmp_path):
-    """On macOS and Windows workers are spawned: each unpickled its own copy of every volume, on every
-    epoch. Now the volumes lie in shared memory, so a worker's write reaches the training process's
-    arrays, and the items are those the training process makes itself."""
+def test_spawned_workers_share_the_volumes_and_last_from_epoch_to_epoch(fake_tree, tmp_path):
+    """On macOS and Windows workers are spawned: each unpickled its own copy of every volume, and
+    imported torch, on every epoch. Now the volumes lie in shared memory, so a worker's write reaches
+    the training process's arrays, and the same workers serve every epoch. The items are those the
+    training process makes itself."""
     script = tmp_path / "spawn.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import os, sys
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import numpy as np
         import torch
         import data_loaders
         from data_cache import load_volume
@@ -263,24 +265,27 @@ def test_spawned_workers_share_the_volumes_instead_of_copying_them(fake_tree, tm
                 p, j = self.index[i]
                 self.volumes[p].images[j, 0, 0, 0] = 201
                 self.volumes[p].masks[j, 0, 0] = 7
-                return item
+                return {{**item, "pid": os.getpid()}}
 
-        def items(dataset, workers):
-            loader = make_loader(dataset, batch_size=4, train=False, seed=0, num_workers=workers)
+        def items(loader):
             return [(b["image"], b["mask"], b["slice"]) for b in loader]
 
         if __name__ == "__main__":
             data_loaders.worker_start_method = lambda: "spawn"  # as on macOS and Windows
             volumes = [load_volume(g) for g in group_by_patient(scan_dataset(Path({str(fake_tree)!r}))).values()]
-            expected = items(LGGSlices(volumes, eval_preprocess(16)), 0)
-            got = items(Marking(volumes, eval_preprocess(16)), 2)
+            expected = items(make_loader(LGGSlices(volumes, eval_preprocess(16)), batch_size=4, train=False,
+                                         seed=0, num_workers=0))
+            loader = make_loader(Marking(volumes, eval_preprocess(16)), batch_size=4, train=False, seed=0,
+                                 num_workers=2)
+            got = items(loader)
             same = len(got) == len(expected) and all(
                 all(torch.equal(a, b) for a, b in zip(x, y)) for x, y in zip(got, expected))
             marked = all((v.images[:, 0, 0, 0] == 201).all() and (v.masks[:, 0, 0] == 7).all() for v in volumes)
-            print(same, marked)
+            workers = [{{int(p) for b in loader for p in b["pid"]}} for _ in range(2)]
+            print(same, marked, len(workers[0]) == 2 and workers[0] == workers[1])
         """))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "True True", result.stderr
+    assert result.stdout.strip() == "True True True", result.stderr
 
 
 def test_no_workers_by_default_for_a_cpu_model_where_workers_are_spawned(monkeypatch):

@@ -51,9 +51,12 @@ sys.exit(engine.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("extra", [[], ["--deep-supervision"]], ids=["plain", "deep-supervision"])
+@pytest.mark.parametrize("extra", [[], ["--deep-supervision"], ["--num-workers", "2", "--tumor-weight", "2"]],
+                         ids=["plain", "deep-supervision", "workers"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn, extra):
     # With deep supervision the checkpoint must also carry the heads, or the resumed run diverges.
+    # Workers persist across epochs: the resumed run's start at epoch 2 must not shift that epoch's
+    # order or augmentation away from the uninterrupted run's second pass through the same workers.
     reference = tmp_path / "reference"
     assert main(tiny(tmp_path, syn, reference, "--epochs", "3", *extra)) == 0
 
