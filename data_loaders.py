@@ -255,8 +255,8 @@ class LGGSlices(Dataset):
         that memory instead of a copy of every volume, which each worker unpickled before (617 MB
         for the 66 shared patients). With 2 spawned workers over the 66 the first batch came after
         11.4 s, with 3.14 GB in all; now 6.1 s, most of it importing torch, and 1.91 GB (2-core AMD
-        EPYC). The arrays become views of torch tensors in shared memory, whose
-        pickling torch.multiprocessing handles on every platform."""
+        EPYC). The arrays become views of torch tensors in shared memory, whose pickling
+        torch.multiprocessing handles on every platform."""
         if self.shared is not None:
             return
         self.shared = []
@@ -325,10 +325,11 @@ class LGGSlices(Dataset):
         """Seed this process's augmentation from an epoch's ``stream``: the stream itself without
         workers, a seed drawn from (stream, worker) in a worker, so that workers differ."""
         info = torch.utils.data.get_worker_info()
-        if info is None:
-            self.reseed(stream)
-        else:
-            seed_process(int(np.random.SeedSequence([stream, info.id]).generate_state(1)[0]))
+        seed = stream if info is None else int(np.random.SeedSequence([stream, info.id]).generate_state(1)[0])
+        if info is not None:  # the worker's global RNGs too, as ``seed_worker`` seeds them
+            np.random.seed(seed)
+            random.seed(seed)
+        self.reseed(seed)
         self.stream = stream
 
 
@@ -339,11 +340,7 @@ def seed_worker(worker_id: int) -> None:
     from the loader's seeded generator, so workers differ from each other but are the same from
     run to run. A training loader's items then reseed the worker at each epoch (``EpochStream``).
     """
-    seed_process(torch.initial_seed() % 2**32)
-
-
-def seed_process(seed: int) -> None:
-    """Seed a loader worker's RNGs: numpy's, Python's and its dataset's."""
+    seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
@@ -379,9 +376,9 @@ def worker_start_method() -> str:
     shared memory (``LGGSlices.share_memory``); workers then serve every epoch (``EpochStream``).
     With 2 workers over the 66 shared patients, spawned: 5.5 s before the first batch of the first
     epoch, 0.02 s in later ones, 1.91 GB in all; forked: 0.09 s, then 0.02 s, 1.24 GB (2-core AMD
-    EPYC). Forking is how PyTorch's workers started on Linux under every Python
-    before 3.14; since 3.12 Python warns about forking a process that runs threads (a
-    DeprecationWarning, hidden unless asked for)."""
+    EPYC). Forking is how PyTorch's workers started on Linux under every Python before 3.14; since
+    3.12 Python warns about forking a process that runs threads (a DeprecationWarning, hidden
+    unless asked for)."""
     if sys.platform.startswith("linux"):
         return "fork"
     return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
