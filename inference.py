@@ -41,7 +41,8 @@ from libraries import (Interrupted, UserError, atomic_write, check_folder_path, 
 from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
-from scans import MODALITIES, MODALITY_NAMES, find_cases, holds_scans, load_case, strip_suffix, warn_filled, write_mask
+from scans import (MODALITIES, MODALITY_NAMES, check_seg_references, find_cases, first_dicom_header, holds_scans,
+                   load_case, strip_suffix, warn_filled, write_dicom_seg, write_mask)
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", default="",
                         help="2D slices only: voxel spacing 'dz,dy,dx' in mm, for mm^2 and mm^3 and for pixels that are "
                              "not square (scans: the header's)")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="scans read from DICOM: also write masks/<case>.seg.dcm, a DICOM Segmentation that "
+                             "references the FLAIR series (needs highdicom)")
     parser.add_argument("--batch-size", type=int, default=16)
     add_scoring_flags(parser)
 
@@ -222,6 +226,7 @@ class Predictor:
         self.channels_last = self.record.get("channels_last", False)
         self.model = fuse_conv_bn(network_from_checkpoint(ckpt, str(path))).to(
             self.device, memory_format=memory_format(self.channels_last))
+        self.weights = f"{path.name}, epoch {ckpt['epoch']}" if "epoch" in ckpt else path.name  # what predicted
 
     def volume(self, name: str, images: np.ndarray, spacing: tuple[float, float, float] | None = None) -> PatientVolume:
         """A volume of (N, H, W, 3) slices of any scale, prepared as the checkpoint says."""
@@ -246,10 +251,12 @@ def predict_command(args: argparse.Namespace) -> Path:
         raise UserError(f"{out}: already holds predictions ({', '.join(held)}); choose another --output or remove "
                         "it: earlier results are never overwritten")
     cases = scan_inputs(args)
+    if args.dicom_seg:
+        check_dicom_seg(cases)
     predictor = Predictor(args)
     try:
         if cases is not None:
-            (count, skipped), kind, unit = predict_scans(cases, predictor, out), "case", "case"
+            (count, skipped), kind, unit = predict_scans(cases, predictor, out, dicom_seg=args.dicom_seg), "case", "case"
         else:
             count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
             unit = "file"
@@ -303,11 +310,28 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
     return sum(r["level"] == "slice" for r in rows), skipped, "slice"
 
 
-def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path) -> tuple[int, int]:
-    """Each case -> masks/<case>.nii.gz on its FLAIR's grid, overlays/<case>.png and a row of
-    predictions.csv (rewritten after every case, so a case that fails later loses nothing). A case
-    that cannot be read is an error when it is the only one, else skipped with its one line.
-    Returns the cases predicted and skipped."""
+def check_dicom_seg(cases: list[tuple[str, dict[str, Path]]] | None) -> None:
+    """Refuse ``--dicom-seg`` before any prediction where it cannot be honoured."""
+    if cases is None:
+        raise UserError("--dicom-seg is for scans read from DICOM series; 2D slices get PNG masks")
+    if not_dicom := [name for name, files in cases if not files["flair"].is_dir()]:
+        raise UserError(f"--dicom-seg: the FLAIR of {first_names(not_dicom, 3)} is not a DICOM series folder, and a "
+                        "DICOM SEG references the DICOM images it segments; drop --dicom-seg for NIfTI input")
+    try:
+        importlib.import_module("highdicom")
+    except ImportError:
+        raise UserError("--dicom-seg needs the optional package highdicom: pip install highdicom") from None
+    for _, files in cases:
+        if (first := first_dicom_header(files["flair"])) is not None:
+            check_seg_references(*first)
+
+
+def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path, *,
+                  dicom_seg: bool = False) -> tuple[int, int]:
+    """Each case -> masks/<case>.nii.gz on its FLAIR's grid (and with ``dicom_seg`` masks/<case>.seg.dcm),
+    overlays/<case>.png and a row of predictions.csv (rewritten after every case, so a case that
+    fails later loses nothing). A case that cannot be read is an error when it is the only one,
+    else skipped with its one line. Returns the cases predicted and skipped."""
     rows, warned = [], set()
     for name, files in tqdm(cases, desc="predict", unit="case", leave=False,
                             disable=len(cases) == 1 or not sys.stderr.isatty()):
@@ -321,14 +345,17 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
         warn_filled(case, warned)
         pred = predictor([predictor.volume(name, case.images, spacing=case.spacing)])[0]
         mask_path = write_mask(pred, case, out / "masks" / f"{name}.nii.gz")
+        seg_path = write_dicom_seg(pred, case, out / "masks" / f"{name}.seg.dcm", algorithm=predictor.weights) \
+            if dicom_seg else None
         write_overlays(out, {0: (pred, None)}, {0: case.images[..., FLAIR_CHANNEL]}, {0: list(range(len(pred)))},
                        [name])
         voxels = int(pred.sum())
         dz, dy, dx = case.spacing
         rows.append({"patient": name, "file": str(case.source), "level": "patient", "area_px": voxels,
-                     "area_mm2": None, "volume_mm3": voxels * dz * dy * dx, "mask": str(mask_path)})
-        atomic_write(out / "predictions.csv",
-                     lambda tmp: write_csv(tmp, pd.DataFrame(rows, columns=[*CSV_COLUMNS, "mask"])))
+                     "area_mm2": None, "volume_mm3": voxels * dz * dy * dx, "mask": str(mask_path),
+                     **({"dicom_seg": str(seg_path)} if seg_path else {})})
+        columns = [*CSV_COLUMNS, "mask", *(["dicom_seg"] if dicom_seg else [])]
+        atomic_write(out / "predictions.csv", lambda tmp: write_csv(tmp, pd.DataFrame(rows, columns=columns)))
     if not rows:
         raise UserError("no case could be read (each is listed above); nothing was written")
     return len(rows), len(cases) - len(rows)

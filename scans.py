@@ -1,5 +1,5 @@
 """Scanner files -> volumes and back: NIfTI files and DICOM series of one case, and masks written
-on the input's own grid.
+on the input's own grid (NIfTI, and a DICOM SEG on a DICOM series).
 
 A case is up to three sequences on one grid (this package does not register images) plus, for
 ``evaluate``, a mask::
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,12 +158,9 @@ def read_dicom_series(folder: Path) -> nib.Nifti1Image:
     usual spacing (a missing file), two slices at one position, several series in one folder
     and slices of different sizes or orientations are one-line errors.
     """
-    slices = _dicom_slices(folder)
-    orient, spacing = _common_geometry(slices)
+    slices, orient, spacing, step = dicom_series(folder)
     row, col = orient[:3], orient[3:]
     normal = np.cross(row, col)
-    slices.sort(key=lambda item: float(np.array(item[1].ImagePositionPatient, float) @ normal))
-    step = _slice_step(folder, slices, normal)
     planes = []
     for f, ds in slices:
         try:
@@ -185,19 +183,19 @@ def read_dicom_series(folder: Path) -> nib.Nifti1Image:
     return image
 
 
+def dicom_series(folder: Path) -> tuple[list[tuple[Path, Any]], np.ndarray, np.ndarray, float]:
+    """A DICOM series folder's (file, dataset) slices sorted along the slice normal, its
+    ImageOrientationPatient, PixelSpacing and slice step; ``read_dicom_series``'s voxel k is slice k."""
+    slices = _dicom_slices(folder)
+    orient, spacing = _common_geometry(slices)
+    normal = np.cross(orient[:3], orient[3:])
+    slices.sort(key=lambda item: float(np.array(item[1].ImagePositionPatient, float) @ normal))
+    return slices, orient, spacing, _slice_step(folder, slices, normal)
+
+
 def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:
     """(file, dataset) of every DICOM image in ``folder``, all of one series, at least two."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    slices = []
-    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        try:
-            ds = pydicom.dcmread(f)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue  # not DICOM (a README, a DICOMDIR's neighbours): ignored
-        if "PixelData" in ds:
-            slices.append((f, ds))
+    slices = [(f, ds) for f, ds in _dicom_files(folder) if "PixelData" in ds]
     if not slices:
         raise UserError(f"{folder}: no DICOM image in this folder; pass the folder that holds one series' files")
     if len({str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}) > 1:
@@ -207,6 +205,18 @@ def _dicom_slices(folder: Path) -> list[tuple[Path, Any]]:
     if len(slices) < 2:
         raise UserError(f"{folder}: a single DICOM slice; a 3D series is needed")
     return slices
+
+
+def _dicom_files(folder: Path, *, pixels: bool = True) -> Iterator[tuple[Path, Any]]:
+    """(file, dataset) of each DICOM file in ``folder``, in name order, its pixels read or not."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            yield f, pydicom.dcmread(f, stop_before_pixels=not pixels)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue  # not DICOM (a README, a DICOMDIR's neighbours): ignored
 
 
 def _common_geometry(slices: list[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -404,5 +414,63 @@ def write_mask(mask: np.ndarray, case: Case, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
     nib.save(image, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+# Attributes of the Patient and General Study modules that a DICOM SEG copies from its source
+# series. They are type 2 (present, possibly empty); anonymizers sometimes drop them altogether.
+SEG_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+              "AccessionNumber", "ReferringPhysicianName")
+
+
+def check_seg_references(path: Path, ds: Any) -> None:
+    """Refuse, in one line, a DICOM series file that lacks the UIDs a DICOM SEG must share with it:
+    the study's, which files the SEG with the series, and the frame of reference, which places it."""
+    if missing := [name for name in ("StudyInstanceUID", "FrameOfReferenceUID") if name not in ds]:
+        raise UserError(f"{path}: lacks {' and '.join(missing)}, which a DICOM SEG shares with the series it "
+                        "segments; export the series with them, or drop --dicom-seg for the NIfTI mask alone")
+
+
+def first_dicom_header(folder: Path) -> tuple[Path, Any] | None:
+    """The first file of a DICOM series folder that places an image, and its header (pixels unread);
+    None where there is none (``read_dicom_series`` then says what is wrong)."""
+    return next(((f, ds) for f, ds in _dicom_files(folder, pixels=False) if "ImagePositionPatient" in ds), None)
+
+
+def write_dicom_seg(mask: np.ndarray, case: Case, path: Path, *, algorithm: str) -> Path:
+    """Write (D, H, W) bool ``mask`` as a DICOM Segmentation (binary, one segment) of the DICOM
+    series the case's FLAIR was read from: each frame references the FLAIR slice it lies on, with
+    that slice's position, in the series' study and frame of reference, so a PACS viewer, OHIF or
+    3D Slicer overlays it on that series. ``algorithm`` names the weights (AlgorithmName's version).
+    Frames without tumor are left out, unless no frame holds any. Needs highdicom."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    files, sources = zip(*dicom_series(case.source)[0])
+    check_seg_references(files[0], sources[0])
+    for ds in sources:
+        for name in SEG_COPIED:
+            if name not in ds:
+                setattr(ds, name, "")
+    # from_slices gives the FLAIR's voxel order, which for DICOM is (column, row, slice): see read_dicom_series.
+    frames = from_slices(mask.astype(np.uint8), case.reference.affine).transpose(2, 1, 0).astype(bool)
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="FLAIR abnormality",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="lgg-unet", version=algorithm, family=codes.cid7162.ArtificialIntelligence))
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=9901,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="lgg-unet",
+        manufacturer_model_name="UNet for the FLAIR abnormality of low-grade gliomas", software_versions=algorithm,
+        device_serial_number="none", series_description="FLAIR abnormality (lgg-unet)",
+        omit_empty_frames=bool(frames.any()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    seg.save_as(tmp, enforce_file_format=True)
     tmp.replace(path)
     return path

@@ -119,6 +119,7 @@ def write_dicom_series(folder: Path, voxels: np.ndarray, affine: np.ndarray, ser
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     steps = np.linalg.norm(lps[:3, :3], axis=0)
     series_uid, paths = series or generate_uid(), []
+    study_uid, frame_uid = generate_uid(), generate_uid()  # as a scanner's export has them
     for k in range(voxels.shape[2]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
@@ -127,6 +128,10 @@ def write_dicom_series(folder: Path, voxels: np.ndarray, affine: np.ndarray, ser
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "MR", series_uid, k + 1
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesNumber = study_uid, frame_uid, 3
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "LGG-0001", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName = ""
         ds.ImageOrientationPatient = [*(lps[:3, 0] / steps[0]), *(lps[:3, 1] / steps[1])]
         ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
         ds.PixelSpacing, ds.SliceThickness = [float(steps[1]), float(steps[0])], float(steps[2])

@@ -466,3 +466,109 @@ def test_a_sequence_of_one_value_is_refused_not_guessed(tmp_path, checkpoint, ca
     nifti_case(tmp_path / "holed", holed)
     assert predict(checkpoint, tmp_path / "out", "--input", str(tmp_path / "holed")) == 2
     assert "every voxel is 7, an image with nothing to segment" in capsys.readouterr().err
+
+
+def _seg_on_voxels(seg_path, affine, shape):
+    """A DICOM SEG's frames placed on the voxels of a NIfTI grid (``affine``, ``shape``) by their
+    own geometry (position, orientation, pixel spacing), as a viewer places them; asserts that
+    every segmented pixel lands on a voxel centre."""
+    import pydicom
+
+    seg = pydicom.dcmread(seg_path)
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orient = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    dy, dx = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)  # between rows, between columns
+    placed = np.zeros(shape, np.uint8)
+    to_voxel = np.linalg.inv(affine)
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        origin = np.array(group.PlanePositionSequence[0].ImagePositionPatient, float)
+        rows, cols = np.nonzero(frame)
+        lps = origin + np.outer(cols * dx, orient[:3]) + np.outer(rows * dy, orient[3:])
+        ras = lps * [-1, -1, 1]
+        ijk = (to_voxel[:3, :3] @ ras.T).T + to_voxel[:3, 3]
+        assert np.allclose(ijk, np.round(ijk), atol=1e-3)
+        i, j, k = np.round(ijk).astype(int).T
+        placed[i, j, k] = 1
+    return seg, placed
+
+
+def test_a_dicom_seg_covers_the_voxels_of_the_nifti_mask_and_references_each_slice(tmp_path):
+    """A sagittal series with a grid of three different sizes, so that no transposed or flipped
+    axis goes unnoticed: the SEG's frames, placed by their own geometry, cover exactly the voxels
+    the NIfTI mask holds, and each frame references the FLAIR slice at its position."""
+    pytest.importorskip("highdicom")
+    import pydicom
+
+    from scans import load_case, write_dicom_seg, write_mask
+
+    voxels = np.random.default_rng(4).integers(0, 4000, (12, 10, 7)).astype(np.uint16)
+    affine = np.array([[0, 0, 2.5, -30], [-0.8, 0, 0, 12], [0, -0.9, 0, 40], [0, 0, 0, 1.0]])
+    files = write_dicom_series(tmp_path / "flair", voxels, affine)
+    case = load_case("c", {"flair": tmp_path / "flair"})
+    mask = np.random.default_rng(5).random(case.truth.shape) < 0.2
+    mask[:, :, 0] = False  # a source slice without tumor: its frame is left out
+    nifti = nib.load(str(write_mask(mask, case, tmp_path / "m.nii.gz")))
+    seg, placed = _seg_on_voxels(write_dicom_seg(mask, case, tmp_path / "m.seg.dcm", algorithm="tiny.pt, epoch 1"),
+                                 nifti.affine, nifti.shape)
+    assert np.array_equal(placed, np.asarray(nifti.dataobj)) and placed.sum() == mask.sum()
+    sources = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, files)}
+    assert int(seg.NumberOfFrames) == 6  # 7 slices, one without tumor
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        source = sources[group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert np.allclose(source.ImagePositionPatient, group.PlanePositionSequence[0].ImagePositionPatient)
+    first = next(iter(sources.values()))
+    assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID, seg.PatientID) == (
+        first.StudyInstanceUID, first.FrameOfReferenceUID, first.PatientID)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "lgg-unet"
+    # No tumor at all: every frame is written, empty, rather than no SEG.
+    seg, placed = _seg_on_voxels(write_dicom_seg(np.zeros_like(mask), case, tmp_path / "e.seg.dcm", algorithm="t"),
+                                 nifti.affine, nifti.shape)
+    assert int(seg.NumberOfFrames) == 7 and placed.sum() == 0
+
+
+def test_predict_writes_a_dicom_seg_beside_the_nifti_mask(tmp_path, checkpoint):
+    pytest.importorskip("highdicom")
+    images, _ = head_volume(seed=11)
+    case = tmp_path / "cases" / "P1"
+    for c, name in enumerate(SEQUENCES):
+        write_dicom_series(case / name, images[..., c].transpose(2, 1, 0), TIFF_AFFINE)
+    assert predict(checkpoint, tmp_path / "out", "--input", str(case), "--dicom-seg") == 0
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert list(table["dicom_seg"]) == [str(tmp_path / "out" / "masks" / "P1.seg.dcm")]
+    nifti = nib.load(str(tmp_path / "out" / "masks" / "P1.nii.gz"))
+    _, placed = _seg_on_voxels(table["dicom_seg"][0], nifti.affine, nifti.shape)
+    assert np.array_equal(placed, np.asarray(nifti.dataobj))
+
+
+def test_dicom_seg_is_refused_in_one_line_where_it_cannot_be_written(tmp_path, checkpoint, capsys, monkeypatch):
+    import importlib
+
+    import pydicom
+
+    images, _ = head_volume(seed=12)
+    nifti = nifti_case(tmp_path / "nifti", images)
+    assert predict(checkpoint, tmp_path / "o1", "--input", str(nifti), "--dicom-seg") == 2
+    _one_line_error(capsys, "--dicom-seg: the FLAIR of nifti is not a DICOM series folder")
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    cv2.imwrite(str(slices / "s_1.png"), images[0])
+    assert predict(checkpoint, tmp_path / "o2", "--input", str(slices), "--dicom-seg") == 2
+    _one_line_error(capsys, "--dicom-seg is for scans read from DICOM series")
+    files = write_dicom_series(tmp_path / "dicom" / "flair", images[..., 1].transpose(2, 1, 0), TIFF_AFFINE)
+    real_import = importlib.import_module
+    with monkeypatch.context() as m:
+        m.setattr(importlib, "import_module",
+                  lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "highdicom" else real_import(name, *a))
+        assert predict(checkpoint, tmp_path / "o3", "--input", str(tmp_path / "dicom"), "--dicom-seg") == 2
+    _one_line_error(capsys, "--dicom-seg needs the optional package highdicom: pip install highdicom")
+    if importlib.util.find_spec("highdicom") is None:
+        return
+    for f in files:  # an anonymizer that dropped the study's UID
+        ds = pydicom.dcmread(f)
+        del ds.StudyInstanceUID
+        ds.save_as(f)
+    assert predict(checkpoint, tmp_path / "o4", "--input", str(tmp_path / "dicom"), "--dicom-seg") == 2
+    _one_line_error(capsys, f"{files[0]}: lacks StudyInstanceUID")
+    assert not (tmp_path / "o4").exists()  # refused before anything was predicted
