@@ -214,9 +214,10 @@ def _dicom_files(folder: Path, *, pixels: bool = True) -> Iterator[tuple[Path, A
 
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            yield f, pydicom.dcmread(f, stop_before_pixels=not pixels)
+            ds = pydicom.dcmread(f, stop_before_pixels=not pixels)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue  # not DICOM (a README, a DICOMDIR's neighbours): ignored
+        yield f, ds
 
 
 def _common_geometry(slices: list[tuple[Path, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -462,13 +463,18 @@ def write_dicom_seg(mask: np.ndarray, case: Case, path: Path, *, algorithm: str)
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name="lgg-unet", version=algorithm, family=codes.cid7162.ArtificialIntelligence))
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=9901,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="lgg-unet",
-        manufacturer_model_name="UNet for the FLAIR abnormality of low-grade gliomas", software_versions=algorithm,
-        device_serial_number="none", series_description="FLAIR abnormality (lgg-unet)",
-        omit_empty_frames=bool(frames.any()))
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=9901,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="lgg-unet",
+            manufacturer_model_name="UNet for the FLAIR abnormality of low-grade gliomas", software_versions=algorithm,
+            device_serial_number="none", series_description="FLAIR abnormality (lgg-unet)",
+            omit_empty_frames=bool(frames.any()))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # what highdicom raises for odd headers
+        reason = " ".join(str(exc).split())
+        raise UserError(f"{case.source}: highdicom could not make a DICOM SEG of this series ({type(exc).__name__}: "
+                        f"{reason}); the NIfTI mask beside it was written") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     seg.save_as(tmp, enforce_file_format=True)

@@ -556,7 +556,9 @@ def test_dicom_seg_is_refused_in_one_line_where_it_cannot_be_written(tmp_path, c
     cv2.imwrite(str(slices / "s_1.png"), images[0])
     assert predict(checkpoint, tmp_path / "o2", "--input", str(slices), "--dicom-seg") == 2
     _one_line_error(capsys, "--dicom-seg is for scans read from DICOM series")
-    files = write_dicom_series(tmp_path / "dicom" / "flair", images[..., 1].transpose(2, 1, 0), TIFF_AFFINE)
+    series = {name: write_dicom_series(tmp_path / "dicom" / name, images[..., c].transpose(2, 1, 0), TIFF_AFFINE)
+              for c, name in enumerate(SEQUENCES)}
+    files = series["flair"]
     real_import = importlib.import_module
     with monkeypatch.context() as m:
         m.setattr(importlib, "import_module",
@@ -565,6 +567,17 @@ def test_dicom_seg_is_refused_in_one_line_where_it_cannot_be_written(tmp_path, c
     _one_line_error(capsys, "--dicom-seg needs the optional package highdicom: pip install highdicom")
     if importlib.util.find_spec("highdicom") is None:
         return
+    import highdicom
+
+    def odd(*args, **kwargs):
+        raise ValueError("a header highdicom\ncannot take")
+
+    with monkeypatch.context() as m:
+        m.setattr(highdicom.seg, "Segmentation", odd)
+        assert predict(checkpoint, tmp_path / "o5", "--input", str(tmp_path / "dicom"), "--dicom-seg") == 2
+    _one_line_error(capsys, "highdicom could not make a DICOM SEG of this series (ValueError: a header highdicom "
+                    "cannot take); the NIfTI mask beside it was written")
+    assert (tmp_path / "o5" / "masks" / "dicom.nii.gz").is_file()
     for f in files:  # an anonymizer that dropped the study's UID
         ds = pydicom.dcmread(f)
         del ds.StudyInstanceUID
