@@ -647,11 +647,11 @@ def describe_run(cfg: Config, data: RunData, env: dict, parts: TrainingParts, tr
         f"{len(train_set):,} train slices ({int(train_set.has_tumor.sum()):,} with tumor, weight "
         f"{cfg.tumor_weight:g}), {val_slices:,} validation slices",
         *([f"warning: --preset full is meant for a GPU: {counted(cfg.epochs * steps_per_epoch, 'step')} at "
-           f"{cfg.image_size} px would take many hours on a CPU; --preset cpu is the recipe for CPUs (about 30 min "
+           f"{cfg.image_size} px would take many hours on a CPU; --preset cpu is the recipe for CPUs (20-33 min "
            "on 2 cores with bf16 instructions, 1.7 h without; benchmark --preset cpu estimates it)"]
           if cfg.preset == "full" and cfg.image_size >= 256 and device.type == "cpu" else []),
         *(["note: this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so --amp auto trains in fp32: the CPU "
-           "preset takes about 1.7 h on 2 such cores instead of about 30 min; --features 16 tied with width 24 in "
+           "preset takes about 1.7 h on 2 such cores instead of 20-33 min; --features 16 tied with width 24 in "
            "cross-validation at 0.55x the time"]
           if cfg.preset == "cpu" and cfg.features > 16 and cfg.amp == "auto" and amp_dtype is None
           and device.type == "cpu" else []),

@@ -469,7 +469,7 @@ def test_the_gpu_preset_on_a_cpu_says_so_before_the_first_epoch(tmp_path, capsys
 
 
 def test_the_cpu_preset_without_bf16_instructions_says_what_it_costs(tmp_path, capsys, monkeypatch):
-    """On an AVX2-only CPU --amp auto trains in fp32 and the preset takes about 1.7 h, not 30 min;
+    """On an AVX2-only CPU --amp auto trains in fp32 and the preset takes about 1.7 h, not 20-33 min;
     the run said nothing until its first epoch line."""
     import libraries
 
