@@ -43,12 +43,12 @@ TRUTH_COLOR = (0, 200, 0)  # green
 PRED_COLOR = (255, 0, 0)  # red
 
 
-def _figure(figsize: tuple[float, float]) -> Figure:
-    """A bare Figure with constrained layout. matplotlib is imported here, not at the top: it
-    takes 0.7 s, which every command (and every one-line error) paid at start, charts or not."""
+def _figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Figure:
+    """A bare Figure, by default with constrained layout. matplotlib is imported here, not at the
+    top: it takes 0.7 s, which every command (and every one-line error) paid at start, charts or not."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize, layout="constrained")
+    return Figure(figsize=figsize, layout=layout)
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -112,7 +112,10 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     frame = pd.DataFrame(history)
     validated = "val_loss" in frame
     val = frame.dropna(subset=["val_loss"]) if validated else frame  # --val-every skips epochs
-    fig = _figure(figsize=(10 if validated else 5, 4))
+    # Fixed margins, not constrained layout: this chart is redrawn after every epoch, and laying it
+    # out took half of its 0.4 s; its labels are the same every time.
+    fig = _figure(figsize=(10 if validated else 5, 4), layout=None)
+    fig.subplots_adjust(left=0.08 if validated else 0.14, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
     loss_ax, dice_ax = fig.subplots(1, 2) if validated else (fig.subplots(1, 1), None)
     loss_ax.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
     if validated:
