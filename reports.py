@@ -113,7 +113,7 @@ def plot_curves(out_dir: Path, history: Sequence[dict]) -> Path:
     validated = "val_loss" in frame
     val = frame.dropna(subset=["val_loss"]) if validated else frame  # --val-every skips epochs
     # Fixed margins, not constrained layout: this chart is redrawn after every epoch, and laying it
-    # out took half of its 0.4 s; its labels are the same every time.
+    # out took about 40% of its time (0.50 s a call against 0.31 s); its labels never change.
     fig = _figure(figsize=(10 if validated else 5, 4), layout=None)
     fig.subplots_adjust(left=0.08 if validated else 0.14, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
     loss_ax, dice_ax = fig.subplots(1, 2) if validated else (fig.subplots(1, 1), None)
