@@ -46,7 +46,7 @@ from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, Use
                        launched_rank, new_run_dir, printer, quiet_opencv, save_json, seed_everything, setup_device)
 from metrics import parse_spacing
 from model import count_parameters, load_checkpoint
-from reports import epoch_line, format_metrics, seconds_left, training_time, write_reports
+from reports import epoch_line, format_metrics, seconds_left, training_time, write_history, write_reports
 from training import (NetworkSpec, TrainingParts, build_training, check_trainable_batch, load_pretrained,
                       make_scheduler, pretrained_overlap, restore, run_epoch, save_epoch, width_of_weights)
 
@@ -578,6 +578,10 @@ def train(cfg: Config) -> dict:
     # What a cv compares with the final model's training (a CV proxy should take as many steps).
     state["training"] = {"train_slices": len(train_set), "steps_per_epoch": len(train_loader),
                          "optimizer_steps": len(train_loader) * state["epoch"]}
+    if state["epoch"] == first_epoch and state["history"] and ddp.main:
+        # Resumed after the last epoch: a crash between its last.pt and its history left history.csv
+        # and curves.png an epoch behind; draw them from the checkpoint (the reports link curves.png).
+        write_history(data.run_dir, state["history"])
     if validate is None:
         return finish_unvalidated(data, state, timing, ddp.main)
     if not volumes:  # resumed after the last epoch: nothing left to train, score the weights again
@@ -702,7 +706,7 @@ def finish(data: RunData, state: dict, volumes: dict, config_record: dict, env: 
                                                            if "val_images_per_second" in h]))}
     write_reports(data.run_dir, final, volumes=volumes, scans=[data.volumes[n] for n in data.val_names],
                   title=f"Training run {data.run_dir.name}: {title}", config=config_record, environment=env,
-                  timing=timing, history=history, clinical=read_clinical(data.root))
+                  timing=timing, curves=data.run_dir / "curves.png", clinical=read_clinical(data.root))
     print(format_metrics(final, title))
     print(f"best epoch {state['best_epoch']} (Dice per volume {state['best_dice']:.4f}); {minutes_text}; "
           f"wrote {data.run_dir}/: metrics.json, summary.md, per_patient.csv, curves.png, dice_per_volume.png, "

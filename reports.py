@@ -341,16 +341,17 @@ def write_reports(
     config: dict,
     environment: dict,
     timing: dict,
-    history: Sequence[dict] | None = None,
+    curves: Path | None = None,
     clinical: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write every report of an evaluated set.
 
     ``scans`` are the PatientVolumes that were scored, in the order whose indices key ``volumes``.
+    ``curves``: a training run's curves.png, drawn after its last epoch, for summary.md to show.
     """
     flair = {p: v.unpadded(v.images[..., 1]) for p, v in enumerate(scans)}
     slice_numbers = {p: v.slice_numbers for p, v in enumerate(scans)}
-    images = [plot_curves(out_dir, history)] if history else []
+    images = [curves] if curves else []
     images.append(plot_dice_per_volume(out_dir, metrics))
     images += write_overlays(out_dir, volumes, flair, slice_numbers, [v.name for v in scans])
     csv_path = write_per_patient_csv(out_dir, metrics, clinical)

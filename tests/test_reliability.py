@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+import reports
 import training
 from synthetic_data import make_synthetic_dataset
 from engine import main
@@ -74,6 +75,34 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, syn, 
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 4  # header + epochs 1, 2, 3
     assert "training minutes, all epochs" in (run / "summary.md").read_text()  # epoch 1 ran before the kill
+
+
+def test_a_crash_between_the_last_checkpoint_and_its_history_is_mended_by_the_resume(tmp_path, syn, monkeypatch):
+    """last.pt is written before history.csv and curves.png (a full disk must not cost the epoch).
+    A crash between them after the last epoch left both an epoch behind for good: the resume had no
+    epoch left to train. It draws them from the checkpoint now, once: the reports link curves.png."""
+    run = tmp_path / "run"
+    real_write = training.write_history
+
+    def write(run_dir, history):
+        if len(history) == 3:
+            raise RuntimeError("killed")  # after last.pt of the last epoch, before its history
+        real_write(run_dir, history)
+
+    monkeypatch.setattr(training, "write_history", write)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(tiny(tmp_path, syn, run, "--epochs", "3"))
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 3
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 2  # an epoch behind
+
+    monkeypatch.undo()
+    drawn, real_plot = [], reports.plot_curves
+    monkeypatch.setattr(reports, "plot_curves", lambda *args: drawn.append(args) or real_plot(*args))
+    assert main(["--resume", str(run)]) == 0
+    epochs = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"] and len(drawn[0][1]) == 3
+    assert len(drawn) == 1  # the final reports link curves.png, they do not draw it again
+    assert "curves.png" in (run / "summary.md").read_text()
 
 
 def test_unsafe_pickle_is_refused_and_never_runs(tmp_path, capsys):
