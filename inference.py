@@ -42,7 +42,7 @@ from metrics import parse_spacing
 from model import fuse_conv_bn, input_width, network_from_checkpoint, overridden_settings, scoring_checkpoint
 from reports import write_overlays
 from scans import (MODALITIES, MODALITY_NAMES, check_seg_references, find_cases, first_dicom_header, holds_scans,
-                   load_case, strip_suffix, warn_filled, write_dicom_seg, write_mask)
+                   load_case, strip_suffix, warn_filled, write_dicom_seg, write_mask, write_probability)
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-seg", action="store_true",
                         help="scans read from DICOM: also write masks/<case>.seg.dcm, a DICOM Segmentation that "
                              "references the FLAIR series (needs highdicom)")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="also write the tumor probability the masks were cut from (before the threshold "
+                             "and post-processing) as float32: probabilities/<case>.nii.gz for scans, "
+                             "probabilities/<folder>/<slice>_prob.tif for 2D slices")
     parser.add_argument("--batch-size", type=int, default=16)
     add_scoring_flags(parser)
 
@@ -233,21 +237,22 @@ class Predictor:
         return input_volume(name, images, None, normalization=self.normalization,
                             image_size=self.record["image_size"], spacing=spacing)
 
-    def __call__(self, volumes: list[PatientVolume]) -> list[np.ndarray]:
-        """Each volume's post-processed (D, H, W) bool prediction."""
+    def __call__(self, volumes: list[PatientVolume]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each volume's post-processed (D, H, W) bool prediction, and the (D, H, W) float16
+        probability it was thresholded from."""
         loader = scoring_loader(volumes, image_size=self.record["image_size"], batch_size=self.batch_size,
                                 num_workers=0, seed=0, device=self.device)
         _, _, predicted = predict_volumes(self.model, loader, self.device, loss_fn=None, threshold=self.threshold,
                                           amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                                           progress=False, desc="predict")
-        return [postprocess_volume(predicted[p], self.postprocess) for p in range(len(volumes))]
+        return [(postprocess_volume(predicted[p], self.postprocess), predicted[p].prob) for p in range(len(volumes))]
 
 
 @torch.inference_mode()
 def predict_command(args: argparse.Namespace) -> Path:
     """The ``predict`` command: masks, overlays and a tumor-size CSV for new slices or scans."""
     out = check_folder_path(Path(args.output), "--output")
-    if held := [name for name in ("predictions.csv", "masks/") if (out / name).exists()]:
+    if held := [name for name in ("predictions.csv", "masks/", "probabilities/") if (out / name).exists()]:
         raise UserError(f"{out}: already holds predictions ({', '.join(held)}); choose another --output or remove "
                         "it: earlier results are never overwritten")
     cases = scan_inputs(args)
@@ -256,9 +261,11 @@ def predict_command(args: argparse.Namespace) -> Path:
     predictor = Predictor(args)
     try:
         if cases is not None:
-            (count, skipped), kind, unit = predict_scans(cases, predictor, out, dicom_seg=args.dicom_seg), "case", "case"
+            (count, skipped), kind, unit = predict_scans(cases, predictor, out, dicom_seg=args.dicom_seg,
+                                                         probabilities=args.probabilities), "case", "case"
         else:
-            count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out)
+            count, skipped, kind = predict_slices(Path(args.input), parse_spacing(args.spacing), predictor, out,
+                                                  probabilities=args.probabilities)
             unit = "file"
     except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk; say where
         table = out / "predictions.csv"
@@ -268,16 +275,21 @@ def predict_command(args: argparse.Namespace) -> Path:
     print(f"predicted {counted(count, kind)} (post-processing: {predictor.postprocess}, "
           f"threshold {predictor.threshold:g})"
           + (f", skipped {counted(skipped, unit)} (listed above)" if skipped else "")
-          + f"; wrote {out}/masks/, overlays/, predictions.csv")
+          + f"; wrote {out}/masks/, overlays/, {'probabilities/, ' if args.probabilities else ''}predictions.csv")
     return out
 
 
 CSV_COLUMNS = ["patient", "file", "level", "area_px", "area_mm2", "volume_mm3"]
+# Float TIFFs deflated without a predictor: OpenCV 5's default floating-point predictor is one that tifffile
+# cannot decode without imagecodecs. By number: OpenCV 4.9 lacks IMWRITE_TIFF_PREDICTOR (317) and writes floats
+# uncompressed whatever IMWRITE_TIFF_COMPRESSION (259) says.
+TIFF_DEFLATE = (259, 8, 317, 1)
 
 
 def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predictor: Predictor,
-                   out: Path) -> tuple[int, int, str]:
-    """2D slices -> masks/<folder>/<slice>_pred.png, one overlay grid per volume and a row per slice
+                   out: Path, *, probabilities: bool = False) -> tuple[int, int, str]:
+    """2D slices -> masks/<folder>/<slice>_pred.png (and with ``probabilities``
+    probabilities/<folder>/<slice>_prob.tif), one overlay grid per volume and a row per slice
     and per folder; returns the slices predicted, the files skipped and what was counted.
 
     Folder by folder: memory holds one folder's slices, not a dataset's, and predictions.csv is
@@ -293,11 +305,15 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
         if not inputs:
             continue
         predictions = predictor([predictor.volume(name, images, spacing) for name, _, images in inputs])
-        (out / "masks" / group).mkdir(parents=True, exist_ok=True)
+        for kind in ("masks", "probabilities")[:1 + probabilities]:
+            (out / kind / group).mkdir(parents=True, exist_ok=True)
         first_row = len(rows)
-        for (name, files, images), pred in zip(inputs, predictions):
-            for f, mask in zip(files, pred):
+        for (name, files, images), (pred, prob) in zip(inputs, predictions):
+            for f, mask, p in zip(files, pred, prob):
                 write_image(out / "masks" / group / f"{f.stem}_pred.png", mask.astype(np.uint8) * 255)
+                if probabilities:  # the values themselves, as a float TIFF
+                    write_image(out / "probabilities" / group / f"{f.stem}_prob.tif", p.astype(np.float32),
+                                TIFF_DEFLATE)
                 rows.append(area_row(group, str(f), "slice", int(mask.sum()), spacing))
             numbers = [m[1] if (m := _TRAILING_NUMBER.search(f.stem)) else f.stem for f in files]  # "slice 12"
             write_overlays(out, {0: (pred, None)}, {0: images[..., FLAIR_CHANNEL]}, {0: numbers}, [name])
@@ -327,8 +343,9 @@ def check_dicom_seg(cases: list[tuple[str, dict[str, Path]]] | None) -> None:
 
 
 def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor, out: Path, *,
-                  dicom_seg: bool = False) -> tuple[int, int]:
-    """Each case -> masks/<case>.nii.gz on its FLAIR's grid (and with ``dicom_seg`` masks/<case>.seg.dcm),
+                  dicom_seg: bool = False, probabilities: bool = False) -> tuple[int, int]:
+    """Each case -> masks/<case>.nii.gz on its FLAIR's grid (with ``dicom_seg`` masks/<case>.seg.dcm,
+    with ``probabilities`` probabilities/<case>.nii.gz on the same grid),
     overlays/<case>.png and a row of predictions.csv (rewritten after every case, so a case that
     fails later loses nothing). A case that cannot be read is an error when it is the only one,
     else skipped with its one line. Returns the cases predicted and skipped."""
@@ -343,8 +360,9 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
             print(f"skipped: {exc}", file=sys.stderr)
             continue
         warn_filled(case, warned)
-        pred = predictor([predictor.volume(name, case.images, spacing=case.spacing)])[0]
+        pred, prob = predictor([predictor.volume(name, case.images, spacing=case.spacing)])[0]
         mask_path = write_mask(pred, case, out / "masks" / f"{name}.nii.gz")
+        prob_path = write_probability(prob, case, out / "probabilities" / f"{name}.nii.gz") if probabilities else None
         seg_path = write_dicom_seg(pred, case, out / "masks" / f"{name}.seg.dcm", algorithm=predictor.weights) \
             if dicom_seg else None
         write_overlays(out, {0: (pred, None)}, {0: case.images[..., FLAIR_CHANNEL]}, {0: list(range(len(pred)))},
@@ -353,8 +371,10 @@ def predict_scans(cases: list[tuple[str, dict[str, Path]]], predictor: Predictor
         dz, dy, dx = case.spacing
         rows.append({"patient": name, "file": str(case.source), "level": "patient", "area_px": voxels,
                      "area_mm2": None, "volume_mm3": voxels * dz * dy * dx, "mask": str(mask_path),
-                     **({"dicom_seg": str(seg_path)} if seg_path else {})})
-        columns = [*CSV_COLUMNS, "mask", *(["dicom_seg"] if dicom_seg else [])]
+                     **({"dicom_seg": str(seg_path)} if seg_path else {}),
+                     **({"probabilities": str(prob_path)} if prob_path else {})})
+        columns = [*CSV_COLUMNS, "mask", *(["dicom_seg"] if dicom_seg else []),
+                   *(["probabilities"] if probabilities else [])]
         atomic_write(out / "predictions.csv", lambda tmp: write_csv(tmp, pd.DataFrame(rows, columns=columns)))
     if not rows:
         raise UserError("no case could be read (each is listed above); nothing was written")

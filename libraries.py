@@ -56,13 +56,13 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     frame.to_csv(path, index=False, encoding="utf-8", errors="surrogateescape")
 
 
-def write_image(path: Path, image: np.ndarray) -> None:
-    """Write ``image`` in the format of ``path``'s suffix; a failed write (a full disk, a folder
-    without permission) is an error naming the file.
+def write_image(path: Path, image: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Write ``image`` in the format of ``path``'s suffix (with OpenCV's encoder ``params``); a failed
+    write (a full disk, a folder without permission) is an error naming the file.
 
     OpenCV encodes and Python writes: cv2.imwrite reports a failure only by returning False, and
     opens the path through the C library (see data_files.imread)."""
-    ok, encoded = cv2.imencode(path.suffix, image)
+    ok, encoded = cv2.imencode(path.suffix, image, list(params))
     if not ok:
         raise UserError(f"{path}: could not be written (OpenCV could not encode it as {path.suffix})")
     try:

@@ -400,14 +400,25 @@ def parse_labels(text: str) -> tuple[int, ...] | None:
 def write_mask(mask: np.ndarray, case: Case, path: Path) -> Path:
     """Write (D, H, W) bool ``mask`` as a uint8 0/1 NIfTI on ``case``'s FLAIR grid: its shape,
     orientation, affine and header (qform and sform codes included), so viewers overlay it as is."""
+    return _write_on_grid(mask.astype(np.uint8), case, path, b"predicted FLAIR abnormality, 0/1 (lgg-unet)")
+
+
+def write_probability(prob: np.ndarray, case: Case, path: Path) -> Path:
+    """Write the (D, H, W) tumor probability (0-1, before threshold and post-processing) as a
+    float32 NIfTI on ``case``'s FLAIR grid, as ``write_mask`` writes the mask."""
+    return _write_on_grid(prob.astype(np.float32), case, path, b"tumor probability, 0-1 (lgg-unet)")
+
+
+def _write_on_grid(slices: np.ndarray, case: Case, path: Path, description: bytes) -> Path:
+    """(D, H, W) values of 0-1 -> a NIfTI of their dtype at ``path``, on the FLAIR's grid and header."""
     header = case.reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    # The FLAIR's display window (cal_max 1500, say) would show a 0/1 mask as black, and its
-    # description would describe the scan, not the mask.
+    header.set_data_dtype(slices.dtype)
+    # The FLAIR's display window (cal_max 1500, say) would show values of 0-1 as black, and its
+    # description would describe the scan, not what is written.
     header["cal_min"], header["cal_max"] = 0, 1
-    header["descrip"] = b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
+    header["descrip"] = description
     affine = case.reference.affine
-    image = nib.Nifti1Image(from_slices(mask.astype(np.uint8), affine), affine, header)
+    image = nib.Nifti1Image(from_slices(slices, affine), affine, header)
     image.header.set_slope_inter(1, 0)
     # the input's codes: viewers place the mask exactly as the scan
     image.set_qform(affine, code=int(case.reference.header["qform_code"]))

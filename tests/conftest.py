@@ -159,3 +159,12 @@ def tiny_checkpoint(path: Path, image_size: int = 32, normalization: str = "volu
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": UNet(features=4).state_dict(), "config": config, "epoch": 1}, path)
     return path
+
+
+def between_float16_values(prob: np.ndarray, quantile: float) -> float:
+    """A threshold halfway between two neighbouring values of ``prob`` (probabilities held as float16),
+    near its ``quantile``: a probability rounded to float16 then lies on the same side of it as the
+    float32 value it came from, unless that value was the threshold itself, which rounds either way."""
+    values = np.unique(prob)
+    k = min(max(int(np.searchsorted(values, np.quantile(prob, quantile))), 1), len(values) - 1)
+    return (float(values[k - 1]) + float(values[k])) / 2

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REAL_DATA, requires_real_data, write_slice
+from PIL import Image
+from conftest import REAL_DATA, between_float16_values, requires_real_data, write_slice
 
 from synthetic_data import make_synthetic_dataset
 from engine import main
@@ -243,6 +244,33 @@ def test_predict_threshold_flag(tmp_path, checkpoint, capsys):
         masks[t] = np.stack([cv2.imread(str(m), cv2.IMREAD_UNCHANGED) > 0
                              for m in sorted((out / "masks" / "in").glob("*.png"))])
     assert (masks[0.4] >= masks[0.6]).all() and masks[0.4].sum() > masks[0.6].sum()
+
+
+def test_predict_writes_each_slices_probability_as_float32_that_the_mask_was_cut_from(tmp_path, checkpoint, capsys):
+    # Slices of 40 x 48: the probability comes back at the input's size, and cut at a threshold it
+    # is the mask of --postprocess none at that threshold (but for probabilities equal to it, which
+    # float16, how it is held, rounds either way).
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(2)
+    for i in (1, 2, 3):
+        write_slice(folder, "P", i, rng.integers(0, 255, (40, 48, 3), dtype=np.uint8), np.zeros((40, 48), np.uint8))
+    run = ["predict", "--checkpoint", str(checkpoint), "--input", str(folder), "--device", "cpu", "--postprocess",
+           "none"]
+    assert main([*run, "--probabilities", "--output", str(tmp_path / "out")]) == 0
+    assert "probabilities/" in capsys.readouterr().out
+    masks = sorted((tmp_path / "out" / "masks" / "in").glob("*_pred.png"))
+    probs = [tmp_path / "out" / "probabilities" / "in" / m.name.replace("_pred.png", "_prob.tif") for m in masks]
+    assert len(masks) == 3 and sorted((tmp_path / "out" / "probabilities" / "in").iterdir()) == probs
+    prob = np.stack([np.asarray(Image.open(p)) for p in probs])  # a reader other than the writer's (OpenCV)
+    assert prob.dtype == np.float32 and prob.shape == (3, 40, 48) and 0 <= prob.min() < prob.max() <= 1
+    threshold = between_float16_values(prob, 2 / 3)
+    assert main([*run, "--threshold", str(threshold), "--output", str(tmp_path / "cut")]) == 0
+    mask = np.stack([cv2.imread(str(m).replace("out", "cut"), cv2.IMREAD_UNCHANGED) > 0 for m in masks])
+    assert 0.1 < mask.mean() < 0.9 and ((prob > threshold) != mask).mean() < 0.005
+    # An --output that holds probabilities alone is refused too: they would be mixed with another run's.
+    (tmp_path / "two" / "probabilities").mkdir(parents=True)
+    assert main([*run, "--probabilities", "--output", str(tmp_path / "two")]) == 2
+    assert "already holds predictions (probabilities/)" in capsys.readouterr().err
 
 
 @requires_real_data

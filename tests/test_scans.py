@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REAL_DATA, TIFF_AFFINE, requires_real_data, tiny_checkpoint, write_dicom_series, write_nifti
+from conftest import (REAL_DATA, TIFF_AFFINE, between_float16_values, requires_real_data, tiny_checkpoint,
+                      write_dicom_series, write_nifti)
 
 from data_files import model_intensities
 from engine import main
@@ -108,6 +109,33 @@ def test_the_mask_is_displayed_as_a_mask_not_with_the_scans_window(tmp_path, che
     header = nib.load(str(tmp_path / "out" / "masks" / "case.nii.gz")).header
     assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 1.0)
     assert header["descrip"].tobytes().rstrip(b"\0") == b"predicted FLAIR abnormality, 0/1 (lgg-unet)"
+
+
+def test_probabilities_lie_on_the_flairs_grid_and_cut_at_the_threshold_give_the_raw_mask(tmp_path, checkpoint):
+    """``--probabilities``: float32 values of 0-1 on the FLAIR's grid (a RAS affine, not the
+    TIFFs' LPS), which cut at a threshold give the mask of ``--postprocess none`` at it voxel for
+    voxel (but for probabilities equal to it, which float16, how they are held, rounds either way)."""
+    images, _ = head_volume(seed=13)
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[:2, 3] = -(images.shape[2] - 1), -(images.shape[1] - 1)
+    case = nifti_case(tmp_path / "case", images[:, ::-1, ::-1], affine)
+    assert predict(checkpoint, tmp_path / "out", "--input", str(case), "--probabilities") == 0
+    prob_image = nib.load(str(tmp_path / "out" / "probabilities" / "case.nii.gz"))
+    assert prob_image.get_data_dtype() == np.float32 and prob_image.shape == nib.load(str(case / "flair.nii.gz")).shape
+    assert np.allclose(prob_image.affine, affine)
+    mask_header = nib.load(str(tmp_path / "out" / "masks" / "case.nii.gz")).header
+    assert [int(prob_image.header[c]) for c in ("qform_code", "sform_code")] == \
+        [int(mask_header[c]) for c in ("qform_code", "sform_code")]
+    assert (float(prob_image.header["cal_min"]), float(prob_image.header["cal_max"])) == (0.0, 1.0)
+    prob = np.asarray(prob_image.dataobj)
+    assert 0 <= prob.min() < prob.max() <= 1
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert table["probabilities"].tolist() == [str(tmp_path / "out" / "probabilities" / "case.nii.gz")]
+    threshold = between_float16_values(prob, 2 / 3)
+    assert predict(checkpoint, tmp_path / "cut", "--input", str(case), "--postprocess", "none",
+                   "--threshold", str(threshold)) == 0
+    mask = np.asarray(nib.load(str(tmp_path / "cut" / "masks" / "case.nii.gz")).dataobj) > 0
+    assert 0.1 < mask.mean() < 0.9 and ((prob > threshold) != mask).mean() < 0.005
 
 
 def test_2d_slices_beside_scans_are_named_as_not_predicted(tmp_path, checkpoint, capsys):
