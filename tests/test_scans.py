@@ -427,14 +427,17 @@ def test_an_ambiguous_case_folder_lists_what_it_found(tmp_path, checkpoint, caps
 @requires_real_data
 def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpoint):
     """TIFF slices, a NIfTI case folder, a DICOM series per sequence, and 16-bit NIfTI scaled and
-    shifted: one mask, voxel for voxel (three NIfTI files by flag: test_volume_in_mm3...)."""
+    shifted: one mask, voxel for voxel (three NIfTI files by flag: test_volume_in_mm3...), and one
+    probability: the same values where the sequences arrive as 8-bit values, as the TIFFs do."""
     patient = sorted(p for p in REAL_DATA.iterdir() if p.is_dir())[0]
     files = sorted((f for f in patient.glob("*.tif") if not f.stem.endswith("_mask")),
                    key=lambda f: int(f.stem.rpartition("_")[2]))
     images = np.stack([cv2.imread(str(f), cv2.IMREAD_COLOR)[..., ::-1] for f in files])
-    assert predict(checkpoint, tmp_path / "tiff", "--input", str(patient)) == 0
+    assert predict(checkpoint, tmp_path / "tiff", "--input", str(patient), "--probabilities") == 0
     tiff = np.stack([cv2.imread(str(tmp_path / "tiff" / "masks" / patient.name / f"{f.stem}_pred.png"),
                                 cv2.IMREAD_UNCHANGED) > 0 for f in files])
+    tiff_prob = np.stack([cv2.imread(str(tmp_path / "tiff" / "probabilities" / patient.name / f"{f.stem}_prob.tif"),
+                                     cv2.IMREAD_UNCHANGED) for f in files])
     assert 0 < tiff.sum() < tiff.size // 4
     case = nifti_case(tmp_path / patient.name, images)
     dicom = tmp_path / "dicom" / patient.name
@@ -445,7 +448,7 @@ def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpo
              "dicom": ["--input", str(dicom)],
              "scaled": ["--input", str(scaled)]}
     for door, flags in doors.items():
-        assert predict(checkpoint, tmp_path / door, *flags) == 0, door
+        assert predict(checkpoint, tmp_path / door, *flags, "--probabilities") == 0, door
         mask_file = next((tmp_path / door / "masks").glob("*.nii.gz"))
         mask, image = read_back(mask_file)
         source = nib.load(str(case / "flair.nii.gz"))
@@ -453,6 +456,11 @@ def test_a_real_patient_gives_the_same_mask_through_every_door(tmp_path, checkpo
         if door == "dicom":  # scanner coordinates in both forms, as dcm2niix writes them
             assert (image.header["qform_code"], image.header["sform_code"]) == (1, 1)
         assert np.array_equal(mask, tiff), (door, int((mask != tiff).sum()))
+        prob, _ = read_back(next((tmp_path / door / "probabilities").glob("*.nii.gz")))
+        if door == "scaled":  # float32 statistics of other values: equal but for a float16 step (2.4e-4) or two
+            assert np.abs(prob - tiff_prob).max() < 5e-4
+        else:
+            assert np.array_equal(prob, tiff_prob), door
 
 
 def test_nan_and_infinite_voxels_are_the_background_and_said_once_per_file(tmp_path, checkpoint, capsys):
