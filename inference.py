@@ -305,7 +305,7 @@ def predict_slices(path: Path, spacing: tuple[float, float, float] | None, predi
         if not inputs:
             continue
         predictions = predictor([predictor.volume(name, images, spacing) for name, _, images in inputs])
-        for kind in ("masks", "probabilities")[:1 + probabilities]:
+        for kind in ["masks", *(["probabilities"] if probabilities else [])]:
             (out / kind / group).mkdir(parents=True, exist_ok=True)
         first_row = len(rows)
         for (name, files, images), (pred, prob) in zip(inputs, predictions):
