@@ -265,7 +265,8 @@ def test_predict_writes_each_slices_probability_as_float32_that_the_mask_was_cut
     assert prob.dtype == np.float32 and prob.shape == (3, 40, 48) and 0 <= prob.min() < prob.max() <= 1
     threshold = between_float16_values(prob, 2 / 3)
     assert main([*run, "--threshold", str(threshold), "--output", str(tmp_path / "cut")]) == 0
-    mask = np.stack([cv2.imread(str(m).replace("out", "cut"), cv2.IMREAD_UNCHANGED) > 0 for m in masks])
+    mask = np.stack([cv2.imread(str(tmp_path / "cut" / "masks" / "in" / m.name), cv2.IMREAD_UNCHANGED) > 0
+                     for m in masks])
     assert 0.1 < mask.mean() < 0.9 and ((prob > threshold) != mask).mean() < 0.005
     # An --output that holds probabilities alone is refused too: they would be mixed with another run's.
     (tmp_path / "two" / "probabilities").mkdir(parents=True)
