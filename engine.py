@@ -352,6 +352,13 @@ def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
             raise UserError("cv trains every fold; drop --fold (to train one fold alone: "
                             "python engine.py --folds K --fold I)")
         return
+    # Ranges too, before minutes of loading (the split itself comes after it).
+    if cfg.folds < 0 or cfg.folds == 1:
+        raise UserError(f"--folds must be 0 (off) or at least 2, got {cfg.folds}")
+    if cfg.folds and not 0 <= cfg.fold < cfg.folds:
+        raise UserError(f"--fold must be in 0..{cfg.folds - 1} for --folds {cfg.folds}, got {cfg.fold}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction:g}")
     if cfg.val_patients and cfg.folds:
         raise UserError("--val-patients and --folds both choose the validation patients; give one of them")
     if ("fold" in given or cfg.fold) and not cfg.folds:

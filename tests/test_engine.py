@@ -355,8 +355,15 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     (["--split", "none", "--val-fraction", "0.3"], "drop --val-fraction"),
     (["--folds", "3", "--val-fraction", "0.3"], "drop --val-fraction"),
     (["--split", "none", "--val-every", "2"], "drop --val-every"),
+    # Out of range: refused before the data is read, not after minutes of loading it.
+    (["--folds", "1"], "--folds must be 0 (off) or at least 2, got 1"),
+    (["--folds", "-3"], "--folds must be 0 (off) or at least 2, got -3"),
+    (["--folds", "3", "--fold", "3"], "--fold must be in 0..2 for --folds 3, got 3"),
+    (["--folds", "3", "--fold", "-1"], "--fold must be in 0..2 for --folds 3, got -1"),
+    (["--val-fraction", "0"], "--val-fraction must be between 0 and 1, got 0"),
+    (["--val-fraction", "1"], "--val-fraction must be between 0 and 1, got 1"),
 ])
-def test_contradictory_split_flags_are_refused_in_one_line(tmp_path, capsys, argv, says):
+def test_contradictory_or_out_of_range_split_flags_are_refused_in_one_line(tmp_path, capsys, argv, says):
     """Bug 3: these combinations silently ignored one of the flags; nothing may be made before refusing."""
     out = tmp_path / "out"
     assert main([*argv, "--data-dir", str(tmp_path / "syn"), "--out-dir", str(out)]) == 2
