@@ -105,11 +105,19 @@ def looks_like_root(path: Path) -> bool:
     )
 
 
+def unpacked_root(path: Path) -> Path | None:
+    """The kaggle_3m folder of a folder the Kaggle archive was unpacked into (it holds kaggle_3m and
+    lgg-mri-segmentation/kaggle_3m, the same patients twice), or None."""
+    return next((c for c in (path / "kaggle_3m", path / "lgg-mri-segmentation" / "kaggle_3m") if looks_like_root(c)),
+                None)
+
+
 def resolve_root(path: Path) -> Path:
     """Accept the kaggle_3m folder itself or a folder the Kaggle archive was unpacked into."""
-    for candidate in (path, path / "kaggle_3m", path / "lgg-mri-segmentation" / "kaggle_3m"):
-        if looks_like_root(candidate):
-            return candidate
+    if looks_like_root(path):
+        return path
+    if (inner := unpacked_root(path)) is not None:
+        return inner
     deeper = [d for d in sorted(path.rglob("*")) if d.is_dir() and len(d.relative_to(path).parts) <= 3
               and looks_like_root(d)] if path.is_dir() else []
     if deeper:

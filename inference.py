@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from data_files import (FLAIR_CHANNEL, NORMALIZATIONS, DatasetError, PatientVolume, input_volume,
-                        read_image, refuse_zip, subfolders)
+                        read_image, refuse_zip, subfolders, unpacked_root)
 from evaluation import (
     add_scoring_flags,
     load_scored_checkpoint,
@@ -100,6 +100,12 @@ def input_folders(path: Path) -> list[Path]:
     return [path, *subfolders(path)]
 
 
+def slice_files(folder: Path) -> list[Path]:
+    """The 2D slices ``predict`` reads in ``folder``, sorted by name: images, neither hidden nor masks."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                  and not f.name.startswith(".") and not f.stem.lower().endswith("_mask"))
+
+
 def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     """Group the slices to predict by patient; also return the files that are not images.
 
@@ -117,6 +123,9 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         return {path.parent.name or "input": [path]}, []
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder; pass a slice, a folder of slices or a dataset folder")
+    if not any(slice_files(folder) for folder in input_folders(path)) and (inner := unpacked_root(path)) is not None:
+        print(f"note: {path} holds the dataset in {inner}; predicting its patients", file=sys.stderr)
+        path = inner  # as --data-dir accepts it
     groups: dict[str, list[Path]] = {}
     other: list[Path] = []
     for folder in input_folders(path):
@@ -206,9 +215,7 @@ def scan_inputs(args: argparse.Namespace) -> list[tuple[str, dict[str, Path]]] |
         raise UserError(f"{path}: NIfTI or DICOM files, but no case: name the FLAIR's file or folder with 'flair' "
                         "(a case folder or a folder of them), or pass --flair (and --t1, --t1ce)")
     if path.is_dir():  # 2D slices beside the scans are not read in this mode: say so
-        slices = sorted(f for folder in input_folders(path) for f in folder.iterdir()
-                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                        and not f.stem.lower().endswith("_mask"))
+        slices = [f for folder in input_folders(path) for f in slice_files(folder)]
         if slices:
             print(f"note: {path}: holds scans, so {counted(len(slices), '2D slice file')} beside them "
                   f"({first_names([f.name for f in slices], 1)}) {'is' if len(slices) == 1 else 'are'} not "

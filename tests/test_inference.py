@@ -177,6 +177,29 @@ def test_the_dataset_roots_own_files_are_not_reported_as_skipped_inputs(tmp_path
     assert "skipped 1 file (listed above)" in printed.out
 
 
+def test_the_folder_the_kaggle_archive_was_unpacked_into_is_predicted_once(tmp_path, checkpoint, capsys):
+    """--data-dir accepts the folder archive.zip was unpacked into; predict read only its two top
+    levels, found no slice and stopped. Kaggle's archive holds kaggle_3m and
+    lgg-mri-segmentation/kaggle_3m, the same patients twice: each must be predicted once."""
+    unpacked = tmp_path / "lgg-mri-segmentation"
+    rng = np.random.default_rng(0)
+    images = {n: rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for n in (1, 2)}
+    for root in (unpacked / "kaggle_3m", unpacked / "lgg-mri-segmentation" / "kaggle_3m"):
+        for n, image in images.items():
+            write_slice(root / "P_20000101", "P_20000101", n, image, np.zeros((40, 48), np.uint8))
+    for name, given in (("whole", unpacked), ("root", unpacked / "kaggle_3m")):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(given), "--output",
+                     str(tmp_path / name), "--device", "cpu", "--probabilities"]) == 0
+    assert f"note: {unpacked} holds the dataset in {unpacked / 'kaggle_3m'}" in capsys.readouterr().err
+    rows = pd.read_csv(tmp_path / "whole" / "predictions.csv")
+    assert rows["file"].tolist() == pd.read_csv(tmp_path / "root" / "predictions.csv")["file"].tolist()
+    assert rows["level"].tolist() == ["slice", "slice", "patient"]
+    for n in (1, 2):
+        written = [cv2.imread(str(tmp_path / out / "probabilities" / "P_20000101" / f"P_20000101_{n}_prob.tif"),
+                              cv2.IMREAD_UNCHANGED) for out in ("whole", "root")]
+        assert written[0].shape == (40, 48) and np.array_equal(*written)
+
+
 def test_2d_slices_are_padded_to_a_square_field_of_view_in_mm_with_spacing(tmp_path, checkpoint, monkeypatch):
     """40 x 30 slices are padded to 40 x 40 when their pixels are taken as square, and not at all
     when --spacing says they are 0.75 mm high and 1 mm wide (30 x 30 mm); the masks keep the input's size."""
