@@ -41,6 +41,20 @@ from data_files import (
 from libraries import counted, first_names
 from synthetic_data import SYNTHETIC_DIR, is_synthetic, make_synthetic_dataset
 
+def check_val_fraction(val_fraction: float) -> None:
+    """Refuse a --val-fraction that leaves no patient on one side."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction:g}")
+
+
+def check_fold(folds: int, fold: int) -> None:
+    """Refuse a K-fold choice that names no fold: K below 2, or a fold outside 0..K-1."""
+    if folds < 2:
+        raise DatasetError(f"--folds must be at least 2 (0: no folds), got {folds}")
+    if not 0 <= fold < folds:
+        raise DatasetError(f"--fold must be in 0..{folds - 1} for --folds {folds}, got {fold}")
+
+
 def split_patients(
     patients: Sequence[str], val_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
@@ -49,8 +63,7 @@ def split_patients(
     The result depends only on the set of patient names, ``val_fraction`` and ``seed``.
     """
     patients = sorted(set(patients))
-    if not 0.0 < val_fraction < 1.0:
-        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    check_val_fraction(val_fraction)
     if len(patients) < 2:
         raise DatasetError(
             f"found {counted(len(patients), 'patient')}; a patient-level split needs at least 2"
@@ -134,8 +147,7 @@ def kfold_split(patients: Sequence[str], folds: int, fold: int, seed: int) -> tu
     ignores any shuffle: it ordered the folds itself, so every seed gave the same alphabetical folds.)
     """
     patients = sorted(set(patients))
-    if folds < 2 or not 0 <= fold < folds:
-        raise DatasetError(f"--folds must be >= 2 and --fold in 0..{folds - 1}, got {folds} and {fold}")
+    check_fold(folds, fold)
     if folds > len(patients):
         raise DatasetError(f"--folds {folds} is more than the {counted(len(patients), 'patient')} found")
     order = np.random.default_rng(seed).permutation(len(patients))

@@ -39,7 +39,8 @@ from data_cache import load_dataset, resolve_cache_dir
 from data_commands import add_data_arguments, add_download_arguments, download_dataset, data_command
 from data_files import (DATA_ENV_VAR, NORMALIZATIONS, DataIssues, PatientVolume, describe_masks, read_clinical,
                         recorded_data_dir, report_issues)
-from data_loaders import LGGSlices, choose_split, default_num_workers, locate_data, make_loader
+from data_loaders import (LGGSlices, check_fold, check_val_fraction, choose_split, default_num_workers, locate_data,
+                          make_loader)
 from data_preprocessing import train_preprocess
 from libraries import (CHANNELS_LAST, FLAG_RANGES, Distributed, Interrupted, UserError, add_bool_flag,
                        check_flag_ranges, check_new_file, check_run_dir, counted, environment_report, init_distributed,
@@ -352,13 +353,10 @@ def check_split_flags(command: str, cfg: Config, given: set[str]) -> None:
             raise UserError("cv trains every fold; drop --fold (to train one fold alone: "
                             "python engine.py --folds K --fold I)")
         return
-    # Ranges too, before minutes of loading (the split itself comes after it).
-    if cfg.folds < 0 or cfg.folds == 1:
-        raise UserError(f"--folds must be 0 (off) or at least 2, got {cfg.folds}")
-    if cfg.folds and not 0 <= cfg.fold < cfg.folds:
-        raise UserError(f"--fold must be in 0..{cfg.folds - 1} for --folds {cfg.folds}, got {cfg.fold}")
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction:g}")
+    # The split's own checks, before minutes of loading rather than after.
+    if cfg.folds:
+        check_fold(cfg.folds, cfg.fold)
+    check_val_fraction(cfg.val_fraction)
     if cfg.val_patients and cfg.folds:
         raise UserError("--val-patients and --folds both choose the validation patients; give one of them")
     if ("fold" in given or cfg.fold) and not cfg.folds:

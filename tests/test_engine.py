@@ -356,8 +356,8 @@ def test_preset_never_overrides_a_flag_the_user_gave(capsys):
     (["--folds", "3", "--val-fraction", "0.3"], "drop --val-fraction"),
     (["--split", "none", "--val-every", "2"], "drop --val-every"),
     # Out of range: refused before the data is read, not after minutes of loading it.
-    (["--folds", "1"], "--folds must be 0 (off) or at least 2, got 1"),
-    (["--folds", "-3"], "--folds must be 0 (off) or at least 2, got -3"),
+    (["--folds", "1"], "--folds must be at least 2 (0: no folds), got 1"),
+    (["--folds", "-3"], "--folds must be at least 2 (0: no folds), got -3"),
     (["--folds", "3", "--fold", "3"], "--fold must be in 0..2 for --folds 3, got 3"),
     (["--folds", "3", "--fold", "-1"], "--fold must be in 0..2 for --folds 3, got -1"),
     (["--val-fraction", "0"], "--val-fraction must be between 0 and 1, got 0"),
