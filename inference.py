@@ -123,7 +123,7 @@ def collect_inputs(path: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         return {path.parent.name or "input": [path]}, []
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder; pass a slice, a folder of slices or a dataset folder")
-    if not any(slice_files(folder) for folder in input_folders(path)) and (inner := unpacked_root(path)) is not None:
+    if (inner := unpacked_root(path)) is not None and not any(slice_files(folder) for folder in input_folders(path)):
         print(f"note: {path} holds the dataset in {inner}; predicting its patients", file=sys.stderr)
         path = inner  # as --data-dir accepts it
     groups: dict[str, list[Path]] = {}
