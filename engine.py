@@ -208,7 +208,8 @@ def add_study_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                                      "with a bootstrap interval", description=cv.COMPARE_DESCRIPTION),
                              evaluation.POSTPROCESSING)
     bench = command(
-        "benchmark", help="time the reference fp32 path against the fast default path",
+        "benchmark", help="time the reference fp32 path against the fast default path, or estimate a preset's "
+        "training time here",
         description="Times training steps and inference for (a) the reference path (fp32, contiguous "
         "NCHW, eager) and (b) the fast default path (--amp, channels_last, --compile), then the "
         "end-to-end training throughput through the real DataLoader, all with the network asked for.",
